@@ -1,0 +1,1 @@
+"""Fused Triton kernels (masked-LM CE, patch reconstruction, InfoNCE) with torch references; installed as moca_fast.kernels."""

@@ -1,0 +1,1 @@
+"""Data for both stages: processor, PackedBatch, masking, packing, datasets, the synthetic world."""

@@ -1,0 +1,1 @@
+"""Evaluation harnesses: MMEB (precision@1) and ViDoRe-v2 (NDCG@5)."""
