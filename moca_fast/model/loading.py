@@ -1,0 +1,155 @@
+"""Checkpoint I/O in the Hugging Face layouts: a key table for both transformers layouts, load and save.
+
+Our module names equal transformers' below the top-level prefix, so the table maps prefixes, one line per
+sub-model and layout, and works in both directions. Saving writes the transformers 4.x flat layout that the
+published MoCa checkpoints use; transformers 5.x reads it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import ModelSpec
+from .moca import MocaModel
+
+# (checkpoint prefix, our prefix), first match wins.
+KEY_LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    # transformers 4.x Qwen2_5_VLForConditionalGeneration: the published MoCa checkpoints.
+    "flat": (("visual.", "visual."), ("model.", "language_model."), ("lm_head.", "lm_head.")),
+    # transformers >= 4.52 / 5.x Qwen2_5_VLForConditionalGeneration.
+    "nested": (("model.visual.", "visual."), ("model.language_model.", "language_model."), ("lm_head.", "lm_head.")),
+    # a bare Qwen2_5_VLModel (no LM head).
+    "base": (("visual.", "visual."), ("language_model.", "language_model.")),
+}
+
+SHARD_BYTES = 5 * 1024**3
+
+
+def detect_layout(keys) -> str:
+    keys = list(keys)
+    if any(k.startswith("model.language_model.") for k in keys):
+        return "nested"
+    if any(k.startswith("language_model.") for k in keys):
+        return "base"
+    if any(k.startswith("model.layers.") or k == "model.embed_tokens.weight" for k in keys):
+        return "flat"
+    raise ValueError(f"not a Qwen2.5-VL state dict: keys begin {sorted(keys)[:3]}")
+
+
+def convert_key(key: str, layout: str, to_ours: bool = True) -> str | None:
+    """Rename one key between a checkpoint layout and ours; None when the key has no counterpart."""
+    for theirs, ours in KEY_LAYOUTS[layout]:
+        src, dst = (theirs, ours) if to_ours else (ours, theirs)
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return None
+
+
+def load_state_dict_into(model: MocaModel, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy a Hugging Face state dict (any layout) into `model`; missing, unexpected or misshapen keys raise."""
+    layout = detect_layout(state_dict)
+    tied = model.spec.tie_word_embeddings
+    ours = {}
+    for key, tensor in state_dict.items():
+        name = convert_key(key, layout)
+        if name is None:
+            raise ValueError(f"{source}: unexpected key {key!r} for the {layout} layout")
+        if tied and name == "lm_head.weight":
+            continue  # tied to the embeddings; some exporters write it anyway
+        ours[name] = tensor
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    missing = sorted(set(expected) - set(ours))
+    unexpected = sorted(set(ours) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for name, tensor in ours.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config needs "
+                             f"{tuple(expected[name].shape)}")
+    dtype = next(iter(expected.values())).dtype
+    model.load_state_dict({k: v.to(dtype) for k, v in ours.items()}, strict=False, assign=True)
+    model.tie_weights()
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    attention_backend: str = "auto") -> MocaModel:
+    """A MocaModel from a local Hugging Face checkpoint directory (config.json + safetensors), either layout."""
+    from transformers import Qwen2_5_VLConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected a Qwen2.5-VL checkpoint directory)")
+    spec = ModelSpec.from_hf_config(Qwen2_5_VLConfig.from_pretrained(path, local_files_only=True))
+    with torch.device("meta"):
+        model = MocaModel(spec, attention_backend=attention_backend)
+    model.to(dtype=dtype)
+    load_state_dict_into(model, _read_safetensors(path, device), source=str(path))
+    return model.to(device)
+
+
+def from_transformers(hf_model, attention_backend: str = "auto") -> MocaModel:
+    """A MocaModel holding copies of a transformers Qwen2_5_VLModel / ForConditionalGeneration's weights."""
+    spec = ModelSpec.from_hf_config(hf_model.config)
+    state = hf_model.state_dict()
+    param = next(iter(state.values()))
+    with torch.device("meta"):
+        model = MocaModel(spec, attention_backend=attention_backend)
+    model.to(dtype=param.dtype)
+    load_state_dict_into(model, {k: v.detach().clone() for k, v in state.items()}, source=type(hf_model).__name__)
+    return model.to(param.device)
+
+
+def save_pretrained(model: MocaModel, path: str | os.PathLike) -> None:
+    """Write config.json and safetensors shards in the transformers 4.x flat layout (readable by 4.x and 5.x)."""
+    from transformers import Qwen2_5_VLConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = Qwen2_5_VLConfig.from_dict(model.spec.hf_config)
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    config.save_pretrained(path)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if model.spec.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        state[convert_key(name, "flat", to_ours=False)] = tensor.detach().contiguous().cpu()
+    shards, current, size = [], {}, 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = state[key]
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for name in files:
+        state.update(load_file(path / name, device=str(device)))
+    return state

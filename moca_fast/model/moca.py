@@ -1,0 +1,45 @@
+"""MocaModel: vision tower + bidirectional text decoder + LM head over one PackedBatch -> hidden states [T, H]."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelSpec
+from ..data.batch import PackedBatch
+from .attention import Segments, resolve_backend
+from .pooling import embed_pool
+from .text import TextDecoder
+from .vision import VisionTower
+
+
+class MocaModel(nn.Module):
+    """Qwen2.5-VL with a bidirectional decoder on packed tokens. Plain modules only: parallelism, compile and
+    FP8 are applied from outside (trainers/parallelize.py)."""
+
+    def __init__(self, spec: ModelSpec, attention_backend: str = "auto"):
+        super().__init__()
+        self.spec = spec
+        self.attention_backend = attention_backend
+        self.visual = VisionTower(spec.vision)
+        self.language_model = TextDecoder(spec.text)
+        self.lm_head = nn.Linear(spec.text.hidden_size, spec.text.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.spec.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Final-norm hidden states [T, H] of every token of every packed sequence."""
+        embeds = self.language_model.embed_tokens(batch.input_ids)
+        backend = resolve_backend(self.attention_backend, embeds.device)
+        if batch.pixel_values.shape[0]:
+            image_embeds = self.visual(batch.pixel_values, batch.vision, backend)
+            embeds = embeds.index_copy(0, batch.image_token_index, image_embeds.to(embeds.dtype))
+        segments = Segments.build(batch.cu_seqlens, batch.max_seqlen, batch.num_tokens, backend)
+        return self.language_model(embeds, batch.position_ids, segments)
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        """L2-normalised mean-pooled embeddings [S, H] (fp32), one per packed sequence."""
+        return embed_pool(self(batch), batch.cu_seqlens)
