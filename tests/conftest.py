@@ -24,3 +24,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip_cuda)
+
+
+# Shared small-world fixtures: the offline tokenizer, a processor with a small pixel budget, random images.
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from moca_fast.data.processor import Processor  # noqa: E402
+from moca_fast.data.tokenizer import tiny_tokenizer  # noqa: E402
+
+SMALL_MIN_PIXELS = 4 * 28 * 28  # 4..64 LLM tokens per image keeps CPU tests fast
+SMALL_MAX_PIXELS = 64 * 28 * 28
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def processor(tokenizer):
+    return Processor(tokenizer, min_pixels=SMALL_MIN_PIXELS, max_pixels=SMALL_MAX_PIXELS)
+
+
+@pytest.fixture
+def make_image():
+    rng = np.random.default_rng(1234)
+
+    def make(height: int, width: int) -> Image.Image:
+        return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+    return make

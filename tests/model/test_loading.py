@@ -1,0 +1,115 @@
+"""Checkpoint loading in both transformers key layouts (tied and untied heads) and saving in the HF layout."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moca_fast.model.loading import KEY_LAYOUTS, convert_key, detect_layout, load_pretrained, save_pretrained
+from moca_fast.model.tiny import tiny_hf_config
+
+from .conftest import bidirectional_hf_model, hf_hidden, pack
+
+
+def _hf_lm(tokenizer, tied: bool):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(11 if tied else 12)
+    return bidirectional_hf_model(tiny_hf_config(tokenizer, tie_word_embeddings=tied),
+                                  Qwen2_5_VLForConditionalGeneration)
+
+
+def _rewrite(src, dst, layout):
+    """A copy of a checkpoint with its keys rewritten into `layout` (flat: 4.x, nested: 5.x in-memory names)."""
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    state = load_file(src / "model.safetensors")
+    source = detect_layout(state)
+    rewritten = {convert_key(convert_key(k, source), layout, to_ours=False): v for k, v in state.items()}
+    assert detect_layout(rewritten) == layout
+    save_file(rewritten, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def _assert_same_hidden(ours, hf_model, sequences, processor):
+    with torch.no_grad():
+        hidden = ours(pack(sequences, processor))
+    inner = hf_model.model
+    for i, seq in enumerate(sequences):
+        start = sum(len(s) for s in sequences[:i])
+        ref = hf_hidden(inner, seq, processor.image_token_id)
+        assert (hidden[start:start + len(seq)] - ref).abs().max().item() <= 1e-4, seq.sample_id
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_load_both_layouts_tied_and_untied(tmp_path, tokenizer, processor, mixed_sequences, tied):
+    hf_model = _hf_lm(tokenizer, tied)
+    saved = _saved(hf_model, tmp_path / "saved")
+    for directory in (_rewrite(saved, tmp_path / "flat", "flat"), _rewrite(saved, tmp_path / "nested", "nested")):
+        ours = load_pretrained(directory).eval()
+        _assert_same_hidden(ours, hf_model, mixed_sequences[:2], processor)
+        torch.testing.assert_close(ours.lm_head.weight, hf_model.lm_head.weight, rtol=0, atol=0)
+        assert (ours.lm_head.weight is ours.language_model.embed_tokens.weight) == tied
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_saved_checkpoint_loads_in_transformers_and_back(tmp_path, tokenizer, processor, mixed_sequences, tied):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    ours = load_pretrained(_saved(_hf_lm(tokenizer, tied), tmp_path / "src")).eval()
+    save_pretrained(ours, tmp_path / "ours")
+    keys = load_file(tmp_path / "ours" / "model.safetensors").keys()
+    assert "model.embed_tokens.weight" in keys and ("lm_head.weight" in keys) != tied  # the flat 4.x layout
+    hf_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    hf_model.config.text_config.is_causal = False
+    for layer in hf_model.model.language_model.layers:
+        layer.self_attn.is_causal = False
+    _assert_same_hidden(ours, hf_model, mixed_sequences, processor)
+    again = load_pretrained(tmp_path / "ours")
+    for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_sharded_save_round_trips(tmp_path, tokenizer, monkeypatch):
+    import moca_fast.model.loading as loading
+
+    ours = load_pretrained(_saved(_hf_lm(tokenizer, False), tmp_path / "src"))
+    monkeypatch.setattr(loading, "SHARD_BYTES", 64 * 1024)
+    save_pretrained(ours, tmp_path / "sharded")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    again = load_pretrained(tmp_path / "sharded")
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
+
+
+def test_bad_checkpoints_raise_clear_errors(tmp_path, tokenizer):
+    src = _saved(_hf_lm(tokenizer, False), tmp_path / "src")
+    state = load_file(src / "model.safetensors")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((src / "config.json").read_text())
+    state = {convert_key(convert_key(k, detect_layout(state)), "nested", to_ours=False): v for k, v in state.items()}
+    missing = {k: v for k, v in state.items() if "layers.1.mlp.up_proj" not in k}
+    save_file(missing, broken / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys \['language_model.layers.1.mlp.up_proj.weight'\]"):
+        load_pretrained(broken)
+    wrong = dict(state)
+    wrong["model.language_model.norm.weight"] = torch.ones(3)
+    save_file(wrong, broken / "model.safetensors")
+    with pytest.raises(ValueError, match=r"language_model.norm.weight has shape \(3,\)"):
+        load_pretrained(broken)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_pretrained(tmp_path / "nowhere")
+
+
+def test_key_table_round_trips_every_layout():
+    for layout, pairs in KEY_LAYOUTS.items():
+        for theirs, ours in pairs:
+            key = theirs + "x.weight"
+            assert convert_key(convert_key(key, layout), layout, to_ours=False) == key
+
+
+def _saved(hf_model, path):
+    hf_model.save_pretrained(path)
+    return path
