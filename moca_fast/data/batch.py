@@ -78,8 +78,16 @@ def pack_sequences(sequences: list[EncodedSequence], image_token_id: int, *, spa
     for seq in sequences:
         validate_sequence(seq, image_token_id, unit)
     lengths = torch.tensor([len(s) for s in sequences])
+    starts = (lengths.cumsum(0) - lengths).tolist()
     input_ids = torch.cat([s.input_ids for s in sequences])
     grids = torch.cat([s.image_grid_thw.reshape(-1, 3) for s in sequences]).to(torch.long)
+    stage = {}
+    if _all_or_none(sequences, "mlm_positions"):
+        stage["mlm_index"] = torch.cat([s.mlm_positions + o for s, o in zip(sequences, starts)])
+        stage["mlm_labels"] = torch.cat([s.mlm_labels for s in sequences])
+    if _all_or_none(sequences, "mae_positions"):
+        stage["mae_index"] = torch.cat([s.mae_positions + o for s, o in zip(sequences, starts)])
+        stage["mae_targets"] = torch.cat([s.mae_targets for s in sequences])
     return PackedBatch(
         input_ids=input_ids,
         cu_seqlens=torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
@@ -90,7 +98,16 @@ def pack_sequences(sequences: list[EncodedSequence], image_token_id: int, *, spa
         image_token_index=torch.nonzero(input_ids == image_token_id).flatten(),
         vision=vision_layout(grids, spatial_merge_size, window_size, patch_size),
         sample_ids=tuple(s.sample_id for s in sequences),
+        **stage,
     )
+
+
+def _all_or_none(sequences: list[EncodedSequence], name: str) -> bool:
+    present = [getattr(s, name) is not None for s in sequences]
+    if any(present) and not all(present):
+        lacking = [s.sample_id for s, p in zip(sequences, present) if not p]
+        raise ValueError(f"samples {lacking[:5]} lack {name} while others in the batch have it")
+    return all(present)
 
 
 def validate_sequence(seq: EncodedSequence, image_token_id: int, merge_unit: int = 4) -> None:

@@ -39,16 +39,23 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MI
     return h_bar, w_bar
 
 
+def resized_size(width: int, height: int, factor: int = 28, min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) an image of this size is resized to; a side under `factor` is first raised to it
+    (REFERENCE.md), then smart-resize applies."""
+    return smart_resize(max(height, factor), max(width, factor), factor, min_pixels, max_pixels)
+
+
 def image_to_patches(image: Image.Image, *, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2,
                      min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """One RGB image -> (pixel patch rows [t*h*w, 3*tp*p*p] float32, patch grid (t, h, w))."""
     factor = patch_size * merge_size
     image = image.convert("RGB")
     width, height = image.size
-    if min(width, height) < factor:  # REFERENCE.md: a side under 28 px is raised to 28
+    h_bar, w_bar = resized_size(width, height, factor, min_pixels, max_pixels)
+    if min(width, height) < factor:  # raised first, as the reference does, then smart-resized
         width, height = max(width, factor), max(height, factor)
         image = image.resize((width, height), resample=Image.Resampling.BICUBIC)
-    h_bar, w_bar = smart_resize(height, width, factor, min_pixels, max_pixels)
     if (w_bar, h_bar) != (width, height):
         image = image.resize((w_bar, h_bar), resample=Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()

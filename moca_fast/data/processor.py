@@ -3,6 +3,7 @@
 One call encodes one sequence; the collator (data/batch.py) packs many. The text carries the placeholder
 triple `<|vision_start|><|image_pad|><|vision_end|>` at each image; the pad is expanded to one token per
 merged 2 x 2 patch block. Positions are computed here, on the CPU, never in the model's forward.
+`count_tokens` gives the exact encoded length from image sizes alone, for packing without decoding pixels.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .image_patches import MAX_PIXELS, MIN_PIXELS, image_to_patches
+from .image_patches import MAX_PIXELS, MIN_PIXELS, image_to_patches, resized_size
 from .positions import mrope_position_ids
-from .tokens import IMAGE_PAD_TOKEN, IMAGE_PLACEHOLDER, VISION_END_TOKEN, VISION_START_TOKEN
+from .tokens import IMAGE_PAD_TOKEN, IMAGE_PLACEHOLDER, MASK_TOKEN, VISION_END_TOKEN, VISION_START_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,12 @@ class EncodedSequence:
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
     dropped_images: int = 0  # images cut part-way by max_length and removed with their pixels
+    # Stage 1 (data/masking.py): masked text rows and their original ids; masked image-token rows and
+    # their original patch rows [4K, 1176].
+    mlm_positions: torch.Tensor | None = None
+    mlm_labels: torch.Tensor | None = None
+    mae_positions: torch.Tensor | None = None
+    mae_targets: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.numel()
@@ -54,62 +61,83 @@ class Processor:
         self.vision_start_id = ids[VISION_START_TOKEN]
         self.vision_end_id = ids[VISION_END_TOKEN]
         self.image_token_id = ids[IMAGE_PAD_TOKEN]
+        mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+        self.mask_token_id = None if mask_id in (None, tokenizer.unk_token_id) else mask_id
+        # Never MLM-masked: every special token, the image tokens and the mask itself.
+        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids) | set(ids.values())
+                                               | ({mask_id} if self.mask_token_id is not None else set())))
 
     def encode(self, text: str, images: list[Image.Image] | tuple = (), sample_id: str = "?") -> EncodedSequence:
         """Encode one sequence; every error names `sample_id` and the problem."""
-        pieces = text.split(IMAGE_PLACEHOLDER)
-        if len(pieces) - 1 != len(images):
-            raise ValueError(f"sample {sample_id}: {len(pieces) - 1} image placeholders in the text "
-                             f"but {len(images)} images")
-        patches, grids, ids = [], [], []
-        for i, piece in enumerate(pieces):
-            ids.append(self._tokenize(piece))
-            if i == len(images):
-                break
-            image = images[i]
+        for i, image in enumerate(images):
             if not isinstance(image, Image.Image):
                 raise ValueError(f"sample {sample_id}: image {i} is a {type(image).__name__}, not a PIL image")
+        pieces, image_tokens = self._layout(text, [im.size for im in images], sample_id)
+        kept = self._images_kept(pieces, image_tokens)
+        patches, grids, ids = [], [], [pieces[0]]
+        for i in range(kept):
             try:
-                rows, grid = image_to_patches(image, patch_size=self.patch_size, merge_size=self.spatial_merge_size,
+                rows, grid = image_to_patches(images[i], patch_size=self.patch_size,
+                                              merge_size=self.spatial_merge_size,
                                               temporal_patch_size=self.temporal_patch_size,
                                               min_pixels=self.min_pixels, max_pixels=self.max_pixels)
             except ValueError as err:
                 raise ValueError(f"sample {sample_id}: image {i}: {err}") from err
-            n_tokens = grid[0] * grid[1] * grid[2] // self.spatial_merge_size**2
-            ids.append(torch.tensor([self.vision_start_id] + [self.image_token_id] * n_tokens + [self.vision_end_id]))
+            ids += [self._image_block(image_tokens[i]), pieces[i + 1]]
             patches.append(rows)
             grids.append(grid)
-        input_ids = torch.cat(ids).to(torch.long)
-        if input_ids.numel() == 0:
-            raise ValueError(f"sample {sample_id}: empty sequence (no tokens and no images)")
-        dropped = 0
-        if self.max_length is not None and input_ids.numel() > self.max_length:
-            input_ids, kept = self._truncate(input_ids, grids)
-            dropped = len(grids) - kept
-            if dropped:
-                log.info("sample %s: %d image(s) cut by max_length=%d dropped with their pixels",
-                         sample_id, dropped, self.max_length)
-            patches, grids = patches[:kept], grids[:kept]
+        input_ids = torch.cat(ids)
+        if self.max_length is not None:
+            input_ids = input_ids[: self.max_length]
+        dropped = len(images) - kept
+        if dropped:
+            log.info("sample %s: %d image(s) cut by max_length=%d dropped with their pixels",
+                     sample_id, dropped, self.max_length)
         grid_thw = torch.tensor(grids, dtype=torch.long).reshape(-1, 3)
         pixel_values = torch.cat(patches) if patches else torch.zeros(0, self._patch_dim)
         positions = mrope_position_ids(input_ids, grid_thw, self.image_token_id, self.spatial_merge_size)
         return EncodedSequence(sample_id, input_ids, positions, pixel_values, grid_thw, dropped)
 
+    def count_tokens(self, text: str, image_sizes: list[tuple[int, int]], sample_id: str = "?") -> int:
+        """The length `encode` will produce, from image (width, height) sizes alone: no pixel is decoded."""
+        pieces, image_tokens = self._layout(text, image_sizes, sample_id)
+        kept = self._images_kept(pieces, image_tokens)
+        length = len(pieces[0]) + sum(2 + image_tokens[i] + len(pieces[i + 1]) for i in range(kept))
+        return length if self.max_length is None else min(length, self.max_length)
+
     @property
     def _patch_dim(self) -> int:
         return 3 * self.temporal_patch_size * self.patch_size**2
 
-    def _tokenize(self, piece: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer(piece, add_special_tokens=False).input_ids, dtype=torch.long)
+    def _layout(self, text: str, image_sizes: list[tuple[int, int]], sample_id: str):
+        """Token ids of the text pieces between images, and each image's number of LLM tokens."""
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        if len(pieces) - 1 != len(image_sizes):
+            raise ValueError(f"sample {sample_id}: {len(pieces) - 1} image placeholders in the text "
+                             f"but {len(image_sizes)} images")
+        factor = self.patch_size * self.spatial_merge_size
+        image_tokens = []
+        for i, (width, height) in enumerate(image_sizes):
+            try:
+                h_bar, w_bar = resized_size(width, height, factor, self.min_pixels, self.max_pixels)
+            except ValueError as err:
+                raise ValueError(f"sample {sample_id}: image {i}: {err}") from err
+            image_tokens.append(h_bar * w_bar // factor**2)
+        ids = [torch.tensor(self.tokenizer(p, add_special_tokens=False).input_ids, dtype=torch.long) for p in pieces]
+        if sum(map(len, ids)) + sum(image_tokens) == 0:
+            raise ValueError(f"sample {sample_id}: empty sequence (no tokens and no images)")
+        return ids, image_tokens
 
-    def _truncate(self, input_ids: torch.Tensor, grids: list) -> tuple[torch.Tensor, int]:
-        """Cut to max_length; an image whose block would be cut is removed from its vision-start token on."""
-        cut = self.max_length
-        starts = torch.nonzero(input_ids == self.vision_start_id).flatten().tolist()
-        kept = len(grids)
-        for i, start in enumerate(starts):
-            block_end = start + 2 + grids[i][0] * grids[i][1] * grids[i][2] // self.spatial_merge_size**2
-            if block_end > cut:
-                cut, kept = min(cut, start), i
-                break
-        return input_ids[:cut], kept
+    def _images_kept(self, pieces: list[torch.Tensor], image_tokens: list[int]) -> int:
+        """How many leading images fit whole within max_length (the reference drops a cut image)."""
+        if self.max_length is None:
+            return len(image_tokens)
+        end = len(pieces[0])
+        for i, n in enumerate(image_tokens):
+            if end + n + 2 > self.max_length:
+                return i
+            end += n + 2 + len(pieces[i + 1])
+        return len(image_tokens)
+
+    def _image_block(self, n_tokens: int) -> torch.Tensor:
+        return torch.tensor([self.vision_start_id] + [self.image_token_id] * n_tokens + [self.vision_end_id])

@@ -85,3 +85,15 @@ def test_truncation_drops_a_cut_image_with_its_pixels(tokenizer, make_image):
     batch = pack_sequences([seq, whole], cut.image_token_id)
     assert batch.cu_seqlens.tolist() == [0, len(seq), len(seq) + len(whole)]
     assert batch.image_token_index.numel() * 4 == batch.pixel_values.shape[0]
+
+
+@pytest.mark.parametrize("max_length", [None, 10, 40, 75, 200])
+def test_count_tokens_equals_encoded_length(tokenizer, make_image, max_length):
+    from moca_fast.data.processor import Processor
+
+    proc = Processor(tokenizer, min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28, max_length=max_length)
+    text = f"some words {IMAGE_PLACEHOLDER} more words here {IMAGE_PLACEHOLDER} tail"
+    images = [make_image(150, 90), make_image(20, 400)]
+    seq = proc.encode(text, images, "c")
+    assert proc.count_tokens(text, [im.size for im in images], "c") == len(seq)
+    assert int((seq.input_ids == proc.image_token_id).sum()) * 4 == seq.pixel_values.shape[0]

@@ -1,0 +1,85 @@
+"""Token-budget packing: sample indices grouped into micro-batches whose token counts fit a budget.
+
+An epoch's plan is a pure function of (seed, epoch): shuffle, cut into buckets, pack each bucket
+first-fit-decreasing (so similar costs travel together and micro-batches come out full), shuffle the batches,
+deal them round-robin to ranks. Every sample lands in exactly one batch of one rank. Resuming needs only
+(epoch, batches already consumed by this rank): the trainer records that, not the sampler, because a
+DataLoader prefetches ahead of what was trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+
+class TokenBudgetSampler:
+    """A batch sampler for `torch.utils.data.DataLoader`; each batch holds (epoch, index) pairs."""
+
+    def __init__(self, lengths: Sequence[int], budget: int, *, seed: int = 0, shuffle: bool = True,
+                 bucket_size: int = 4096, rank: int = 0, world_size: int = 1,
+                 sample_ids: Sequence[str] | None = None):
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        if self.lengths.numel() < world_size:
+            raise ValueError(f"{self.lengths.numel()} samples cannot feed {world_size} ranks")
+        too_long = torch.nonzero(self.lengths > budget).flatten().tolist()
+        if too_long:
+            i = too_long[0]
+            name = sample_ids[i] if sample_ids is not None else str(i)
+            raise ValueError(f"sample {name} has {int(self.lengths[i])} tokens, more than the token budget "
+                             f"{budget} ({len(too_long)} such samples); raise the budget or lower max_length")
+        self.budget, self.seed, self.shuffle = budget, seed, shuffle
+        self.bucket_size, self.rank, self.world_size = bucket_size, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        """All batches of an epoch, for every rank, in global order (rank r takes batches r, r + W, ...)."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        n = self.lengths.numel()
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        batches = []
+        for bucket in order.split(self.bucket_size):
+            batches.extend(self._first_fit_decreasing(bucket))
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return self._balance(batches)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch `epoch`, skipping this rank's first `start` batches (a resume position)."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        mine = self.plan(self.epoch)[self.rank::self.world_size]
+        for batch in mine[self.start:]:
+            yield [(self.epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.plan(self.epoch)) // self.world_size - self.start
+
+    def _first_fit_decreasing(self, bucket: torch.Tensor) -> list[list[int]]:
+        lengths = self.lengths[bucket]
+        order = torch.argsort(lengths, descending=True, stable=True)
+        batches, room = [], []
+        for i in order.tolist():
+            cost = int(lengths[i])
+            for b, free in enumerate(room):
+                if cost <= free:
+                    batches[b].append(int(bucket[i]))
+                    room[b] -= cost
+                    break
+            else:
+                batches.append([int(bucket[i])])
+                room.append(self.budget - cost)
+        return batches
+
+    def _balance(self, batches: list[list[int]]) -> list[list[int]]:
+        """Split the most populous batches until every rank gets the same number of batches."""
+        while len(batches) % self.world_size:
+            b = max(range(len(batches)), key=lambda j: len(batches[j]))
+            if len(batches[b]) < 2:
+                raise ValueError(f"cannot split {len(batches)} single-sample batches over {self.world_size} ranks")
+            half = len(batches[b]) // 2
+            batches.append(batches[b][half:])
+            batches[b] = batches[b][:half]
+        return batches
