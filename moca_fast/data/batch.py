@@ -49,24 +49,20 @@ class PackedBatch:
         return self.cu_seqlens.numel() - 1
 
     def to(self, device, non_blocking: bool = False) -> "PackedBatch":
-        def move(x):
-            if isinstance(x, torch.Tensor):
-                return x.to(device, non_blocking=non_blocking)
-            if dataclasses.is_dataclass(x):
-                return dataclasses.replace(x, **{f.name: move(getattr(x, f.name)) for f in dataclasses.fields(x)})
-            return x
-
-        return move(self)
+        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "PackedBatch":
-        def pin(x):
-            if isinstance(x, torch.Tensor):
-                return x.pin_memory()
-            if dataclasses.is_dataclass(x):
-                return dataclasses.replace(x, **{f.name: pin(getattr(x, f.name)) for f in dataclasses.fields(x)})
-            return x
+        return map_tensors(self, lambda t: t.pin_memory())
 
-        return pin(self)
+
+def map_tensors(obj, fn):
+    """Apply `fn` to every tensor of a (nested) dataclass, returning a new one."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: map_tensors(getattr(obj, f.name), fn)
+                                           for f in dataclasses.fields(obj)})
+    return obj
 
 
 def pack_sequences(sequences: list[EncodedSequence], image_token_id: int, *, spatial_merge_size: int = 2,

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ..config import ModelSpec
-from ..data.batch import PackedBatch
+from ..data.batch import PackedBatch, map_tensors
+from ..data.positions import vision_layout
 from .attention import Segments, resolve_backend
 from .pooling import embed_pool
 from .text import TextDecoder
@@ -37,8 +38,20 @@ class MocaModel(nn.Module):
         if batch.pixel_values.shape[0]:
             image_embeds = self.visual(batch.pixel_values, batch.vision, backend)
             embeds = embeds.index_copy(0, batch.image_token_index, image_embeds.to(embeds.dtype))
+        elif self.training:
+            # A text-only batch still runs the vision tower (FSDP's collectives need every module on every
+            # rank): one all-zero 4x4-patch image whose output enters with weight zero.
+            embeds = embeds + 0.0 * self._idle_vision(embeds, backend)
         segments = Segments.build(batch.cu_seqlens, batch.max_seqlen, batch.num_tokens, backend)
         return self.language_model(embeds, batch.position_ids, segments)
+
+    def _idle_vision(self, like: torch.Tensor, backend: str) -> torch.Tensor:
+        spec = self.spec.vision
+        grid = torch.tensor([[1, 2 * spec.spatial_merge_size, 2 * spec.spatial_merge_size]])
+        layout = vision_layout(grid, spec.spatial_merge_size, spec.window_size, spec.patch_size)
+        layout = map_tensors(layout, lambda t: t.to(like.device))
+        pixels = torch.zeros(int(grid.prod()), spec.patch_dim, device=like.device)
+        return self.visual(pixels, layout, backend).sum().to(like.dtype)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """L2-normalised mean-pooled embeddings [S, H] (fp32), one per packed sequence."""

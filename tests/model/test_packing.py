@@ -37,3 +37,22 @@ def test_decoder_is_bidirectional(hf_model, processor, make_image):
         a = ours(pack([seq, other], processor))[: len(seq)]
         b = ours(pack([seq, processor.encode("another neighbour text", [], "n2")], processor))[: len(seq)]
     assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_text_only_training_batch_runs_every_module(hf_model, processor):
+    """Under FSDP every rank must run every module: a text-only batch still gives vision grads (zeros)."""
+    ours = from_transformers(hf_model).train()
+    batch = pack([processor.encode("only text in this batch", [], "t")], processor)
+    ours(batch).float().pow(2).mean().backward()
+    for name, param in ours.visual.named_parameters():
+        assert param.grad is not None, name
+        assert torch.count_nonzero(param.grad) == 0, name
+    assert ours.language_model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(batch), hf_hidden_text(hf_model, batch), rtol=0, atol=1e-4)
+
+
+def hf_hidden_text(hf_model, batch):
+    with torch.no_grad():
+        return hf_model(input_ids=batch.input_ids[None]).last_hidden_state[0]
