@@ -23,7 +23,8 @@ class PackedBatch:
     pixel_values [P, 1176]; image_grid_thw [I, 3]; image_token_index [P/4] rows of image tokens in T;
     vision: the tower's window order and varlen bounds. Stage fields (None when unused):
     mlm_index/mlm_labels [M]: masked text rows and their original ids;
-    mae_index [K] masked image-token rows, mae_targets [K*4, 1176] their original patches.
+    mae_index [K] masked image-token rows, mae_targets [K*4, 1176] their original patches,
+    mae_cu_seqlens [S+1] / mae_max_seqlen: how many masked rows each sequence holds (the MAE layer's queries).
     """
 
     input_ids: torch.Tensor
@@ -39,6 +40,8 @@ class PackedBatch:
     mlm_labels: torch.Tensor | None = None
     mae_index: torch.Tensor | None = None
     mae_targets: torch.Tensor | None = None
+    mae_cu_seqlens: torch.Tensor | None = None
+    mae_max_seqlen: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -84,6 +87,9 @@ def pack_sequences(sequences: list[EncodedSequence], image_token_id: int, *, spa
     if _all_or_none(sequences, "mae_positions"):
         stage["mae_index"] = torch.cat([s.mae_positions + o for s, o in zip(sequences, starts)])
         stage["mae_targets"] = torch.cat([s.mae_targets for s in sequences])
+        counts = torch.tensor([s.mae_positions.numel() for s in sequences])
+        stage["mae_cu_seqlens"] = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        stage["mae_max_seqlen"] = int(counts.max())
     return PackedBatch(
         input_ids=input_ids,
         cu_seqlens=torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
