@@ -1,0 +1,126 @@
+"""Stage-2 pairs: safe negative lists, the reference's negative-ratio rule, task batches, duplicate targets."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from moca_fast.data.pairs import PairDataset, Side, pair_from_row, parse_string_list, target_ids, task_batches
+from moca_fast.data.tokens import IMAGE_PLACEHOLDER
+
+PH = IMAGE_PLACEHOLDER
+
+
+def row(**overrides):
+    base = {"qry": "<|image_1|>\nRepresent the given image.", "qry_image_path": "q.png",
+            "pos_text": "a caption", "pos_image_path": "", "neg_text": "", "neg_image_path": ""}
+    return base | overrides
+
+
+def test_string_lists_parse_from_lists_json_and_python_literals():
+    assert parse_string_list(["a", "b"], "r") == ["a", "b"]
+    assert parse_string_list('["a", "\\u00e9"]', "r") == ["a", "é"]
+    assert parse_string_list("['a', \"b's\"]", "r") == ["a", "b's"]
+    assert parse_string_list("", "r") == parse_string_list(None, "r") == parse_string_list("[]", "r") == []
+
+
+@pytest.mark.parametrize("value", ["{'a': 1}", "[1, 2]", "[['a']]", "'a'", "['a' + 'b']", "[f'{1}']", "[a]",
+                                   "['a',", [1], 3])
+def test_anything_but_a_list_of_strings_is_rejected(value):
+    with pytest.raises(ValueError, match="row t#4 neg_text"):
+        parse_string_list(value, "row t#4 neg_text")
+
+
+@pytest.mark.parametrize("template", ["__import__('pathlib').Path({p!r}).touch()",
+                                      "['ok', __import__('pathlib').Path({p!r}).touch()]",
+                                      "[(lambda: __import__('pathlib').Path({p!r}).touch())()]"])
+def test_malicious_negative_list_is_rejected_and_never_run(tmp_path, template):
+    marker = tmp_path / "pwned"
+    payload = template.format(p=str(marker))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps(row(neg_text=payload, neg_image_path="['', '']")) + "\n")
+    pairs = PairDataset({"evil": rows})
+    with pytest.raises(ValueError, match=r"row evil#0 neg_text: (only a list of string literals|not a list)"):
+        pairs[0]
+    assert not marker.exists()
+    exec(compile(payload if payload.startswith("__") else f"_ = {payload}", "<check>", "exec"))
+    assert marker.exists()  # the same payload, when executed, does leave its mark: the reader never ran it
+
+
+def test_image_markers_become_placeholders_and_image_paths_resolve(tmp_path):
+    pair = pair_from_row(row(pos_text="<|image_1|> text target"), row_id="t#0", task="t", image_dir=tmp_path)
+    assert pair.query == Side(f"{PH}\nRepresent the given image.", str(tmp_path / "q.png"))
+    assert pair.positive == Side(" text target", None)  # no image: the marker is dropped, as the reference does
+    assert pair.negatives == []
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    ({"qry": "no marker"}, "the query has an image, but its text has 0 image markers"),
+    ({"qry": "<|image_1|><|image_1|>"}, "the query has an image, but its text has 2 image markers"),
+    ({"pos_text": None}, "missing field 'pos_text'"),
+    ({"pos_image_path": 3}, "the positive's text and image path must be strings"),
+    ({"neg_text": "['a', 'b']", "neg_image_path": "['x.png']"}, "2 negative texts but 1 negative image paths"),
+])
+def test_bad_rows_raise_naming_the_row(overrides, problem):
+    with pytest.raises(ValueError, match=f"row t#9: {problem}"):
+        pair_from_row(row(**overrides), row_id="t#9", task="t")
+
+
+def negatives(ratio=2, seed=0, row_id="t#0", **overrides):
+    pair = pair_from_row(row(**overrides), row_id=row_id, task="t", negative_ratio=ratio, seed=seed)
+    return [(side.text, side.image) for side in pair.negatives]
+
+
+def test_negative_ratio_keeps_the_first_r_and_repeats_the_last_when_short():
+    three = {"neg_text": "['n0', 'n1', 'n2']", "neg_image_path": "['', '', '']"}
+    assert negatives(**three) == [("n0", None), ("n1", None)]
+    assert negatives(ratio=1, **three) == [("n0", None)]
+    assert negatives(ratio=0, **three) == []
+    assert negatives(ratio=4, **three) == [("n0", None), ("n1", None), ("n2", None), ("n2", None)]
+    assert negatives(neg_text=["only"], neg_image_path=[""]) == [("only", None), ("only", None)]
+    assert negatives(neg_text="[]", neg_image_path="[]") == []  # a row without negatives has none
+
+
+def test_image_only_negatives_take_the_positives_text():
+    pair = pair_from_row(row(pos_text="<|image_1|>Represent the given image.\n", pos_image_path="p.png",
+                             neg_text="['', '']", neg_image_path="['a.png', 'b.png']"), row_id="t#0", task="t")
+    assert [n.text for n in pair.negatives] == [pair.positive.text] * 2
+    assert [n.image for n in pair.negatives] == ["a.png", "b.png"]
+    assert negatives(neg_text="[]", neg_image_path="['a.png']", pos_text="<|image_1|>x") == [(f"{PH}x", "a.png")] * 2
+
+
+def test_empty_negative_texts_draw_from_the_rows_other_texts_by_seed():
+    kwargs = {"neg_text": "['', 'n1', 'n2', 'n3']", "neg_image_path": "['', '', '', '']", "ratio": 1}
+    draws = {negatives(seed=seed, **kwargs)[0][0] for seed in range(40)}
+    assert draws == {"n1", "n2", "n3"}
+    assert negatives(seed=7, **kwargs) == negatives(seed=7, **kwargs)
+    assert {negatives(row_id=f"t#{k}", **kwargs)[0][0] for k in range(40)} == {"n1", "n2", "n3"}
+
+
+def test_task_batches_are_homogeneous_cover_every_row_once_and_follow_the_seed():
+    tasks = ["a"] * 23 + ["b"] * 8 + ["c"] * 1 + ["a"] * 4
+    batches = task_batches(tasks, 5, seed=3)
+    assert all(len({tasks[i] for i in batch}) == 1 and 1 <= len(batch) <= 5 for batch in batches)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(tasks)))
+    assert Counter(tasks[batch[0]] for batch in batches) == {"a": 6, "b": 2, "c": 1}
+    assert task_batches(tasks, 5, seed=3) == batches
+    assert task_batches(tasks, 5, seed=4) != batches
+
+
+def test_target_ids_are_equal_exactly_for_identical_targets():
+    targets = [Side("t", "a.png"), Side("t", "b.png"), Side("t", "a.png"), Side("u", "a.png"), Side("t", None),
+               Side("t", None), Side("t", "b.png")]
+    assert target_ids(targets).tolist() == [0, 1, 0, 2, 3, 3, 1]
+
+
+def test_pair_dataset_spans_tasks_in_order(tmp_path):
+    for task, n in (("one", 2), ("two", 3)):
+        (tmp_path / f"{task}.jsonl").write_text("".join(
+            json.dumps(row(pos_text=f"{task}-{k}")) + "\n" for k in range(n)))
+    pairs = PairDataset({"one": tmp_path / "one.jsonl", "two": tmp_path / "two.jsonl"}, negative_ratio=0)
+    assert len(pairs) == 5 and pairs.tasks == ["one", "one", "two", "two", "two"]
+    assert [(p.id, p.task, p.positive.text) for p in (pairs[1], pairs[2])] == [("one#1", "one", "one-1"),
+                                                                             ("two#0", "two", "two-0")]
+    assert pairs[0].query.image == str(tmp_path / "q.png")
+    with pytest.raises(IndexError):
+        pairs[5]
