@@ -1,0 +1,56 @@
+"""Stage-1 heads: masked-LM loss through the LM head on masked rows only, and the MAE reconstruction layer.
+
+Both losses run through the fused kernels (moca_fast.kernels), so neither the [M, vocab] logits nor the
+[K, 4 * 1176] patch predictions are ever materialised.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.batch import PackedBatch
+from ..kernels import masked_lm_cross_entropy, patch_reconstruction_loss
+from .attention import Bounds, Segments
+from .moca import MocaModel
+from .text import DecoderLayer, text_rotary
+
+
+def mlm_loss(model: MocaModel, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """Mean cross-entropy over the masked text rows (the LM head sees only those rows)."""
+    return masked_lm_cross_entropy(hidden[batch.mlm_index], model.lm_head.weight, batch.mlm_labels)
+
+
+class MaeHead(nn.Module):
+    """One extra bidirectional decoder layer whose queries are the masked image rows only (keys and values
+    from their whole sequence), then Linear(hidden -> 4 * 1176) reconstructing the 4 patches of each row."""
+
+    def __init__(self, model: MocaModel):
+        super().__init__()
+        spec = model.spec
+        self.text_spec = spec.text
+        self.layer = DecoderLayer(spec.text)
+        self.proj = nn.Linear(spec.text.hidden_size, spec.vision.merge_unit * spec.vision.patch_dim)
+
+    @classmethod
+    def from_middle_layer(cls, model: MocaModel) -> "MaeHead":
+        """The reference's initialisation: the layer copies decoder layer L/2; the projection is fresh."""
+        head = cls(model)
+        middle = model.language_model.layers[model.spec.text.num_layers // 2]
+        head.layer.load_state_dict(middle.state_dict())
+        nn.init.normal_(head.proj.weight, std=0.02)
+        nn.init.zeros_(head.proj.bias)
+        return head.to(next(model.parameters()).dtype)
+
+    def features(self, hidden: torch.Tensor, batch: PackedBatch, backend: str) -> torch.Tensor:
+        """The layer's output [K, H] at the masked rows."""
+        cos, sin = text_rotary(self.text_spec, batch.position_ids)
+        queries = Bounds(batch.mae_cu_seqlens, batch.mae_max_seqlen, batch.mae_index.numel())
+        segments = Segments.build(batch.cu_seqlens, batch.max_seqlen, batch.num_tokens, backend, q_bounds=queries)
+        return self.layer(hidden, cos, sin, segments, query_index=batch.mae_index)
+
+    def forward(self, hidden: torch.Tensor, batch: PackedBatch, backend: str) -> torch.Tensor:
+        """Mean squared error of the reconstructed patches against the originals."""
+        features = self.features(hidden, batch, backend)
+        targets = batch.mae_targets.reshape(features.shape[0], -1)
+        return patch_reconstruction_loss(features, self.proj.weight, self.proj.bias, targets)

@@ -1,0 +1,72 @@
+"""Stage-1 heads: the MAE layer on masked queries equals the whole-sequence layer then gathered; losses match
+plain torch computations on materialised logits/predictions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moca_fast.data.masking import apply_mae, apply_mlm
+from moca_fast.data.tokens import IMAGE_PLACEHOLDER
+from moca_fast.model.attention import Segments
+from moca_fast.model.heads import MaeHead, mlm_loss
+from moca_fast.model.loading import from_transformers
+from moca_fast.model.text import text_rotary
+
+from .conftest import pack
+
+
+@pytest.fixture
+def masked_batch(processor, make_image):
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for i, sizes in enumerate([[(112, 84)], [], [(56, 56), (140, 112)]]):
+        text = "words " + " and ".join([IMAGE_PLACEHOLDER] * len(sizes)) + " more words"
+        seq = processor.encode(text, [make_image(*s) for s in sizes], f"s{i}")
+        seq = apply_mlm(seq, mask_token_id=processor.mask_token_id, special_ids=processor.special_ids, rate=0.4,
+                        generator=g)
+        seqs.append(apply_mae(seq, image_token_id=processor.image_token_id, rate=0.5, generator=g))
+    return pack(seqs, processor)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_mae_layer_on_masked_queries_equals_whole_sequence_then_gather(hf_model, masked_batch, backend):
+    model = from_transformers(hf_model)
+    head = MaeHead.from_middle_layer(model).requires_grad_(backend != "flex")
+    hidden = model(masked_batch).detach()
+    needs_grad = backend != "flex"
+    h1 = hidden.clone().requires_grad_(needs_grad)
+    restricted = head.features(h1, masked_batch, backend)
+    h2 = hidden.clone().requires_grad_(needs_grad)
+    cos, sin = text_rotary(model.spec.text, masked_batch.position_ids)
+    whole = Segments.build(masked_batch.cu_seqlens, masked_batch.max_seqlen, masked_batch.num_tokens, backend)
+    full = head.layer(h2, cos, sin, whole)[masked_batch.mae_index]
+    torch.testing.assert_close(restricted, full, rtol=0, atol=1e-5)
+    if backend == "flex":
+        return  # FlexAttention has no backward on CPU; its gradients are checked on CUDA
+    weights = torch.randn_like(full)
+    grads1 = torch.autograd.grad((restricted * weights).sum(), [h1, *head.layer.parameters()])
+    grads2 = torch.autograd.grad((full * weights).sum(), [h2, *head.layer.parameters()])
+    for a, b in zip(grads1, grads2):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_mae_head_initialised_from_middle_layer(hf_model):
+    model = from_transformers(hf_model)
+    head = MaeHead.from_middle_layer(model)
+    middle = model.language_model.layers[model.spec.text.num_layers // 2]
+    for (name, a), b in zip(head.layer.state_dict().items(), middle.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert head.proj.out_features == 4 * 1176
+
+
+def test_losses_match_materialised_torch(hf_model, masked_batch):
+    model = from_transformers(hf_model)
+    head = MaeHead.from_middle_layer(model)
+    hidden = model(masked_batch)
+    logits = hidden[masked_batch.mlm_index].double() @ model.lm_head.weight.double().T
+    expected_mlm = F.cross_entropy(logits, masked_batch.mlm_labels)
+    torch.testing.assert_close(mlm_loss(model, hidden, masked_batch).double(), expected_mlm, rtol=1e-5, atol=1e-6)
+    features = head.features(hidden, masked_batch, "sdpa")
+    predictions = F.linear(features.double(), head.proj.weight.double(), head.proj.bias.double())
+    expected_mae = F.mse_loss(predictions, masked_batch.mae_targets.reshape(features.shape[0], -1).double())
+    torch.testing.assert_close(head(hidden, masked_batch, "sdpa").double(), expected_mae, rtol=1e-5, atol=1e-6)
