@@ -122,10 +122,9 @@ def _info_nce(
     scales = _Scales.of(queries, positives, negatives, temperature, normalize)
     lse, target = _linear_ce.forward(queries, positives, targets, scales.logit_terms(duplicate_ids), backend)
     if negatives.shape[1] > 0:
-        negative_lse = torch.cat(
-            [_negative_logits(queries, negatives, scales, *band).logsumexp(1) for band in _negative_bands(queries, negatives)]
-        )
-        lse = torch.logaddexp(lse, negative_lse)
+        for start, end in _negative_bands(queries, negatives):
+            negative_lse = _negative_logits(queries, negatives, scales, start, end).logsumexp(1)
+            lse[start:end] = torch.logaddexp(lse[start:end], negative_lse)
     return (lse - target).sum() / max(queries.shape[0], 1), lse
 
 

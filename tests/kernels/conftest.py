@@ -1,0 +1,39 @@
+"""Shared cases for the kernel tests: (backend, dtype, tolerance) combinations, tiny chunks, comparisons."""
+
+import pytest
+import torch
+
+from moca_fast.kernels import _common
+
+# Triton runs under the interpreter here: fp32 and fp16, and bf16 through the kernels' upcast switch. The
+# chunked torch path runs fp32 and bf16. Tolerances bound max|error| relative to the largest reference value
+# (and elementwise relative error): a few units of the dtype's last place, far below any real bug.
+CASES = [
+    pytest.param("torch", torch.float32, 2e-5, id="torch-fp32"),
+    pytest.param("torch", torch.bfloat16, 1.6e-2, id="torch-bf16"),
+    pytest.param("triton", torch.float32, 2e-5, id="triton-fp32"),
+    pytest.param("triton", torch.float16, 2e-3, id="triton-fp16"),
+    pytest.param("triton", torch.bfloat16, 1.6e-2, id="triton-bf16"),
+]
+
+
+@pytest.fixture(params=[False, True], ids=["one-chunk", "tiny-chunks"])
+def chunks(request, monkeypatch):
+    """Run once with the default chunk budget and once with one so small that every chunked loop iterates."""
+    if request.param:
+        monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 1500)
+    return request.param
+
+
+def rounded_pair(x: torch.Tensor, dtype: torch.dtype):
+    """(x in `dtype` as a leaf needing grad, the same values in fp64 as a leaf needing grad): the reference sees
+    exactly the kernel's inputs, so any difference is the kernel's own error."""
+    low = x.to(dtype)
+    return low.detach().requires_grad_(), low.detach().double().requires_grad_()
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str):
+    assert actual.dtype != torch.float64
+    assert torch.isfinite(actual).all(), f"{what}: not finite"
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")

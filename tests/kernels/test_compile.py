@@ -1,0 +1,52 @@
+"""torch.compile(fullgraph=True) over each loss, forward and backward: one opaque custom op, same numbers."""
+
+import pytest
+import torch
+
+from moca_fast.kernels import info_nce_loss, masked_lm_cross_entropy, patch_reconstruction_loss
+
+M, H, V = 16, 32, 300
+
+
+def _inputs(name):
+    if name == "masked_lm_ce":
+        return masked_lm_cross_entropy, [torch.randn(M, H), torch.randn(V, H), torch.randint(0, V, (M,))]
+    if name == "patch_reconstruction":
+        return patch_reconstruction_loss, [torch.randn(M, H), torch.randn(V, H) / 8, torch.randn(V), torch.randn(M, V)]
+    queries, positives, negatives = torch.randn(M, H), torch.randn(40, H), torch.randn(M, 2, H)
+    targets, duplicate_ids = torch.randperm(40)[:M], torch.randint(0, 20, (40,))
+    return info_nce_loss, [queries, positives, negatives, targets, 0.05, True, duplicate_ids]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", ["masked_lm_ce", "patch_reconstruction", "info_nce"])
+def test_compiles_to_one_op_with_the_same_loss_and_gradients(name, backend):
+    loss_fn, inputs = _inputs(name)
+    graphs = []
+
+    def inductor_recording_graphs(gm, example_inputs):
+        graphs.append(gm)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    def step(*args):
+        return 3.0 * loss_fn(*args, backend=backend)  # a non-unit gradient into the op
+
+    def run(fn):
+        leaves = [x.clone().requires_grad_() if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs]
+        loss = fn(*leaves)
+        loss.backward()
+        return loss, [x.grad for x in leaves if torch.is_tensor(x) and x.requires_grad]
+
+    torch._dynamo.reset()
+    compiled_loss, compiled_grads = run(torch.compile(step, fullgraph=True, backend=inductor_recording_graphs))
+    eager_loss, eager_grads = run(step)
+
+    (graph,) = graphs
+    custom_ops = [n.target for n in graph.graph.nodes if "moca_fast" in str(n.target)]
+    assert [str(op) for op in custom_ops] == [f"moca_fast.{name}.default"]
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-6)
+    for compiled, eager in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)

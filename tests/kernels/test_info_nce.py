@@ -1,0 +1,79 @@
+"""InfoNCE over gathered embeddings: forward and the gradients of queries, positives and negatives against the
+fp64 reference, with and without normalisation, hard negatives and duplicate masking."""
+
+import pytest
+import torch
+
+from moca_fast.kernels import info_nce_loss, info_nce_reference
+
+from .conftest import CASES, assert_matches, rounded_pair
+
+B, G, D = 24, 150, 40  # G spans two 128-column tiles, ragged
+
+
+def _embeddings(dtype, r: int, normalize: bool):
+    scale = 1.0 if normalize else 0.03  # unnormalised dots of size ~1 / temperature, as cosines would give
+    pairs = [rounded_pair(torch.randn(*shape) * scale, dtype) for shape in [(B, D), (G, D), (B, r, D)]]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _check(backend, dtype, tol, r, normalize, duplicate_ids, temperature=0.03):
+    (queries, positives, negatives), refs = _embeddings(dtype, r, normalize)
+    targets = torch.randperm(G)[:B]
+
+    loss = info_nce_loss(queries, positives, negatives, targets, temperature, normalize, duplicate_ids, backend=backend)
+    loss.backward()
+    expected = info_nce_reference(*refs, targets, temperature, normalize, duplicate_ids)
+    expected.backward()
+
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_matches(loss, expected.double(), tol, "loss")
+    for name, actual, reference in zip(["d_queries", "d_positives", "d_negatives"], [queries, positives, negatives], refs):
+        assert actual.grad.dtype == dtype
+        assert_matches(actual.grad, reference.grad, tol, name)
+    return loss
+
+
+@pytest.mark.parametrize("backend,dtype,tol", CASES)
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+@pytest.mark.parametrize("r", [0, 2], ids=["r0", "r2"])
+def test_matches_reference(backend, dtype, tol, normalize, r, chunks):
+    _check(backend, dtype, tol, r, normalize, duplicate_ids=None)
+
+
+@pytest.mark.parametrize("backend,dtype,tol", CASES)
+def test_duplicate_targets_leave_the_denominator(backend, dtype, tol, chunks):
+    # ~4 copies of each content among the gathered positives
+    duplicate_ids = torch.randint(0, 40, (G,), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    masked = _check(backend, dtype, tol, r=2, normalize=True, duplicate_ids=duplicate_ids)
+    torch.manual_seed(0)
+    unmasked = _check(backend, dtype, tol, r=2, normalize=True, duplicate_ids=torch.arange(G))
+    assert masked < unmasked  # same inputs (same seed): fewer negatives, lower loss
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_negatives_none_equals_zero_negatives(backend):
+    queries, positives = torch.randn(B, D), torch.randn(G, D)
+    targets = torch.randperm(G)[:B]
+    without = info_nce_loss(queries, positives, None, targets, backend=backend)
+    empty = info_nce_loss(queries, positives, torch.empty(B, 0, D), targets, backend=backend)
+    assert torch.equal(without, empty)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_queries_gives_zero_loss_and_zero_gradients(backend):
+    positives = torch.randn(G, D, requires_grad=True)
+    loss = info_nce_loss(torch.randn(0, D), positives, torch.randn(0, 2, D), torch.zeros(0, dtype=torch.long), backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(positives.grad, torch.zeros_like(positives))
+
+
+def test_bad_shapes_are_clear_errors():
+    queries, positives, targets = torch.randn(4, 8), torch.randn(6, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="negatives"):
+        info_nce_loss(queries, positives, torch.randn(4, 2, 7), targets)
+    with pytest.raises(ValueError, match="targets"):
+        info_nce_loss(queries, positives, None, targets[:3])
+    with pytest.raises(ValueError, match="duplicate_ids"):
+        info_nce_loss(queries, positives, None, targets, duplicate_ids=torch.zeros(5, dtype=torch.long))
