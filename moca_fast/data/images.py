@@ -16,22 +16,46 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError
 
 def load_image(source, sample_id: str) -> Image.Image:
     """Decode `source` (bytes, {"bytes", "path"} dict, str/Path path, or PIL image) into an RGB image."""
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        if isinstance(source, dict):  # the HF datasets Image feature stored without decoding
-            source = source.get("bytes") if source.get("bytes") is not None else source.get("path")
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            what, stream = "image bytes", io.BytesIO(source)
-        elif isinstance(source, (str, Path)):
-            if not Path(source).is_file():
-                raise ValueError(f"sample {sample_id}: image file not found: {source}")
-            what, stream = f"image file {source}", source
-        else:
-            raise ValueError(f"sample {sample_id}: unsupported image source of type {type(source).__name__}")
+    image = open_image(source, sample_id)
+    if not isinstance(source, Image.Image):
         try:
-            image = Image.open(stream)
             image.load()
         except _DECODE_ERRORS as error:
-            raise ValueError(f"sample {sample_id}: cannot decode {what}: {error}") from error
+            raise ValueError(f"sample {sample_id}: cannot decode {_describe(source)}: {error}") from error
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def image_size(source, sample_id: str) -> tuple[int, int]:
+    """(width, height) of an image from its header alone: no pixel is decoded (for packing by cost)."""
+    return open_image(source, sample_id).size
+
+
+def open_image(source, sample_id: str) -> Image.Image:
+    """Open `source` lazily (header read, pixels not yet decoded); errors name the sample."""
+    if isinstance(source, Image.Image):
+        return source
+    source = _unwrap(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        stream = io.BytesIO(source)
+    elif isinstance(source, (str, Path)):
+        if not Path(source).is_file():
+            raise ValueError(f"sample {sample_id}: image file not found: {source}")
+        stream = source
+    else:
+        raise ValueError(f"sample {sample_id}: unsupported image source of type {type(source).__name__}")
+    try:
+        return Image.open(stream)
+    except _DECODE_ERRORS as error:
+        raise ValueError(f"sample {sample_id}: cannot decode {_describe(source)}: {error}") from error
+
+
+def _unwrap(source):
+    """The bytes or path inside an HF datasets Image dict ({"bytes", "path"}); anything else as it is."""
+    if isinstance(source, dict):
+        return source.get("bytes") if source.get("bytes") is not None else source.get("path")
+    return source
+
+
+def _describe(source) -> str:
+    source = _unwrap(source)
+    return f"image file {source}" if isinstance(source, (str, Path)) else "image bytes"

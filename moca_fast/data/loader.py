@@ -1,0 +1,83 @@
+"""Loading that keeps a GPU fed: decode, resize, patchify and mask in DataLoader workers, pack, pin, prefetch.
+
+The sampler (data/packing.py) hands workers (epoch, index) pairs; each sample's masks are drawn from a
+generator seeded by (seed, epoch, index), so batches are identical whatever the number of workers and a
+resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .batch import PackedBatch, pack_sequences
+from .documents import Document
+from .images import image_size
+from .masking import apply_mae, apply_mlm
+from .packing import TokenBudgetSampler
+from .processor import EncodedSequence, Processor
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The RNG of one sample in one epoch, independent of worker scheduling."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63))
+
+
+class MaskedDocuments(Dataset):
+    """Stage 1: (epoch, index) -> one document encoded and MLM/MAE-masked, ready for packing."""
+
+    def __init__(self, documents: Sequence[Document], processor: Processor, *, mlm_rate: float = 0.4,
+                 mae_rate: float = 0.5, seed: int = 0):
+        if processor.mask_token_id is None:
+            raise ValueError("the tokenizer has no <|mask|> token; stage 1 needs one (load_tokenizer adds it)")
+        self.documents, self.processor = documents, processor
+        self.mlm_rate, self.mae_rate, self.seed = mlm_rate, mae_rate, seed
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def lengths(self) -> list[int]:
+        """Each document's encoded length, from its text and image headers (no pixel is decoded)."""
+        out = []
+        for i in range(len(self.documents)):
+            doc = self.documents[i]
+            out.append(self.processor.count_tokens(doc.text, [image_size(im, doc.id) for im in doc.images], doc.id))
+        return out
+
+    def sample_ids(self) -> list[str]:
+        return [self.documents[i].id for i in range(len(self.documents))]
+
+    def __getitem__(self, key: tuple[int, int]) -> EncodedSequence:
+        epoch, index = key
+        doc = self.documents[index]
+        seq = self.processor.encode(doc.text, doc.load_images(), doc.id)
+        generator = sample_generator(self.seed, epoch, index)
+        proc = self.processor
+        seq = apply_mlm(seq, mask_token_id=proc.mask_token_id, special_ids=proc.special_ids, rate=self.mlm_rate,
+                        generator=generator)
+        return apply_mae(seq, image_token_id=proc.image_token_id, rate=self.mae_rate, generator=generator,
+                         merge_unit=proc.spatial_merge_size**2)
+
+
+class PackCollator:
+    """Worker-side collate: encoded sequences -> one PackedBatch (positions and vision layout included)."""
+
+    def __init__(self, processor: Processor, window_size: int = 112):
+        self.image_token_id = processor.image_token_id
+        self.spatial_merge_size, self.patch_size = processor.spatial_merge_size, processor.patch_size
+        self.window_size = window_size
+
+    def __call__(self, sequences: list[EncodedSequence]) -> PackedBatch:
+        return pack_sequences(sequences, self.image_token_id, spatial_merge_size=self.spatial_merge_size,
+                              window_size=self.window_size, patch_size=self.patch_size)
+
+
+def packed_loader(dataset: Dataset, sampler: TokenBudgetSampler, collator: PackCollator, *, num_workers: int = 0,
+                  prefetch_factor: int = 4, pin_memory: bool | None = None) -> DataLoader:
+    """A DataLoader of PackedBatches; pins memory when CUDA is there (so host-to-device copies overlap)."""
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
+                      prefetch_factor=prefetch_factor if num_workers else None, pin_memory=pin,
+                      persistent_workers=num_workers > 0)
