@@ -5,24 +5,29 @@ import torch
 
 from moca_fast.kernels import info_nce_loss, masked_lm_cross_entropy, patch_reconstruction_loss
 
+from .conftest import device_for
+
 M, H, V = 16, 32, 300
 
 
-def _inputs(name):
+def _inputs(name, device):
     if name == "masked_lm_ce":
-        return masked_lm_cross_entropy, [torch.randn(M, H), torch.randn(V, H), torch.randint(0, V, (M,))]
+        inputs = [torch.randn(M, H), torch.randn(V, H), torch.randint(0, V, (M,))]
+        return masked_lm_cross_entropy, [x.to(device) for x in inputs]
     if name == "patch_reconstruction":
-        return patch_reconstruction_loss, [torch.randn(M, H), torch.randn(V, H) / 8, torch.randn(V), torch.randn(M, V)]
+        inputs = [torch.randn(M, H), torch.randn(V, H) / 8, torch.randn(V), torch.randn(M, V)]
+        return patch_reconstruction_loss, [x.to(device) for x in inputs]
     queries, positives, negatives = torch.randn(M, H), torch.randn(40, H), torch.randn(M, 2, H)
     targets, duplicate_ids = torch.randperm(40)[:M], torch.randint(0, 20, (40,))
-    return info_nce_loss, [queries, positives, negatives, targets, 0.05, True, duplicate_ids]
+    tensors = [x.to(device) for x in (queries, positives, negatives, targets)]
+    return info_nce_loss, [*tensors, 0.05, True, duplicate_ids.to(device)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", ["masked_lm_ce", "patch_reconstruction", "info_nce"])
 def test_compiles_to_one_op_with_the_same_loss_and_gradients(name, backend):
-    loss_fn, inputs = _inputs(name)
+    loss_fn, inputs = _inputs(name, device_for(backend))
     graphs = []
 
     def inductor_recording_graphs(gm, example_inputs):

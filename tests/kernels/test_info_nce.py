@@ -6,22 +6,24 @@ import torch
 
 from moca_fast.kernels import info_nce_loss, info_nce_reference
 
-from .conftest import CASES, assert_matches, rounded_pair
+from .conftest import CASES, assert_matches, device_for, rounded_pair
 
 B, G, D = 24, 150, 40  # G spans two 128-column tiles, ragged
 
 
-def _embeddings(dtype, r: int, normalize: bool):
+def _embeddings(dtype, r: int, normalize: bool, device: str):
     scale = 1.0 if normalize else 0.03  # unnormalised dots of size ~1 / temperature, as cosines would give
-    pairs = [rounded_pair(torch.randn(*shape) * scale, dtype) for shape in [(B, D), (G, D), (B, r, D)]]
+    pairs = [rounded_pair(torch.randn(*shape) * scale, dtype, device) for shape in [(B, D), (G, D), (B, r, D)]]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def _check(backend, dtype, tol, r, normalize, duplicate_ids, temperature=0.03):
-    (queries, positives, negatives), refs = _embeddings(dtype, r, normalize)
+    device = device_for(backend)
+    (queries, positives, negatives), refs = _embeddings(dtype, r, normalize, device)
     targets = torch.randperm(G)[:B]
 
-    loss = info_nce_loss(queries, positives, negatives, targets, temperature, normalize, duplicate_ids, backend=backend)
+    ids = None if duplicate_ids is None else duplicate_ids.to(device)
+    loss = info_nce_loss(queries, positives, negatives, targets.to(device), temperature, normalize, ids, backend=backend)
     loss.backward()
     expected = info_nce_reference(*refs, targets, temperature, normalize, duplicate_ids)
     expected.backward()
@@ -54,17 +56,20 @@ def test_duplicate_targets_leave_the_denominator(backend, dtype, tol, chunks):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_negatives_none_equals_zero_negatives(backend):
-    queries, positives = torch.randn(B, D), torch.randn(G, D)
-    targets = torch.randperm(G)[:B]
+    device = device_for(backend)
+    queries, positives = torch.randn(B, D, device=device), torch.randn(G, D, device=device)
+    targets = torch.randperm(G, device=device)[:B]
     without = info_nce_loss(queries, positives, None, targets, backend=backend)
-    empty = info_nce_loss(queries, positives, torch.empty(B, 0, D), targets, backend=backend)
+    empty = info_nce_loss(queries, positives, torch.empty(B, 0, D, device=device), targets, backend=backend)
     assert torch.equal(without, empty)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_no_queries_gives_zero_loss_and_zero_gradients(backend):
-    positives = torch.randn(G, D, requires_grad=True)
-    loss = info_nce_loss(torch.randn(0, D), positives, torch.randn(0, 2, D), torch.zeros(0, dtype=torch.long), backend=backend)
+    device = device_for(backend)
+    positives = torch.randn(G, D, device=device, requires_grad=True)
+    queries, negatives = torch.randn(0, D, device=device), torch.randn(0, 2, D, device=device)
+    loss = info_nce_loss(queries, positives, negatives, torch.zeros(0, dtype=torch.long, device=device), backend=backend)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(positives.grad, torch.zeros_like(positives))
 

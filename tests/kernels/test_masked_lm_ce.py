@@ -5,17 +5,18 @@ import torch
 
 from moca_fast.kernels import masked_lm_ce_reference, masked_lm_cross_entropy
 
-from .conftest import CASES, assert_matches, rounded_pair
+from .conftest import CASES, assert_matches, device_for, rounded_pair
 
 
 def _check(backend, dtype, tol, M, V, H, logit_scale=1.0):
-    hidden, hidden_ref = rounded_pair(torch.randn(M, H) * logit_scale / H**0.5, dtype)
-    weight, weight_ref = rounded_pair(torch.randn(V, H), dtype)
+    device = device_for(backend)
+    hidden, hidden_ref = rounded_pair(torch.randn(M, H) * logit_scale / H**0.5, dtype, device)
+    weight, weight_ref = rounded_pair(torch.randn(V, H), dtype, device)
     labels = torch.randint(0, V, (M,))
 
-    loss = masked_lm_cross_entropy(hidden, weight, labels, backend=backend)
+    loss = masked_lm_cross_entropy(hidden, weight, labels.to(device), backend=backend)
     loss.backward()
-    expected = masked_lm_ce_reference(hidden_ref, weight_ref, labels.clone())
+    expected = masked_lm_ce_reference(hidden_ref, weight_ref, labels)
     expected.backward()
 
     assert loss.dtype == torch.float32 and loss.shape == ()
@@ -39,9 +40,10 @@ def test_large_logits_stay_exact(backend, dtype, tol):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_no_rows_gives_zero_loss_and_zero_gradients(backend):
-    hidden = torch.randn(0, 16, requires_grad=True)
-    weight = torch.randn(100, 16, requires_grad=True)
-    loss = masked_lm_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long), backend=backend)
+    device = device_for(backend)
+    hidden = torch.randn(0, 16, device=device, requires_grad=True)
+    weight = torch.randn(100, 16, device=device, requires_grad=True)
+    loss = masked_lm_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long, device=device), backend=backend)
     loss.backward()
     assert loss.item() == 0.0
     assert hidden.grad.shape == (0, 16)
@@ -55,17 +57,19 @@ def test_tied_embedding_gradients_add(backend):
     ids, labels = torch.randint(0, V, (T,)), torch.randint(0, V, (T,))
     mix = torch.randn(H, H, dtype=torch.float64) / H**0.5
 
-    def loss_and_grad(loss_fn, dtype):
+    def loss_and_grad(loss_fn, dtype, device):
         embedding = torch.nn.Embedding(V, H, dtype=dtype)
         with torch.no_grad():
             embedding.weight.copy_(torch.randn(V, H, generator=torch.Generator().manual_seed(1)))
-        hidden = torch.tanh(embedding(ids) @ mix.to(dtype))
-        loss = loss_fn(hidden, embedding.weight, labels)
+        embedding.to(device)
+        hidden = torch.tanh(embedding(ids.to(device)) @ mix.to(device, dtype))
+        loss = loss_fn(hidden, embedding.weight, labels.to(device))
         loss.backward()
         return loss, embedding.weight.grad
 
-    loss, grad = loss_and_grad(lambda h, w, y: masked_lm_cross_entropy(h, w, y, backend=backend), torch.float32)
-    expected_loss, expected_grad = loss_and_grad(masked_lm_ce_reference, torch.float64)
+    ours = lambda h, w, y: masked_lm_cross_entropy(h, w, y, backend=backend)  # noqa: E731
+    loss, grad = loss_and_grad(ours, torch.float32, device_for(backend))
+    expected_loss, expected_grad = loss_and_grad(masked_lm_ce_reference, torch.float64, "cpu")
     assert_matches(loss, expected_loss.double(), 2e-5, "loss")
     assert_matches(grad, expected_grad, 2e-5, "d_embedding")
     assert grad[ids].abs().sum() > 0

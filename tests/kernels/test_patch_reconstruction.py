@@ -5,20 +5,21 @@ import torch
 
 from moca_fast.kernels import patch_reconstruction_loss, patch_reconstruction_reference
 
-from .conftest import CASES, assert_matches, rounded_pair
+from .conftest import CASES, assert_matches, device_for, rounded_pair
 
 
 @pytest.mark.parametrize("backend,dtype,tol", CASES)
 @pytest.mark.parametrize("K,N,H", [(37, 300, 48), (5, 4704, 40)])  # ragged tiles; the MoCa head's N = 4 * 1176
 def test_matches_reference(backend, dtype, tol, K, N, H, chunks):
-    hidden, hidden_ref = rounded_pair(torch.randn(K, H), dtype)
-    weight, weight_ref = rounded_pair(torch.randn(N, H) / H**0.5, dtype)
-    bias, bias_ref = rounded_pair(torch.randn(N) * 0.1, dtype)
-    targets = torch.randn(K, N).requires_grad_()  # fp32 patches, any input dtype: they get no gradient
+    device = device_for(backend)
+    hidden, hidden_ref = rounded_pair(torch.randn(K, H), dtype, device)
+    weight, weight_ref = rounded_pair(torch.randn(N, H) / H**0.5, dtype, device)
+    bias, bias_ref = rounded_pair(torch.randn(N) * 0.1, dtype, device)
+    targets = torch.randn(K, N, device=device).requires_grad_()  # fp32 patches whatever the input dtype; no gradient
 
     loss = patch_reconstruction_loss(hidden, weight, bias, targets, backend=backend)
     (0.1 * loss).backward()  # a non-unit incoming gradient, as in MLM + 0.1 * MAE
-    expected = patch_reconstruction_reference(hidden_ref, weight_ref, bias_ref, targets.detach().double())
+    expected = patch_reconstruction_reference(hidden_ref, weight_ref, bias_ref, targets.detach().cpu().double())
     (0.1 * expected).backward()
 
     assert loss.dtype == torch.float32 and loss.shape == ()
@@ -35,10 +36,11 @@ def test_matches_reference(backend, dtype, tol, K, N, H, chunks):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_no_rows_gives_zero_loss_and_zero_gradients(backend):
-    hidden = torch.randn(0, 16, requires_grad=True)
-    weight = torch.randn(50, 16, requires_grad=True)
-    bias = torch.randn(50, requires_grad=True)
-    loss = patch_reconstruction_loss(hidden, weight, bias, torch.randn(0, 50), backend=backend)
+    device = device_for(backend)
+    hidden = torch.randn(0, 16, device=device, requires_grad=True)
+    weight = torch.randn(50, 16, device=device, requires_grad=True)
+    bias = torch.randn(50, device=device, requires_grad=True)
+    loss = patch_reconstruction_loss(hidden, weight, bias, torch.randn(0, 50, device=device), backend=backend)
     loss.backward()
     assert loss.item() == 0.0
     assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))
