@@ -77,7 +77,8 @@ class _Scales:
         return _Scales(query_norm / temperature, _inverse_norm(positives), _inverse_norm(negatives), query_norm)
 
     def logit_terms(self, duplicate_ids) -> _linear_ce.LogitTerms:
-        return _linear_ce.LogitTerms(row_scale=self.query, col_scale=self.positive, col_groups=duplicate_ids)
+        groups = None if duplicate_ids is None else duplicate_ids.contiguous()
+        return _linear_ce.LogitTerms(row_scale=self.query, col_scale=self.positive, col_groups=groups)
 
 
 def _inverse_norm(x: torch.Tensor) -> torch.Tensor:
