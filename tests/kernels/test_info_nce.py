@@ -82,3 +82,17 @@ def test_bad_shapes_are_clear_errors():
         info_nce_loss(queries, positives, None, targets[:3])
     with pytest.raises(ValueError, match="duplicate_ids"):
         info_nce_loss(queries, positives, None, targets, duplicate_ids=torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_inputs(backend):
+    """Views (a transposed positive matrix, every other duplicate id) give the same loss as their copies."""
+    device = device_for(backend)
+    queries, positives_t = torch.randn(B, D, device=device), torch.randn(D, G, device=device)
+    negatives = torch.randn(B, D, 2, device=device).transpose(1, 2)
+    targets, ids = torch.randperm(G, device=device)[:B], torch.randint(0, 40, (2 * G,), device=device)
+    strided = info_nce_loss(queries, positives_t.T, negatives, targets, duplicate_ids=ids[::2], backend=backend)
+    copied = info_nce_loss(
+        queries, positives_t.T.contiguous(), negatives.contiguous(), targets, duplicate_ids=ids[::2].contiguous(), backend=backend
+    )
+    torch.testing.assert_close(strided, copied)
