@@ -41,7 +41,6 @@ TOKENS_PER_MICRO_BATCH = 12800
 MLM_FRACTION = 0.4
 MODELS = {"3B": (2048, 151936), "7B": (3584, 152064)}  # hidden size, vocabulary
 PATCH_VALUES = 4 * 1176  # the MAE head's output: 4 patches of 3*2*14*14 values per merged image token
-TEMPERATURE = 0.03
 
 Step = Callable[[], None]
 
@@ -143,15 +142,16 @@ def patch_reconstruction_cases() -> list[Case]:
 
             def torch_linear_mse(inputs=inputs):
                 hidden, weight, bias, targets = inputs()
-                loss = lambda: torch.nn.functional.mse_loss(torch.nn.functional.linear(hidden, weight, bias), targets)  # noqa: E731
-                return _step(loss, [hidden, weight, bias])
+                predict = lambda: torch.nn.functional.linear(hidden, weight, bias)  # noqa: E731
+                return _step(lambda: torch.nn.functional.mse_loss(predict(), targets), [hidden, weight, bias])
 
             flops = 6.0 * K * N * H
             contenders = [
                 Contender("moca_fast", "ours", flops, ours),
                 Contender("torch_linear_mse", "reference", flops, torch_linear_mse),
             ]
-            cases.append(Case("patch_reconstruction", {"model": model, "rows": K, "outputs": N, "hidden": H}, flops, contenders))
+            shape = {"model": model, "rows": K, "outputs": N, "hidden": H}
+            cases.append(Case("patch_reconstruction", shape, flops, contenders))
     return cases
 
 
@@ -168,12 +168,12 @@ def info_nce_cases() -> list[Case]:
 
         def ours(backend: str, inputs=inputs):
             queries, positives, negatives, targets = inputs()
-            loss = lambda: info_nce_loss(queries, positives, negatives, targets, TEMPERATURE, backend=backend)  # noqa: E731
+            loss = lambda: info_nce_loss(queries, positives, negatives, targets, backend=backend)  # noqa: E731
             return _step(loss, [queries, positives, negatives])
 
         def torch_matmul_ce(inputs=inputs):
             queries, positives, negatives, targets = inputs()
-            loss = lambda: info_nce_reference(queries, positives, negatives, targets, TEMPERATURE)  # noqa: E731
+            loss = lambda: info_nce_reference(queries, positives, negatives, targets)  # noqa: E731
             return _step(loss, [queries, positives, negatives])
 
         useful = 6.0 * B * (G + r) * D
@@ -183,11 +183,16 @@ def info_nce_cases() -> list[Case]:
             Contender("torch_matmul_ce", "reference", useful, torch_matmul_ce),
             Contender("torch_chunked", "peer", recomputing, lambda f=ours: f("torch")),
         ]
-        cases.append(Case("info_nce", {"queries": B, "positives": G, "negatives_per_query": r, "dim": D}, useful, contenders))
+        shape = {"queries": B, "positives": G, "negatives_per_query": r, "dim": D, "temperature": 0.03}
+        cases.append(Case("info_nce", shape, useful, contenders))
     return cases
 
 
-CASES = {"masked_lm_ce": masked_lm_cases, "patch_reconstruction": patch_reconstruction_cases, "info_nce": info_nce_cases}
+CASES = {
+    "masked_lm_ce": masked_lm_cases,
+    "patch_reconstruction": patch_reconstruction_cases,
+    "info_nce": info_nce_cases,
+}
 
 
 # -------------------------------------------------------------------------------------------------- measuring
@@ -226,7 +231,8 @@ def bf16_matmul_peak_tflops(n: int = 8192) -> float:
 
 def measure(case: Case, contender: Contender, peak_tflops: float, args) -> dict:
     row = {"kernel": case.kernel, **case.shape, "contender": contender.name, "role": contender.role}
-    row |= {"flops": contender.flops, "useful_flops": case.useful_flops, "ideal_ms": case.useful_flops / peak_tflops / 1e9}
+    row |= {"flops": contender.flops, "useful_flops": case.useful_flops}
+    row["ideal_ms"] = case.useful_flops / peak_tflops / 1e9
     step = None
     try:
         step = contender.build()
@@ -302,12 +308,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dry_run:
         for case in cases:
-            print(f"{case.kernel} {case.shape} useful {case.useful_flops / 1e12:.2f} TFLOP")
+            print(f"{case.kernel} {case.shape} useful {case.useful_flops / 1e12:.4g} TFLOP")
             for c in case.contenders:
-                print(f"    {c.role:9s} {c.name:28s} executes {c.flops / 1e12:8.2f} TFLOP")
+                print(f"    {c.role:9s} {c.name:28s} executes {c.flops / 1e12:10.4g} TFLOP")
         return 0
     if not torch.cuda.is_available():
-        print("bench/kernels.py measures CUDA kernels and needs a CUDA device; none is visible (no CPU numbers).", file=sys.stderr)
+        print("bench/kernels.py times CUDA kernels and needs a CUDA device; none is visible.", file=sys.stderr)
         return 2
 
     device = torch.cuda.get_device_name()
@@ -319,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         for contender in case.contenders:
             row = measure(case, contender, peak, args)
             rows.append(row)
-            timing = f"{row['ms']:9.3f} ms {row['tflops']:6.0f} TFLOP/s {row['peak_gb']:7.2f} GB" if row["status"] == "ok" else row["status"]
+            timing = row["status"]
+            if timing == "ok":
+                timing = f"{row['ms']:9.3f} ms {row['tflops']:6.0f} TFLOP/s {row['peak_gb']:7.2f} GB"
             print(f"{case.kernel:22s} {str(case.shape):90s} {contender.name:28s} {timing}", flush=True)
     result = {
         "device": device,

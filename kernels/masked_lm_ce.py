@@ -24,7 +24,8 @@ def masked_lm_cross_entropy(
 
     backend: 'auto' (Triton on CUDA, chunked torch otherwise), 'triton' or 'torch'."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden [M, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        shapes = f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
+        raise ValueError(f"hidden [M, H] and weight [V, H] expected, got {shapes}")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels must be [M] = [{hidden.shape[0]}], got {tuple(labels.shape)}")
     if hidden.dtype != weight.dtype:
@@ -50,7 +51,12 @@ def _(hidden, weight, labels, backend):
 
 @torch.library.custom_op("moca_fast::masked_lm_ce_backward", mutates_args=())
 def _masked_lm_ce_backward(
-    grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, backend: str
+    grad: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
     grad_scale = grad.float() / max(hidden.shape[0], 1)

@@ -30,11 +30,14 @@ def patch_reconstruction_loss(
     """Mean squared reconstruction error (fp32 scalar). backend: 'auto' (Triton on CUDA), 'triton' or 'torch'."""
     K, N = hidden.shape[0], weight.shape[0]
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden [K, H] and weight [N, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        shapes = f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
+        raise ValueError(f"hidden [K, H] and weight [N, H] expected, got {shapes}")
     if bias.shape != (N,) or targets.shape != (K, N):
-        raise ValueError(f"bias [{N}] and targets [{K}, {N}] expected, got {tuple(bias.shape)} and {tuple(targets.shape)}")
+        shapes = f"{tuple(bias.shape)} and {tuple(targets.shape)}"
+        raise ValueError(f"bias [{N}] and targets [{K}, {N}] expected, got {shapes}")
     if not hidden.dtype == weight.dtype == bias.dtype:
-        raise ValueError(f"hidden, weight and bias must share a dtype, got {hidden.dtype}, {weight.dtype}, {bias.dtype}")
+        dtypes = f"{hidden.dtype}, {weight.dtype}, {bias.dtype}"
+        raise ValueError(f"hidden, weight and bias must share a dtype, got {dtypes}")
     loss, _ = _patch_reconstruction(hidden, weight, bias, targets, resolve_backend(backend, hidden))
     return loss
 

@@ -20,7 +20,7 @@ def masked_lm_ce_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: t
 def patch_reconstruction_reference(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
-    """Mean squared error of Linear(H -> N) predictions hidden [K, H] @ weight [N, H]ᵀ + bias against targets [K, N]."""
+    """Mean squared error of the predictions hidden [K, H] @ weight [N, H]ᵀ + bias against targets [K, N]."""
     predictions = hidden @ weight.T + bias
     if targets.numel() == 0:
         return predictions.sum().float()

@@ -6,8 +6,9 @@ import torch
 from moca_fast.kernels import _common
 
 # Triton runs on CUDA when there is a GPU, else under the interpreter on CPU tensors: fp32 and fp16, and bf16
-# (through the kernels' upcast switch under the interpreter). The chunked torch path runs fp32 and bf16 on CPU. Tolerances bound max|error| relative to the largest reference value
-# (and elementwise relative error): a few units of the dtype's last place, far below any real bug.
+# (through the kernels' upcast switch under the interpreter). The chunked torch path runs fp32 and bf16 on CPU.
+# Tolerances bound the error relative to the largest reference value (and elementwise relative error): a few
+# units of the dtype's last place, far below any real bug.
 CASES = [
     pytest.param("torch", torch.float32, 2e-5, id="torch-fp32"),
     pytest.param("torch", torch.bfloat16, 1.6e-2, id="torch-bf16"),

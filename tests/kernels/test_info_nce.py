@@ -23,14 +23,16 @@ def _check(backend, dtype, tol, r, normalize, duplicate_ids, temperature=0.03):
     targets = torch.randperm(G)[:B]
 
     ids = None if duplicate_ids is None else duplicate_ids.to(device)
-    loss = info_nce_loss(queries, positives, negatives, targets.to(device), temperature, normalize, ids, backend=backend)
+    targets_on_device = targets.to(device)
+    loss = info_nce_loss(queries, positives, negatives, targets_on_device, temperature, normalize, ids, backend=backend)
     loss.backward()
     expected = info_nce_reference(*refs, targets, temperature, normalize, duplicate_ids)
     expected.backward()
 
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert_matches(loss, expected.double(), tol, "loss")
-    for name, actual, reference in zip(["d_queries", "d_positives", "d_negatives"], [queries, positives, negatives], refs):
+    names = ["d_queries", "d_positives", "d_negatives"]
+    for name, actual, reference in zip(names, [queries, positives, negatives], refs, strict=True):
         assert actual.grad.dtype == dtype
         assert_matches(actual.grad, reference.grad, tol, name)
     return loss
@@ -69,7 +71,8 @@ def test_no_queries_gives_zero_loss_and_zero_gradients(backend):
     device = device_for(backend)
     positives = torch.randn(G, D, device=device, requires_grad=True)
     queries, negatives = torch.randn(0, D, device=device), torch.randn(0, 2, D, device=device)
-    loss = info_nce_loss(queries, positives, negatives, torch.zeros(0, dtype=torch.long, device=device), backend=backend)
+    targets = torch.zeros(0, dtype=torch.long, device=device)
+    loss = info_nce_loss(queries, positives, negatives, targets, backend=backend)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(positives.grad, torch.zeros_like(positives))
 
@@ -92,7 +95,6 @@ def test_strided_inputs(backend):
     negatives = torch.randn(B, D, 2, device=device).transpose(1, 2)
     targets, ids = torch.randperm(G, device=device)[:B], torch.randint(0, 40, (2 * G,), device=device)
     strided = info_nce_loss(queries, positives_t.T, negatives, targets, duplicate_ids=ids[::2], backend=backend)
-    copied = info_nce_loss(
-        queries, positives_t.T.contiguous(), negatives.contiguous(), targets, duplicate_ids=ids[::2].contiguous(), backend=backend
-    )
+    positives, negatives, ids = positives_t.T.contiguous(), negatives.contiguous(), ids[::2].contiguous()
+    copied = info_nce_loss(queries, positives, negatives, targets, duplicate_ids=ids, backend=backend)
     torch.testing.assert_close(strided, copied)
