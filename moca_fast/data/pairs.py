@@ -27,6 +27,7 @@ mixes tasks); `target_ids` marks identical targets in a batch so the loss can ma
 from __future__ import annotations
 
 import ast
+import hashlib
 import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -164,6 +165,12 @@ def task_batches(tasks: Sequence[str], batch_size: int, *, seed: int) -> list[li
 
 
 def target_ids(targets: Sequence[Side]) -> torch.Tensor:
-    """[B] long ids, equal exactly for identical targets (same text and same image path), in first-seen order."""
-    seen: dict[Side, int] = {}
-    return torch.tensor([seen.setdefault(target, len(seen)) for target in targets], dtype=torch.long)
+    """[B] long content ids, equal for identical targets (same text and same image path).
+
+    A 64-bit digest of the content, not a first-seen counter, so ids agree across ranks and processes: the
+    contrastive loss compares them after gathering every rank's targets."""
+    def digest(side: Side) -> int:
+        data = f"{side.text}\0{side.image}".encode()
+        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+    return torch.tensor([digest(target) for target in targets], dtype=torch.long)

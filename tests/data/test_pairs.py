@@ -110,7 +110,24 @@ def test_task_batches_are_homogeneous_cover_every_row_once_and_follow_the_seed()
 def test_target_ids_are_equal_exactly_for_identical_targets():
     targets = [Side("t", "a.png"), Side("t", "b.png"), Side("t", "a.png"), Side("u", "a.png"), Side("t", None),
                Side("t", None), Side("t", "b.png")]
-    assert target_ids(targets).tolist() == [0, 1, 0, 2, 3, 3, 1]
+    ids = target_ids(targets).tolist()
+    for i in range(len(targets)):
+        for j in range(len(targets)):
+            assert (ids[i] == ids[j]) == (targets[i] == targets[j]), (i, j)
+
+
+def test_target_ids_agree_across_processes():
+    """Ranks compare ids after gathering them, so they must not depend on the process (no salted hash())."""
+    import subprocess
+    import sys
+
+    code = ("from moca_fast.data.pairs import Side, target_ids; "
+            "print(target_ids([Side('t', 'a.png'), Side('u', None)]).tolist())")
+    here = str(target_ids([Side("t", "a.png"), Side("u", None)]).tolist())
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**__import__("os").environ, "PYTHONHASHSEED": seed})
+        assert out.stdout.strip() == here
 
 
 def test_pair_dataset_spans_tasks_in_order(tmp_path):
