@@ -48,6 +48,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
+from ..prompts import (DOCUMENT_PAGE_INSTRUCTION, IMAGE_QUESTION_INSTRUCTION, IMAGE_TARGET_INSTRUCTION,
+                       TEXT_TO_IMAGE_INSTRUCTION)
 from .documents import Document
 from .pairs import MMEB_IMAGE_TOKEN, NEGATIVE_RATIO
 from .tokens import IMAGE_PLACEHOLDER
@@ -67,10 +69,11 @@ TASKS = ("t2i", "i2t", "vqa", "page")
 N_CANDIDATES = 8  # MMEB candidates per query: gold + 3 one-attribute variants + random scenes
 N_PAGES = 48  # pages in the BEIR corpus (at most 72: 3 unique facts each out of 216)
 
-T2I_QUERY = "Find me an everyday image that matches the given caption: {}\n"
-IMAGE_QUESTION_QUERY = MMEB_IMAGE_TOKEN + "Represent the given image with the following question: {}\n"
-IMAGE_TARGET = MMEB_IMAGE_TOKEN + "Represent the given image.\n"
-PAGE_TARGET = MMEB_IMAGE_TOKEN + "\nRepresent the given document image."
+# The reference's prompts (moca_fast/prompts.py), with the image marked as MMEB rows mark it.
+T2I_QUERY = TEXT_TO_IMAGE_INSTRUCTION
+IMAGE_QUESTION_QUERY = MMEB_IMAGE_TOKEN + IMAGE_QUESTION_INSTRUCTION
+IMAGE_TARGET = MMEB_IMAGE_TOKEN + IMAGE_TARGET_INSTRUCTION
+PAGE_TARGET = MMEB_IMAGE_TOKEN + DOCUMENT_PAGE_INSTRUCTION
 I2T_QUESTION = "What does the image show?"
 
 COLOUR_RGB = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (225, 195, 20),
