@@ -1,0 +1,214 @@
+"""MocaEmbedder: the public inference API, a faster drop-in for the published MoCa checkpoints.
+
+Inputs (`encode` takes one, or a list of them):
+  str                              text (give the instruction yourself, or use moca_fast.prompts)
+  PIL image, pathlib.Path, bytes   an image alone (no instruction)
+  {"text": ..., "image": ...}      text and one image (PIL, path string or Path, bytes); the image goes where the
+                                   text holds IMAGE_PLACEHOLDER, else at the start, as in the reference's prompts
+  [str | image, ...]               an interleaved sequence: strings are text, everything else is an image
+  EmbedInput                       already normalised; its `id` names it in errors (what the harnesses use)
+
+Inputs are costed from their text and image headers (no pixel decoded), sorted by cost, packed into batches of at
+most `batch_tokens` tokens (an input longer than that runs alone) and embedded; results come back in input order.
+Packing has no padding and attention never crosses sequences, so an input's embedding does not depend on what it
+is batched with. Images are decoded, resized and patchified in DataLoader workers while the model runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .data.image_patches import MAX_PIXELS, MIN_PIXELS
+from .data.images import image_size, load_image
+from .data.loader import PackCollator, packed_loader
+from .data.processor import EncodedSequence, Processor
+from .data.tokenizer import load_tokenizer
+from .data.tokens import IMAGE_PLACEHOLDER
+from .model.loading import load_pretrained
+from .model.moca import MocaModel
+from .model.pooling import mean_pool
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_TOKENS = 16384
+_IMAGE_TYPES = (Image.Image, Path, bytes, bytearray)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class EmbedInput:
+    """One input, normalised: text with IMAGE_PLACEHOLDER at each image, its images in order, a name for errors."""
+
+    text: str
+    images: tuple = ()
+    id: str = "?"
+
+
+def as_input(item, name: str) -> EmbedInput:
+    """Normalise one user input (see the module docstring); `name` identifies it in error messages."""
+    if isinstance(item, EmbedInput):
+        return item
+    if isinstance(item, str):
+        return EmbedInput(item, (), name)
+    if isinstance(item, _IMAGE_TYPES):
+        return EmbedInput(IMAGE_PLACEHOLDER, (item,), name)
+    if isinstance(item, Mapping):
+        unknown = set(item) - {"text", "image"}
+        if unknown:
+            raise ValueError(f"{name}: unknown keys {sorted(unknown)}; an input dict has 'text' and/or 'image'")
+        text, image = item.get("text") or "", item.get("image")
+        if not isinstance(text, str):
+            raise ValueError(f"{name}: 'text' must be a string, got {type(text).__name__}")
+        if image is None or (isinstance(image, str) and not image):
+            return EmbedInput(text, (), name)
+        return EmbedInput(text if IMAGE_PLACEHOLDER in text else IMAGE_PLACEHOLDER + text, (image,), name)
+    if isinstance(item, (list, tuple)):
+        pieces, images = [], []
+        for part in item:
+            if isinstance(part, str):
+                pieces.append(part)
+            elif isinstance(part, _IMAGE_TYPES):
+                pieces.append(IMAGE_PLACEHOLDER)
+                images.append(part)
+            else:
+                raise ValueError(f"{name}: an interleaved input holds strings and images, not {type(part).__name__}")
+        return EmbedInput("".join(pieces), tuple(images), name)
+    raise ValueError(f"{name}: unsupported input of type {type(item).__name__}")
+
+
+def plan_batches(costs: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices sorted by decreasing cost, cut into consecutive batches of at most `budget` tokens.
+
+    Simpler than training's TokenBudgetSampler on purpose: no epochs, ranks or resume, and an input over the
+    budget is not an error here but a batch of its own."""
+    order = sorted(range(len(costs)), key=lambda i: -costs[i])
+    batches, current, used = [], [], 0
+    for i in order:
+        if current and used + costs[i] > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += costs[i]
+    return batches + [current] if current else batches
+
+
+class _Encoded(Dataset):
+    """Worker side: index -> the input's images decoded and the sequence encoded."""
+
+    def __init__(self, inputs: Sequence[EmbedInput], processor: Processor):
+        self.inputs, self.processor = inputs, processor
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> EncodedSequence:
+        item = self.inputs[index]
+        return self.processor.encode(item.text, [load_image(image, item.id) for image in item.images], item.id)
+
+
+class MocaEmbedder:
+    """Embeds text, images and interleaved inputs with a MocaModel: mean pooling over every token, L2-normalised."""
+
+    def __init__(self, model: MocaModel, processor: Processor, *, num_workers: int = 0,
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS):
+        self.model = model.eval()
+        self.processor = processor
+        self.num_workers = num_workers
+        self.batch_tokens = batch_tokens
+        self.device = next(model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return self.model.spec.text.hidden_size
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, compile: bool = False, fp8: bool = False,
+                        processor_path: str | os.PathLike | None = None, *, attention_backend: str = "auto",
+                        num_workers: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                        max_length: int | None = None, min_pixels: int = MIN_PIXELS,
+                        max_pixels: int = MAX_PIXELS) -> "MocaEmbedder":
+        """Load a MoCa checkpoint (local directory, or a hub id such as moca-embed/MoCa-Qwen25VL-3B).
+
+        The tokenizer comes from `processor_path` (the published checkpoints need the Qwen2.5-VL-*-Instruct one),
+        else from the checkpoint. Defaults: CUDA when present, bf16 there and fp32 on CPU; the reference's pixel
+        budget (256..1024 tokens per image); image preprocessing in min(8, cores - 1) workers on CUDA, in the
+        main process on CPU (where the forward, not decoding, is the bottleneck). `compile` compiles each decoder
+        layer; `fp8` converts the decoder's linear layers to torchao float8 where the GPU supports it (a logged
+        reason otherwise); both through the trainers' shared `parallelize`."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        path = local_checkpoint(path_or_hub_id)
+        tokenizer_dir = local_checkpoint(processor_path) if processor_path is not None else path
+        if not any((tokenizer_dir / name).is_file() for name in _TOKENIZER_FILES):
+            raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer; pass processor_path (for the published MoCa "
+                                    "checkpoints: a copy of Qwen/Qwen2.5-VL-3B-Instruct or -7B-Instruct)")
+        model = load_pretrained(path, dtype=dtype, device=device, attention_backend=attention_backend)
+        if compile or fp8:
+            from .trainers.parallelize import parallelize
+
+            parallelize(model, list(model.language_model.layers), device=device,
+                        fp8_layers=model.language_model.layers if fp8 else None,
+                        activation_checkpointing=False, compile=compile, world_size=1)
+        processor = Processor(load_tokenizer(tokenizer_dir), min_pixels=min_pixels, max_pixels=max_pixels,
+                              max_length=max_length)
+        if num_workers is None:
+            num_workers = min(8, max((os.cpu_count() or 1) - 1, 0)) if device.type == "cuda" else 0
+        return cls(model, processor, num_workers=num_workers, batch_tokens=batch_tokens)
+
+    def encode(self, inputs, batch_tokens: int | None = None, normalize: bool = True,
+               show_progress_bar: bool = False, convert_to_tensor: bool = False) -> np.ndarray | torch.Tensor:
+        """Embeddings [N, dim] (float32) of a list of inputs, in input order; [dim] for a single input.
+
+        A list is always a list of inputs: wrap an interleaved input in its own list (`encode([[text, image]])`)."""
+        single = not isinstance(inputs, (list, tuple))
+        items = [as_input(x, f"input {i}") for i, x in enumerate([inputs] if single else inputs)]
+        out = self._embed(items, batch_tokens or self.batch_tokens, normalize, show_progress_bar)
+        out = out[0] if single else out
+        return out if convert_to_tensor else out.numpy()
+
+    def _embed(self, items: list[EmbedInput], budget: int, normalize: bool, progress: bool) -> torch.Tensor:
+        out = torch.empty(len(items), self.dim, dtype=torch.float32)
+        if not items:
+            return out
+        batches = plan_batches([self.cost(item) for item in items], budget)
+        workers = min(self.num_workers, len(batches) - 1)  # one batch: no worker is worth starting
+        loader = packed_loader(_Encoded(items, self.processor), batches, PackCollator(self.processor),
+                               num_workers=workers, pin_memory=self.device.type == "cuda")
+        with torch.inference_mode(), tqdm(total=len(items), disable=not progress, unit="input") as bar:
+            for indices, batch in zip(batches, loader):
+                batch = batch.to(self.device, non_blocking=True)
+                pooled = mean_pool(self.model(batch), batch.cu_seqlens)
+                out[indices] = (F.normalize(pooled, dim=-1) if normalize else pooled).cpu()
+                bar.update(len(indices))
+        return out
+
+    def cost(self, item: EmbedInput) -> int:
+        """Tokens the input will take, from its text and image headers alone."""
+        return self.processor.count_tokens(item.text, [image_size(image, item.id) for image in item.images], item.id)
+
+
+def local_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local directory as it is; an `owner/name` hub id that is not a local path is downloaded (config,
+    weights and tokenizer files only) through huggingface_hub. Nothing else ever reaches the network."""
+    path = Path(path_or_hub_id)
+    if path.exists():
+        return path
+    name = str(path_or_hub_id)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name}: no such checkpoint directory (and not a hub id of the form owner/name)")
+    from huggingface_hub import snapshot_download
+
+    log.info("downloading %s from the Hugging Face hub", name)
+    return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "merges.txt", "vocab.json"]))

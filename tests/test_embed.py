@@ -1,0 +1,223 @@
+"""MocaEmbedder: drop-in parity with the reference computation in transformers, batch invariance, inputs, errors."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moca_fast import prompts
+from moca_fast.embed import EmbedInput, MocaEmbedder, as_input, local_checkpoint, plan_batches
+
+from .conftest import SMALL_MAX_PIXELS, SMALL_MIN_PIXELS
+
+V = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    """A tiny random Qwen2.5-VL saved by transformers (4.x flat key layout) with its tokenizer."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from moca_fast.model.tiny import tiny_hf_config
+
+    torch.manual_seed(11)
+    path = tmp_path_factory.mktemp("tiny-moca")
+    Qwen2_5_VLForConditionalGeneration(tiny_hf_config(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def embedder(checkpoint):
+    return MocaEmbedder.from_pretrained(checkpoint, min_pixels=SMALL_MIN_PIXELS, max_pixels=SMALL_MAX_PIXELS)
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(5)
+    from PIL import Image
+
+    return [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+            for h, w in [(100, 150), (64, 90), (200, 120), (56, 56), (140, 230), (80, 60)]]
+
+
+def reference_embeddings(checkpoint, tokenizer, cases):
+    """The reference's computation with transformers: bidirectional decoder, one right-padded batch, mean over
+    attended tokens, L2. `cases` are (text with the placeholder triple at each image, images)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2VLImageProcessorPil
+
+    config = Qwen2_5_VLConfig.from_pretrained(checkpoint)
+    config.text_config.is_causal = False
+    model = Qwen2_5_VLModel.from_pretrained(checkpoint, config=config).eval()
+    for layer in model.language_model.layers:
+        layer.self_attn.is_causal = False
+    image_processor = Qwen2VLImageProcessorPil()
+    all_images = [image for _, ims in cases for image in ims]
+    pixels = image_processor(images=all_images, return_tensors="pt",
+                             size={"shortest_edge": SMALL_MIN_PIXELS, "longest_edge": SMALL_MAX_PIXELS})
+    grids = iter(pixels["image_grid_thw"].tolist())
+    texts = []
+    for text, ims in cases:  # expand each image's pad token to one per merged 2x2 patch block
+        for _ in ims:
+            t, h, w = next(grids)
+            text = text.replace("<|image_pad|>", "<|placeholder|>" * (t * h * w // 4), 1)
+        texts.append(text.replace("<|placeholder|>", "<|image_pad|>"))
+    tokenizer.padding_side = "right"
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    image_id = config.image_token_id
+    with torch.no_grad():
+        hidden = model(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask,
+                       mm_token_type_ids=(encoded.input_ids == image_id).long(),
+                       pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"]).last_hidden_state
+    assert (encoded.attention_mask == 0).any(), "the reference batch must really be padded"
+    mask = encoded.attention_mask[..., None].float()
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def test_drop_in_parity_with_transformers(checkpoint, tokenizer, embedder, images):
+    a, b, c, d, e, _ = images
+    ours_inputs = [
+        prompts.text_to_image_query("two red circles in the top left"),
+        "a plain text target carries no instruction",
+        prompts.image_target(a),
+        prompts.image_question_query(b, "How many shapes are there?"),
+        prompts.document_page(c),
+        ["first words ", d, " then more words ", e, " and the end"],
+        a,
+    ]
+    reference_cases = [  # the reference's prompts spelled out (REFERENCE.md), not built by our helpers
+        ("Find me an everyday image that matches the given caption: two red circles in the top left\n", []),
+        ("a plain text target carries no instruction", []),
+        (f"{V}Represent the given image.\n", [a]),
+        (f"{V}Represent the given image with the following question: How many shapes are there?\n", [b]),
+        (f"{V}\nRepresent the given document image.", [c]),
+        (f"first words {V} then more words {V} and the end", [d, e]),
+        (V, [a]),
+    ]
+    ours = embedder.encode(ours_inputs, convert_to_tensor=True)
+    reference = reference_embeddings(checkpoint, tokenizer, reference_cases)
+    cosine = F.cosine_similarity(ours, reference, dim=-1)
+    assert cosine.min().item() >= 0.99999, cosine
+
+
+def test_batch_invariance(embedder, images):
+    mixed = ["a short text", prompts.image_target(images[0]), prompts.document_page(images[2]),
+             ["interleaved ", images[3], " words ", images[4]], prompts.image_question_query(images[5], "Where?"),
+             "another text, a little longer than the first one"]
+    alone = np.concatenate([embedder.encode([x]) for x in mixed])
+    one_batch = embedder.encode(mixed, batch_tokens=100_000)
+    many_batches = embedder.encode(mixed, batch_tokens=64)
+    np.testing.assert_allclose(one_batch, alone, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(many_batches, alone, atol=1e-5, rtol=0)
+    embedder.num_workers = 2
+    try:
+        in_workers = embedder.encode(mixed, batch_tokens=64)
+    finally:
+        embedder.num_workers = 0
+    np.testing.assert_allclose(in_workers, alone, atol=1e-5, rtol=0)
+
+
+def test_outputs_order_types_and_normalisation(embedder, images):
+    texts = ["one", "two words", "three words here"]
+    out = embedder.encode(texts)
+    assert isinstance(out, np.ndarray) and out.shape == (3, embedder.dim) and out.dtype == np.float32
+    np.testing.assert_allclose(out[::-1], embedder.encode(texts[::-1]), atol=1e-6)
+    single = embedder.encode("two words", convert_to_tensor=True)
+    assert isinstance(single, torch.Tensor) and single.shape == (embedder.dim,)
+    raw = embedder.encode(texts, normalize=False, convert_to_tensor=True)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(F.normalize(raw, dim=-1), torch.from_numpy(out), atol=1e-6, rtol=0)
+    assert embedder.encode([]).shape == (0, embedder.dim)
+
+
+def test_image_sources_are_equivalent(embedder, images, tmp_path):
+    import io
+
+    path = tmp_path / "a.png"
+    images[1].save(path)
+    data = io.BytesIO()
+    images[1].save(data, format="PNG")
+    out = embedder.encode([images[1], path, data.getvalue(), {"image": str(path)}, {"text": V, "image": images[1]},
+                           [images[1]]])
+    np.testing.assert_allclose(out, np.broadcast_to(out[0], out.shape), atol=1e-6)
+
+
+def test_as_input_forms(images):
+    assert as_input("text", "n") == EmbedInput("text", (), "n")
+    assert as_input({"text": "caption", "image": "x.png"}, "n") == EmbedInput(V + "caption", ("x.png",), "n")
+    assert as_input({"text": f"before {V} after", "image": "x.png"}, "n").text == f"before {V} after"
+    assert as_input({"text": "only text", "image": ""}, "n") == EmbedInput("only text", (), "n")
+    mixed = as_input(["a ", images[0], " b"], "n")
+    assert mixed.text == f"a {V} b" and mixed.images == (images[0],)
+    with pytest.raises(ValueError, match="input 4: unknown keys"):
+        as_input({"txt": "typo"}, "input 4")
+    with pytest.raises(ValueError, match="input 5: an interleaved input holds strings and images, not int"):
+        as_input(["a", 3], "input 5")
+
+
+def test_plan_batches():
+    costs = [5, 40, 7, 30, 12, 3, 100]
+    batches = plan_batches(costs, budget=50)
+    assert sorted(i for b in batches for i in b) == list(range(len(costs)))
+    assert [6] in batches  # over the budget: alone
+    assert all(sum(costs[i] for i in b) <= 50 for b in batches if len(b) > 1)
+    flat = [costs[i] for b in batches for i in b]
+    assert flat == sorted(costs, reverse=True)
+
+
+def test_missing_and_corrupt_images_name_the_input(embedder, tmp_path):
+    with pytest.raises(ValueError, match=r"input 1: image file not found: .*nowhere\.png"):
+        embedder.encode(["fine", {"text": "x", "image": str(tmp_path / "nowhere.png")}])
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(ValueError, match="input 0: cannot decode image file"):
+        embedder.encode([corrupt, "fine"])
+
+
+def test_truncated_image_names_the_input_from_a_worker(embedder, images, tmp_path):
+    path = tmp_path / "truncated.png"
+    images[4].save(path)
+    path.write_bytes(path.read_bytes()[:-200])  # the header reads, the pixels do not decode
+    embedder.num_workers = 2
+    try:
+        with pytest.raises(ValueError, match="input 2: cannot decode image file"):
+            embedder.encode(["a", "b", path, "c"], batch_tokens=8)
+    finally:
+        embedder.num_workers = 0
+
+
+def test_from_pretrained_errors_and_hub_ids(checkpoint, tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        MocaEmbedder.from_pretrained(tmp_path / "missing" / "deeper")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((checkpoint / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="no tokenizer; pass processor_path"):
+        MocaEmbedder.from_pretrained(bare)
+    assert MocaEmbedder.from_pretrained(bare, processor_path=checkpoint).dim == 64
+
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda name, allow_patterns: calls.append(name) or str(checkpoint))
+    assert local_checkpoint("some-owner/some-model") == checkpoint and calls == ["some-owner/some-model"]
+
+
+def test_fp8_is_skipped_with_a_reason_on_cpu(checkpoint, caplog, embedder):
+    with caplog.at_level(logging.WARNING):
+        fp8 = MocaEmbedder.from_pretrained(checkpoint, fp8=True, min_pixels=SMALL_MIN_PIXELS,
+                                           max_pixels=SMALL_MAX_PIXELS)
+    assert "fp8: off (float8 needs CUDA" in caplog.text
+    np.testing.assert_array_equal(fp8.encode("same weights"), embedder.encode("same weights"))
+
+
+@pytest.mark.slow
+def test_compiled_decoder_layers_give_the_same_embeddings(checkpoint, embedder):
+    compiled = MocaEmbedder.from_pretrained(checkpoint, compile=True, min_pixels=SMALL_MIN_PIXELS,
+                                            max_pixels=SMALL_MAX_PIXELS)
+    texts = ["compiled once", "and run again on other lengths too"]
+    np.testing.assert_allclose(compiled.encode(texts), embedder.encode(texts), atol=1e-5, rtol=0)
