@@ -121,3 +121,70 @@ class ModelSpec:
         d = asdict(self)
         d.pop("hf_config")
         return d
+
+
+@dataclass
+class TrainConfig:
+    """One training run of either stage; YAML files in configs/ fill it (see `load_train_config`)."""
+
+    stage: str  # "cpt" (stage 1: MLM + MAE) or "cl" (stage 2: contrastive)
+    model: str  # a Hugging Face checkpoint directory, or "tiny" for a random tiny Qwen2.5-VL
+    data: str  # stage 1: a document source (data/documents.py); stage 2: a folder of <task>.jsonl files
+    output_dir: str
+    tokenizer: str | None = None  # a local tokenizer/processor dir; None: the model dir; "tiny": offline BPE
+    seed: int = 0
+    # optimisation (the reference recipes live in configs/)
+    lr: float = 2e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.1
+    clip_grad_norm: float = 5.0
+    epochs: int = 1
+    max_steps: int | None = None  # stop early (demos, benchmarks); the schedule still spans max_steps
+    grad_accum: int = 4  # micro-batches per optimizer step (stage 1)
+    tokens_per_micro_batch: int = 12800  # the packing budget of one micro-batch
+    max_length: int = 1280
+    min_pixels: int = 256 * 28 * 28
+    max_pixels: int = 1024 * 28 * 28
+    # precision and speed switches: each state is logged at start
+    dtype: str = "bfloat16"  # parameter/activation dtype on CUDA; CPU runs use float32
+    compile: bool = False  # torch.compile per decoder layer and vision block
+    activation_checkpointing: bool = True
+    fp8: bool = False  # torchao float8 for the decoder's linear layers (CUDA, capability >= 8.9)
+    attention_backend: str = "auto"
+    num_workers: int = 2
+    # stage 1
+    mlm_rate: float = 0.4
+    mae_rate: float = 0.5
+    mae_weight: float = 0.1
+    # stage 2
+    temperature: float = 0.03
+    pairs_per_rank: int = 24
+    negative_ratio: int = 2
+    grad_cache_tokens: int | None = None  # GradCache chunk budget; None: one packed forward with gradient
+    mask_duplicates: bool = True  # drop in-batch false negatives (identical targets)
+    task_homogeneous: bool = False
+    # bookkeeping
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        if self.stage not in ("cpt", "cl"):
+            raise ValueError(f"stage must be 'cpt' or 'cl', got {self.stage!r}")
+        if self.max_length > self.tokens_per_micro_batch:
+            raise ValueError(f"max_length {self.max_length} exceeds tokens_per_micro_batch "
+                             f"{self.tokens_per_micro_batch}: a full-length sample could never be packed")
+        self.betas = tuple(self.betas)
+
+
+def load_train_config(path: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML file, with `overrides` (e.g. from the command line) applied on top."""
+    import yaml
+
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - {f.name for f in TrainConfig.__dataclass_fields__.values()})
+    if unknown:
+        raise ValueError(f"{path}: unknown config keys {unknown}")
+    return TrainConfig(**values)

@@ -89,7 +89,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     with torch.device("meta"):
         model = MocaModel(spec, attention_backend=attention_backend)
     model.to(dtype=dtype)
-    load_state_dict_into(model, _read_safetensors(path, device), source=str(path))
+    load_state_dict_into(model, read_safetensors(path, device), source=str(path))
     return model.to(device)
 
 
@@ -105,8 +105,10 @@ def from_transformers(hf_model, attention_backend: str = "auto") -> MocaModel:
     return model.to(param.device)
 
 
-def save_pretrained(model: MocaModel, path: str | os.PathLike) -> None:
-    """Write config.json and safetensors shards in the transformers 4.x flat layout (readable by 4.x and 5.x)."""
+def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """Write config.json and safetensors shards in the transformers 4.x flat layout (readable by 4.x and 5.x).
+
+    `state_dict`: the full state dict to write instead of `model.state_dict()` (a sharded model gathers it)."""
     from transformers import Qwen2_5_VLConfig
 
     path = Path(path)
@@ -115,7 +117,7 @@ def save_pretrained(model: MocaModel, path: str | os.PathLike) -> None:
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     config.save_pretrained(path)
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
         if model.spec.tie_word_embeddings and name == "lm_head.weight":
             continue
         state[convert_key(name, "flat", to_ours=False)] = tensor.detach().contiguous().cpu()
@@ -141,7 +143,7 @@ def save_pretrained(model: MocaModel, path: str | os.PathLike) -> None:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def _read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))

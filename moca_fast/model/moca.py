@@ -27,6 +27,18 @@ class MocaModel(nn.Module):
         self.lm_head = nn.Linear(spec.text.hidden_size, spec.text.vocab_size, bias=False)
         self.tie_weights()
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> "MocaModel":
+        """Random initialisation as Qwen2.5-VL's: normal(0, std) matrices, zero biases, unit norms."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv3d, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif hasattr(module, "eps") and hasattr(module, "weight"):  # RMSNorm
+                nn.init.ones_(module.weight)
+        return self
+
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight

@@ -1,0 +1,68 @@
+"""One optimizer step's loss and gradients, single-process or as one rank under torchrun (used by
+test_distributed.py): the same global batch either way, so the two must agree."""
+
+import sys
+
+import torch
+
+from moca_fast.config import TrainConfig
+from moca_fast.data.contrastive import ContrastiveCollator, EncodedPairs
+from moca_fast.data.loader import PackCollator
+from moca_fast.data.packing import TokenBudgetSampler
+from moca_fast.data.synthetic import make_documents, make_pairs, write_pairs
+from moca_fast.trainers.setup import build_model, build_processor, build_tokenizer, start
+
+
+def full_gradients(modules) -> dict[str, torch.Tensor]:
+    grads = {}
+    for prefix, module in modules.items():
+        for name, param in module.named_parameters():
+            grad = param.grad
+            if grad is not None and hasattr(grad, "full_tensor"):
+                grad = grad.full_tensor()
+            grads[f"{prefix}.{name}"] = torch.zeros_like(param.data if not hasattr(param, "full_tensor")
+                                                         else param.full_tensor()) if grad is None else grad.clone()
+    return grads
+
+
+def main(stage_name: str, out: str, workdir: str) -> None:
+    config = TrainConfig(stage=stage_name, model="tiny", data=workdir, output_dir=workdir, grad_accum=2,
+                         tokens_per_micro_batch=512, max_length=256, min_pixels=3136, max_pixels=3136,
+                         dtype="float32", activation_checkpointing=False, num_workers=0, pairs_per_rank=4,
+                         grad_cache_tokens=None)
+    device, rank, world = start(config)
+    tokenizer = build_tokenizer(config)
+    processor = build_processor(config, tokenizer)
+    model = build_model(config, tokenizer, device)
+    if stage_name == "cpt":
+        from moca_fast.trainers.cpt import ContinualPretraining
+
+        stage = ContinualPretraining(config, model, processor, device, rank, world, documents=make_documents(24, 1))
+        # The first two micro-batches of the world-1 plan: one rank holds both, or each rank one.
+        plan = TokenBudgetSampler(stage.samples.lengths(), 512, seed=0).plan(0)[:2]
+        collate = PackCollator(processor)
+        batches = [collate([stage.samples[(0, i)] for i in b]) for b in plan]
+        step_input = batches if world == 1 else [batches[rank]]
+        modules = {"model": stage.model, "mae": stage.mae}
+    else:
+        from moca_fast.data.pairs import PairDataset
+        from moca_fast.trainers.cl import ContrastiveFinetuning, pair_subsets
+
+        pairs = PairDataset(pair_subsets(workdir), negative_ratio=2)
+        stage = ContrastiveFinetuning(config, model, processor, device, rank, world, pairs=pairs)
+        encoded = EncodedPairs(pairs, processor)
+        picked = [encoded[(0, i)] for i in range(8)]  # 8 pairs: one rank of 8, or two of 4
+        picked = picked if world == 1 else picked[4 * rank:4 * rank + 4]
+        step_input = ContrastiveCollator(processor)(picked)
+        modules = {"model": stage.model}
+    values = stage.train_step(step_input)
+    grads = full_gradients(modules)
+    if rank == 0:
+        torch.save({"loss": values["loss"], "grads": grads}, out)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "prepare":
+        write_pairs(make_pairs(4, seed=2), sys.argv[2], seed=2)
+    else:
+        main(*sys.argv[1:4])

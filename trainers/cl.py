@@ -1,0 +1,102 @@
+"""Stage 2, heterogeneous contrastive fine-tuning: InfoNCE over queries, gathered positives, hard negatives.
+
+Queries, positives and negatives go through one packed forward (the reference runs three padded ones).
+Positives are gathered from every rank with an exact gradient (trainers/distributed.py); each query is scored
+against all gathered positives plus its own hard negatives by the fused InfoNCE kernel, duplicates of its
+target masked. With `grad_cache_tokens`, GradCache makes the batch size independent of memory: a no-grad
+forward of every chunk, the loss and its gradient w.r.t. the embeddings, then a re-forward of each chunk that
+backpropagates the cached gradient — the same gradient as the direct computation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from moca_fast.config import TrainConfig
+from moca_fast.data.contrastive import ContrastiveBatch, ContrastiveCollator, EncodedPairs, PairBatchSampler
+from moca_fast.data.pairs import PairDataset
+from moca_fast.kernels import info_nce_loss
+from moca_fast.model.pooling import embed_pool
+
+from .distributed import gather, gather_with_grad, rank, world_size
+from .metrics import forward_flops
+from .parallelize import parallelize
+from .setup import autocast
+
+
+def pair_subsets(folder: str) -> dict[str, Path]:
+    """Every `<task>.jsonl` (or .parquet) in `folder`, keyed by task name."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".jsonl", ".parquet"))
+    if not files:
+        raise ValueError(f"{folder}: no <task>.jsonl or <task>.parquet files of contrastive pairs")
+    return {p.stem: p for p in files}
+
+
+def contrastive_loss(embeddings: torch.Tensor, batch: ContrastiveBatch, temperature: float,
+                     mask_duplicates: bool) -> torch.Tensor:
+    """InfoNCE of one rank's [queries; positives; negatives] embeddings, positives gathered over ranks."""
+    b, r = batch.num_pairs, batch.num_negatives
+    queries, positives, negatives = embeddings[:b], embeddings[b:2 * b], embeddings[2 * b:]
+    all_positives = gather_with_grad(positives)
+    targets = rank() * b + torch.arange(b, device=embeddings.device)
+    duplicates = gather(batch.duplicate_ids) if mask_duplicates else None
+    return info_nce_loss(queries, all_positives, negatives.reshape(b, r, -1) if r else None, targets,
+                         temperature=temperature, normalize=False, duplicate_ids=duplicates)
+
+
+class ContrastiveFinetuning:
+    """The Stage of trainers/loop.py for stage 2."""
+
+    def __init__(self, config: TrainConfig, model, processor, device: torch.device, rank_: int, world: int,
+                 pairs=None):
+        self.config, self.device, self.spec = config, device, model.spec
+        blocks = [*model.language_model.layers, *model.visual.blocks]
+        self.state = parallelize(model, blocks, device=device, fp8_layers=model.language_model.layers if config.fp8
+                                 else None, activation_checkpointing=config.activation_checkpointing,
+                                 compile=config.compile, world_size=world)
+        self.model, self.extra = model, None
+        pairs = pairs if pairs is not None else PairDataset(pair_subsets(config.data),
+                                                             negative_ratio=config.negative_ratio, seed=config.seed)
+        self.sampler = PairBatchSampler(pairs.tasks, config.pairs_per_rank, seed=config.seed, rank=rank_,
+                                        world_size=world, task_homogeneous=config.task_homogeneous)
+        collator = ContrastiveCollator(processor, chunk_tokens=config.grad_cache_tokens)
+        self.loader = torch.utils.data.DataLoader(
+            EncodedPairs(pairs, processor), batch_sampler=self.sampler, collate_fn=collator,
+            num_workers=config.num_workers, pin_memory=device.type == "cuda",
+            persistent_workers=config.num_workers > 0)
+
+    def steps_per_epoch(self) -> int:
+        return len(self.sampler.plan(0))
+
+    def step_inputs(self, epoch: int, start: int) -> Iterator[ContrastiveBatch]:
+        self.sampler.set_epoch(epoch, start)
+        yield from self.loader
+
+    def _embed(self, chunk) -> torch.Tensor:
+        with autocast(self.config, self.device, world_size()):
+            return embed_pool(self.model(chunk), chunk.cu_seqlens)
+
+    def train_step(self, batch: ContrastiveBatch) -> dict[str, float]:
+        batch = batch.to(self.device, non_blocking=True)
+        loss_of = lambda e: contrastive_loss(e, batch, self.config.temperature, self.config.mask_duplicates)  # noqa: E731
+        if self.config.grad_cache_tokens is None:
+            loss = loss_of(torch.cat([self._embed(c) for c in batch.chunks]))
+            loss.backward()
+        else:
+            with torch.no_grad():
+                cached = torch.cat([self._embed(c) for c in batch.chunks])
+            cached.requires_grad_(True)
+            loss = loss_of(cached)
+            loss.backward()
+            grads = cached.grad.split([c.num_sequences for c in batch.chunks])
+            for i, (chunk, grad) in enumerate(zip(batch.chunks, grads)):
+                if world_size() > 1:
+                    self.model.set_requires_gradient_sync(i == len(batch.chunks) - 1)
+                (self._embed(chunk) * grad).sum().backward()
+        passes = 3 if self.config.grad_cache_tokens is None else 4  # GradCache adds a no-grad forward
+        flops = sum(passes * forward_flops(self.spec, c) for c in batch.chunks)
+        mean_loss = gather(loss.detach().reshape(1)).mean()
+        return {"loss": float(mean_loss), "tokens": float(batch.num_tokens), "flops": flops}

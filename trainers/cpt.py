@@ -1,0 +1,88 @@
+"""Stage 1, continual pre-training: masked-LM on text + masked-patch reconstruction on images, packed.
+
+Loss = MLM + mae_weight * MAE, each normalised by its global count of masked rows over the whole optimizer
+step (all micro-batches, all ranks), so accumulation and data parallelism change nothing but speed: the
+gradient equals the single-process one on the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+
+from moca_fast.config import TrainConfig
+from moca_fast.data.documents import DocumentDataset
+from moca_fast.data.loader import MaskedDocuments, PackCollator, packed_loader
+from moca_fast.data.packing import TokenBudgetSampler
+from moca_fast.model.attention import resolve_backend
+from moca_fast.model.heads import MaeHead, mlm_loss
+
+from .distributed import all_reduce_sum, world_size
+from .metrics import forward_flops
+from .parallelize import parallelize
+from .setup import autocast
+
+
+class ContinualPretraining:
+    """The Stage of trainers/loop.py for stage 1."""
+
+    def __init__(self, config: TrainConfig, model, processor, device: torch.device, rank: int, world: int,
+                 documents=None):
+        self.config, self.device, self.spec = config, device, model.spec
+        self.backend = resolve_backend(config.attention_backend, device)
+        self.mae = MaeHead.from_middle_layer(model).to(device)
+        blocks = [*model.language_model.layers, *model.visual.blocks, self.mae.layer]
+        self.state = parallelize(model, blocks, extra=self.mae, device=device, fp8_layers=model.language_model.layers if config.fp8
+                                 else None, activation_checkpointing=config.activation_checkpointing,
+                                 compile=config.compile, world_size=world)
+        self.model, self.extra = model, self.mae
+        documents = documents if documents is not None else DocumentDataset(config.data)
+        self.samples = MaskedDocuments(documents, processor, mlm_rate=config.mlm_rate, mae_rate=config.mae_rate,
+                                       seed=config.seed)
+        self.sampler = TokenBudgetSampler(self.samples.lengths(), config.tokens_per_micro_batch, seed=config.seed,
+                                          rank=rank, world_size=world, sample_ids=self.samples.sample_ids())
+        self.loader = packed_loader(self.samples, self.sampler, PackCollator(processor),
+                                    num_workers=config.num_workers)
+        self.world = world
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.sampler.plan(0)) / self.world / self.config.grad_accum)
+
+    def step_inputs(self, epoch: int, start: int) -> Iterator[list]:
+        """Groups of `grad_accum` micro-batches (the last group of an epoch may be shorter)."""
+        self.sampler.set_epoch(epoch, start * self.config.grad_accum)
+        group = []
+        for batch in self.loader:
+            group.append(batch)
+            if len(group) == self.config.grad_accum:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def train_step(self, micro_batches: list) -> dict[str, float]:
+        counts = torch.tensor([[b.mlm_index.numel(), b.mae_index.numel()] for b in micro_batches], dtype=torch.float64)
+        totals = all_reduce_sum(counts.sum(0).to(self.device)).clamp(min=1)
+        world = world_size()
+        parts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        tokens = flops = 0.0
+        for i, batch in enumerate(micro_batches):
+            batch = batch.to(self.device, non_blocking=True)
+            if world > 1:  # one gradient reduction per optimizer step
+                for module in (self.model, self.mae):
+                    module.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            with autocast(self.config, self.device, world):
+                hidden = self.model(batch)
+                mlm = mlm_loss(self.model, hidden, batch) * (counts[i, 0].item() / totals[0])
+                mae = self.mae(hidden, batch, self.backend) * (counts[i, 1].item() / totals[1])
+            # Each rank holds its share of the global loss; FSDP averages gradients over ranks, hence * world.
+            ((mlm + self.config.mae_weight * mae) * world).backward()
+            parts += torch.stack([mlm.detach(), mae.detach()]).double()
+            tokens += batch.num_tokens
+            flops += 3 * forward_flops(self.spec, batch) + 6 * counts[i, 0].item() * self.spec.text.hidden_size \
+                * self.spec.text.vocab_size
+        mlm_value, mae_value = all_reduce_sum(parts).tolist()
+        return {"loss": mlm_value + self.config.mae_weight * mae_value, "mlm": mlm_value, "mae": mae_value,
+                "tokens": tokens, "flops": flops}

@@ -1,0 +1,78 @@
+"""Transforms applied to a model from outside, in torchtitan's order: float8 -> activation checkpointing ->
+torch.compile per block -> FSDP2 per block. The model code knows nothing of any of them; state-dict keys are
+left unchanged (composable checkpointing, in-place Module.compile), so checkpoints stay in the HF layout.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def fp8_supported(device: torch.device) -> tuple[bool, str]:
+    """Whether torchao float8 training can run here, and why not when it cannot."""
+    if device.type != "cuda":
+        return False, f"float8 needs CUDA, the device is {device.type}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        return False, f"float8 needs compute capability >= 8.9, the GPU has {capability[0]}.{capability[1]}"
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError as err:
+        return False, f"torchao is not importable: {err}"
+    return True, "supported"
+
+
+def convert_decoder_to_fp8(decoder_layers: nn.ModuleList, device: torch.device) -> bool:
+    """torchao float8 for the decoder layers' linear layers only (never the vision tower, the embeddings or the
+    heads); skipped with a logged reason where unsupported. True when converted."""
+    ok, reason = fp8_supported(device)
+    if not ok:
+        log.warning("fp8: off (%s)", reason)
+        return False
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    def eligible(module: nn.Module, fqn: str) -> bool:  # float8 GEMMs need dimensions divisible by 16
+        return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    for layer in decoder_layers:
+        convert_to_float8_training(layer, config=Float8LinearConfig(), module_filter_fn=eligible)
+    log.info("fp8: on for %d decoder layers (torchao float8, dynamic tensorwise scaling)", len(decoder_layers))
+    return True
+
+
+def parallelize(model: nn.Module, blocks: list[nn.Module], *, extra: nn.Module | None = None, device: torch.device, fp8_layers: nn.ModuleList | None,
+                activation_checkpointing: bool, compile: bool, world_size: int,
+                param_dtype: torch.dtype = torch.bfloat16) -> dict[str, bool]:
+    """Apply the training transforms to `model` (and `extra`, trained modules outside it such as the MAE
+    head), whose repeated `blocks` (decoder layers, vision blocks, the MAE layer) each become an
+    activation-checkpointing, compile and FSDP unit. Returns what is on."""
+    state = {"fp8": False, "activation_checkpointing": activation_checkpointing, "compile": compile,
+             "fsdp": world_size > 1}
+    if fp8_layers is not None:
+        state["fp8"] = convert_decoder_to_fp8(fp8_layers, device)
+    if activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+
+        for block in blocks:
+            checkpoint(block)
+    if compile:
+        for block in blocks:
+            block.compile()
+    if world_size > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mixed = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+                 if device.type == "cuda" else MixedPrecisionPolicy())
+        for block in blocks:
+            fully_shard(block, mp_policy=mixed)
+        for root in (model, extra):
+            if root is not None:
+                fully_shard(root, mp_policy=mixed)
+    for name, on in state.items():
+        log.info("%s: %s", name, "on" if on else "off")
+    return state

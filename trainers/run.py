@@ -1,0 +1,26 @@
+"""Entry point of both stages: build everything a TrainConfig describes and run the shared loop."""
+
+from __future__ import annotations
+
+from moca_fast.config import TrainConfig
+
+from .loop import train
+from .setup import build_model, build_processor, build_tokenizer, start
+
+
+def run(config: TrainConfig, *, resume: bool = False, stop_after: int | None = None, documents=None,
+        pairs=None) -> list[dict]:
+    """Train stage `config.stage`; `documents` / `pairs` replace the configured data source (tests)."""
+    device, rank, world = start(config)
+    tokenizer = build_tokenizer(config)
+    processor = build_processor(config, tokenizer)
+    model = build_model(config, tokenizer, device)
+    if config.stage == "cpt":
+        from .cpt import ContinualPretraining
+
+        stage = ContinualPretraining(config, model, processor, device, rank, world, documents=documents)
+    else:
+        from .cl import ContrastiveFinetuning
+
+        stage = ContrastiveFinetuning(config, model, processor, device, rank, world, pairs=pairs)
+    return train(config, stage, tokenizer=tokenizer, device=device, resume=resume, stop_after=stop_after)

@@ -1,0 +1,66 @@
+"""What both stages set up the same way: device, tokenizer, processor, model (loaded or tiny), precision."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+
+from moca_fast.config import TrainConfig
+from moca_fast.data.processor import Processor
+from moca_fast.data.tokenizer import load_tokenizer, tiny_tokenizer
+from moca_fast.model.loading import load_pretrained
+from moca_fast.model.moca import MocaModel
+
+from .distributed import init_distributed
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+
+
+def training_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def build_tokenizer(config: TrainConfig):
+    if config.tokenizer == TINY or (config.tokenizer is None and config.model == TINY):
+        return tiny_tokenizer()
+    return load_tokenizer(config.tokenizer or config.model)
+
+
+def build_processor(config: TrainConfig, tokenizer) -> Processor:
+    return Processor(tokenizer, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
+                     max_length=config.max_length)
+
+
+def build_model(config: TrainConfig, tokenizer, device: torch.device) -> MocaModel:
+    """fp32 master weights on `device`: a checkpoint directory, or a random tiny Qwen2.5-VL for `model: tiny`."""
+    if config.model == TINY:
+        from moca_fast.config import ModelSpec
+        from moca_fast.model.tiny import tiny_hf_config
+
+        torch.manual_seed(config.seed)
+        model = MocaModel(ModelSpec.from_hf_config(tiny_hf_config(tokenizer)), config.attention_backend)
+        return model.init_weights().to(device)
+    return load_pretrained(config.model, dtype=torch.float32, device=device, attention_backend=config.attention_backend)
+
+
+def autocast(config: TrainConfig, device: torch.device, world_size: int):
+    """bf16 autocast over fp32 master weights on one CUDA device; FSDP's mixed-precision policy does it when
+    sharded; CPU runs stay fp32."""
+    if device.type == "cuda" and world_size == 1 and config.dtype == "bfloat16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def start(config: TrainConfig) -> tuple[torch.device, int, int]:
+    """Device and (rank, world size), with the process group joined when launched by torchrun."""
+    device = training_device()
+    rank, world = init_distributed(device.type)
+    torch.manual_seed(config.seed)
+    return device, rank, world
