@@ -11,22 +11,14 @@ from moca_fast import prompts
 from moca_fast.embed import EmbedInput, MocaEmbedder, as_input, local_checkpoint, plan_batches
 
 from .conftest import SMALL_MAX_PIXELS, SMALL_MIN_PIXELS
+from .eval.tiny import write_tiny_checkpoint
 
 V = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tokenizer):
-    """A tiny random Qwen2.5-VL saved by transformers (4.x flat key layout) with its tokenizer."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from moca_fast.model.tiny import tiny_hf_config
-
-    torch.manual_seed(11)
-    path = tmp_path_factory.mktemp("tiny-moca")
-    Qwen2_5_VLForConditionalGeneration(tiny_hf_config(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-moca"), tokenizer)
 
 
 @pytest.fixture(scope="module")
