@@ -1,0 +1,191 @@
+"""ViDoRe-v2 harness: NDCG@5 (and NDCG@10, recall@1/5/10) on local BEIR-format data, the seven ViDoRe-v2 columns.
+
+A dataset folder holds queries, corpus and qrels in either layout:
+  BEIR files           queries.jsonl {_id, text}; corpus.jsonl {_id, title, text, image (path relative to the
+                       folder)}; qrels/<split>.tsv (query-id, corpus-id, score; header row)
+  the hub's parquet    queries/, corpus/, qrels/ folders of parquet files (the vidore/*_v2 repositories):
+                       query-id + query; corpus-id + image (encoded); query-id, corpus-id, score
+`data` is one such folder or a folder of them. A corpus entry with an image is a page (the reference's document
+prompt); one without is a plain text target (title and text, no instruction); queries carry no instruction.
+Queries without a relevant document in the qrels are left out (counted, logged), as BEIR does. Scores are
+cosines over the whole corpus; the multilingual sets pool their queries of every language.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+
+import datasets
+import numpy as np
+
+from ..data.documents import open_rows
+from ..embed import EmbedInput, MocaEmbedder
+from ..prompts import document_page
+from .cache import cached_embeddings
+from .metrics import ndcg_at_k, recall_at_k
+from .table import format_table
+
+log = logging.getLogger(__name__)
+
+# The seven ViDoRe-v2 columns (REFERENCE.md): dataset folder names (the hub's current and earlier repository
+# names) -> column.
+VIDORE_V2_COLUMNS: dict[str, str] = {
+    "esg_reports_human_labeled_v2": "ESG human", "restaurant_esg_reports_beir": "ESG human",
+    "esg_reports_eng_v2": "ESG syn en", "synthetic_rse_restaurant_filtered_v1.0": "ESG syn en",
+    "esg_reports_v2": "ESG syn multi", "synthetic_rse_restaurant_filtered_v1.0_multilingual": "ESG syn multi",
+    "biomedical_lectures_eng_v2": "Bio en", "synthetic_mit_biomedical_tissue_interactions_unfiltered": "Bio en",
+    "biomedical_lectures_v2": "Bio multi",
+    "synthetic_mit_biomedical_tissue_interactions_unfiltered_multilingual": "Bio multi",
+    "economics_reports_eng_v2": "Econ en", "synthetics_economics_macro_economy_2024_filtered_v1.0": "Econ en",
+    "economics_reports_v2": "Econ multi",
+    "synthetics_economics_macro_economy_2024_filtered_v1.0_multilingual": "Econ multi",
+}
+COLUMNS = ("ESG human", "ESG syn en", "ESG syn multi", "Bio en", "Bio multi", "Econ en", "Econ multi")
+CUTOFFS = (1, 5, 10)
+
+
+@dataclass
+class BeirDataset:
+    name: str
+    queries: list[EmbedInput]
+    corpus: list[EmbedInput]
+    relevance: np.ndarray  # [Q, D] graded relevance, 0 where not relevant
+
+
+def find_datasets(data: Path, names: Sequence[str] | None = None) -> dict[str, Path]:
+    """{name: folder}: `data` itself when it is a BEIR folder, else each BEIR folder directly under it."""
+    data = Path(data)
+    found = ({data.name: data} if _is_beir(data)
+             else {child.name: child for child in sorted(data.iterdir()) if child.is_dir() and _is_beir(child)})
+    if names:
+        missing = [name for name in names if name not in found]
+        if missing:
+            raise ValueError(f"{data}: no BEIR data for {missing}; found {sorted(found)}")
+        found = {name: found[name] for name in names}
+    if not found:
+        raise ValueError(f"{data}: no BEIR dataset (queries, corpus and qrels) found")
+    return found
+
+
+def _is_beir(folder: Path) -> bool:
+    return all(_part(folder, part) is not None for part in ("queries", "corpus")) and (folder / "qrels").is_dir()
+
+
+def _part(folder: Path, part: str) -> Path | None:
+    for candidate in (folder / f"{part}.jsonl", folder / part):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _field(record: dict, names: tuple[str, ...], where: str):
+    for name in names:
+        if record.get(name) is not None:
+            return record[name]
+    raise ValueError(f"{where}: missing field {names[0]!r}")
+
+
+def read_dataset(name: str, folder: Path, split: str = "test") -> BeirDataset:
+    """Queries, corpus and qrels -> inputs and a relevance matrix; bad rows raise naming the row."""
+    rows = open_rows(_part(folder, "corpus"))
+    if isinstance(rows.features.get("image"), datasets.Image):  # keep pages encoded: workers decode them
+        rows = rows.cast_column("image", datasets.Image(decode=False))
+    corpus, doc_ids = [], {}
+    for r, record in enumerate(rows.to_list()):
+        where = f"ViDoRe {name} corpus row {r}"
+        doc_id = str(_field(record, ("_id", "corpus-id"), where))
+        doc_ids[doc_id] = len(corpus)
+        corpus.append(_document(record, folder, f"{where} ({doc_id})"))
+    query_ids, queries = {}, []
+    for r, record in enumerate(open_rows(_part(folder, "queries")).to_list()):
+        where = f"ViDoRe {name} query row {r}"
+        query_ids[str(_field(record, ("_id", "query-id"), where))] = len(queries)
+        queries.append(EmbedInput(str(_field(record, ("text", "query"), where)), (), where))
+    relevance = np.zeros((len(queries), len(corpus)), dtype=np.float32)
+    for r, (query_id, doc_id, score) in enumerate(_qrels(folder / "qrels", split)):
+        where = f"ViDoRe {name} qrels row {r}"
+        if query_id not in query_ids or doc_id not in doc_ids:
+            unknown = f"query {query_id!r}" if query_id not in query_ids else f"corpus document {doc_id!r}"
+            raise ValueError(f"{where}: unknown {unknown}")
+        relevance[query_ids[query_id], doc_ids[doc_id]] = score
+    judged = relevance.max(axis=1) > 0
+    if not judged.any():
+        raise ValueError(f"ViDoRe {name}: no query has a relevant document in the {split} qrels")
+    if not judged.all():
+        log.info("ViDoRe %s: %d of %d queries have no relevant document and are left out",
+                 name, int((~judged).sum()), len(queries))
+    return BeirDataset(name, [q for q, keep in zip(queries, judged) if keep], corpus, relevance[judged])
+
+
+def _document(record: dict, folder: Path, where: str) -> EmbedInput:
+    image = record.get("image")
+    if isinstance(image, str) and image:
+        image = str(folder / image)  # a missing file fails naming `where` when the corpus is embedded
+    if image:
+        page = document_page(image)
+        return EmbedInput(page["text"], (page["image"],), where)
+    text = " ".join(part for part in (record.get("title"), record.get("text")) if part)
+    if not text:
+        raise ValueError(f"{where}: neither an image nor text")
+    return EmbedInput(text, (), where)
+
+
+def _qrels(folder: Path, split: str):
+    """(query id, corpus id, score) rows from qrels/<split>.tsv, or from the parquet / JSON-lines files there."""
+    tsv = folder / f"{split}.tsv"
+    if tsv.is_file():
+        with tsv.open(newline="") as stream:
+            for row in csv.DictReader(stream, delimiter="\t"):
+                yield row["query-id"], row["corpus-id"], float(row["score"])
+        return
+    for row in open_rows(folder).to_list():
+        yield str(row["query-id"]), str(row["corpus-id"]), float(row["score"])
+
+
+def evaluate_vidore(embedder: MocaEmbedder, data: str | Path, *, split: str = "test",
+                    datasets: Sequence[str] | None = None, cache_dir: str | Path | None = None, model_id: str = "",
+                    batch_tokens: int | None = None, progress: bool = False) -> dict:
+    """Score every BEIR dataset under `data` (or those named); returns the report `summarize` makes."""
+    results = {}
+    for name, folder in find_datasets(Path(data), datasets).items():
+        dataset = read_dataset(name, folder, split)
+        cache = Path(cache_dir) / name if cache_dir is not None else None
+        embed = dict(model_id=model_id, batch_tokens=batch_tokens, progress=progress)
+        queries = cached_embeddings(embedder, dataset.queries, cache and cache / "queries.npy", **embed)
+        corpus = cached_embeddings(embedder, dataset.corpus, cache and cache / "corpus.npy", **embed)
+        scores = queries @ corpus.T
+        metrics = {f"ndcg@{k}": 100 * float(ndcg_at_k(scores, dataset.relevance, k).mean()) for k in (5, 10)}
+        metrics |= {f"recall@{k}": 100 * float(recall_at_k(scores, dataset.relevance, k).mean()) for k in CUTOFFS}
+        results[name] = metrics | {"queries": len(dataset.queries), "corpus": len(dataset.corpus)}
+        log.info("ViDoRe %s: NDCG@5 %.1f (%d queries, %d documents)", name, metrics["ndcg@5"],
+                 len(dataset.queries), len(dataset.corpus))
+    return summarize(results)
+
+
+def summarize(results: dict[str, dict]) -> dict:
+    """Per-dataset metrics -> the report: each ViDoRe-v2 column's NDCG@5, their average when all seven are
+    there, and the average over every dataset scored."""
+    columns = {VIDORE_V2_COLUMNS[name]: r["ndcg@5"] for name, r in results.items() if name in VIDORE_V2_COLUMNS}
+    return {
+        "metric": "ndcg@5 x100",
+        "datasets": {name: r | {"column": VIDORE_V2_COLUMNS.get(name)} for name, r in results.items()},
+        "columns": {column: columns.get(column) for column in COLUMNS},
+        "vidore_v2_average": mean(columns.values()) if len(columns) == len(COLUMNS) else None,
+        "average": mean(r["ndcg@5"] for r in results.values()) if results else None,
+    }
+
+
+def format_report(report: dict) -> str:
+    rows = [[name, d["column"] or "-", d["queries"], d["corpus"], d["ndcg@5"], d["ndcg@10"], d["recall@5"]]
+            for name, d in report["datasets"].items()]
+    columns = [[column, score] for column, score in report["columns"].items()]
+    columns += [["ViDoRe-v2 average (7 columns)", report["vidore_v2_average"]],
+                [f"average ({len(report['datasets'])} scored)", report["average"]]]
+    return ("ViDoRe " + report["metric"] + "\n"
+            + format_table(["dataset", "column", "queries", "corpus", "NDCG@5", "NDCG@10", "R@5"], rows) + "\n\n"
+            + format_table(["column", "NDCG@5"], columns))

@@ -1,0 +1,105 @@
+"""ViDoRe-v2 harness: BEIR files and the hub's parquet layout, NDCG@5 end to end, the seven columns, errors."""
+
+import csv
+import json
+import math
+
+import datasets
+import numpy as np
+import pytest
+
+from moca_fast.data import synthetic
+from moca_fast.eval import vidore
+from moca_fast.prompts import DOCUMENT_PAGE_INSTRUCTION
+
+
+def _gold_pages(folder):
+    with open(folder / "qrels" / "test.tsv", newline="") as stream:
+        return {row["query-id"]: row["corpus-id"] for row in csv.DictReader(stream, delimiter="\t")}
+
+
+def test_read_beir_files(beir_data):
+    dataset = vidore.read_dataset("SynPages", beir_data)
+    assert len(dataset.queries) == 6 and len(dataset.corpus) == synthetic.N_PAGES
+    assert all(not q.images and not q.text.startswith("Represent") for q in dataset.queries)
+    assert all(d.text.endswith(DOCUMENT_PAGE_INSTRUCTION) and len(d.images) == 1 for d in dataset.corpus)
+    assert (dataset.relevance.sum(axis=1) == 1).all()
+
+
+def test_end_to_end_ndcg_at_5(embedder, beir_data, tmp_path, capsys):
+    report = vidore.evaluate_vidore(embedder, beir_data.parent, cache_dir=tmp_path / "cache", model_id="tiny")
+    # independently: rank of each query's one relevant page by cosine, NDCG@5 = 1 / log2(rank + 1) within 5
+    queries = [json.loads(line) for line in (beir_data / "queries.jsonl").read_text().splitlines()]
+    corpus = [json.loads(line) for line in (beir_data / "corpus.jsonl").read_text().splitlines()]
+    gold = _gold_pages(beir_data)
+    q = embedder.encode([row["text"] for row in queries])
+    pages = embedder.encode([{"text": DOCUMENT_PAGE_INSTRUCTION, "image": str(beir_data / row["image"])}
+                             for row in corpus])
+    expected = []
+    for query, row in zip(q, queries):
+        order = [corpus[j]["_id"] for j in np.argsort(-(pages @ query), kind="stable")]
+        rank = order.index(gold[row["_id"]]) + 1
+        expected.append(1 / math.log2(rank + 1) if rank <= 5 else 0.0)
+    result = report["datasets"]["SynPages"]
+    assert result["ndcg@5"] == pytest.approx(100 * np.mean(expected), abs=1e-6)
+    assert result["queries"] == 6 and result["corpus"] == synthetic.N_PAGES and result["column"] is None
+    print(vidore.format_report(report))
+    table = capsys.readouterr().out
+    assert "SynPages" in table and "ViDoRe-v2 average (7 columns)" in table
+
+
+def test_hub_parquet_layout_scores_like_beir_files(embedder, beir_data, tmp_path):
+    """The synthetic BEIR folder rewritten in the vidore/*_v2 parquet layout (integer ids, encoded images)."""
+    hub = tmp_path / "vidore" / "esg_reports_v2"
+    corpus = [json.loads(line) for line in (beir_data / "corpus.jsonl").read_text().splitlines()]
+    queries = [json.loads(line) for line in (beir_data / "queries.jsonl").read_text().splitlines()]
+    doc_number = {row["_id"]: k for k, row in enumerate(corpus)}
+    query_number = {row["_id"]: k for k, row in enumerate(queries)}
+    parts = {
+        "corpus": datasets.Dataset.from_dict(
+            {"corpus-id": list(range(len(corpus))),
+             "image": [{"bytes": (beir_data / row["image"]).read_bytes(), "path": None} for row in corpus]},
+            features=datasets.Features({"corpus-id": datasets.Value("int64"), "image": datasets.Image()})),
+        "queries": datasets.Dataset.from_dict({"query-id": list(range(len(queries))),
+                                               "query": [row["text"] for row in queries],
+                                               "language": ["english"] * len(queries)}),
+        "qrels": datasets.Dataset.from_dict(
+            {"query-id": [query_number[q] for q in _gold_pages(beir_data)],
+             "corpus-id": [doc_number[d] for d in _gold_pages(beir_data).values()],
+             "score": [1] * len(queries)}),
+    }
+    for name, rows in parts.items():
+        (hub / name).mkdir(parents=True)
+        rows.to_parquet(str(hub / name / "test-00000-of-00001.parquet"))
+    from_hub = vidore.evaluate_vidore(embedder, hub.parent)
+    from_files = vidore.evaluate_vidore(embedder, beir_data)
+    assert from_hub["columns"]["ESG syn multi"] == pytest.approx(from_files["datasets"]["SynPages"]["ndcg@5"])
+    assert from_hub["datasets"]["esg_reports_v2"]["column"] == "ESG syn multi"
+
+
+def test_seven_columns_and_their_average():
+    names = ["esg_reports_human_labeled_v2", "esg_reports_eng_v2", "esg_reports_v2", "biomedical_lectures_eng_v2",
+             "biomedical_lectures_v2", "economics_reports_eng_v2", "economics_reports_v2"]
+    results = {name: {"ndcg@5": 10.0 * k, "queries": 1, "corpus": 1} for k, name in enumerate(names)}
+    report = vidore.summarize(results)
+    assert list(report["columns"].values()) == [10.0 * k for k in range(7)]
+    assert report["vidore_v2_average"] == pytest.approx(30.0)
+    assert vidore.summarize(dict(list(results.items())[:6]))["vidore_v2_average"] is None
+
+
+def test_errors_name_the_row(embedder, beir_data):
+    page = beir_data / "images" / "page-003.png"
+    page.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(ValueError, match=r"ViDoRe SynPages corpus row 3 \(page-003\): cannot decode image file"):
+        vidore.evaluate_vidore(embedder, beir_data)
+    qrels = beir_data / "qrels" / "test.tsv"
+    qrels.write_text(qrels.read_text() + "q-0000\tpage-999\t1\n")
+    with pytest.raises(ValueError, match=r"ViDoRe SynPages qrels row 6: unknown corpus document 'page-999'"):
+        vidore.read_dataset("SynPages", beir_data)
+
+
+def test_queries_without_relevant_pages_are_left_out(beir_data):
+    qrels = beir_data / "qrels" / "test.tsv"
+    lines = qrels.read_text().splitlines(keepends=True)
+    qrels.write_text("".join(lines[:-1]))  # the header and 5 of 6 judgements
+    assert len(vidore.read_dataset("SynPages", beir_data).queries) == 5
