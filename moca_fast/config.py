@@ -128,7 +128,7 @@ class TrainConfig:
     """One training run of either stage; YAML files in configs/ fill it (see `load_train_config`)."""
 
     stage: str  # "cpt" (stage 1: MLM + MAE) or "cl" (stage 2: contrastive)
-    model: str  # a Hugging Face checkpoint directory, or "tiny" for a random tiny Qwen2.5-VL
+    model: str  # a Hugging Face checkpoint directory; "tiny"; or "random:3b" / "random:7b" (reference shapes)
     data: str  # stage 1: a document source (data/documents.py); stage 2: a folder of <task>.jsonl files
     output_dir: str
     tokenizer: str | None = None  # a local tokenizer/processor dir; None: the model dir; "tiny": offline BPE

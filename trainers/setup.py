@@ -19,6 +19,7 @@ from .distributed import init_distributed
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+RANDOM = "random:"  # "random:3b" / "random:7b": the reference shapes with random weights (benchmarks)
 
 
 def training_device() -> torch.device:
@@ -28,7 +29,8 @@ def training_device() -> torch.device:
 
 
 def build_tokenizer(config: TrainConfig):
-    if config.tokenizer == TINY or (config.tokenizer is None and config.model == TINY):
+    generated = config.model == TINY or config.model.startswith(RANDOM)
+    if config.tokenizer == TINY or (config.tokenizer is None and generated):
         return tiny_tokenizer()
     return load_tokenizer(config.tokenizer or config.model)
 
@@ -39,14 +41,18 @@ def build_processor(config: TrainConfig, tokenizer) -> Processor:
 
 
 def build_model(config: TrainConfig, tokenizer, device: torch.device) -> MocaModel:
-    """fp32 master weights on `device`: a checkpoint directory, or a random tiny Qwen2.5-VL for `model: tiny`."""
-    if config.model == TINY:
+    """fp32 master weights on `device`: a checkpoint directory, a random tiny Qwen2.5-VL (`model: tiny`) or
+    random weights of the reference shapes (`model: random:3b`, `random:7b`)."""
+    if config.model == TINY or config.model.startswith(RANDOM):
         from moca_fast.config import ModelSpec
-        from moca_fast.model.tiny import tiny_hf_config
+        from moca_fast.model.tiny import reference_hf_config, tiny_hf_config
 
+        hf_config = (tiny_hf_config(tokenizer) if config.model == TINY
+                     else reference_hf_config(config.model[len(RANDOM):], tokenizer))
         torch.manual_seed(config.seed)
-        model = MocaModel(ModelSpec.from_hf_config(tiny_hf_config(tokenizer)), config.attention_backend)
-        return model.init_weights().to(device)
+        with torch.device(device):
+            model = MocaModel(ModelSpec.from_hf_config(hf_config), config.attention_backend)
+        return model.init_weights()
     return load_pretrained(config.model, dtype=torch.float32, device=device, attention_backend=config.attention_backend)
 
 
