@@ -1,8 +1,8 @@
 """Embeddings cached on disk so an interrupted evaluation resumes where it stopped.
 
-Each cached array is `<name>.npy` plus `<name>.json` holding a fingerprint of what was embedded (the model id,
-the processor's pixel budget and length limit, every input's text and images). The JSON is written last, so its
-presence means the array is complete; a fingerprint that differs (other model, other data) recomputes.
+Each cached array is `<name>.npy` plus `<name>.json` holding a fingerprint of what was embedded (the model id, its
+dtype, the processor's pixel budget and length limit, every input's text and images). The JSON is written last, so
+its presence means the array is complete; a fingerprint that differs (other model, other data) recomputes.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 
 def fingerprint(embedder: MocaEmbedder, model_id: str, inputs: Sequence[EmbedInput]) -> str:
-    processor = embedder.processor
+    processor, dtype = embedder.processor, next(embedder.model.parameters()).dtype
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{model_id}|{processor.min_pixels}|{processor.max_pixels}|{processor.max_length}".encode())
+    digest.update(f"{model_id}|{dtype}|{processor.min_pixels}|{processor.max_pixels}|{processor.max_length}".encode())
     for item in inputs:
         digest.update(b"\0" + item.text.encode())
         for image in item.images:

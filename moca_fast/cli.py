@@ -1,0 +1,182 @@
+"""The `moca-fast` command line. One subcommand per job, each an `add_<name>(subparsers)` function that declares
+its arguments and sets `run` to the function doing the work; adding a command (cpt, cl, demo, bench) means
+writing one such function and listing it in COMMANDS.
+
+    moca-fast embed inputs.jsonl --output embeddings.npy --model DIR      (or .parquet)
+    moca-fast eval mmeb --data DIR [--images DIR] --model DIR
+    moca-fast eval vidore --data DIR --model DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .data.image_patches import MAX_PIXELS, MIN_PIXELS
+
+log = logging.getLogger("moca_fast")
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moca-fast", description="Embed with and evaluate MoCa checkpoints.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileNotFoundError) as error:  # bad input: the message names it, no traceback needed
+        parser.exit(2, f"moca-fast {args.command}: error: {error}\n")
+
+
+# ---------------------------------------------------------------------------------------------- model options
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True, help="checkpoint directory, or a hub id (owner/name)")
+    group.add_argument("--processor", help="tokenizer directory or hub id (default: the checkpoint's)")
+    group.add_argument("--device", help="default: cuda when present, else cpu")
+    group.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
+    group.add_argument("--batch-tokens", type=int, help="tokens per packed forward (default: the embedder's)")
+    group.add_argument("--num-workers", type=int, help="image preprocessing workers (default: the embedder's)")
+    group.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    group.add_argument("--fp8", action="store_true", help="float8 decoder linears (CUDA, capability >= 8.9)")
+    group.add_argument("--min-pixels", type=int, default=MIN_PIXELS, help="per image (default: the reference's)")
+    group.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="per image (default: the reference's)")
+    group.add_argument("--max-length", type=int, help="truncate inputs to this many tokens (default: none)")
+
+
+def embedder_from_args(args):
+    import torch
+
+    from .embed import MocaEmbedder
+
+    options = dict(device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                   compile=args.compile, fp8=args.fp8, processor_path=args.processor, num_workers=args.num_workers,
+                   max_length=args.max_length, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    if args.batch_tokens:
+        options["batch_tokens"] = args.batch_tokens
+    return MocaEmbedder.from_pretrained(args.model, **options)
+
+
+# ---------------------------------------------------------------------------------------------- embed
+
+
+def add_embed(subparsers) -> None:
+    parser = subparsers.add_parser("embed", help="embed JSON lines of text and/or image paths",
+                                   description="Each line: {\"text\": ..., \"image\": path} (either or both; an "
+                                               "optional \"id\" is kept in parquet output). Embeddings come out "
+                                               "in line order, L2-normalised, float32.")
+    parser.add_argument("inputs", type=Path, help="JSON-lines file")
+    parser.add_argument("--output", type=Path, required=True, help=".npy ([N, dim] array) or .parquet file")
+    parser.add_argument("--images", type=Path, help="root of relative image paths (default: the file's folder)")
+    add_model_arguments(parser)
+    parser.set_defaults(run=run_embed)
+
+
+def run_embed(args) -> None:
+    if args.output.suffix not in (".npy", ".parquet"):
+        raise ValueError(f"--output must end in .npy or .parquet, got {args.output}")
+    inputs, ids = read_jsonl_inputs(args.inputs, args.images or args.inputs.parent)
+    embeddings = embedder_from_args(args).encode(inputs, show_progress_bar=True)
+    write_embeddings(args.output, embeddings, ids)
+    log.info("wrote %d embeddings of dimension %d to %s", *embeddings.shape, args.output)
+
+
+def read_jsonl_inputs(path: Path, image_root: Path):
+    """(inputs, ids) from a JSON-lines file; blank lines are skipped; a bad line raises naming it."""
+    from .embed import as_input
+
+    inputs, ids = [], []
+    with open(path, encoding="utf-8") as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON: {error}") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected an object with \"text\" and/or \"image\"")
+            ids.append(record.pop("id", None))
+            if not isinstance(record.get("text", ""), str) or not isinstance(record.get("image", ""), str):
+                raise ValueError(f"{where}: \"text\" and \"image\" must be strings")
+            if not record.get("text") and not record.get("image"):
+                raise ValueError(f"{where}: neither \"text\" nor \"image\"")
+            if record.get("image"):
+                record["image"] = str(image_root / record["image"])
+            inputs.append(as_input(record, where))
+    if not inputs:
+        raise ValueError(f"{path}: no inputs")
+    return inputs, ids
+
+
+def write_embeddings(path: Path, embeddings, ids: list) -> None:
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npy":
+        np.save(path, embeddings)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, dim = embeddings.shape
+    columns = {"line": pa.array(range(n))}
+    if any(i is not None for i in ids):
+        columns["id"] = pa.array([None if i is None else str(i) for i in ids], type=pa.string())
+    columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim)
+    pq.write_table(pa.table(columns), path)
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+
+def add_eval(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="evaluate on MMEB or ViDoRe-v2 (local data)")
+    benchmarks = parser.add_subparsers(dest="benchmark", required=True)
+    mmeb = benchmarks.add_parser("mmeb", help="MMEB precision@1 on TIGER-Lab MMEB-eval rows")
+    mmeb.add_argument("--data", type=Path, required=True, help="folder of dataset folders (parquet / JSON lines)")
+    mmeb.add_argument("--images", type=Path, help="root of the rows' image paths (default: --data)")
+    vidore = benchmarks.add_parser("vidore", help="ViDoRe-v2 NDCG@5 on BEIR-format folders")
+    vidore.add_argument("--data", type=Path, required=True, help="a BEIR folder, or a folder of them")
+    vidore.add_argument("--split", default="test", help="qrels split (default: test)")
+    for parser in (mmeb, vidore):
+        parser.add_argument("--datasets", nargs="+", help="only these datasets (default: all found)")
+        parser.add_argument("--output", type=Path, default=Path("moca-eval"),
+                            help="results JSON and the embedding cache that lets a rerun resume (default: moca-eval)")
+        add_model_arguments(parser)
+        parser.set_defaults(run=run_eval)
+
+
+def run_eval(args) -> None:
+    from .eval import mmeb, vidore
+
+    embedder = embedder_from_args(args)
+    model_id = f"{args.model} with the processor {args.processor}" if args.processor else str(args.model)
+    common = dict(datasets=args.datasets, cache_dir=args.output / "cache" / args.benchmark, model_id=model_id,
+                  progress=True)
+    if args.benchmark == "mmeb":
+        report = mmeb.evaluate_mmeb(embedder, args.data, image_root=args.images, **common)
+        table = mmeb.format_report(report)
+    else:
+        report = vidore.evaluate_vidore(embedder, args.data, split=args.split, **common)
+        table = vidore.format_report(report)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / f"{args.benchmark}.json").write_text(json.dumps(report, indent=2))
+    print(table)
+    log.info("results in %s", args.output / f"{args.benchmark}.json")
+
+
+COMMANDS = [add_embed, add_eval]
+
+if __name__ == "__main__":
+    sys.exit(main())
