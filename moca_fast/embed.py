@@ -184,8 +184,9 @@ class MocaEmbedder:
             return out
         batches = plan_batches([self.cost(item) for item in items], budget)
         workers = min(self.num_workers, len(batches) - 1)  # one batch: no worker is worth starting
-        loader = packed_loader(_Encoded(items, self.processor), batches, PackCollator(self.processor),
-                               num_workers=workers, pin_memory=self.device.type == "cuda")
+        collator = PackCollator(self.processor, window_size=self.model.spec.vision.window_size)
+        loader = packed_loader(_Encoded(items, self.processor), batches, collator, num_workers=workers,
+                               pin_memory=self.device.type == "cuda")
         with torch.inference_mode(), tqdm(total=len(items), disable=not progress, unit="input") as bar:
             for indices, batch in zip(batches, loader):
                 batch = batch.to(self.device, non_blocking=True)
