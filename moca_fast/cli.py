@@ -5,6 +5,8 @@ writing one such function and listing it in COMMANDS.
     moca-fast embed inputs.jsonl --output embeddings.npy --model DIR      (or .parquet)
     moca-fast eval mmeb --data DIR [--images DIR] --model DIR
     moca-fast eval vidore --data DIR --model DIR
+    moca-fast cpt --config configs/qwen25vl-3b-cpt.yaml [--resume]     (torchrun --nproc_per_node N for FSDP2)
+    moca-fast cl --config configs/qwen25vl-3b-cl.yaml [--resume]
 """
 
 from __future__ import annotations
@@ -176,7 +178,36 @@ def run_eval(args) -> None:
     log.info("results in %s", args.output / f"{args.benchmark}.json")
 
 
-COMMANDS = [add_embed, add_eval]
+# ---------------------------------------------------------------------------------------------- cpt, cl
+
+
+def add_train(subparsers) -> None:
+    for stage, what in (("cpt", "stage 1: continual pre-training (masked-LM + masked-patch reconstruction)"),
+                        ("cl", "stage 2: contrastive fine-tuning (InfoNCE with hard negatives)")):
+        parser = subparsers.add_parser(stage, help=what, description=f"{what}. Launch with torchrun for several "
+                                       "processes (FSDP2); the YAML recipes live in configs/.")
+        parser.add_argument("--config", required=True, help="YAML file (configs/*.yaml)")
+        parser.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint")
+        parser.add_argument("--model", help="override the config's model")
+        parser.add_argument("--data", help="override the config's data")
+        parser.add_argument("--output-dir", help="override the config's output_dir")
+        parser.add_argument("--max-steps", type=int, help="override the config's max_steps")
+        parser.set_defaults(run=run_train, stage=stage)
+
+
+def run_train(args) -> int:
+    from .config import load_train_config
+    from .trainers.run import run
+
+    overrides = {"model": args.model, "data": args.data, "output_dir": args.output_dir, "max_steps": args.max_steps}
+    config = load_train_config(args.config, overrides)
+    if config.stage != args.stage:
+        raise ValueError(f"{args.config} is a {config.stage!r} config, not {args.stage!r}")
+    run(config, resume=args.resume)
+    return 0
+
+
+COMMANDS = [add_embed, add_eval, add_train]
 
 if __name__ == "__main__":
     sys.exit(main())
