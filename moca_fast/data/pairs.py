@@ -80,6 +80,20 @@ def parse_string_list(value, where: str) -> list[str]:
     raise ValueError(f"{where}: expected a list of strings, got {type(value).__name__}")
 
 
+def mmeb_text(text, image_path, where: str) -> tuple[str, str | None]:
+    """An MMEB-style text and image path (`<|image_1|>` marks the image) -> (text with the placeholder triple,
+    image path or None); errors name `where`."""
+    if not isinstance(text, str) or not isinstance(image_path, (str, type(None))):
+        raise ValueError(f"{where}: text and image path must be strings")
+    text = text.replace(MMEB_IMAGE_TOKEN, IMAGE_PLACEHOLDER)
+    if not image_path:
+        return text.replace(IMAGE_PLACEHOLDER, ""), None
+    if text.count(IMAGE_PLACEHOLDER) != 1:
+        raise ValueError(f"{where} has an image, but its text has {text.count(IMAGE_PLACEHOLDER)} image markers "
+                         "instead of 1")
+    return text, image_path
+
+
 def pair_from_row(row: Mapping, *, row_id: str, task: str, image_dir: Path | None = None,
                   negative_ratio: int = NEGATIVE_RATIO, seed: int = 0) -> Pair:
     """Normalise one reference-format row; every error names `row_id`."""
@@ -89,15 +103,8 @@ def pair_from_row(row: Mapping, *, row_id: str, task: str, image_dir: Path | Non
             raise ValueError(f"{where}: missing field {field!r}")
 
     def side(text, image_path, role: str) -> Side:
-        if not isinstance(text, str) or not isinstance(image_path, str):
-            raise ValueError(f"{where}: the {role}'s text and image path must be strings")
-        text = text.replace(MMEB_IMAGE_TOKEN, IMAGE_PLACEHOLDER)
-        if not image_path:
-            return Side(text.replace(IMAGE_PLACEHOLDER, ""), None)
-        if text.count(IMAGE_PLACEHOLDER) != 1:
-            raise ValueError(f"{where}: the {role} has an image, but its text has "
-                             f"{text.count(IMAGE_PLACEHOLDER)} image markers instead of 1")
-        return Side(text, resolve_image_path(image_path, image_dir))
+        text, image = mmeb_text(text, image_path, f"{where}: the {role}")
+        return Side(text, resolve_image_path(image, image_dir) if image else None)
 
     negatives = _hard_negatives(row, where, row_id, negative_ratio, seed) if negative_ratio > 0 else []
     return Pair(row_id, task, side(row["qry"], row["qry_image_path"], "query"),

@@ -21,8 +21,7 @@ from statistics import mean
 import numpy as np
 
 from ..data.documents import open_rows
-from ..data.pairs import MMEB_IMAGE_TOKEN
-from ..data.tokens import IMAGE_PLACEHOLDER
+from ..data.pairs import mmeb_text
 from ..embed import EmbedInput, MocaEmbedder
 from .cache import cached_embeddings
 from .metrics import precision_at_1
@@ -109,14 +108,9 @@ def read_dataset(name: str, source: Path, image_root: Path) -> MmebDataset:
 
 
 def _side(text, image_path, where: str, image_root: Path) -> EmbedInput:
-    if not isinstance(text, str) or not isinstance(image_path, (str, type(None))):
-        raise ValueError(f"{where}: text and image path must be strings")
-    text = text.replace(MMEB_IMAGE_TOKEN, IMAGE_PLACEHOLDER)
-    if not image_path:
-        return EmbedInput(text.replace(IMAGE_PLACEHOLDER, ""), (), where)
-    if text.count(IMAGE_PLACEHOLDER) != 1:
-        raise ValueError(f"{where}: has an image but {text.count(IMAGE_PLACEHOLDER)} image markers in its text")
-    return EmbedInput(text, (str(image_root / image_path),), where)  # a missing file fails naming `where`
+    text, image = mmeb_text(text, image_path, where)
+    # A missing file fails later, naming `where`.
+    return EmbedInput(text, (str(image_root / image),) if image else (), where)
 
 
 def evaluate_mmeb(embedder: MocaEmbedder, data: str | Path, *, image_root: str | Path | None = None,

@@ -58,7 +58,7 @@ def test_image_markers_become_placeholders_and_image_paths_resolve(tmp_path):
     ({"qry": "no marker"}, "the query has an image, but its text has 0 image markers"),
     ({"qry": "<|image_1|><|image_1|>"}, "the query has an image, but its text has 2 image markers"),
     ({"pos_text": None}, "missing field 'pos_text'"),
-    ({"pos_image_path": 3}, "the positive's text and image path must be strings"),
+    ({"pos_image_path": 3}, "the positive: text and image path must be strings"),
     ({"neg_text": "['a', 'b']", "neg_image_path": "['x.png']"}, "2 negative texts but 1 negative image paths"),
 ])
 def test_bad_rows_raise_naming_the_row(overrides, problem):

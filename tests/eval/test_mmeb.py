@@ -80,7 +80,7 @@ def test_bad_rows_and_sources_are_named(tmp_path, mmeb_data):
     row = {"qry_text": "<|image_1|>query", "qry_img_path": "", "tgt_text": ["a", "b"], "tgt_img_path": ["", ""]}
     rows = [row, row | {"qry_text": "no marker", "qry_img_path": "images/x.png"}]
     (tmp_path / "Custom.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match="MMEB Custom row 1 query: has an image but 0 image markers"):
+    with pytest.raises(ValueError, match="MMEB Custom row 1 query has an image, but its text has 0 image markers"):
         mmeb.read_dataset("Custom", tmp_path / "Custom.jsonl", tmp_path)
     (tmp_path / "Uneven.jsonl").write_text(json.dumps(row | {"tgt_img_path": [""]}) + "\n")
     with pytest.raises(ValueError, match="MMEB Uneven row 0: 2 candidate texts and 1 candidate image paths"):
