@@ -152,6 +152,7 @@ class TrainConfig:
     activation_checkpointing: bool = True
     fp8: bool = False  # torchao float8 for the decoder's linear layers (CUDA, capability >= 8.9)
     attention_backend: str = "auto"
+    device: str | None = None  # None: CUDA (this process's LOCAL_RANK) when present, else CPU
     num_workers: int = 2
     # stage 1
     mlm_rate: float = 0.4
@@ -164,6 +165,7 @@ class TrainConfig:
     grad_cache_tokens: int | None = None  # GradCache chunk budget; None: one packed forward with gradient
     mask_duplicates: bool = True  # drop in-batch false negatives (identical targets)
     task_homogeneous: bool = False
+    tasks: tuple[str, ...] | None = None  # train on these <task> files of the data folder only (None: all)
     # bookkeeping
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -175,6 +177,7 @@ class TrainConfig:
             raise ValueError(f"max_length {self.max_length} exceeds tokens_per_micro_batch "
                              f"{self.tokens_per_micro_batch}: a full-length sample could never be packed")
         self.betas = tuple(self.betas)
+        self.tasks = tuple(self.tasks) if self.tasks is not None else None
 
 
 def load_train_config(path: str, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -27,12 +27,17 @@ from .parallelize import parallelize
 from .setup import autocast
 
 
-def pair_subsets(folder: str) -> dict[str, Path]:
-    """Every `<task>.jsonl` (or .parquet) in `folder`, keyed by task name."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".jsonl", ".parquet"))
+def pair_subsets(folder: str, tasks: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Every `<task>.jsonl` (or .parquet) in `folder` keyed by task name, or only those of `tasks`."""
+    files = {p.stem: p for p in sorted(Path(folder).iterdir()) if p.suffix in (".jsonl", ".parquet")}
     if not files:
         raise ValueError(f"{folder}: no <task>.jsonl or <task>.parquet files of contrastive pairs")
-    return {p.stem: p for p in files}
+    if tasks is None:
+        return files
+    missing = sorted(set(tasks) - set(files))
+    if missing:
+        raise ValueError(f"{folder}: no pair files for the tasks {missing} (found {sorted(files)})")
+    return {task: files[task] for task in tasks}
 
 
 def contrastive_loss(embeddings: torch.Tensor, batch: ContrastiveBatch, temperature: float,
@@ -58,7 +63,7 @@ class ContrastiveFinetuning:
                                  else None, activation_checkpointing=config.activation_checkpointing,
                                  compile=config.compile, world_size=world)
         self.model, self.extra = model, None
-        pairs = pairs if pairs is not None else PairDataset(pair_subsets(config.data),
+        pairs = pairs if pairs is not None else PairDataset(pair_subsets(config.data, config.tasks),
                                                              negative_ratio=config.negative_ratio, seed=config.seed)
         self.sampler = PairBatchSampler(pairs.tasks, config.pairs_per_rank, seed=config.seed, rank=rank_,
                                         world_size=world, task_homogeneous=config.task_homogeneous)

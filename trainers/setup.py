@@ -22,7 +22,9 @@ TINY = "tiny"
 RANDOM = "random:"  # "random:3b" / "random:7b": the reference shapes with random weights (benchmarks)
 
 
-def training_device() -> torch.device:
+def training_device(requested: str | None = None) -> torch.device:
+    if requested is not None:
+        return torch.device(requested)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
@@ -66,7 +68,7 @@ def autocast(config: TrainConfig, device: torch.device, world_size: int):
 
 def start(config: TrainConfig) -> tuple[torch.device, int, int]:
     """Device and (rank, world size), with the process group joined when launched by torchrun."""
-    device = training_device()
+    device = training_device(config.device)
     rank, world = init_distributed(device.type)
     torch.manual_seed(config.seed)
     return device, rank, world
