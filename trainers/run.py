@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from moca_fast.config import TrainConfig
 
+from .distributed import finish_distributed
 from .loop import train
 from .setup import build_model, build_processor, build_tokenizer, start
 
@@ -12,6 +13,14 @@ def run(config: TrainConfig, *, resume: bool = False, stop_after: int | None = N
         pairs=None) -> list[dict]:
     """Train stage `config.stage`; `documents` / `pairs` replace the configured data source (tests)."""
     device, rank, world = start(config)
+    records = _run(config, device, rank, world, resume=resume, stop_after=stop_after, documents=documents,
+                   pairs=pairs)
+    finish_distributed()  # on success only: after a failure torchrun stops the other ranks, a barrier would hang
+    return records
+
+
+def _run(config: TrainConfig, device, rank: int, world: int, *, resume: bool, stop_after: int | None, documents,
+         pairs) -> list[dict]:
     tokenizer = build_tokenizer(config)
     processor = build_processor(config, tokenizer)
     model = build_model(config, tokenizer, device)

@@ -10,6 +10,7 @@ from moca_fast.data.contrastive import ContrastiveCollator, EncodedPairs
 from moca_fast.data.loader import PackCollator
 from moca_fast.data.packing import TokenBudgetSampler
 from moca_fast.data.synthetic import make_documents, make_pairs, write_pairs
+from moca_fast.trainers.distributed import finish_distributed
 from moca_fast.trainers.setup import build_model, build_processor, build_tokenizer, start
 
 
@@ -59,6 +60,7 @@ def main(stage_name: str, out: str, workdir: str) -> None:
     grads = full_gradients(modules)
     if rank == 0:
         torch.save({"loss": values["loss"], "grads": grads}, out)
+    finish_distributed()
 
 
 if __name__ == "__main__":
