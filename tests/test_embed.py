@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reference_path import ReferencePath, processor_batch
+
 from moca_fast import prompts
 from moca_fast.embed import EmbedInput, MocaEmbedder, as_input, local_checkpoint, plan_batches
+from moca_fast.model.loading import make_bidirectional
 
 from .conftest import SMALL_MAX_PIXELS, SMALL_MIN_PIXELS
 from .eval.tiny import write_tiny_checkpoint
@@ -36,36 +39,16 @@ def images():
 
 
 def reference_embeddings(checkpoint, tokenizer, cases):
-    """The reference's computation with transformers: bidirectional decoder, one right-padded batch, mean over
-    attended tokens, L2. `cases` are (text with the placeholder triple at each image, images)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2VLImageProcessorPil
+    """The reference's computation (bench/reference_path.py): transformers' bidirectional Qwen2.5-VL loaded from
+    the checkpoint, transformers' image processor, one right-padded batch, mean over attended tokens, L2."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-    config = Qwen2_5_VLConfig.from_pretrained(checkpoint)
-    config.text_config.is_causal = False
-    model = Qwen2_5_VLModel.from_pretrained(checkpoint, config=config).eval()
-    for layer in model.language_model.layers:
-        layer.self_attn.is_causal = False
-    image_processor = Qwen2VLImageProcessorPil()
-    all_images = [image for _, ims in cases for image in ims]
-    pixels = image_processor(images=all_images, return_tensors="pt",
-                             size={"shortest_edge": SMALL_MIN_PIXELS, "longest_edge": SMALL_MAX_PIXELS})
-    grids = iter(pixels["image_grid_thw"].tolist())
-    texts = []
-    for text, ims in cases:  # expand each image's pad token to one per merged 2x2 patch block
-        for _ in ims:
-            t, h, w = next(grids)
-            text = text.replace("<|image_pad|>", "<|placeholder|>" * (t * h * w // 4), 1)
-        texts.append(text.replace("<|placeholder|>", "<|image_pad|>"))
-    tokenizer.padding_side = "right"
-    encoded = tokenizer(texts, padding=True, return_tensors="pt")
-    image_id = config.image_token_id
+    model = make_bidirectional(Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint).eval())
+    batch = processor_batch(tokenizer, Qwen2VLImageProcessorPil(), cases, min_pixels=SMALL_MIN_PIXELS,
+                            max_pixels=SMALL_MAX_PIXELS)
+    assert (batch.attention_mask == 0).any(), "the reference batch must really be padded"
     with torch.no_grad():
-        hidden = model(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask,
-                       mm_token_type_ids=(encoded.input_ids == image_id).long(),
-                       pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"]).last_hidden_state
-    assert (encoded.attention_mask == 0).any(), "the reference batch must really be padded"
-    mask = encoded.attention_mask[..., None].float()
-    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        return ReferencePath(model).embed(batch)
 
 
 def test_drop_in_parity_with_transformers(checkpoint, tokenizer, embedder, images):

@@ -105,6 +105,36 @@ def from_transformers(hf_model, attention_backend: str = "auto") -> MocaModel:
     return model.to(param.device)
 
 
+def make_bidirectional(hf_model):
+    """Make a transformers Qwen2.5-VL's decoder non-causal, as the reference runs it: the config flag (or a padding
+    mask brings the causal mask back) and each attention layer's flag. Returns the model."""
+    hf_model.config.text_config.is_causal = False
+    for name, module in hf_model.named_modules():
+        if name.endswith("language_model.layers"):
+            for layer in module:
+                layer.self_attn.is_causal = False
+    return hf_model
+
+
+def to_transformers(model: MocaModel):
+    """A bidirectional transformers Qwen2_5_VLForConditionalGeneration holding copies of `model`'s weights, on
+    its device and in its dtype (the inverse of `from_transformers`)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    param = next(model.parameters())
+    config = Qwen2_5_VLConfig.from_dict(model.spec.hf_config)
+    with torch.device(param.device):
+        hf_model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=param.dtype)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        state[convert_key(name, "nested", to_ours=False)] = tensor.detach().clone()
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (model.spec.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"to_transformers: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return make_bidirectional(hf_model.train(model.training))
+
+
 def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict | None = None) -> None:
     """Write config.json and safetensors shards in the transformers 4.x flat layout (readable by 4.x and 5.x).
 

@@ -5,6 +5,7 @@ import torch
 
 from moca_fast.data.batch import pack_sequences
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER
+from moca_fast.model.loading import make_bidirectional
 from moca_fast.model.tiny import tiny_hf_config
 
 
@@ -12,12 +13,7 @@ def bidirectional_hf_model(config, cls=None):
     """A transformers Qwen2.5-VL with its decoder made non-causal, as ENVIRONMENT.md says it must be done."""
     from transformers import Qwen2_5_VLModel
 
-    config.text_config.is_causal = False
-    model = (cls or Qwen2_5_VLModel)(config).eval()
-    language_model = model.language_model if hasattr(model, "language_model") else model.model.language_model
-    for layer in language_model.layers:
-        layer.self_attn.is_causal = False
-    return model
+    return make_bidirectional((cls or Qwen2_5_VLModel)(config).eval())
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moca_fast.model.loading import KEY_LAYOUTS, convert_key, detect_layout, load_pretrained, save_pretrained
+from moca_fast.model.loading import (KEY_LAYOUTS, convert_key, detect_layout, load_pretrained, make_bidirectional,
+                                     save_pretrained)
 from moca_fast.model.tiny import tiny_hf_config
 
 from .conftest import bidirectional_hf_model, hf_hidden, pack
@@ -61,10 +62,7 @@ def test_saved_checkpoint_loads_in_transformers_and_back(tmp_path, tokenizer, pr
     save_pretrained(ours, tmp_path / "ours")
     keys = load_file(tmp_path / "ours" / "model.safetensors").keys()
     assert "model.embed_tokens.weight" in keys and ("lm_head.weight" in keys) != tied  # the flat 4.x layout
-    hf_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
-    hf_model.config.text_config.is_causal = False
-    for layer in hf_model.model.language_model.layers:
-        layer.self_attn.is_causal = False
+    hf_model = make_bidirectional(Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "ours").eval())
     _assert_same_hidden(ours, hf_model, mixed_sequences, processor)
     again = load_pretrained(tmp_path / "ours")
     for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
