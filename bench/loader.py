@@ -9,13 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 
-import torch
 
 from moca_fast.data.documents import DocumentDataset
 from moca_fast.data.image_patches import MAX_PIXELS, MIN_PIXELS
@@ -24,6 +20,7 @@ from moca_fast.data.packing import TokenBudgetSampler
 from moca_fast.data.processor import Processor
 from moca_fast.data.synthetic import make_documents, write_documents
 from moca_fast.data.tokenizer import tiny_tokenizer
+from report import report, write_report
 
 
 def measure(samples: MaskedDocuments, processor: Processor, budget: int, workers: int) -> dict:
@@ -57,20 +54,13 @@ def main() -> None:
         path = write_documents(make_documents(args.documents, seed=0), os.path.join(tmp, "docs"), "dataset")
         samples = MaskedDocuments(DocumentDataset(path), processor)
         results = [measure(samples, processor, args.budget, w) for w in args.workers]
-    report = {
-        "benchmark": "stage-1 loader (synthetic documents, saved-dataset format)",
-        "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "shapes": {"documents": args.documents, "token_budget": args.budget,
-                   "pixels_per_image": [processor.min_pixels, processor.max_pixels]},
-        "results": results,
-    }
-    print(json.dumps(report, indent=2))
+    data = report("stage-1 loader (synthetic documents, saved-dataset format)", "cpu",
+                  shapes={"documents": args.documents, "token_budget": args.budget,
+                          "pixels_per_image": [processor.min_pixels, processor.max_pixels]},
+                  results=results)
+    print(json.dumps(data, indent=2))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_report(args.out, data)
 
 
 if __name__ == "__main__":

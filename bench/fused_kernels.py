@@ -1,6 +1,6 @@
 """Kernel benchmarks: moca_fast's fused losses against the reference path and peers at MoCa's shapes (CUDA only).
 
-    python bench/kernels.py [--out bench/results/kernels-<device>.json] [--only masked_lm_ce,info_nce] [--dry-run]
+    python bench/fused_kernels.py [--out bench/results/kernels-<device>.json] [--only masked_lm_ce,info_nce] [--dry-run]
 
 For every case each contender runs forward + backward from the same starting tensors; we report the median
 time over CUDA events after warm-up, the peak memory the step allocates on top of its inputs, the FLOP/s of
@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.metadata
 import importlib.util
 import json
-import re
 import statistics
 import sys
 from dataclasses import dataclass
@@ -33,6 +31,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from report import device_slug, versions
 
 from moca_fast.kernels import info_nce_loss, info_nce_reference, masked_lm_cross_entropy, patch_reconstruction_loss
 
@@ -282,17 +282,6 @@ def _same_shape(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def device_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/kernels-<device>.json)")
@@ -313,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {c.role:9s} {c.name:28s} executes {c.flops / 1e12:10.4g} TFLOP")
         return 0
     if not torch.cuda.is_available():
-        print("bench/kernels.py times CUDA kernels and needs a CUDA device; none is visible.", file=sys.stderr)
+        print("bench/fused_kernels.py times CUDA kernels and needs a CUDA device; none is visible.", file=sys.stderr)
         return 2
 
     device = torch.cuda.get_device_name()
@@ -331,8 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case.kernel:22s} {str(case.shape):90s} {contender.name:28s} {timing}", flush=True)
     result = {
         "device": device,
-        "versions": {p: _version(p) for p in ("torch", "triton", "liger-kernel", "cut-cross-entropy")},
-        "cuda": torch.version.cuda,
+        "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "dtype": str(DTYPE).removeprefix("torch."),

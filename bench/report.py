@@ -1,0 +1,60 @@
+"""What every result JSON in bench/results/ carries: the benchmark, device, versions, date, command, shapes."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("torch", "triton", "transformers", "liger-kernel", "torchao", "flash-attn", "cut-cross-entropy")
+RESULTS = Path(__file__).parent / "results"
+
+
+def package_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3', for result file names."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def versions() -> dict[str, str | None]:
+    return {"python": platform.python_version(), "cuda": torch.version.cuda, **{p: package_version(p) for p in PACKAGES}}
+
+
+def report(benchmark: str, device: torch.device | str, *, shapes: dict, results, **extra) -> dict:
+    return {
+        "benchmark": benchmark,
+        "device": device_name(device),
+        "versions": versions(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "shapes": shapes,
+        **extra,
+        "results": results,
+    }
+
+
+def write_report(path: str | os.PathLike, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {path}")
