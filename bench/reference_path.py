@@ -16,6 +16,7 @@ transformers' own tokenizer call and image processor, as the reference's evaluat
 from __future__ import annotations
 
 import copy
+import importlib.util
 from dataclasses import dataclass, replace
 
 import torch
@@ -120,7 +121,8 @@ def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     """Liger's fused linear cross-entropy over every row, mean over the non-ignored ones."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)(weight, hidden, labels)
+    # Under autocast the hidden states are bf16 and the master weight fp32: the head runs in the hidden dtype.
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)(weight.to(hidden.dtype), hidden, labels)
 
 
 class ReferencePath(nn.Module):
@@ -132,6 +134,10 @@ class ReferencePath(nn.Module):
     def __init__(self, hf_model, *, activation_checkpointing: bool = False):
         super().__init__()
         self.hf = hf_model
+        on_cuda = next(hf_model.parameters()).is_cuda
+        if on_cuda and importlib.util.find_spec("flash_attn") is not None:  # what the reference runs on
+            hf_model.set_attn_implementation("flash_attention_2")
+        self.attention = hf_model.config._attn_implementation
         self.mae_layer: nn.Module | None = None
         self.mae_proj: nn.Linear | None = None
         if activation_checkpointing:  # transformers >= 5.2x renamed it; older 5.x has only the first name

@@ -1,90 +1,312 @@
-"""Training throughput of both stages at the real 3B / 7B shapes with random weights, on synthetic data.
+"""Training steps of both stages, ours against the reference path, on the same samples: tokens/s, MFU, memory, loss.
 
-For each stage: a few hundred optimizer steps through the real trainer (packing, fused kernels, compile,
-activation checkpointing, optional FP8), then tokens/s, MFU (vision tower FLOPs counted) and peak memory
-from the steady-state steps, as JSON in bench/results/. GPU only: CPU timings of this code mean nothing, so
-without CUDA the script says so and exits. The reference-path comparison (transformers + Liger, padded) is
-added by the benchmark suite of issue 7.
+At the real Qwen2.5-VL-3B / 7B shapes with random weights (no download) and synthetic interleaved data at the
+reference's pixel budget. Each path starts from the same weights, trains on the same pool of samples with the
+same optimizer (AdamW, clipping 5.0, bf16 autocast over fp32 master weights, activation checkpointing) and
+groups them its own way: ours packs up to 12,800 tokens per micro-batch; the reference (bench/reference_path.py)
+buckets by cost and pads to a multiple of 32. Measured: the time to train through the pool after a warm-up pool
+(CUDA-synchronised; samples are encoded and collated beforehand, for both), real (unpadded) tokens/s, MFU from
+the useful FLOPs of the pool (vision tower, attention and the LM head on masked rows counted; the same work for
+every path, so MFU ratios equal speed ratios), peak memory, and each path's loss on the same first batch, which
+must agree. Variants of ours: without compile, with FP8, and padding instead of packing (stage 1).
 
-    python bench/train.py --size 3b --steps 200 --out bench/results/train-3b-<device>.json
+GPU only: CPU timings of this code mean nothing, so without CUDA the script says so and exits; the trainers
+below also run on CPU with a tiny model for bench/test_benchmarks.py.
+
+    python bench/train.py --size 3b --out bench/results/train-3b-<device>.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
+import gc
 import sys
 import tempfile
-from datetime import datetime, timezone
+import time
 from pathlib import Path
 
 import torch
 
-from moca_fast.config import TrainConfig
-from moca_fast.data.synthetic import make_documents, make_pairs, write_pairs
-from moca_fast.trainers.run import run
+from moca_fast.config import ModelSpec, TrainConfig
+from moca_fast.data.batch import pack_sequences
+from moca_fast.data.contrastive import ContrastiveCollator, EncodedPair, EncodedPairs
+from moca_fast.data.loader import MaskedDocuments, PackCollator
+from moca_fast.data.packing import TokenBudgetSampler
+from moca_fast.data.pairs import PairDataset
+from moca_fast.data.processor import EncodedSequence
+from moca_fast.data.synthetic import TASKS, make_documents, make_pairs, write_pairs
+from moca_fast.model.heads import MaeHead
+from moca_fast.model.loading import to_transformers
+from moca_fast.trainers.cl import pair_subsets
+from moca_fast.trainers.cpt import step_flops
+from moca_fast.trainers.metrics import device_peak_flops, forward_flops
+from moca_fast.trainers.optim import adamw
+from moca_fast.trainers.setup import autocast, build_model, build_processor, build_tokenizer, generated_hf_config
+from reference_path import BUCKET_COST, PAD_MULTIPLE, ReferencePath, cost_buckets, pad_sequences, sample_cost
+from report import RESULTS, device_slug, report, write_report
+
+OURS_VARIANTS = {  # name -> (compile, fp8, padded)
+    "ours": (True, False, False),
+    "ours-eager": (False, False, False),
+    "ours-fp8": (True, True, False),
+    "ours-padded": (True, False, True),
+}
 
 
-def stage_config(stage: str, size: str, steps: int, out: Path, data: Path, args) -> TrainConfig:
-    common = dict(model=f"random:{size}", tokenizer="tiny", output_dir=str(out / stage), max_steps=steps,
-                  checkpoint_every=10**9, dtype="bfloat16", compile=not args.no_compile, fp8=args.fp8,
-                  activation_checkpointing=True, num_workers=args.workers, lr=1e-5, warmup_ratio=0.05)
+def train_config(stage: str, model: str, data: str, *, compile: bool = False, fp8: bool = False) -> TrainConfig:
+    """The reference recipe's step shape: 12,800 tokens per stage-1 micro-batch, 24 pairs x 2 negatives."""
+    tiny = model == "tiny"
+    return TrainConfig(stage=stage, model=model, data=data, output_dir="unused", tokenizer="tiny", lr=1e-5,
+                       grad_accum=1, tokens_per_micro_batch=1024 if tiny else 12800, max_length=512 if tiny else 1280,
+                       min_pixels=4 * 28 * 28 if tiny else 256 * 28 * 28, max_pixels=64 * 28 * 28 if tiny else 1024 * 28 * 28,
+                       compile=compile, fp8=fp8, activation_checkpointing=True, num_workers=0, pairs_per_rank=4 if tiny else 24,
+                       negative_ratio=2, mask_duplicates=False)
+
+
+# ------------------------------------------------------------------------------------------------ samples
+
+
+def stage1_samples(documents, processor, config: TrainConfig) -> list[EncodedSequence]:
+    masked = MaskedDocuments(documents, processor, mlm_rate=config.mlm_rate, mae_rate=config.mae_rate, seed=config.seed)
+    return [masked[(0, i)] for i in range(len(masked))]
+
+
+def stage2_samples(pairs: PairDataset, processor) -> list[EncodedPair]:
+    encoded = EncodedPairs(pairs, processor)
+    return [encoded[(0, i)] for i in range(len(encoded))]
+
+
+def packed_groups(samples: list[EncodedSequence], budget: int) -> list[list[EncodedSequence]]:
+    """Ours: micro-batches of up to `budget` tokens, no padding."""
+    return [[samples[i] for i in group] for group in TokenBudgetSampler([len(s) for s in samples], budget).plan(0)]
+
+
+def bucketed_groups(samples: list[EncodedSequence], image_token_id: int) -> list[list[EncodedSequence]]:
+    """The reference's micro-batches: cost buckets of about 12,800 units."""
+    return [[samples[i] for i in b] for b in cost_buckets([sample_cost(s, image_token_id) for s in samples], BUCKET_COST)]
+
+
+def with_padding_rows(group: list[EncodedSequence], pad_id: int) -> list[EncodedSequence]:
+    """Ours made to pay for padding: each row topped up to the padded length by a pad-only segment."""
+    length = -(-max(len(s) for s in group) // PAD_MULTIPLE) * PAD_MULTIPLE
+    out = list(group)
+    for seq in group:
+        n = length - len(seq)
+        if n:
+            empty = torch.zeros(0, dtype=torch.long)
+            out.append(EncodedSequence("padding", torch.full((n,), pad_id), torch.arange(n).expand(3, n).clone(),
+                                       torch.zeros(0, seq.pixel_values.shape[1]), torch.zeros(0, 3, dtype=torch.long),
+                                       mlm_positions=empty, mlm_labels=empty, mae_positions=empty,
+                                       mae_targets=torch.zeros(0, seq.pixel_values.shape[1])))
+    return out
+
+
+def pair_groups(pairs: list[EncodedPair], size: int) -> list[list[EncodedPair]]:
+    return [pairs[i:i + size] for i in range(0, len(pairs) - size + 1, size)]
+
+
+def tokens_of(group) -> int:
+    if isinstance(group[0], EncodedPair):
+        return sum(len(p.query) + len(p.positive) + sum(len(n) for n in p.negatives) for p in group)
+    return sum(len(s) for s in group)
+
+
+def useful_flops(stage: str, spec, groups, image_token_id: int) -> float:
+    """The pool's FLOPs of forward + backward (same for every path: padding and recompute are not useful work)."""
     if stage == "cpt":
-        return TrainConfig(stage="cpt", data="synthetic", grad_accum=1, tokens_per_micro_batch=12800, **common)
-    return TrainConfig(stage="cl", data=str(data), pairs_per_rank=24, negative_ratio=2, **common)
+        return sum(step_flops(spec, pack_sequences(g, image_token_id)) for g in groups)
+    sequences = [s for g in groups for p in g for s in (p.query, p.positive, *p.negatives)]
+    return 3 * sum(forward_flops(spec, pack_sequences([s], image_token_id)) for s in sequences)
 
 
-def summarise(records: list[dict], warmup: int) -> dict:
-    steady = records[warmup:] or records
-    return {
-        "steps": len(records),
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
-        "mfu": statistics.median(r["mfu"] for r in steady) if "mfu" in steady[0] else None,
-        "max_memory_gb": max(r.get("max_memory_gb", 0.0) for r in records),
-        "loss_first": records[0]["loss"], "loss_last": records[-1]["loss"],
-    }
+# ----------------------------------------------------------------------------------------------- trainers
+
+
+class OursTrainer:
+    """Our stage (trainers/cpt.py or cl.py: packing, fused kernels, compile/FP8 per config) + AdamW."""
+
+    def __init__(self, config: TrainConfig, data, tokenizer, processor, device: torch.device):
+        torch.manual_seed(config.seed)
+        model = build_model(config, tokenizer, device)
+        torch.manual_seed(config.seed + 1)  # the MAE projection's initialisation, shared with the reference
+        if config.stage == "cpt":
+            from moca_fast.trainers.cpt import ContinualPretraining
+
+            self.stage = ContinualPretraining(config, model, processor, device, 0, 1, documents=data)
+            self.collate = lambda group: [PackCollator(processor)(group)]
+        else:
+            from moca_fast.trainers.cl import ContrastiveFinetuning
+
+            self.stage = ContrastiveFinetuning(config, model, processor, device, 0, 1, pairs=data)
+            self.collate = ContrastiveCollator(processor)
+        self.params = [*model.parameters(), *(self.stage.extra.parameters() if self.stage.extra is not None else ())]
+        self.optimizer = adamw(self.params, config.lr, config.weight_decay, config.betas)
+        self.config = config
+
+    def prepare(self, group):
+        return self.collate(group)
+
+    def step(self, inputs) -> float:
+        loss = self.stage.train_step(inputs)["loss"]
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
+class ReferenceTrainer:
+    """The reference path (transformers + Liger + torch, padded, three forwards) + the same AdamW."""
+
+    def __init__(self, config: TrainConfig, tokenizer, processor, device: torch.device):
+        torch.manual_seed(config.seed)
+        model = build_model(config, tokenizer, device)
+        torch.manual_seed(config.seed + 1)
+        mae = MaeHead.from_middle_layer(model).to(device) if config.stage == "cpt" else None
+        self.reference = ReferencePath(to_transformers(model).train(), activation_checkpointing=True)
+        if mae is not None:
+            self.reference.with_mae(mae)
+        del model, mae
+        self.params = [p for p in self.reference.parameters() if p.requires_grad]
+        self.optimizer = adamw(self.params, config.lr, config.weight_decay, config.betas)
+        self.config, self.device, self.pad_id = config, device, tokenizer.pad_token_id
+
+    def prepare(self, group):
+        if isinstance(group[0], EncodedPair):
+            negatives = [n for p in group for n in p.negatives]
+            return (pad_sequences([p.query for p in group], self.pad_id),
+                    pad_sequences([p.positive for p in group], self.pad_id),
+                    pad_sequences(negatives, self.pad_id) if negatives else None)
+        return pad_sequences(group, self.pad_id)
+
+    def step(self, inputs) -> float:
+        with autocast(self.config, self.device, 1):
+            if isinstance(inputs, tuple):
+                q, p, n = (x.to(self.device) if x is not None else None for x in inputs)
+                loss = self.reference.cl_loss(q, p, n, self.config.temperature)
+            else:
+                loss = self.reference.cpt_loss(inputs.to(self.device), self.config.mae_weight)[0]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(trainer, check_group, warm_groups, groups, device: torch.device) -> dict:
+    """Loss on the check batch (first step, from the initial weights), warm-up, then the timed pool."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    check_loss = trainer.step(trainer.prepare(check_group))
+    for group in warm_groups:
+        trainer.step(trainer.prepare(group))
+    inputs = [trainer.prepare(g) for g in groups]
+    synchronize(device)
+    start = time.perf_counter()
+    losses = [trainer.step(x) for x in inputs]
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "steps": len(inputs), "check_loss": check_loss, "last_loss": losses[-1],
+            "max_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_stage(stage: str, model: str, variants: list[str], n_warm: int, n_pool: int, folder: Path,
+                device: torch.device) -> dict:
+    """Every path of `variants` on one stage: the check batch, `n_warm` warm-up and `n_pool` timed samples (stage
+    1) or pairs (stage 2)."""
+    config = train_config(stage, model, str(folder / "pairs"))
+    tokenizer = build_tokenizer(config)
+    processor = build_processor(config, tokenizer)
+    image_id, pad_id = processor.image_token_id, tokenizer.pad_token_id
+    if stage == "cpt":
+        documents = make_documents(n_warm + n_pool, seed=0)
+        samples = stage1_samples(documents, processor, config)
+        warm, pool = samples[:n_warm], samples[n_warm:]
+        check = packed_groups(warm, config.tokens_per_micro_batch)[0]
+        data = documents
+    else:
+        write_pairs(make_pairs(-(-(n_warm + n_pool) // len(TASKS)), seed=0), folder / "pairs", seed=0)
+        data = PairDataset(pair_subsets(str(folder / "pairs")), negative_ratio=config.negative_ratio, seed=0)
+        samples = stage2_samples(data, processor)
+        size = config.pairs_per_rank
+        warm, pool = pair_groups(samples[:n_warm], size), pair_groups(samples[n_warm:], size)
+        check = warm[0]
+    spec = ModelSpec.from_hf_config(generated_hf_config(model, tokenizer))
+    ours_pool = packed_groups(pool, config.tokens_per_micro_batch) if stage == "cpt" else pool
+    flops, tokens = useful_flops(stage, spec, ours_pool, image_id), tokens_of([s for g in ours_pool for s in g])
+    peak = device_peak_flops(device)
+    results = {}
+    for name in variants:
+        if name == "reference":
+            trainer = ReferenceTrainer(config, tokenizer, processor, device)
+            groups = (lambda s: bucketed_groups(s, image_id)) if stage == "cpt" else (lambda s: s)
+        else:
+            compile, fp8, padded = OURS_VARIANTS[name]
+            if padded and stage != "cpt":
+                continue
+            trainer = OursTrainer(train_config(stage, config.model, config.data, compile=compile, fp8=fp8), data,
+                                  tokenizer, processor, device)
+            if padded:
+                groups = lambda s: [with_padding_rows(g, pad_id) for g in bucketed_groups(s, image_id)]  # noqa: E731
+            else:
+                groups = (lambda s: packed_groups(s, config.tokens_per_micro_batch)) if stage == "cpt" else (lambda s: s)
+        if stage == "cpt":
+            run = measure(trainer, check if name != "ours-padded" else with_padding_rows(check, pad_id),
+                          groups(warm), groups(pool), device)
+        else:
+            run = measure(trainer, check, warm[1:], pool, device)
+        run["tokens_per_s"] = tokens / run["seconds"]
+        run["mfu"] = flops / run["seconds"] / peak if peak else None
+        if name == "reference":
+            run["attention"] = trainer.reference.attention
+        results[name] = run
+        del trainer
+        free(device)
+    summary = {"tokens": tokens, "useful_flops": flops, "paths": results}
+    if "reference" in results:
+        reference = results["reference"]
+        summary["speedup_vs_reference"] = {k: reference["seconds"] / v["seconds"] for k, v in results.items()
+                                           if k != "reference"}
+        summary["check_loss_rel_diff"] = {k: abs(v["check_loss"] - reference["check_loss"]) / abs(reference["check_loss"])
+                                          for k, v in results.items() if k != "reference"}
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["3b", "7b"], default="3b")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=20, help="steps left out of the medians (compile, caches)")
-    parser.add_argument("--stages", nargs="+", default=["cpt", "cl"])
-    parser.add_argument("--fp8", action="store_true")
-    parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--stages", nargs="+", choices=["cpt", "cl"], default=["cpt", "cl"])
+    parser.add_argument("--variants", nargs="+", choices=[*OURS_VARIANTS, "reference"],
+                        default=[*OURS_VARIANTS, "reference"])
+    parser.add_argument("--warm", type=int, default=48, help="samples (stage 1) or pairs (stage 2) to warm up on")
+    parser.add_argument("--pool", type=int, default=240, help="samples (stage 1) or pairs (stage 2) timed")
+    parser.add_argument("--out", help="JSON path (default bench/results/train-<size>-<device>.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/train.py measures GPU training throughput; there is no CUDA device here "
                  "(CPU timings of this code mean nothing).")
-    results = {}
+    device = torch.device("cuda")
+    stages = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        write_pairs(make_pairs(max(200, 24 * (args.steps + 2) // 4), seed=0), tmp / "pairs", seed=0)
-        documents = make_documents(40 * (args.steps + 2), seed=0)
         for stage in args.stages:
-            config = stage_config(stage, args.size, args.steps, tmp / "runs", tmp / "pairs", args)
-            torch.cuda.reset_peak_memory_stats()
-            records = run(config, documents=documents if stage == "cpt" else None)
-            results[stage] = summarise(records, args.warmup)
-    import triton
-
-    report = {
-        "benchmark": f"training steps, random-weight Qwen2.5-VL-{args.size.upper()}, synthetic data",
-        "device": torch.cuda.get_device_name(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python"] + sys.argv),
-        "settings": {"fp8": args.fp8, "compile": not args.no_compile, "activation_checkpointing": True,
-                     "tokens_per_micro_batch": 12800, "pairs_per_rank": 24, "negatives_per_query": 2},
-        "results": results,
-    }
-    print(json.dumps(report, indent=2))
-    Path(args.out).write_text(json.dumps(report, indent=2))
+            stages[stage] = bench_stage(stage, f"random:{args.size}", args.variants, args.warm, args.pool, Path(tmp), device)
+            print(stage, {k: round(v["tokens_per_s"]) for k, v in stages[stage]["paths"].items()}, flush=True)
+    out = args.out or RESULTS / f"train-{args.size}-{device_slug(torch.cuda.get_device_name())}.json"
+    write_report(out, report(
+        f"training steps, random-weight Qwen2.5-VL-{args.size.upper()}, synthetic interleaved data", device,
+        shapes={"size": args.size, "tokens_per_micro_batch": 12800, "pairs_per_step": 24, "negatives_per_query": 2,
+                "pixels": "256..1024 tokens per image", "warm": args.warm, "pool": args.pool},
+        results=stages))
 
 
 if __name__ == "__main__":

@@ -42,18 +42,23 @@ def build_processor(config: TrainConfig, tokenizer) -> Processor:
                      max_length=config.max_length)
 
 
+def generated_hf_config(name: str, tokenizer):
+    """The transformers config of a generated model: `tiny`, `random:3b` or `random:7b`."""
+    from moca_fast.model.tiny import reference_hf_config, tiny_hf_config
+
+    return tiny_hf_config(tokenizer) if name == TINY else reference_hf_config(name[len(RANDOM):], tokenizer)
+
+
 def build_model(config: TrainConfig, tokenizer, device: torch.device) -> MocaModel:
     """fp32 master weights on `device`: a checkpoint directory, a random tiny Qwen2.5-VL (`model: tiny`) or
     random weights of the reference shapes (`model: random:3b`, `random:7b`)."""
     if config.model == TINY or config.model.startswith(RANDOM):
         from moca_fast.config import ModelSpec
-        from moca_fast.model.tiny import reference_hf_config, tiny_hf_config
 
-        hf_config = (tiny_hf_config(tokenizer) if config.model == TINY
-                     else reference_hf_config(config.model[len(RANDOM):], tokenizer))
         torch.manual_seed(config.seed)
         with torch.device(device):
-            model = MocaModel(ModelSpec.from_hf_config(hf_config), config.attention_backend)
+            model = MocaModel(ModelSpec.from_hf_config(generated_hf_config(config.model, tokenizer)),
+                              config.attention_backend)
         return model.init_weights()
     return load_pretrained(config.model, dtype=torch.float32, device=device, attention_backend=config.attention_backend)
 

@@ -1,0 +1,158 @@
+"""Embedding throughput, ours (MocaEmbedder) against the reference path, with the cosine between the two.
+
+Four workloads in the reference's prompts: text queries, 448 x 448 images, document pages (1240 x 1754, i.e.
+the 1,024-token cap) and interleaved text-image-text-image inputs, at the real 3B / 7B shapes with random
+weights, bf16. Both paths embed the same inputs end to end (raw text and PIL images in, normalised vectors out):
+ours packs by token budget with worker-side preprocessing; the reference path (bench/reference_path.py) runs
+transformers' image processor and a right-padded batch of `--reference-batch` inputs in input order, as the
+reference's evaluation does. The cosine between the two paths' embeddings of each input must be >= 0.999.
+
+GPU only (without CUDA the script says so and exits); the embedders below also run on CPU with a tiny model for
+bench/test_benchmarks.py.
+
+    python bench/embed.py --size 3b --out bench/results/embed-3b-<device>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from moca_fast import prompts
+from moca_fast.data.image_patches import MAX_PIXELS, MIN_PIXELS
+from moca_fast.data.processor import Processor
+from moca_fast.data.synthetic import random_pages, random_scene, render
+from moca_fast.data.tokenizer import tiny_tokenizer
+from moca_fast.embed import MocaEmbedder
+from moca_fast.model.loading import to_transformers
+from moca_fast.trainers.setup import build_model
+from reference_path import ReferencePath, processor_batch
+from report import RESULTS, device_slug, report, write_report
+from train import train_config
+
+V = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_SIDE = 448
+PAGE_SIZE = (1240, 1754)
+
+
+def workloads(n: int, seed: int, image_side: int = IMAGE_SIDE, page_size: tuple[int, int] = PAGE_SIZE
+              ) -> dict[str, tuple[list, list]]:
+    """name -> (our inputs, the reference's (text, images) cases), the same content in the reference's prompts."""
+    rng = random.Random(seed)
+
+    def image() -> Image.Image:
+        return render(random_scene(rng), rng.getrandbits(32)).resize((image_side, image_side))
+
+    def page() -> Image.Image:
+        return render(random_pages(1, rng)[0], rng.getrandbits(32)).resize(page_size)
+
+    out = {"text": ([], []), "image": ([], []), "page": ([], []), "interleaved": ([], [])}
+    for _ in range(n):
+        caption = random_scene(rng).caption
+        out["text"][0].append(prompts.text_to_image_query(caption))
+        out["text"][1].append((f"Find me an everyday image that matches the given caption: {caption}\n", []))
+        im = image()
+        out["image"][0].append(prompts.image_target(im))
+        out["image"][1].append((f"{V}Represent the given image.\n", [im]))
+        pg = page()
+        out["page"][0].append(prompts.document_page(pg))
+        out["page"][1].append((f"{V}\nRepresent the given document image.", [pg]))
+        a, b = image(), image()
+        out["interleaved"][0].append([f"{caption}: first ", a, " then ", b])
+        out["interleaved"][1].append((f"{caption}: first {V} then {V}", [a, b]))
+    return out
+
+
+class ReferenceEmbedder:
+    """The reference's evaluation loop: batches of `batch_size` inputs in order, transformers' preprocessing."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int, min_pixels: int, max_pixels: int):
+        from transformers import Qwen2VLImageProcessorPil
+
+        self.path = ReferencePath(to_transformers(model).eval())
+        self.tokenizer, self.image_processor = tokenizer, Qwen2VLImageProcessorPil()
+        self.batch_size, self.min_pixels, self.max_pixels = batch_size, min_pixels, max_pixels
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, cases: list) -> torch.Tensor:
+        out = []
+        for i in range(0, len(cases), self.batch_size):
+            batch = processor_batch(self.tokenizer, self.image_processor, cases[i:i + self.batch_size],
+                                    min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            out.append(self.path.embed(batch.to(self.device)).float())
+        return torch.cat(out)
+
+
+def timed(fn, device: torch.device) -> tuple[torch.Tensor, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def embedders(model_name: str, device: torch.device, dtype: torch.dtype, *, workers: int, reference_batch: int,
+              min_pixels: int, max_pixels: int):
+    """Ours and the reference path over the same random weights."""
+    tokenizer = tiny_tokenizer()
+    model = build_model(train_config("cl", model_name, "unused"), tokenizer, device).to(dtype).eval()
+    processor = Processor(tokenizer, min_pixels=min_pixels, max_pixels=max_pixels)
+    reference = ReferenceEmbedder(model, tokenizer, batch_size=reference_batch, min_pixels=min_pixels,
+                                  max_pixels=max_pixels)
+    return MocaEmbedder(model, processor, num_workers=workers), reference
+
+
+def bench_embedding(ours: MocaEmbedder, reference: ReferenceEmbedder, loads: dict, warm: int, device) -> dict:
+    results = {}
+    for name, (inputs, cases) in loads.items():
+        ours.encode(inputs[:warm], convert_to_tensor=True)
+        reference.encode(cases[:warm])
+        mine, mine_s = timed(lambda: ours.encode(inputs, convert_to_tensor=True), device)
+        theirs, theirs_s = timed(lambda: reference.encode(cases), device)
+        cosine = F.cosine_similarity(mine.to(theirs.device).float(), theirs, dim=-1)
+        results[name] = {"inputs": len(inputs), "ours_per_s": len(inputs) / mine_s,
+                         "reference_per_s": len(inputs) / theirs_s, "speedup_vs_reference": theirs_s / mine_s,
+                         "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean())}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["3b", "7b"], default="3b")
+    parser.add_argument("--inputs", type=int, default=256, help="inputs per workload")
+    parser.add_argument("--warm", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=8, help="our preprocessing workers")
+    parser.add_argument("--reference-batch", type=int, default=16)
+    parser.add_argument("--out", help="JSON path (default bench/results/embed-<size>-<device>.json)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/embed.py measures GPU embedding throughput; there is no CUDA device here "
+                 "(CPU timings of this code mean nothing).")
+    device = torch.device("cuda")
+    ours, reference = embedders(f"random:{args.size}", device, torch.bfloat16, workers=args.workers,
+                                reference_batch=args.reference_batch, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    results = bench_embedding(ours, reference, workloads(args.inputs, seed=0), args.warm, device)
+    for name, r in results.items():
+        print(f"{name:12s} ours {r['ours_per_s']:8.1f}/s reference {r['reference_per_s']:8.1f}/s "
+              f"x{r['speedup_vs_reference']:.2f} cosine min {r['cosine_min']:.5f}", flush=True)
+    out = args.out or RESULTS / f"embed-{args.size}-{device_slug(torch.cuda.get_device_name())}.json"
+    write_report(out, report(
+        f"embedding, random-weight Qwen2.5-VL-{args.size.upper()}, bf16", device,
+        shapes={"size": args.size, "inputs_per_workload": args.inputs, "image_side": IMAGE_SIDE, "page": PAGE_SIZE,
+                "pixels": [MIN_PIXELS, MAX_PIXELS], "reference_batch": args.reference_batch,
+                "our_batch_tokens": ours.batch_tokens, "workers": args.workers,
+                "reference_attention": reference.path.attention},
+        results=results))
+
+
+if __name__ == "__main__":
+    main()
