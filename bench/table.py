@@ -1,0 +1,116 @@
+"""Write the README's performance section from bench/results/*.json: numbers are generated, never typed.
+
+    python bench/table.py            # rewrite the section between the markers in README.md
+    python bench/table.py --check    # exit 1 if README.md is not what the committed results give (CI test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from report import RESULTS
+
+README = Path(__file__).parent.parent / "README.md"
+BEGIN, END = "<!-- performance:begin (bench/table.py writes this) -->", "<!-- performance:end -->"
+GPU_KINDS = ("train", "embed", "kernels")
+
+
+def _num(x, digits: int = 0) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def _source(data: dict, path: Path) -> str:
+    v = data["versions"]
+    versions = ", ".join(f"{k} {v[k]}" for k in ("torch", "triton", "transformers", "liger-kernel") if v.get(k))
+    return f"_{data['device']}; {versions}; {data['date'][:10]}; `{data['command']}` -> `{path.name}`_"
+
+
+def train_rows(data: dict) -> list[str]:
+    lines = ["| stage | path | tokens/s | MFU | peak memory (GiB) | speed-up vs reference | loss vs reference |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for stage, summary in data["results"].items():
+        speedups, diffs = summary.get("speedup_vs_reference", {}), summary.get("check_loss_rel_diff", {})
+        for name, run in summary["paths"].items():
+            mfu = f"{100 * run['mfu']:.1f}%" if run.get("mfu") is not None else "-"
+            speed = f"{speedups[name]:.2f}x" if name in speedups else "1.00x" if name == "reference" else "-"
+            diff = f"{diffs[name]:.1e} rel." if name in diffs else "-"
+            lines.append(f"| {stage} | {name} | {_num(run['tokens_per_s'])} | {mfu} | {_num(run['max_memory_gb'], 1)} "
+                         f"| {speed} | {diff} |")
+    return lines
+
+
+def embed_rows(data: dict) -> list[str]:
+    lines = ["| workload | ours (inputs/s) | reference (inputs/s) | speed-up | min cosine |", "|---|---:|---:|---:|---:|"]
+    for name, r in data["results"].items():
+        lines.append(f"| {name} | {_num(r['ours_per_s'], 1)} | {_num(r['reference_per_s'], 1)} "
+                     f"| {r['speedup_vs_reference']:.2f}x | {r['cosine_min']:.5f} |")
+    return lines
+
+
+def kernels_rows(data: dict) -> list[str]:
+    lines = ["| kernel | shape | ms | x of ideal | speed-ups |", "|---|---|---:|---:|---|"]
+    for entry in data["summary"]:
+        shape = ", ".join(f"{k}={v}" for k, v in entry.items()
+                          if k not in ("kernel", "ms", "x_of_ideal") and not k.startswith(("speedup_vs_", "memory_vs_")))
+        speedups = ", ".join(f"{k.removeprefix('speedup_vs_')} {v:.2f}x" if isinstance(v, float) else
+                             f"{k.removeprefix('speedup_vs_')} {v}" for k, v in entry.items() if k.startswith("speedup_vs_"))
+        lines.append(f"| {entry['kernel']} | {shape} | {entry['ms']:.3f} | {entry['x_of_ideal']:.2f} | {speedups} |")
+    return lines
+
+
+def loader_rows(data: dict) -> list[str]:
+    lines = ["| workers | samples/s | tokens/s |", "|---:|---:|---:|"]
+    lines += [f"| {r['workers']} | {_num(r['samples_per_s'], 1)} | {_num(r['tokens_per_s'])} |" for r in data["results"]]
+    return lines
+
+
+RENDERERS = {"train": ("Training steps, ours against the reference path", train_rows),
+             "embed": ("Embedding, ours against the reference path", embed_rows),
+             "kernels": ("Fused kernels", kernels_rows),
+             "loader": ("Stage-1 data loading (CPU)", loader_rows)}
+
+
+def render(results: Path = RESULTS) -> str:
+    files = sorted(results.glob("*.json"))
+    parts = [BEGIN]
+    if not any(f.name.startswith(GPU_KINDS) for f in files):
+        parts.append("GPU figures are pending: no GPU results are committed yet. `bash bench/run_gpu.sh` on an "
+                     "H100/H200 writes them to bench/results/ and this table from them.\n")
+    for kind, (title, rows) in RENDERERS.items():
+        for path in (f for f in files if f.name.startswith(kind + "-")):
+            data = json.loads(path.read_text())
+            parts += [f"**{title}**: {data['benchmark']}", "", *rows(data), "", _source(data, path), ""]
+    parts.append(END)
+    return "\n".join(parts)
+
+
+def readme_with_table(readme: str, table: str) -> str:
+    if BEGIN not in readme or END not in readme:
+        raise ValueError(f"README.md lacks the markers {BEGIN} ... {END}")
+    head, rest = readme.split(BEGIN, 1)
+    return head + table + rest.split(END, 1)[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if README.md differs from the results")
+    args = parser.parse_args()
+    current = README.read_text()
+    wanted = readme_with_table(current, render())
+    if args.check:
+        if wanted != current:
+            print("README.md's performance table is not what bench/results/ gives: run python bench/table.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(wanted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

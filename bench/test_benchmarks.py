@@ -1,0 +1,92 @@
+"""pytest-benchmark suite: training steps and embeddings, ours against the reference path.
+
+`python -m pytest bench --benchmark-enable --benchmark-only` times them (add --benchmark-autosave and later
+--benchmark-compare to guard against regressions). The CUDA cases run the real 3B shape with random weights and
+skip without a GPU; the tiny CPU cases run in CI with benchmarking disabled (once each), so the suite cannot rot,
+and they check that both paths compute the same losses and embeddings.
+"""
+
+import pytest
+import torch
+
+import embed
+import train
+
+CPU_TINY = pytest.param("tiny", "cpu", id="tiny-cpu")
+CUDA_3B = pytest.param("random:3b", "cuda", id="3b-cuda", marks=pytest.mark.cuda)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-world")
+
+
+def _stage_inputs(stage: str, model: str, folder):
+    """A trainer-independent step: one stage-1 micro-batch or one stage-2 group of pairs."""
+    config = train.train_config(stage, model, str(folder / "pairs"))
+    tokenizer = train.build_tokenizer(config)
+    processor = train.build_processor(config, tokenizer)
+    if stage == "cpt":
+        documents = train.make_documents(64 if model != "tiny" else 8, seed=0)
+        samples = train.stage1_samples(documents, processor, config)
+        return config, tokenizer, processor, documents, train.packed_groups(samples, config.tokens_per_micro_batch)[0]
+    train.write_pairs(train.make_pairs(-(-config.pairs_per_rank // 4), seed=0), folder / "pairs", seed=0)
+    pairs = train.PairDataset(train.pair_subsets(str(folder / "pairs")), negative_ratio=2, seed=0)
+    return config, tokenizer, processor, pairs, train.stage2_samples(pairs, processor)[:config.pairs_per_rank]
+
+
+@pytest.mark.parametrize("model,device", [CPU_TINY, CUDA_3B])
+@pytest.mark.parametrize("path", ["ours", "reference"])
+@pytest.mark.parametrize("stage", ["cpt", "cl"])
+def test_train_step(benchmark, world, stage, path, model, device):
+    config, tokenizer, processor, data, group = _stage_inputs(stage, model, world / f"{stage}-{model}")
+    device = torch.device(device)
+    if path == "ours":
+        config = train.train_config(stage, model, config.data, compile=device.type == "cuda")
+        trainer = train.OursTrainer(config, data, tokenizer, processor, device)
+    else:
+        trainer = train.ReferenceTrainer(config, tokenizer, processor, device)
+    inputs = trainer.prepare(group)
+    trainer.step(inputs)  # warm-up (and compilation) outside the timing
+    loss = benchmark.pedantic(lambda: (trainer.step(inputs), train.synchronize(device))[0], rounds=5,
+                              warmup_rounds=1)
+    assert torch.isfinite(torch.tensor(loss))
+    trainer = None  # noqa: F841  (release the model before the next case)
+    train.free(device)
+
+
+@pytest.mark.parametrize("stage", ["cpt", "cl"])
+def test_both_paths_agree_through_the_benchmark(tmp_path, stage):
+    """bench/train.py's whole measurement on the tiny model: same check loss (fp32), every field reported."""
+    summary = train.bench_stage(stage, "tiny", ["ours-eager", "reference"], 8, 8, tmp_path, torch.device("cpu"))
+    assert summary["check_loss_rel_diff"]["ours-eager"] < 1e-5, summary
+    for run in summary["paths"].values():
+        assert run["steps"] >= 1 and run["tokens_per_s"] > 0
+    assert summary["speedup_vs_reference"]["ours-eager"] > 0
+
+
+@pytest.fixture(scope="module", params=[pytest.param(p.values, id=p.id, marks=p.marks) for p in (CPU_TINY, CUDA_3B)])
+def embedders(request):
+    model, device = request.param
+    tiny = model == "tiny"
+    pixels = dict(min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28) if tiny else dict(
+        min_pixels=embed.MIN_PIXELS, max_pixels=embed.MAX_PIXELS)
+    ours, reference = embed.embedders(model, torch.device(device), torch.float32 if tiny else torch.bfloat16,
+                                      workers=0 if tiny else 8, reference_batch=4 if tiny else 16, **pixels)
+    sizes = dict(image_side=112, page_size=(120, 170)) if tiny else {}
+    return ours, reference, embed.workloads(4 if tiny else 64, seed=1, **sizes), 0.99999 if tiny else 0.999
+
+
+@pytest.mark.parametrize("workload", ["text", "image", "page", "interleaved"])
+@pytest.mark.parametrize("path", ["ours", "reference"])
+def test_embed(benchmark, embedders, workload, path):
+    ours, reference, loads, min_cosine = embedders
+    inputs, cases = loads[workload]
+    if path == "ours":
+        vectors = benchmark.pedantic(lambda: ours.encode(inputs, convert_to_tensor=True), rounds=3, warmup_rounds=1)
+        other = reference.encode(cases)
+    else:
+        vectors = benchmark.pedantic(lambda: reference.encode(cases), rounds=3, warmup_rounds=1)
+        other = ours.encode(inputs, convert_to_tensor=True)
+    cosine = torch.nn.functional.cosine_similarity(vectors.float().cpu(), other.float().cpu(), dim=-1)
+    assert cosine.min() >= min_cosine, cosine
