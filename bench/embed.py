@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 
 import torch
@@ -33,7 +32,7 @@ from moca_fast.embed import MocaEmbedder
 from moca_fast.model.loading import to_transformers
 from moca_fast.trainers.setup import build_model
 from reference_path import ReferencePath, processor_batch
-from report import RESULTS, device_slug, report, write_report
+from report import RESULTS, device_slug, report, require_cuda, write_report
 from train import train_config
 
 V = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -134,10 +133,7 @@ def main() -> None:
     parser.add_argument("--reference-batch", type=int, default=16)
     parser.add_argument("--out", help="JSON path (default bench/results/embed-<size>-<device>.json)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/embed.py measures GPU embedding throughput; there is no CUDA device here "
-                 "(CPU timings of this code mean nothing).")
-    device = torch.device("cuda")
+    device = require_cuda("embedding throughput")
     ours, reference = embedders(f"random:{args.size}", device, torch.bfloat16, workers=args.workers,
                                 reference_batch=args.reference_batch, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     results = bench_embedding(ours, reference, workloads(args.inputs, seed=0), args.warm, device)

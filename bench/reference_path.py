@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moca_fast.data.processor import EncodedSequence
+from moca_fast.embed import plan_batches
 
 IGNORE = -100
 PAD_MULTIPLE = 32  # training batches are padded to a multiple of 32
@@ -61,18 +62,9 @@ def sample_cost(seq: EncodedSequence, image_token_id: int) -> int:
 
 
 def cost_buckets(costs: list[int], budget: int = BUCKET_COST) -> list[list[int]]:
-    """Indices grouped into micro-batches of about `budget` cost units, similar costs together."""
-    order = sorted(range(len(costs)), key=lambda i: costs[i])
-    buckets, current, total = [], [], 0
-    for i in order:
-        if current and total + costs[i] > budget:
-            buckets.append(current)
-            current, total = [], 0
-        current.append(i)
-        total += costs[i]
-    if current:
-        buckets.append(current)
-    return buckets
+    """Indices grouped into micro-batches of about `budget` cost units, similar costs together (sorted by cost
+    and cut greedily: the embedder's batch plan)."""
+    return plan_batches(costs, budget)
 
 
 def pad_sequences(sequences: list[EncodedSequence], pad_id: int, multiple: int = PAD_MULTIPLE) -> PaddedBatch:

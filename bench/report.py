@@ -31,6 +31,14 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+def require_cuda(what: str) -> torch.device:
+    """The CUDA device, or exit saying why: CPU timings of GPU code mean nothing, so none is ever reported."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{Path(sys.argv[0]).name} measures {what} on a GPU; there is no CUDA device here "
+                 "(CPU timings of this code mean nothing).")
+    return torch.device("cuda")
+
+
 def device_slug(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3', for result file names."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

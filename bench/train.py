@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from moca_fast.trainers.metrics import device_peak_flops, forward_flops
 from moca_fast.trainers.optim import adamw
 from moca_fast.trainers.setup import autocast, build_model, build_processor, build_tokenizer, generated_hf_config
 from reference_path import BUCKET_COST, PAD_MULTIPLE, ReferencePath, cost_buckets, pad_sequences, sample_cost
-from report import RESULTS, device_slug, report, write_report
+from report import RESULTS, device_slug, report, require_cuda, write_report
 
 OURS_VARIANTS = {  # name -> (compile, fp8, padded)
     "ours": (True, False, False),
@@ -292,10 +291,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=240, help="samples (stage 1) or pairs (stage 2) timed")
     parser.add_argument("--out", help="JSON path (default bench/results/train-<size>-<device>.json)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/train.py measures GPU training throughput; there is no CUDA device here "
-                 "(CPU timings of this code mean nothing).")
-    device = torch.device("cuda")
+    device = require_cuda("training throughput")
     stages = {}
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:
