@@ -90,3 +90,16 @@ def test_embed(benchmark, embedders, workload, path):
         other = ours.encode(inputs, convert_to_tensor=True)
     cosine = torch.nn.functional.cosine_similarity(vectors.float().cpu(), other.float().cpu(), dim=-1)
     assert cosine.min() >= min_cosine, cosine
+
+
+def test_padding_rows_cost_compute_but_leave_the_loss_alone(world):
+    """ours-padded: every row topped up to the batch's multiple of 32 by pad-only segments, same stage-1 loss."""
+    config, tokenizer, processor, documents, group = _stage_inputs("cpt", "tiny", world / "padding")
+    padded = train.with_padding_rows(group, tokenizer.pad_token_id)
+    length = -(-max(len(s) for s in group) // 32) * 32
+    assert sum(len(s) for s in padded) == length * len(group) and length * len(group) > sum(len(s) for s in group)
+    losses = []
+    for g in (group, padded):
+        trainer = train.OursTrainer(config, documents, tokenizer, processor, torch.device("cpu"))
+        losses.append(trainer.step(trainer.prepare(g)))
+    assert abs(losses[0] - losses[1]) <= 1e-6 * abs(losses[0]), losses

@@ -100,6 +100,17 @@ def with_padding_rows(group: list[EncodedSequence], pad_id: int) -> list[Encoded
     return out
 
 
+def stage1_micro_batches(path: str, samples: list[EncodedSequence], budget: int, image_token_id: int,
+                         pad_id: int) -> list[list[EncodedSequence]]:
+    """How each path groups stage-1 samples: the reference and ours-padded by cost buckets (ours-padded paying
+    for the padding), ours by token-budget packing."""
+    if path == "reference":
+        return bucketed_groups(samples, image_token_id)
+    if OURS_VARIANTS[path][2]:
+        return [with_padding_rows(g, pad_id) for g in bucketed_groups(samples, image_token_id)]
+    return packed_groups(samples, budget)
+
+
 def pair_groups(pairs: list[EncodedPair], size: int) -> list[list[EncodedPair]]:
     return [pairs[i:i + size] for i in range(0, len(pairs) - size + 1, size)]
 
@@ -246,22 +257,19 @@ def bench_stage(stage: str, model: str, variants: list[str], n_warm: int, n_pool
     peak = device_peak_flops(device)
     results = {}
     for name in variants:
+        padded = name != "reference" and OURS_VARIANTS[name][2]
+        if padded and stage != "cpt":
+            continue  # stage 2's padding variant is the reference path itself
         if name == "reference":
             trainer = ReferenceTrainer(config, tokenizer, processor, device)
-            groups = (lambda s: bucketed_groups(s, image_id)) if stage == "cpt" else (lambda s: s)
         else:
-            compile, fp8, padded = OURS_VARIANTS[name]
-            if padded and stage != "cpt":
-                continue
+            compile, fp8, _ = OURS_VARIANTS[name]
             trainer = OursTrainer(train_config(stage, config.model, config.data, compile=compile, fp8=fp8), data,
                                   tokenizer, processor, device)
-            if padded:
-                groups = lambda s: [with_padding_rows(g, pad_id) for g in bucketed_groups(s, image_id)]  # noqa: E731
-            else:
-                groups = (lambda s: packed_groups(s, config.tokens_per_micro_batch)) if stage == "cpt" else (lambda s: s)
         if stage == "cpt":
-            run = measure(trainer, check if name != "ours-padded" else with_padding_rows(check, pad_id),
-                          groups(warm), groups(pool), device)
+            groups = lambda s: stage1_micro_batches(name, s, config.tokens_per_micro_batch, image_id, pad_id)  # noqa: E731
+            run = measure(trainer, with_padding_rows(check, pad_id) if padded else check, groups(warm), groups(pool),
+                          device)
         else:
             run = measure(trainer, check, warm[1:], pool, device)
         run["tokens_per_s"] = tokens / run["seconds"]
