@@ -25,6 +25,7 @@ from ..data.pairs import mmeb_text
 from ..embed import EmbedInput, MocaEmbedder
 from .cache import cached_embeddings
 from .metrics import precision_at_1
+from .selection import select_datasets
 from .table import format_table
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,7 @@ def find_datasets(data: Path, names: Sequence[str] | None = None) -> dict[str, P
             found[child.name] = child
         elif child.is_file() and child.suffix in _ROW_SUFFIXES:
             found[child.stem] = child
-    if names:
-        missing = [name for name in names if name not in found]
-        if missing:
-            raise ValueError(f"{data}: no MMEB data for {missing}; found {sorted(found)}")
-        found = {name: found[name] for name in names}
-    if not found:
-        raise ValueError(f"{data}: no MMEB dataset folders (parquet or JSON lines) found")
-    return found
+    return select_datasets(found, names, data, "MMEB", "no MMEB dataset folders (parquet or JSON lines) found")
 
 
 def read_dataset(name: str, source: Path, image_root: Path) -> MmebDataset:

@@ -28,6 +28,7 @@ from ..embed import EmbedInput, MocaEmbedder
 from ..prompts import document_page
 from .cache import cached_embeddings
 from .metrics import ndcg_at_k, recall_at_k
+from .selection import select_datasets
 from .table import format_table
 
 log = logging.getLogger(__name__)
@@ -62,14 +63,7 @@ def find_datasets(data: Path, names: Sequence[str] | None = None) -> dict[str, P
     data = Path(data)
     found = ({data.name: data} if _is_beir(data)
              else {child.name: child for child in sorted(data.iterdir()) if child.is_dir() and _is_beir(child)})
-    if names:
-        missing = [name for name in names if name not in found]
-        if missing:
-            raise ValueError(f"{data}: no BEIR data for {missing}; found {sorted(found)}")
-        found = {name: found[name] for name in names}
-    if not found:
-        raise ValueError(f"{data}: no BEIR dataset (queries, corpus and qrels) found")
-    return found
+    return select_datasets(found, names, data, "BEIR", "no BEIR dataset (queries, corpus and qrels) found")
 
 
 def _is_beir(folder: Path) -> bool:
