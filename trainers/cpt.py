@@ -16,7 +16,6 @@ from moca_fast.config import TrainConfig
 from moca_fast.data.documents import DocumentDataset
 from moca_fast.data.loader import MaskedDocuments, PackCollator, packed_loader
 from moca_fast.data.packing import TokenBudgetSampler
-from moca_fast.model.attention import resolve_backend
 from moca_fast.model.heads import MaeHead, mlm_loss
 
 from .distributed import all_reduce_sum, world_size
@@ -36,7 +35,6 @@ class ContinualPretraining:
     def __init__(self, config: TrainConfig, model, processor, device: torch.device, rank: int, world: int,
                  documents=None):
         self.config, self.device, self.spec = config, device, model.spec
-        self.backend = resolve_backend(config.attention_backend, device)
         self.mae = MaeHead.from_middle_layer(model).to(device)
         blocks = [*model.language_model.layers, *model.visual.blocks, self.mae.layer]
         self.state = parallelize(model, blocks, extra=self.mae, device=device, fp8_layers=model.language_model.layers if config.fp8
@@ -81,7 +79,7 @@ class ContinualPretraining:
             with autocast(self.config, self.device, world):
                 hidden = self.model(batch)
                 mlm = mlm_loss(self.model, hidden, batch) * (counts[i, 0].item() / totals[0])
-                mae = self.mae(hidden, batch, self.backend) * (counts[i, 1].item() / totals[1])
+                mae = self.mae(hidden, batch, self.config.attention_backend) * (counts[i, 1].item() / totals[1])
             # Each rank holds its share of the global loss; FSDP averages gradients over ranks, hence * world.
             ((mlm + self.config.mae_weight * mae) * world).backward()
             parts += torch.stack([mlm.detach(), mae.detach()]).double()

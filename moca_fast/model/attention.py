@@ -1,16 +1,20 @@
 """Bidirectional attention over packed variable-length sequences, dispatched to the best available backend.
 
-flash-attn's varlen kernel when it is importable and the tensors are on CUDA; otherwise FlexAttention with a
-document block mask on CUDA; otherwise (CPU, tests) one SDPA call over the documents padded into a
-[S, max_len] batch with a key mask — the same arithmetic as a per-document loop, without the loop or a host
-synchronisation. A `Segments` is built once per forward and per layout, then shared by every layer. Queries
-and keys may have different bounds (the MAE layer: queries on masked rows only, keys on whole documents).
+On CUDA in half precision: flash-attn's varlen kernel when it is installed, else torch's own variable-length
+FlashAttention (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10). Both take the packed tokens and the
+cumulative bounds as they are: no padding, no mask, nothing built per forward beyond the bounds. Otherwise
+(CPU, tests, fp32 on CUDA): one SDPA call over the documents padded into a [S, max_len] batch with a key mask —
+the same arithmetic as a per-document loop, without the loop or a host synchronisation; its gather/scatter
+indices are integer tensors computed once per `Segments`, so a compiled layer has no data-dependent shapes.
+A `Segments` is built once per forward and per layout, then shared by every layer. Queries and keys may have
+different bounds (the MAE layer: queries on masked rows only, keys on whole documents).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import logging
 from dataclasses import dataclass, field
 
@@ -19,7 +23,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("flash", "flex", "sdpa")
+BACKENDS = ("flash", "varlen", "sdpa")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -27,24 +32,40 @@ def _flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """'auto' -> flash (if installed, CUDA) -> flex (CUDA) -> sdpa. The choice is logged once per device kind."""
+@functools.cache
+def _torch_varlen_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """'auto': on CUDA with bf16/fp16 attention inputs flash-attn (if installed), else torch's varlen_attn;
+    SDPA otherwise (CPU, fp32: the flash kernels take half precision only). The choice is logged once."""
     if requested == "auto":
-        if device.type == "cuda":
-            backend = "flash" if _flash_attn_available() else "flex"
+        if device.type == "cuda" and dtype in _HALF and _flash_attn_available():
+            backend = "flash"
+        elif device.type == "cuda" and dtype in _HALF and _torch_varlen_available():
+            backend = "varlen"
         else:
             backend = "sdpa"
     elif requested in BACKENDS:
         backend = requested
     else:
         raise ValueError(f"unknown attention backend {requested!r}; choose 'auto' or one of {BACKENDS}")
-    _log_choice(backend, device.type)
+    _log_choice(backend, device.type, str(dtype))
     return backend
 
 
+def backend_for(requested: str, x: torch.Tensor) -> str:
+    """The backend for attention whose inputs are computed from `x`: in autocast's dtype when autocast is on
+    for x's device, else in x's own dtype."""
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    return resolve_backend(requested, x.device, dtype)
+
+
 @functools.cache
-def _log_choice(backend: str, device_type: str) -> None:
-    log.info("attention backend: %s on %s", backend, device_type)
+def _log_choice(backend: str, device_type: str, dtype: str) -> None:
+    log.info("attention backend: %s on %s (%s)", backend, device_type, dtype)
 
 
 @dataclass
@@ -70,12 +91,12 @@ class Segments:
               q_bounds: Bounds | None = None) -> "Segments":
         """Self-attention within segments; with `q_bounds`, queries have their own bounds per segment."""
         k = Bounds(cu_seqlens.to(torch.int32), int(max_seqlen), int(total))
+        if q_bounds is not None:
+            q_bounds = Bounds(q_bounds.cu_seqlens.to(torch.int32), int(q_bounds.max_seqlen), int(q_bounds.total))
         seg = cls(q_bounds or k, k, backend)
         if backend == "sdpa":
             seg._prepared["q"] = _padded_indices(seg.q)
             seg._prepared["k"] = seg._prepared["q"] if q_bounds is None else _padded_indices(seg.k)
-        elif backend == "flex":
-            seg._prepared["block_mask"] = _document_block_mask(seg)
         return seg
 
 
@@ -83,54 +104,62 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments
                      ) -> torch.Tensor:
     """Non-causal attention within each segment. q [Tq, Hq, D], k/v [Tk, Hkv, D] (Hq a multiple of Hkv)."""
     gqa = q.shape[1] != k.shape[1]
+    qb, kb = segments.q, segments.k
     if segments.backend == "flash":
         from flash_attn import flash_attn_varlen_func
 
-        return flash_attn_varlen_func(q, k, v, segments.q.cu_seqlens, segments.k.cu_seqlens, segments.q.max_seqlen,
-                                      segments.k.max_seqlen, softmax_scale=scale, causal=False)
-    if segments.backend == "flex":
-        out = _flex_attention()(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                                v.transpose(0, 1).unsqueeze(0), block_mask=segments._prepared["block_mask"],
-                                scale=scale, enable_gqa=gqa)
-        return out.squeeze(0).transpose(0, 1)
-    (q_gather, q_valid), (k_gather, k_valid) = segments._prepared["q"], segments._prepared["k"]
+        return flash_attn_varlen_func(q, k, v, qb.cu_seqlens, kb.cu_seqlens, qb.max_seqlen, kb.max_seqlen,
+                                      softmax_scale=scale, causal=False)
+    if segments.backend == "varlen":
+        return torch_varlen_attention(q, k, v, qb, kb, scale)
+    (q_gather, _, q_unpad), (k_gather, k_valid, _) = segments._prepared["q"], segments._prepared["k"]
     # [S, L, H, D] -> [S, H, L, D]; padded query rows attend to their segment's keys and are dropped after.
     out = F.scaled_dot_product_attention(q[q_gather].transpose(1, 2), k[k_gather].transpose(1, 2),
                                          v[k_gather].transpose(1, 2), attn_mask=k_valid[:, None, None, :],
                                          scale=scale, enable_gqa=gqa)
-    return out.transpose(1, 2)[q_valid]
-
-
-def _padded_indices(bounds: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
-    cu = bounds.cu_seqlens
-    lengths = cu[1:] - cu[:-1]
-    offsets = torch.arange(max(bounds.max_seqlen, 1), device=cu.device)
-    valid = offsets.unsqueeze(0) < lengths.unsqueeze(1)  # [S, L]
-    gather = (cu[:-1].unsqueeze(1).long() + offsets).clamp(max=max(bounds.total - 1, 0))
-    return gather, valid
-
-
-def _segment_ids(bounds: Bounds) -> torch.Tensor:
-    lengths = (bounds.cu_seqlens[1:] - bounds.cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths,
-                                   output_size=bounds.total)
-
-
-def _document_block_mask(seg: Segments):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    q_doc, k_doc = _segment_ids(seg.q), _segment_ids(seg.k)
-
-    def same_document(b, h, q_idx, kv_idx):
-        return q_doc[q_idx] == k_doc[kv_idx]
-
-    return create_block_mask(same_document, None, None, seg.q.total, seg.k.total, device=seg.k.cu_seqlens.device)
+    return out.transpose(1, 2).flatten(0, 1)[q_unpad]
 
 
 @functools.cache
-def _flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
+def _varlen_options() -> tuple[dict, bool]:
+    """The keyword arguments that make the installed torch's varlen_attn bidirectional, and whether it takes
+    grouped-query K/V itself. torch 2.10 has `is_causal`; 2.11+ `window_size` ((-1, -1) = full, the default);
+    `enable_gqa` arrived later (detected, not assumed)."""
+    from torch.nn.attention.varlen import varlen_attn
 
-    if torch.cuda.is_available():
-        return torch.compile(flex_attention, dynamic=True)
-    return flex_attention
+    parameters = inspect.signature(varlen_attn).parameters
+    options = {"is_causal": False} if "is_causal" in parameters else {}
+    if "window_size" in parameters:
+        options["window_size"] = (-1, -1)
+    return options, "enable_gqa" in parameters
+
+
+def torch_varlen_attention(q, k, v, q_bounds: Bounds, k_bounds: Bounds, scale: float) -> torch.Tensor:
+    """torch.nn.attention.varlen.varlen_attn over packed q [Tq, Hq, D] and k/v [Tk, Hkv, D]; where the installed
+    torch takes no grouped K/V, each K/V head is repeated for its group of query heads."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    options, takes_gqa = _varlen_options()
+    if q.shape[1] != k.shape[1]:
+        if takes_gqa:
+            options = {**options, "enable_gqa": True}
+        else:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return varlen_attn(q, k, v, q_bounds.cu_seqlens, k_bounds.cu_seqlens, q_bounds.max_seqlen, k_bounds.max_seqlen,
+                       scale=scale, **options)
+
+
+def _padded_indices(bounds: Bounds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gather [S, L]: token index of each padded slot, valid [S, L]: whether the slot holds a token, unpad [T]:
+    each token's slot in the flattened [S * L] layout)."""
+    cu = bounds.cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    width = max(bounds.max_seqlen, 1)
+    offsets = torch.arange(width, device=cu.device)
+    valid = offsets.unsqueeze(0) < lengths.unsqueeze(1)  # [S, L]
+    gather = (cu[:-1].unsqueeze(1) + offsets).clamp(max=max(bounds.total - 1, 0))
+    segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths,
+                                      output_size=bounds.total)
+    unpad = segment * width + torch.arange(bounds.total, device=cu.device) - cu[segment]
+    return gather, valid, unpad

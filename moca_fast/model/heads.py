@@ -11,7 +11,7 @@ from torch import nn
 
 from ..data.batch import PackedBatch
 from ..kernels import masked_lm_cross_entropy, patch_reconstruction_loss
-from .attention import Bounds, Segments
+from .attention import Bounds, Segments, backend_for
 from .moca import MocaModel
 from .text import DecoderLayer, text_rotary
 
@@ -42,14 +42,15 @@ class MaeHead(nn.Module):
         nn.init.zeros_(head.proj.bias)
         return head.to(next(model.parameters()).dtype)
 
-    def features(self, hidden: torch.Tensor, batch: PackedBatch, backend: str) -> torch.Tensor:
-        """The layer's output [K, H] at the masked rows."""
+    def features(self, hidden: torch.Tensor, batch: PackedBatch, backend: str = "auto") -> torch.Tensor:
+        """The layer's output [K, H] at the masked rows; `backend` as MocaModel's attention_backend."""
+        backend = backend_for(backend, hidden)
         cos, sin = text_rotary(self.text_spec, batch.position_ids)
         queries = Bounds(batch.mae_cu_seqlens, batch.mae_max_seqlen, batch.mae_index.numel())
         segments = Segments.build(batch.cu_seqlens, batch.max_seqlen, batch.num_tokens, backend, q_bounds=queries)
         return self.layer(hidden, cos, sin, segments, query_index=batch.mae_index)
 
-    def forward(self, hidden: torch.Tensor, batch: PackedBatch, backend: str) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, batch: PackedBatch, backend: str = "auto") -> torch.Tensor:
         """Mean squared error of the reconstructed patches against the originals."""
         features = self.features(hidden, batch, backend)
         targets = batch.mae_targets.reshape(features.shape[0], -1)

@@ -8,7 +8,7 @@ from torch import nn
 from ..config import ModelSpec
 from ..data.batch import PackedBatch, map_tensors
 from ..data.positions import vision_layout
-from .attention import Segments, resolve_backend
+from .attention import Segments, backend_for
 from .pooling import embed_pool
 from .text import TextDecoder
 from .vision import VisionTower
@@ -46,7 +46,7 @@ class MocaModel(nn.Module):
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """Final-norm hidden states [T, H] of every token of every packed sequence."""
         embeds = self.language_model.embed_tokens(batch.input_ids)
-        backend = resolve_backend(self.attention_backend, embeds.device)
+        backend = backend_for(self.attention_backend, embeds)
         if batch.pixel_values.shape[0]:
             image_embeds = self.visual(batch.pixel_values, batch.vision, backend)
             embeds = embeds.index_copy(0, batch.image_token_index, image_embeds.to(embeds.dtype))
