@@ -26,6 +26,28 @@ CHUNK_ELEMENTS = 1 << 25
 MASKED = tl.constexpr(-1.0e30)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: autocast's when autocast is on for x's device, else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The matmul operands of a fused loss as autocast would give them to a matmul: cast to autocast's dtype when
+    it is on for their device (the cast is differentiable: gradients return in each input's dtype), else as they
+    are. Custom ops get no autocast casting of their own, so without this an fp32 master weight and fp32 hidden
+    states would reach the kernels under bf16 autocast: fp32 dots, no tensor cores."""
+    kind = tensors[0].device.type
+    if not torch.is_autocast_enabled(kind):
+        return tensors
+    return tuple(t.to(torch.get_autocast_dtype(kind)) for t in tensors)
+
+
+def autocast_off(x: torch.Tensor):
+    """Inside a loss's op: its own precision policy (fp32 accumulation), whatever autocast the caller runs."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 

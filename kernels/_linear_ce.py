@@ -9,6 +9,11 @@ d_rows += dz @ cols[band] and d_cols[band] = dzᵀ @ rows. Every gradient is exa
 
 Optional false-negative masking: with `col_groups`, a column j other than row i's label is left out of row i's
 normaliser when col_groups[j] == col_groups[label_i].
+
+Optional per-row extra columns (InfoNCE's hard negatives): with `negatives` [M, r, H], row i is also scored against
+its own r rows negatives[i], z_ik = rows[i]·negatives[i, k] · row_scale[i] · negative_scale[i, k]. They enter the
+same log-sum-exp: in the Triton path inside the forward kernel's pass (the first column split of each row tile
+scores them), and one backward kernel adds their part of d_rows and forms d_negatives.
 """
 
 from __future__ import annotations
@@ -31,10 +36,16 @@ class LogitTerms:
     row_scale: torch.Tensor | None = None  # [M] fp32
     col_scale: torch.Tensor | None = None  # [V] fp32
     col_groups: torch.Tensor | None = None  # [V] integer ids; equal ids = same content
+    negatives: torch.Tensor | None = None  # [M, r, H] contiguous, rows' dtype: each row's own extra columns
+    negative_scale: torch.Tensor | None = None  # [M, r] fp32
+
+    @property
+    def num_negatives(self) -> int:
+        return 0 if self.negatives is None else self.negatives.shape[1]
 
 
 def forward(rows, cols, labels, terms: LogitTerms, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row log-sum-exp and target logit, both [M] fp32."""
+    """Per-row log-sum-exp (over the columns and the row's own negatives) and target logit, both [M] fp32."""
     if rows.shape[0] == 0:
         empty = rows.new_empty(0, dtype=torch.float32)
         return empty, empty.clone()
@@ -46,11 +57,12 @@ def forward(rows, cols, labels, terms: LogitTerms, backend: str) -> tuple[torch.
 def backward(rows, cols, labels, lse, grad_scale, terms: LogitTerms, backend: str):
     """Gradients of grad_scale · Σ_i (lse_i - z_i,label_i) with the scales held constant.
 
-    `lse` may include columns this engine does not see (InfoNCE's own negatives). Returns d_rows in fp32 and
-    d_cols in cols' dtype."""
+    Returns d_rows in fp32, d_cols in cols' dtype and d_negatives [M, r, H] in fp32 (None without negatives)."""
     d_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+    d_negatives = None if terms.negatives is None else torch.zeros(terms.negatives.shape, dtype=torch.float32,
+                                                                   device=rows.device)
     if rows.shape[0] == 0:
-        return d_rows, torch.zeros_like(cols)
+        return d_rows, torch.zeros_like(cols), d_negatives
     if backend == "triton":
         tiles = common.tiles_for(rows.dtype)
         bands = common.chunk_bounds(cols.shape[0], rows.shape[0], multiple=tiles.block_n)
@@ -65,7 +77,10 @@ def backward(rows, cols, labels, lse, grad_scale, terms: LogitTerms, backend: st
         dz = dz_band(start, end)  # [M, end - start] in the GEMMs' dtype
         d_rows += dz @ cols[start:end].to(dz.dtype)
         d_cols[start:end] = dz.T @ rows_c
-    return d_rows, d_cols
+    if d_negatives is not None and terms.num_negatives:
+        negatives_backward = _triton_negatives_backward if backend == "triton" else _torch_negatives_backward
+        negatives_backward(rows, lse, grad_scale, terms, d_rows, d_negatives)
+    return d_rows, d_cols, d_negatives
 
 
 def _row_groups(labels, terms: LogitTerms):
@@ -102,7 +117,44 @@ def _torch_forward(rows, cols, labels, terms: LogitTerms):
         lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
         hit, column = _label_in_band(labels, start, end)
         target += torch.where(hit, z.gather(1, column)[:, 0], 0.0)
+    for start, end in _negative_bands(rows, terms):
+        lse[start:end] = torch.logaddexp(lse[start:end], _torch_negative_logits(rows, terms, start, end).logsumexp(1))
     return lse, target
+
+
+def _negative_bands(rows, terms: LogitTerms) -> list[tuple[int, int]]:
+    """Row bands whose negatives (r·H elements a row) fit one chunk; none without negatives."""
+    if not terms.num_negatives:
+        return []
+    return common.chunk_bounds(rows.shape[0], terms.num_negatives * rows.shape[1])
+
+
+def _torch_negative_logits(rows, terms: LogitTerms, start: int, end: int) -> torch.Tensor:
+    """fp32 logits [end - start, r] of rows[start:end] against their own negatives."""
+    z = torch.einsum("bd,brd->br", rows[start:end].float(), terms.negatives[start:end].float())
+    if terms.row_scale is not None:
+        z *= terms.row_scale[start:end, None]
+    if terms.negative_scale is not None:
+        z *= terms.negative_scale[start:end]
+    return z
+
+
+def _negative_weights(z, lse, grad_scale, terms: LogitTerms, start: int, end: int) -> torch.Tensor:
+    """d loss / d (row · negative) [end - start, r] with the scales held constant: softmax · grad_scale · scales."""
+    weights = torch.exp(z - lse[start:end, None]) * grad_scale
+    if terms.row_scale is not None:
+        weights *= terms.row_scale[start:end, None]
+    if terms.negative_scale is not None:
+        weights *= terms.negative_scale[start:end]
+    return weights
+
+
+def _torch_negatives_backward(rows, lse, grad_scale, terms: LogitTerms, d_rows, d_negatives) -> None:
+    for start, end in _negative_bands(rows, terms):
+        z = _torch_negative_logits(rows, terms, start, end)
+        weights = _negative_weights(z, lse, grad_scale, terms, start, end)
+        d_rows[start:end] += torch.einsum("br,brd->bd", weights, terms.negatives[start:end].float())
+        d_negatives[start:end] = weights[..., None] * rows[start:end, None].float()
 
 
 def _torch_dlogits(rows32, cols, labels, lse, grad_scale, terms: LogitTerms) -> Callable[[int, int], torch.Tensor]:
@@ -169,6 +221,40 @@ def _logits_tile(
 
 
 @triton.jit
+def _row_dots(rows_ptr, others_ptr, offs_m, M, H, stride_rows, stride_others, BLOCK_M: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M]: rows[m, :] · others[m, :] for the rows offs_m (each row against its own vector; rows at or
+    past M give 0). Elementwise products in fp32, not a matmul: every row has its own right-hand side."""
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = offs_m[:, None] < M
+    a_ptrs = rows_ptr + offs_m[:, None].to(tl.int64) * stride_rows + offs_k[None, :]
+    b_ptrs = others_ptr + offs_m[:, None].to(tl.int64) * stride_others + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(0, H, BLOCK_K):
+        inside = row_ok & (offs_k[None, :] < H - k)
+        a = tl.load(a_ptrs, mask=inside, other=0.0).to(tl.float32)
+        b = tl.load(b_ptrs, mask=inside, other=0.0).to(tl.float32)
+        acc += tl.sum(a * b, axis=1)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _negative_logit(rows_ptr, negatives_ptr, row_scale_ptr, negative_scale_ptr, offs_m, j, M, H, R, stride_rows,
+                    HAS_ROW_SCALE: tl.constexpr, HAS_NEGATIVE_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M]: the logit of each row against its own negative j (negatives [M, R, H] contiguous)."""
+    row_ok = offs_m < M
+    z = _row_dots(rows_ptr, negatives_ptr + j * H, offs_m, M, H, stride_rows, R * H, BLOCK_M, BLOCK_K)
+    if HAS_ROW_SCALE:
+        z *= tl.load(row_scale_ptr + offs_m, mask=row_ok, other=0.0)
+    if HAS_NEGATIVE_SCALE:
+        z *= tl.load(negative_scale_ptr + offs_m.to(tl.int64) * R + j, mask=row_ok, other=0.0)
+    return z
+
+
+@triton.jit
 def _lse_kernel(
     rows_ptr,
     cols_ptr,
@@ -177,22 +263,28 @@ def _lse_kernel(
     col_scale_ptr,
     col_groups_ptr,
     row_groups_ptr,
+    negatives_ptr,
+    negative_scale_ptr,
     part_lse_ptr,
     part_target_ptr,
     M,
     V,
     H,
+    R,
     stride_rows,
     stride_cols,
     HAS_ROW_SCALE: tl.constexpr,
     HAS_COL_SCALE: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
+    HAS_NEGATIVES: tl.constexpr,
+    HAS_NEGATIVE_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Program (i, s): rows tile i, column tiles s, s + S, s + 2S, ...; writes partial lse and target logit."""
+    """Program (i, s): rows tile i, column tiles s, s + S, s + 2S, ...; split 0 also scores the rows' own R
+    negatives. Writes partial lse and target logit."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -202,6 +294,14 @@ def _lse_kernel(
     running_max = tl.full((BLOCK_M,), MASKED, dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     target = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if HAS_NEGATIVES:
+        if split == 0:
+            for j in range(0, R):
+                z = _negative_logit(rows_ptr, negatives_ptr, row_scale_ptr, negative_scale_ptr, offs_m, j, M, H, R,
+                                    stride_rows, HAS_ROW_SCALE, HAS_NEGATIVE_SCALE, BLOCK_M, BLOCK_K)
+                new_max = tl.maximum(running_max, z)
+                running_sum = running_sum * tl.exp(running_max - new_max) + tl.exp(z - new_max)
+                running_max = new_max
     for tile in range(split, tl.cdiv(V, BLOCK_N), n_splits):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         z = _logits_tile(
@@ -266,6 +366,53 @@ def _dlogits_kernel(
     tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _negatives_backward_kernel(
+    rows_ptr,
+    negatives_ptr,
+    row_scale_ptr,
+    negative_scale_ptr,
+    lse_ptr,
+    grad_scale_ptr,
+    d_rows_ptr,
+    d_negatives_ptr,
+    M,
+    H,
+    R,
+    stride_rows,
+    HAS_ROW_SCALE: tl.constexpr,
+    HAS_NEGATIVE_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Rows tile i: for each own negative j, w = softmax · grad_scale · scales; d_rows += w · negative_j (fp32, in
+    place: this program owns its rows) and d_negatives[:, j] = w · row (fp32)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = offs_m < M
+    lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
+    scale = tl.load(grad_scale_ptr) + tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if HAS_ROW_SCALE:
+        scale *= tl.load(row_scale_ptr + offs_m, mask=row_ok, other=0.0)
+    rows_base = offs_m[:, None].to(tl.int64) * stride_rows + offs_k[None, :]
+    d_rows_base = offs_m[:, None].to(tl.int64) * H + offs_k[None, :]
+    for j in range(0, R):
+        z = _negative_logit(rows_ptr, negatives_ptr, row_scale_ptr, negative_scale_ptr, offs_m, j, M, H, R,
+                            stride_rows, HAS_ROW_SCALE, HAS_NEGATIVE_SCALE, BLOCK_M, BLOCK_K)
+        w = tl.exp(z - lse) * scale
+        if HAS_NEGATIVE_SCALE:
+            w *= tl.load(negative_scale_ptr + offs_m.to(tl.int64) * R + j, mask=row_ok, other=0.0)
+        w = tl.where(row_ok, w, 0.0)[:, None]
+        negative_base = (offs_m[:, None].to(tl.int64) * R + j) * H + offs_k[None, :]
+        for k in range(0, H, BLOCK_K):
+            inside = row_ok[:, None] & (offs_k[None, :] < H - k)
+            row = tl.load(rows_ptr + rows_base + k, mask=inside, other=0.0).to(tl.float32)
+            negative = tl.load(negatives_ptr + negative_base + k, mask=inside, other=0.0).to(tl.float32)
+            d_row = tl.load(d_rows_ptr + d_rows_base + k, mask=inside, other=0.0)
+            tl.store(d_rows_ptr + d_rows_base + k, d_row + w * negative, mask=inside)
+            tl.store(d_negatives_ptr + negative_base + k, w * row, mask=inside)
+
+
 def _kernel_terms(terms: LogitTerms, row_groups):
     return dict(
         row_scale_ptr=terms.row_scale,
@@ -298,11 +445,26 @@ def _triton_forward(rows, cols, labels, terms: LogitTerms):
     part_lse = rows.new_empty((splits, M), dtype=torch.float32)
     part_target = torch.empty_like(part_lse)
     _lse_kernel[(row_tiles, splits)](
-        rows, cols, labels, part_lse_ptr=part_lse, part_target_ptr=part_target, M=M, V=V, H=H,
-        stride_rows=rows.stride(0), stride_cols=cols.stride(0),
+        rows, cols, labels, negatives_ptr=terms.negatives, negative_scale_ptr=terms.negative_scale,
+        part_lse_ptr=part_lse, part_target_ptr=part_target, M=M, V=V, H=H, R=terms.num_negatives,
+        stride_rows=rows.stride(0), stride_cols=cols.stride(0), HAS_NEGATIVES=terms.num_negatives > 0,
+        HAS_NEGATIVE_SCALE=terms.negative_scale is not None,
         **_kernel_terms(terms, _row_groups(labels, terms)), **_launch_options(tiles),
     )  # fmt: skip
     return torch.logsumexp(part_lse, dim=0), part_target.sum(dim=0)
+
+
+NEGATIVES_BLOCK_M, NEGATIVES_BLOCK_K = 32, 128  # memory-bound row dots: small row tiles, many programs
+
+
+def _triton_negatives_backward(rows, lse, grad_scale, terms: LogitTerms, d_rows, d_negatives) -> None:
+    M, H = rows.shape
+    _negatives_backward_kernel[(triton.cdiv(M, NEGATIVES_BLOCK_M),)](
+        rows, terms.negatives, terms.row_scale, terms.negative_scale, lse, grad_scale, d_rows, d_negatives,
+        M=M, H=H, R=terms.num_negatives, stride_rows=rows.stride(0), HAS_ROW_SCALE=terms.row_scale is not None,
+        HAS_NEGATIVE_SCALE=terms.negative_scale is not None, BLOCK_M=NEGATIVES_BLOCK_M, BLOCK_K=NEGATIVES_BLOCK_K,
+        num_warps=4,
+    )  # fmt: skip
 
 
 def _triton_dlogits(rows, cols, labels, lse, grad_scale, terms: LogitTerms, tiles: common.Tiles):

@@ -7,10 +7,11 @@ over the B queries, in fp32. With duplicate_ids [G], a positive j other than tar
 duplicate_ids[j] == duplicate_ids[targets[i]] leaves query i's denominator (the same content twice in the
 gathered batch is not a negative).
 
-The positives go through the shared blockwise cross-entropy engine (tiled online log-sum-exp, recomputation
-in the backward); L2 normalisation is folded in as per-row fp32 scales 1/‖x‖ rather than normalised copies,
-and its backward is the projection dx = s·(ĝ - x̂ (x̂·ĝ)). The r own negatives are row-wise dot products,
-done in fp32 over bounded bands of queries. Memory is O((B + G)·D).
+Positives and each query's own negatives go through the shared blockwise cross-entropy engine (tiled online
+log-sum-exp, recomputation in the backward; on CUDA the negatives are scored inside the same Triton pass and
+their gradients formed by one kernel); L2 normalisation is folded in as per-row fp32 scales 1/‖x‖ rather than
+normalised copies, and its backward is the projection dx = s·(ĝ - x̂ (x̂·ĝ)). Under autocast the embeddings enter in
+autocast's dtype (bf16 tensor-core dots, fp32 accumulation), as a matmul's would. Memory is O((B + G + B·r)·D).
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _common as common
 from . import _linear_ce
-from ._common import resolve_backend
+from ._common import autocast_off, autocast_operands, resolve_backend
 
 _NORM_EPS = 1e-12  # as F.normalize
 
@@ -43,6 +43,7 @@ def info_nce_loss(
     B, D = queries.shape
     if negatives is None:
         negatives = queries.new_empty((B, 0, D))
+    queries, positives, negatives = autocast_operands(queries, positives, negatives)
     if positives.dim() != 2 or positives.shape[1] != D or negatives.shape[::2] != (B, D) or negatives.dim() != 3:
         raise ValueError(
             f"queries [B, D], positives [G, D] and negatives [B, r, D] expected, got {tuple(queries.shape)}, "
@@ -76,9 +77,11 @@ class _Scales:
         query_norm = _inverse_norm(queries)
         return _Scales(query_norm / temperature, _inverse_norm(positives), _inverse_norm(negatives), query_norm)
 
-    def logit_terms(self, duplicate_ids) -> _linear_ce.LogitTerms:
+    def logit_terms(self, negatives, duplicate_ids) -> _linear_ce.LogitTerms:
         groups = None if duplicate_ids is None else duplicate_ids.contiguous()
-        return _linear_ce.LogitTerms(row_scale=self.query, col_scale=self.positive, col_groups=groups)
+        return _linear_ce.LogitTerms(row_scale=self.query, col_scale=self.positive, col_groups=groups,
+                                     negatives=negatives if negatives.shape[1] else None,
+                                     negative_scale=self.negative if negatives.shape[1] else None)
 
 
 def _inverse_norm(x: torch.Tensor) -> torch.Tensor:
@@ -94,19 +97,6 @@ def _through_normalization(x: torch.Tensor, inverse_norm: torch.Tensor | None, g
     return grad - x * (inverse_norm.square() * (x * grad).sum(-1))[..., None]
 
 
-def _negative_bands(queries, negatives):
-    return common.chunk_bounds(queries.shape[0], negatives.shape[1] * negatives.shape[2])
-
-
-def _negative_logits(queries, negatives, scales: _Scales, start: int, end: int) -> torch.Tensor:
-    """fp32 logits [end - start, r] of queries[start:end] against their own negatives."""
-    logits = torch.einsum("bd,brd->br", queries[start:end].float(), negatives[start:end].float())
-    logits *= scales.query[start:end, None]
-    if scales.negative is not None:
-        logits *= scales.negative[start:end]
-    return logits
-
-
 @torch.library.custom_op("moca_fast::info_nce", mutates_args=())
 def _info_nce(
     queries: torch.Tensor,
@@ -120,12 +110,10 @@ def _info_nce(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, per-query log-sum-exp over positives and own negatives, kept for the backward)."""
     queries, positives, negatives, targets = (t.contiguous() for t in (queries, positives, negatives, targets))
-    scales = _Scales.of(queries, positives, negatives, temperature, normalize)
-    lse, target = _linear_ce.forward(queries, positives, targets, scales.logit_terms(duplicate_ids), backend)
-    if negatives.shape[1] > 0:
-        for start, end in _negative_bands(queries, negatives):
-            negative_lse = _negative_logits(queries, negatives, scales, start, end).logsumexp(1)
-            lse[start:end] = torch.logaddexp(lse[start:end], negative_lse)
+    with autocast_off(queries):
+        scales = _Scales.of(queries, positives, negatives, temperature, normalize)
+        terms = scales.logit_terms(negatives, duplicate_ids)
+        lse, target = _linear_ce.forward(queries, positives, targets, terms, backend)
     return (lse - target).sum() / max(queries.shape[0], 1), lse
 
 
@@ -148,28 +136,19 @@ def _info_nce_backward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     queries, positives, negatives, targets = (t.contiguous() for t in (queries, positives, negatives, targets))
-    scales = _Scales.of(queries, positives, negatives, temperature, normalize)
-    grad_scale = grad.float() / max(queries.shape[0], 1)
-    terms = scales.logit_terms(duplicate_ids)
-    d_queries, d_positives = _linear_ce.backward(queries, positives, targets, lse, grad_scale, terms, backend)
-    d_negatives = torch.empty_like(negatives)
-    if negatives.shape[1] > 0:
-        for start, end in _negative_bands(queries, negatives):
-            band = negatives[start:end]
-            logits = _negative_logits(queries, negatives, scales, start, end)
-            # d loss / d (q·n) with the norms held constant: softmax · grad_scale · logit scale.
-            weights = torch.exp(logits - lse[start:end, None]) * grad_scale * scales.query[start:end, None]
-            inverse_norm = None if scales.negative is None else scales.negative[start:end]
-            if inverse_norm is not None:
-                weights *= inverse_norm
-            d_queries[start:end] += torch.einsum("br,brd->bd", weights, band.float())
-            d_band = weights[..., None] * queries[start:end, None].float()
-            d_negatives[start:end] = _through_normalization(band, inverse_norm, d_band)
-    return (
-        _through_normalization(queries, scales.query_norm, d_queries).to(queries.dtype),
-        _through_normalization(positives, scales.positive, d_positives).to(positives.dtype),
-        d_negatives,
-    )
+    with autocast_off(queries):
+        scales = _Scales.of(queries, positives, negatives, temperature, normalize)
+        grad_scale = grad.float() / max(queries.shape[0], 1)
+        terms = scales.logit_terms(negatives, duplicate_ids)
+        d_queries, d_positives, d_negatives = _linear_ce.backward(queries, positives, targets, lse, grad_scale,
+                                                                  terms, backend)
+        if d_negatives is None:
+            d_negatives = torch.zeros_like(negatives)
+        return (
+            _through_normalization(queries, scales.query_norm, d_queries).to(queries.dtype),
+            _through_normalization(positives, scales.positive, d_positives).to(positives.dtype),
+            _through_normalization(negatives, scales.negative, d_negatives).to(negatives.dtype),
+        )
 
 
 @_info_nce_backward.register_fake

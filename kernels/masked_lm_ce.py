@@ -2,8 +2,10 @@
 
 `masked_lm_cross_entropy(hidden [M, H], weight [V, H], labels [M])` = mean over the M rows of
 -log softmax(hidden @ weightᵀ)[label], in fp32 whatever the input dtype; gradients come back in the input
-dtype. Any V (151936, 152064, ...), M = 0 (loss 0, zero gradients). The weight may also be the embedding
-table (tied head): its gradient is an ordinary autograd contribution and adds to the embedding's.
+dtype. Under autocast the operands enter the kernels in autocast's dtype (bf16 tensor-core dots, fp32
+accumulation), as a matmul's would. Any V (151936, 152064, ...), M = 0 (loss 0, zero gradients). The weight may
+also be the embedding table (tied head): its gradient is an ordinary autograd contribution and adds to the
+embedding's.
 Labels must lie in [0, V); the rows are already the masked ones, so there is no ignore index.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _linear_ce
-from ._common import resolve_backend
+from ._common import autocast_off, autocast_operands, resolve_backend
 
 _NO_TERMS = _linear_ce.LogitTerms()
 
@@ -23,6 +25,7 @@ def masked_lm_cross_entropy(
     """Mean cross-entropy of the LM head over the masked rows (fp32 scalar).
 
     backend: 'auto' (Triton on CUDA, chunked torch otherwise), 'triton' or 'torch'."""
+    hidden, weight = autocast_operands(hidden, weight)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         shapes = f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
         raise ValueError(f"hidden [M, H] and weight [V, H] expected, got {shapes}")
@@ -40,7 +43,8 @@ def _masked_lm_ce(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, per-row log-sum-exp kept for the backward)."""
     hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
-    lse, target = _linear_ce.forward(hidden, weight, labels, _NO_TERMS, backend)
+    with autocast_off(hidden):
+        lse, target = _linear_ce.forward(hidden, weight, labels, _NO_TERMS, backend)
     return (lse - target).sum() / max(hidden.shape[0], 1), lse
 
 
@@ -60,7 +64,8 @@ def _masked_lm_ce_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
     grad_scale = grad.float() / max(hidden.shape[0], 1)
-    d_hidden, d_weight = _linear_ce.backward(hidden, weight, labels, lse, grad_scale, _NO_TERMS, backend)
+    with autocast_off(hidden):
+        d_hidden, d_weight, _ = _linear_ce.backward(hidden, weight, labels, lse, grad_scale, _NO_TERMS, backend)
     return d_hidden.to(hidden.dtype), d_weight
 
 

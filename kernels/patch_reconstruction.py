@@ -6,7 +6,8 @@ kernel forms each prediction tile in registers and, in its epilogue, turns it st
 with respect to the predictions, 2·(prediction - target)/(K·N), stored in the input dtype: the predictions
 never reach memory, and the backward is two GEMMs and a column sum on that gradient (scaled by the incoming
 gradient). The gradient is [K, N] like the targets, so memory stays at the size of the inputs. Targets get no
-gradient. K = 0 gives 0.0 and zero gradients.
+gradient. K = 0 gives 0.0 and zero gradients. Under autocast, hidden, weight and bias enter in autocast's dtype
+(bf16 tensor-core dots, fp32 accumulation), as a Linear's would.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _common as common
-from ._common import dot_tile, resolve_backend
+from ._common import autocast_off, autocast_operands, dot_tile, resolve_backend
 
 
 def patch_reconstruction_loss(
@@ -28,6 +29,7 @@ def patch_reconstruction_loss(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Mean squared reconstruction error (fp32 scalar). backend: 'auto' (Triton on CUDA), 'triton' or 'torch'."""
+    hidden, weight, bias = autocast_operands(hidden, weight, bias)
     K, N = hidden.shape[0], weight.shape[0]
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         shapes = f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
@@ -51,7 +53,8 @@ def _patch_reconstruction(
     if hidden.shape[0] == 0:
         return hidden.new_zeros((), dtype=torch.float32), hidden.new_empty(targets.shape)
     forward = _triton_forward if backend == "triton" else _torch_forward
-    return forward(hidden, weight, bias, targets, grad_factor=2.0 / targets.numel())
+    with autocast_off(hidden):
+        return forward(hidden, weight, bias, targets, grad_factor=2.0 / targets.numel())
 
 
 @_patch_reconstruction.register_fake
@@ -66,10 +69,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_residual):
     hidden, weight, d_predictions = ctx.saved_tensors
-    d_predictions = d_predictions * grad_loss
-    d_hidden = d_predictions @ weight
-    d_weight = d_predictions.T @ hidden
-    d_bias = d_predictions.sum(0, dtype=torch.float32).to(weight.dtype)
+    with autocast_off(hidden):
+        d_predictions = d_predictions * grad_loss
+        d_hidden = d_predictions @ weight
+        d_weight = d_predictions.T @ hidden
+        d_bias = d_predictions.sum(0, dtype=torch.float32).to(weight.dtype)
     return d_hidden, d_weight, d_bias, None, None
 
 
