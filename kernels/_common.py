@@ -26,12 +26,6 @@ CHUNK_ELEMENTS = 1 << 25
 MASKED = tl.constexpr(-1.0e30)
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls on x run in: autocast's when autocast is on for x's device, else x's own."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-
-
 def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The matmul operands of a fused loss as autocast would give them to a matmul: cast to autocast's dtype when
     it is on for their device (the cast is differentiable: gradients return in each input's dtype), else as they
@@ -82,17 +76,63 @@ def tiles_for(dtype: torch.dtype) -> Tiles:
     return Tiles(128, 128, block_k, num_warps=8, num_stages=3, upcast=interpreting() and dtype == torch.bfloat16)
 
 
+@dataclass(frozen=True)
+class Multiprocessors:
+    """A GPU's streaming multiprocessors: how many, and what one holds at once."""
+
+    count: int
+    registers: int = 65536
+    shared_bytes: int = 233472  # Hopper: 228 KiB per SM
+    threads: int = 2048
+    blocks: int = 32
+
+
+H100_SXM = Multiprocessors(132)
+
+
 @functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def multiprocessors(device_index: int) -> Multiprocessors:
+    props = torch.cuda.get_device_properties(device_index)
+    limits = {field: getattr(props, name) for field, name in (
+        ("registers", "regs_per_multiprocessor"), ("shared_bytes", "shared_memory_per_multiprocessor"),
+        ("threads", "max_threads_per_multi_processor")) if getattr(props, name, None)}
+    return Multiprocessors(props.multi_processor_count, **limits)
 
 
-def programs_to_fill(device: torch.device) -> int:
-    """How many programs a launch should have to occupy the device: two per SM on CUDA. The interpreter runs
-    programs one after another; two keep the multi-program paths (split reductions) exercised there too."""
-    if device.type == "cuda":
-        return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    return 2
+def resident_blocks(registers: int, shared_bytes: int, num_warps: int, sm: Multiprocessors, warp_size: int = 32
+                    ) -> int:
+    """How many blocks of a kernel one SM runs at once, from the compiled kernel's registers per thread and shared
+    memory per block: registers are allocated per warp in units of 256, and CUDA reserves 1 KiB of shared memory
+    per block."""
+    registers_per_warp = -(-registers * warp_size // 256) * 256
+    by_registers = sm.registers // registers_per_warp // num_warps if registers else sm.blocks
+    by_shared = sm.shared_bytes // (shared_bytes + 1024)
+    by_threads = sm.threads // (num_warps * warp_size)
+    return max(1, min(by_registers, by_shared, by_threads, sm.blocks))
+
+
+def resident_programs(kernel, device: torch.device, *args, **kwargs) -> int:
+    """How many programs of `kernel`, launched with these arguments, run at once on `device`: its compiled
+    registers and shared memory against the device's SMs. The interpreter runs programs one after another: 2 keep
+    the multi-program paths (split reductions) exercised there."""
+    if device.type != "cuda":
+        return 2
+    compiled = kernel.warmup(*args, grid=(1,), **kwargs)  # compiles (or finds) the kernel without launching it
+    compiled._init_handles()  # loads it: the driver reports its registers
+    sm = multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return sm.count * resident_blocks(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps, sm)
+
+
+def balanced_splits(row_tiles: int, col_tiles: int, slots: int) -> int:
+    """Into how many programs to split each row tile's columns so that the launch, row_tiles x splits programs of
+    ceil(col_tiles / splits) column tiles each on `slots` concurrent program slots, wastes the least of its last
+    wave: the split count that maximises the busy fraction of slots x waves x the longest program's tiles (the
+    fewest splits among equals)."""
+    def busy(splits: int) -> float:
+        waves = -(-row_tiles * splits // slots)
+        return row_tiles * col_tiles / (slots * waves * -(-col_tiles // splits))
+
+    return max(range(1, col_tiles + 1), key=lambda s: (round(busy(s), 6), -s))
 
 
 def chunk_bounds(length: int, elements_per_index: int, multiple: int = 1) -> list[tuple[int, int]]:

@@ -440,17 +440,22 @@ def _triton_forward(rows, cols, labels, terms: LogitTerms):
     (M, H), V = rows.shape, cols.shape[0]
     tiles = common.tiles_for(rows.dtype)
     row_tiles, col_tiles = triton.cdiv(M, tiles.block_m), triton.cdiv(V, tiles.block_n)
-    # Split the columns over enough programs to fill the device; partial results combine exactly below.
-    splits = min(col_tiles, triton.cdiv(common.programs_to_fill(rows.device), row_tiles))
-    part_lse = rows.new_empty((splits, M), dtype=torch.float32)
-    part_target = torch.empty_like(part_lse)
-    _lse_kernel[(row_tiles, splits)](
-        rows, cols, labels, negatives_ptr=terms.negatives, negative_scale_ptr=terms.negative_scale,
-        part_lse_ptr=part_lse, part_target_ptr=part_target, M=M, V=V, H=H, R=terms.num_negatives,
-        stride_rows=rows.stride(0), stride_cols=cols.stride(0), HAS_NEGATIVES=terms.num_negatives > 0,
-        HAS_NEGATIVE_SCALE=terms.negative_scale is not None,
+    arguments = dict(
+        negatives_ptr=terms.negatives, negative_scale_ptr=terms.negative_scale, M=M, V=V, H=H,
+        R=terms.num_negatives, stride_rows=rows.stride(0), stride_cols=cols.stride(0),
+        HAS_NEGATIVES=terms.num_negatives > 0, HAS_NEGATIVE_SCALE=terms.negative_scale is not None,
         **_kernel_terms(terms, _row_groups(labels, terms)), **_launch_options(tiles),
     )  # fmt: skip
+    # Split the columns over programs so that the waves of resident programs end together; partial results
+    # combine exactly below.
+    one_split = rows.new_empty((1, M), dtype=torch.float32)
+    slots = common.resident_programs(_lse_kernel, rows.device, rows, cols, labels, part_lse_ptr=one_split,
+                                     part_target_ptr=one_split, **arguments)
+    splits = common.balanced_splits(row_tiles, col_tiles, slots)
+    part_lse = rows.new_empty((splits, M), dtype=torch.float32)
+    part_target = torch.empty_like(part_lse)
+    _lse_kernel[(row_tiles, splits)](rows, cols, labels, part_lse_ptr=part_lse, part_target_ptr=part_target,
+                                     **arguments)
     return torch.logsumexp(part_lse, dim=0), part_target.sum(dim=0)
 
 
