@@ -21,7 +21,7 @@ from moca_fast.data.pairs import PairDataset
 from moca_fast.kernels import info_nce_loss
 from moca_fast.model.pooling import embed_pool
 
-from .distributed import gather, gather_with_grad, rank, world_size
+from .distributed import all_reduce_sum, gather, gather_with_grad, rank, world_size
 from .metrics import forward_flops
 from .parallelize import parallelize
 from .setup import autocast
@@ -104,4 +104,7 @@ class ContrastiveFinetuning:
         passes = 3 if self.config.grad_cache_tokens is None else 4  # GradCache adds a no-grad forward
         flops = sum(passes * forward_flops(self.spec, c) for c in batch.chunks)
         mean_loss = gather(loss.detach().reshape(1)).mean()
-        return {"loss": float(mean_loss), "tokens": float(batch.num_tokens), "flops": flops}
+        # Tokens and FLOPs of the whole step, every rank's (tokens/s and MFU are the job's, not rank 0's).
+        tokens, flops = all_reduce_sum(torch.tensor([batch.num_tokens, flops], dtype=torch.float64,
+                                                    device=self.device)).tolist()
+        return {"loss": float(mean_loss), "tokens": tokens, "flops": flops}

@@ -85,6 +85,8 @@ class ContinualPretraining:
             parts += torch.stack([mlm.detach(), mae.detach()]).double()
             tokens += batch.num_tokens
             flops += step_flops(self.spec, batch)
-        mlm_value, mae_value = all_reduce_sum(parts).tolist()
+        # Losses, tokens and FLOPs of the whole step, every rank's (tokens/s and MFU are the job's, not rank 0's).
+        work = torch.tensor([tokens, flops], dtype=torch.float64, device=self.device)
+        mlm_value, mae_value, tokens, flops = all_reduce_sum(torch.cat([parts, work])).tolist()
         return {"loss": mlm_value + self.config.mae_weight * mae_value, "mlm": mlm_value, "mae": mae_value,
                 "tokens": tokens, "flops": flops}

@@ -19,7 +19,7 @@ from torch import nn
 from moca_fast.config import TrainConfig
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import rank
+from .distributed import rank, world_size
 from .metrics import MetricsLogger, device_peak_flops
 from .optim import adamw, warmup_linear_decay
 
@@ -59,8 +59,9 @@ def train(config: TrainConfig, stage: Stage, *, tokenizer=None, device: torch.de
     elif resume:
         log.info("no checkpoint under %s: starting from scratch", output / "checkpoints")
     end = min(total, stop_after) if stop_after is not None else total
+    peak = device_peak_flops(device)  # one device's; the logged tokens and FLOPs are every rank's
     metrics = MetricsLogger(output / "metrics.jsonl", total, step, enabled=rank() == 0,
-                            peak_flops=device_peak_flops(device))
+                            peak_flops=peak * world_size() if peak else None)
     records = []
 
     def save() -> Path:

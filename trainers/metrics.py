@@ -50,7 +50,8 @@ def forward_flops(spec: ModelSpec, batch) -> float:
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to `path` and drives a tqdm progress bar (rank 0 only)."""
+    """Appends one JSON object per logged step to `path` and drives a tqdm progress bar (rank 0 only). The values'
+    tokens and FLOPs are the whole job's; `peak_flops` is then the job's peak (one device's x ranks)."""
 
     def __init__(self, path: str | Path | None, total_steps: int, initial_step: int = 0, enabled: bool = True,
                  peak_flops: float | None = None):

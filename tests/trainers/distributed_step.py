@@ -59,7 +59,7 @@ def main(stage_name: str, out: str, workdir: str) -> None:
     values = stage.train_step(step_input)
     grads = full_gradients(modules)
     if rank == 0:
-        torch.save({"loss": values["loss"], "grads": grads}, out)
+        torch.save({"loss": values["loss"], "tokens": values["tokens"], "flops": values["flops"], "grads": grads}, out)
     finish_distributed()
 
 

@@ -31,6 +31,8 @@ def test_two_processes_equal_one(workdir, stage):
           stage, str(dist), str(workdir)])
     a, b = torch.load(single), torch.load(dist)
     assert abs(a["loss"] - b["loss"]) <= 1e-5
+    # The logged work is the job's: rank 0 reports both ranks' tokens and FLOPs, as one process does.
+    assert a["tokens"] == b["tokens"] > 0 and a["flops"] == pytest.approx(b["flops"], rel=1e-12)
     assert a["grads"].keys() == b["grads"].keys()
     scale = max(1.0, max(g.abs().max().item() for g in a["grads"].values()))
     for name, grad in a["grads"].items():
