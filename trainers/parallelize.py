@@ -61,8 +61,11 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], *, extra: nn.Module |
         for block in blocks:
             checkpoint(block)
     if compile:
+        # Token counts change with every pack: every size symbolic from the first call, so a new pack length
+        # reuses the compiled code instead of recompiling (past torch._dynamo's recompile limit dynamo would
+        # quietly run the block eagerly). Blocks of one class share their compiled code.
         for block in blocks:
-            block.compile()
+            block.compile(dynamic=True)
     if world_size > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
