@@ -103,6 +103,9 @@ class Segments:
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, scale: float
                      ) -> torch.Tensor:
     """Non-causal attention within each segment. q [Tq, Hq, D], k/v [Tk, Hkv, D] (Hq a multiple of Hkv)."""
+    if q.shape[0] == 0:  # no queries (a pack without masked image rows for the MAE layer): an empty output, which
+        # k and v still enter with weight zero, so every parameter takes part in the backward (FSDP needs it)
+        return q + 0.0 * (k.sum() + v.sum())
     gqa = q.shape[1] != k.shape[1]
     qb, kb = segments.q, segments.k
     if segments.backend == "flash":
