@@ -18,8 +18,6 @@ import logging
 import sys
 from pathlib import Path
 
-from .data.image_patches import MAX_PIXELS, MIN_PIXELS
-
 log = logging.getLogger("moca_fast")
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -51,9 +49,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-workers", type=int, help="image preprocessing workers (default: the embedder's)")
     group.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     group.add_argument("--fp8", action="store_true", help="float8 decoder linears (CUDA, capability >= 8.9)")
-    group.add_argument("--min-pixels", type=int, default=MIN_PIXELS, help="per image (default: the reference's)")
-    group.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="per image (default: the reference's)")
-    group.add_argument("--max-length", type=int, help="truncate inputs to this many tokens (default: none)")
+    group.add_argument("--min-pixels", type=int, help="per image (default: the checkpoint's, else the reference's)")
+    group.add_argument("--max-pixels", type=int, help="per image (default: the checkpoint's, else the reference's)")
+    group.add_argument("--max-length", type=int, help="truncate inputs to this many tokens (default: the "
+                       "checkpoint's, else none)")
 
 
 def embedder_from_args(args):
@@ -193,14 +192,18 @@ def add_train(subparsers) -> None:
         parser.add_argument("--data", help="override the config's data")
         parser.add_argument("--output-dir", help="override the config's output_dir")
         parser.add_argument("--max-steps", type=int, help="override the config's max_steps")
+        parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                            help="override any config key, typed by the config (e.g. --set lr=1e-4 --set "
+                                 "mask_duplicates=false --set tasks=t2i,vqa); repeatable")
         parser.set_defaults(run=run_train, stage=stage)
 
 
 def run_train(args) -> int:
-    from .config import load_train_config
+    from .config import load_train_config, parse_overrides
     from .trainers.run import run
 
-    overrides = {"model": args.model, "data": args.data, "output_dir": args.output_dir, "max_steps": args.max_steps}
+    named = {"model": args.model, "data": args.data, "output_dir": args.output_dir, "max_steps": args.max_steps}
+    overrides = {key: value for key, value in named.items() if value is not None} | parse_overrides(args.set)
     config = load_train_config(args.config, overrides)
     if config.stage != args.stage:
         raise ValueError(f"{args.config} is a {config.stage!r} config, not {args.stage!r}")
