@@ -23,12 +23,16 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from moca_fast.model.heads import mae_state_from_patch_major, rows_from_patch_major
 from moca_fast.model.loading import load_state_dict_into, read_safetensors, save_pretrained
 from moca_fast.model.moca import MocaModel
 
 from .distributed import rank
 
 LATEST = "latest"
+# What a checkpoint's files hold. 2: the MAE head's projection in the reference's layout (d * 4 + p). 1 (written
+# without a "format"): patch-major (p * 1176 + d), converted when loaded.
+FORMAT = 2
 
 
 def rng_state() -> dict:
@@ -66,8 +70,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model, extra: torch.n
             torch.save(extra_state, tmp / "extra.pt")
         torch.save(optim_state, tmp / "optimizer.pt")
         torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({k: v for k, v in trainer_state.items()
-                                                            if isinstance(v, (int, float, str))}, indent=2))
+        (tmp / "trainer_state.json").write_text(json.dumps({"format": FORMAT, **{
+            k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str))}}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _point_latest(root, final.name)
@@ -95,13 +99,26 @@ def load_checkpoint(path: str | os.PathLike, *, model, extra: torch.nn.Module | 
     holder.to(dtype=torch.float32)
     load_state_dict_into(holder, read_safetensors(path / "model", "cpu"), source=str(path))
     set_model_state_dict(model, holder.state_dict(), options=full)
+    optim_state = torch.load(path / "optimizer.pt", weights_only=False)
     if extra is not None:
-        set_model_state_dict(extra, torch.load(path / "extra.pt", weights_only=True), options=full)
-    set_optimizer_state_dict(_trained(model, extra), optimizer, torch.load(path / "optimizer.pt", weights_only=False),
-                             options=full)
+        extra_state = torch.load(path / "extra.pt", weights_only=True)
+        if json.loads((path / "trainer_state.json").read_text()).get("format", 1) < 2:
+            extra_state, optim_state = _mae_from_patch_major(extra_state, optim_state)
+        set_model_state_dict(extra, extra_state, options=full)
+    set_optimizer_state_dict(_trained(model, extra), optimizer, optim_state, options=full)
     state = torch.load(path / "trainer_state.pt", weights_only=False)
     set_rng_state(state.pop("rng"))
     return state
+
+
+def _mae_from_patch_major(extra_state: dict, optim_state: dict) -> tuple[dict, dict]:
+    """A format-1 checkpoint's MAE head and its AdamW moments with the projection rows in the reference's layout."""
+    for name in ("proj.weight", "proj.bias"):
+        moments = optim_state["state"].get(f"extra.{name}", {})
+        for key, value in moments.items():
+            if key != "step":
+                moments[key] = rows_from_patch_major(value)
+    return mae_state_from_patch_major(extra_state), optim_state
 
 
 def _trained(model, extra) -> torch.nn.Module:

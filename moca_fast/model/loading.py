@@ -8,10 +8,12 @@ published MoCa checkpoints use; transformers 5.x reads it too.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelSpec
@@ -28,6 +30,10 @@ KEY_LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 SHARD_BYTES = 5 * 1024**3
+# A reference stage-1 checkpoint also holds its MAE head (model/heads.py reads it): not part of the backbone.
+MAE_HEAD_PREFIXES = ("mae_decoder.", "mae_proj.")
+
+log = logging.getLogger(__name__)
 
 
 def detect_layout(keys) -> str:
@@ -51,7 +57,13 @@ def convert_key(key: str, layout: str, to_ours: bool = True) -> str | None:
 
 
 def load_state_dict_into(model: MocaModel, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy a Hugging Face state dict (any layout) into `model`; missing, unexpected or misshapen keys raise."""
+    """Copy a Hugging Face state dict (any layout) into `model`; missing, unexpected or misshapen keys raise.
+    A stage-1 MAE head stored with the weights (the reference's `mae_decoder.*`, `mae_proj.*`) is left out."""
+    mae = [key for key in state_dict if key.startswith(MAE_HEAD_PREFIXES)]
+    if mae:
+        log.info("%s: its stage-1 MAE head (%d tensors mae_decoder.*, mae_proj.*) is not part of the backbone: left "
+                 "out (stage 1 continues from it)", source, len(mae))
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(MAE_HEAD_PREFIXES)}
     layout = detect_layout(state_dict)
     tied = model.spec.tie_word_embeddings
     ours = {}
@@ -174,14 +186,29 @@ def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict 
 
 
 def read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     state = {}
-    for name in files:
+    for name in safetensors_files(path):
         state.update(load_file(path / name, device=str(device)))
     return state
+
+
+def read_mae_head(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The stage-1 MAE head a checkpoint directory stores with its weights (the reference's `mae_decoder.*` and
+    `mae_proj.*` tensors), or None when it has none."""
+    path = Path(path)
+    tensors = {}
+    for name in safetensors_files(path):
+        with safe_open(path / name, framework="pt") as stream:
+            for key in stream.keys():
+                if key.startswith(MAE_HEAD_PREFIXES):
+                    tensors[key] = stream.get_tensor(key)
+    return tensors or None
+
+
+def safetensors_files(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
