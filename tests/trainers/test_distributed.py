@@ -1,4 +1,5 @@
-"""Two gloo processes under torchrun (FSDP2, gathered embeddings) against one process on the same global batch."""
+"""Two gloo processes under torchrun (FSDP2, gathered embeddings) against one process on the same global batch; and
+the reference path's stage 2 the same way (each rank scores every gathered query, as the reference does)."""
 
 import subprocess
 import sys
@@ -23,7 +24,7 @@ def _run(args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["cpt", "cl"])
+@pytest.mark.parametrize("stage", ["cpt", "cl", "reference"])
 def test_two_processes_equal_one(workdir, stage):
     single, dist = workdir / f"{stage}-single.pt", workdir / f"{stage}-dist.pt"
     _run([sys.executable, WORKER, stage, str(single), str(workdir)])
