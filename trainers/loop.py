@@ -37,10 +37,10 @@ class Stage(Protocol):
     def train_step(self, inputs) -> dict[str, float]: ...
 
 
-def train(config: TrainConfig, stage: Stage, *, tokenizer=None, device: torch.device, resume: bool = False,
+def train(config: TrainConfig, stage: Stage, *, processor=None, device: torch.device, resume: bool = False,
           stop_after: int | None = None) -> list[dict]:
     """Run `stage` for the configured epochs / max_steps; returns the logged records of this process. A
-    finished run leaves its model (HF layout, tokenizer beside it) in `output_dir/final`.
+    finished run leaves its model (HF layout, `processor`'s tokenizer and settings beside it) in `output_dir/final`.
 
     `stop_after` ends the run after that many optimizer steps in total (the schedule is unchanged), as an
     interruption would; a later call with `resume=True` continues from the last checkpoint."""
@@ -65,7 +65,7 @@ def train(config: TrainConfig, stage: Stage, *, tokenizer=None, device: torch.de
 
     def save() -> Path:
         return save_checkpoint(output / "checkpoints", step, model=stage.model, extra=stage.extra, optimizer=optimizer,
-                        tokenizer=tokenizer, keep=config.keep_checkpoints,
+                        processor=processor, keep=config.keep_checkpoints,
                         trainer_state={"step": step, "epoch": epoch, "position": position,
                                        "scheduler": scheduler.state_dict()})
 

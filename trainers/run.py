@@ -32,4 +32,4 @@ def _run(config: TrainConfig, device, rank: int, world: int, *, resume: bool, st
         from .cl import ContrastiveFinetuning
 
         stage = ContrastiveFinetuning(config, model, processor, device, rank, world, pairs=pairs)
-    return train(config, stage, tokenizer=tokenizer, device=device, resume=resume, stop_after=stop_after)
+    return train(config, stage, processor=processor, device=device, resume=resume, stop_after=stop_after)

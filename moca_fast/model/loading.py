@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelSpec
+from ..integrations import write_sentence_transformers_config
 from .moca import MocaModel
 
 # (checkpoint prefix, our prefix), first match wins.
@@ -147,22 +148,32 @@ def to_transformers(model: MocaModel):
     return make_bidirectional(hf_model.train(model.training))
 
 
-def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict | None = None) -> None:
-    """Write config.json and safetensors shards in the transformers 4.x flat layout (readable by 4.x and 5.x).
+def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict | None = None,
+                    dtype: torch.dtype | None = None) -> torch.dtype:
+    """Write config.json and safetensors shards in the transformers 4.x flat layout (readable by 4.x and 5.x), in
+    `dtype` (default: the dtype the model's config declares, e.g. Qwen's bfloat16; else the weights' own), which
+    config.json then states. The text config says `is_causal: false`, so transformers loads it bidirectional;
+    the sentence-transformers files name moca_fast's module. Returns the dtype written.
 
     `state_dict`: the full state dict to write instead of `model.state_dict()` (a sharded model gathers it)."""
     from transformers import Qwen2_5_VLConfig
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    weights = model.state_dict() if state_dict is None else state_dict
     config = Qwen2_5_VLConfig.from_dict(model.spec.hf_config)
+    declared = model.spec.hf_config.get("dtype") or model.spec.hf_config.get("torch_dtype")
+    dtype = dtype or (getattr(torch, declared) if isinstance(declared, str) else next(iter(weights.values())).dtype)
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    config.dtype = dtype
+    config.text_config.is_causal = False
     config.save_pretrained(path)
+    write_sentence_transformers_config(path)
     state = {}
-    for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
+    for name, tensor in weights.items():
         if model.spec.tie_word_embeddings and name == "lm_head.weight":
             continue
-        state[convert_key(name, "flat", to_ours=False)] = tensor.detach().contiguous().cpu()
+        state[convert_key(name, "flat", to_ours=False)] = tensor.detach().to(dtype).contiguous().cpu()
     shards, current, size = [], {}, 0
     for key in sorted(state):
         nbytes = state[key].numel() * state[key].element_size()
@@ -174,7 +185,7 @@ def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict 
     shards.append(current)
     if len(shards) == 1:
         save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
-        return
+        return dtype
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -183,6 +194,7 @@ def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict 
     total = sum(t.numel() * t.element_size() for t in state.values())
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return dtype
 
 
 def read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:

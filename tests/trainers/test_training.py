@@ -150,3 +150,36 @@ def test_resume_converts_a_patch_major_mae_head_of_earlier_versions(tmp_path, do
     (step / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "format"}))
     rest = _losses(run(cpt_config(tmp_path / "old", checkpoint_every=3), documents=documents, resume=True))
     assert rest == full[3:]
+
+
+def test_checkpoints_hold_the_declared_dtype_and_the_processor_and_resume_exactly(tmp_path, documents):
+    """Started from a checkpoint whose config declares bfloat16 (as Qwen's does): each checkpoint's model/ and
+    final/ hold bf16 weights with the tokenizer, processor settings and sentence-transformers files beside them;
+    the fp32 master weights beside it keep resume exact."""
+    from safetensors.torch import load_file
+
+    from moca_fast.data.processor import saved_settings
+    from moca_fast.model.loading import save_pretrained
+
+    source = tmp_path / "source"
+    base = cpt_config(tmp_path / "unused")
+    tokenizer = build_tokenizer(base)
+    model = build_model(base, tokenizer, torch.device("cpu"))
+    model.spec.hf_config["dtype"] = "bfloat16"
+    save_pretrained(model, source)
+    tokenizer.save_pretrained(source)
+
+    def config(out):
+        return cpt_config(out, model=str(source), tokenizer=None, checkpoint_every=2, max_steps=4)
+
+    full = _losses(run(config(tmp_path / "full"), documents=documents))
+    first = _losses(run(config(tmp_path / "cut"), documents=documents, stop_after=2))
+    rest = _losses(run(config(tmp_path / "cut"), documents=documents, resume=True))
+    assert first + rest == full
+    step = tmp_path / "cut" / "checkpoints" / "step-0000002"
+    assert {t.dtype for t in load_file(step / "model" / "model.safetensors").values()} == {torch.bfloat16}
+    assert {t.dtype for t in load_file(step / "master" / "model.safetensors").values()} == {torch.float32}
+    final = tmp_path / "full" / "final"
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    assert saved_settings(final) == {"min_pixels": 3136, "max_pixels": 3136, "max_length": 256}
+    assert (final / "modules.json").is_file() and (final / "tokenizer.json").is_file()
