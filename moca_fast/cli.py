@@ -6,8 +6,9 @@ writing one such function and listing it in COMMANDS.
     moca-fast eval mmeb --data DIR [--images DIR] --model DIR
     moca-fast eval vidore --data DIR --model DIR
     moca-fast demo [--out runs/demo] [--steps 40 600] [--device cpu]
-    moca-fast cpt --config configs/qwen25vl-3b-cpt.yaml [--resume]     (torchrun --nproc_per_node N for FSDP2)
-    moca-fast cl --config configs/qwen25vl-3b-cl.yaml [--resume]
+    moca-fast cpt --config configs/qwen25vl-3b-cpt.yaml [--resume] [--set key=value ...]  (torchrun for FSDP2)
+    moca-fast cl --config configs/qwen25vl-3b-cl.yaml [--resume] [--set key=value ...]
+    moca-fast plot RUN_DIR [--out losses.png]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moca-fast", description="Embed with and evaluate MoCa checkpoints.")
+    parser = argparse.ArgumentParser(prog="moca-fast", description="Train, embed with and evaluate MoCa models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(subparsers)
@@ -235,7 +236,25 @@ def run_demo_command(args) -> int:
     return 0
 
 
-COMMANDS = [add_demo, add_embed, add_eval, add_train]
+# ---------------------------------------------------------------------------------------------- plot
+
+
+def add_plot(subparsers) -> None:
+    parser = subparsers.add_parser("plot", help="loss and learning-rate curves of a training run (matplotlib)",
+                                   description="Reads RUN_DIR/metrics.jsonl, or those of its subfolders (e.g. a "
+                                               "demo's cpt/ and cl/), and draws one column per run.")
+    parser.add_argument("run_dir", type=Path, help="a training output_dir, or a folder of them")
+    parser.add_argument("--out", type=Path, help="PNG file (default: RUN_DIR/losses.png)")
+    parser.set_defaults(run=run_plot)
+
+
+def run_plot(args) -> None:
+    from .plots import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+
+
+COMMANDS = [add_demo, add_embed, add_eval, add_train, add_plot]
 
 if __name__ == "__main__":
     sys.exit(main())

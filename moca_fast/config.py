@@ -171,6 +171,7 @@ class TrainConfig:
     # bookkeeping
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    tensorboard: bool = False  # also log the metrics to output_dir/tensorboard (needs the tensorboard package)
 
     def __post_init__(self):
         if self.stage not in ("cpt", "cl"):

@@ -22,6 +22,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import rank
 from .metrics import MetricsLogger, device_peak_flops
 from .optim import adamw, warmup_linear_decay
+from .tensorboard import TensorBoardWriter
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def train(config: TrainConfig, stage: Stage, *, processor=None, device: torch.de
     end = min(total, stop_after) if stop_after is not None else total
     metrics = MetricsLogger(output / "metrics.jsonl", total, step, enabled=rank() == 0,
                             peak_flops=device_peak_flops(device))
+    tensorboard = TensorBoardWriter(output / "tensorboard") if config.tensorboard and rank() == 0 else None
     records = []
 
     def save() -> Path:
@@ -81,6 +83,8 @@ def train(config: TrainConfig, stage: Stage, *, processor=None, device: torch.de
                 step, position = step + 1, position + 1
                 values["grad_norm"] = float(grad_norm)
                 records.append(metrics.log(step, values))
+                if tensorboard is not None:
+                    tensorboard.log(records[-1])
                 if step % config.checkpoint_every == 0 or step == end:
                     saved = save()
                     if step == total and rank() == 0:  # finished: the model alone, in the HF layout
@@ -94,4 +98,6 @@ def train(config: TrainConfig, stage: Stage, *, processor=None, device: torch.de
             break
     finally:
         metrics.close()
+        if tensorboard is not None:
+            tensorboard.close()
     return records
