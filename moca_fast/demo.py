@@ -108,6 +108,7 @@ def run_demo(settings: DemoSettings) -> dict:
         "loss_curves": str(plot_run(out)) if importlib.util.find_spec("matplotlib") else None,
     }
     summary["run"] = {"seconds": round(time.perf_counter() - start, 1), "device": machine(device),
+                      "load_average": round(os.getloadavg()[1], 2),  # 5 minutes: other work sharing the CPU
                       "torch": torch.__version__, "date": datetime.now(timezone.utc).date().isoformat(),
                       "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
