@@ -31,9 +31,10 @@ def render(summary_path: Path = SUMMARY) -> str:
     return "\n".join([
         BEGIN,
         f"Measured on {run['device']}, {run['date']}, torch {run['torch']}, 5-minute load average "
-        f"{run['load_average']} at the end: the whole demo took {minutes} min {seconds} s with its defaults ({settings['cpt_steps']} stage-1 and {settings['cl_steps']} stage-2 steps, "
-        f"seed {settings['seed']}). Chance is the expected score of a random ranking, from each task's own "
-        f"candidate counts. Kept in `bench/{SUMMARY.relative_to(RESULTS.parent)}`.",
+        f"{run['load_average']} at the end: the whole demo took {minutes} min {seconds} s with its defaults "
+        f"({settings['cpt_steps']} stage-1 and {settings['cl_steps']} stage-2 steps, seed {settings['seed']}). "
+        "Chance is the expected score of a random ranking, from each task's own candidate counts. Kept in "
+        f"`bench/{SUMMARY.relative_to(RESULTS.parent)}`.",
         "",
         "```",
         format_summary(summary).strip("\n"),

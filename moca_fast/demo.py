@@ -124,7 +124,8 @@ def machine(device: torch.device) -> str:
 def format_summary(summary: dict) -> str:
     run = summary["run"]
     minutes, seconds = divmod(round(run["seconds"]), 60)
-    lines = ["", f"moca-fast demo: summary ({minutes} min {seconds} s on {run['device']})", "", f"{'stage':<6}{'steps':>7}{'tokens/s':>11}   loss first -> last"]
+    lines = ["", f"moca-fast demo: summary ({minutes} min {seconds} s on {run['device']})", "",
+             f"{'stage':<6}{'steps':>7}{'tokens/s':>11}   loss first -> last"]
     for name, s in summary["stages"].items():
         lines.append(f"{name:<6}{s['steps']:>7}{s['tokens_per_s']:>11.0f}   {s['loss_first']:.3f} -> {s['loss_last']:.3f}")
     lines += ["", f"{'retrieval (x100)':<24}{'chance':>8}{'untrained':>11}{'trained':>9}"]

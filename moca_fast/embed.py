@@ -183,10 +183,10 @@ class MocaEmbedder:
         The tokenizer comes from `processor_path` (the published checkpoints need the Qwen2.5-VL-*-Instruct one),
         else from the checkpoint. Defaults: CUDA when present, bf16 there and fp32 on CPU; the pixel budget and max
         length the checkpoint was saved with (moca_fast writes them beside its checkpoints), else the reference's
-        pixel budget (256..1024 tokens per image) and no length limit; image preprocessing in min(8, cores - 1) workers on CUDA, in the
-        main process on CPU (where the forward, not decoding, is the bottleneck). `compile` compiles each decoder
-        layer; `fp8` converts the decoder's linear layers to torchao float8 where the GPU supports it (a logged
-        reason otherwise); both through the trainers' shared `parallelize`."""
+        pixel budget (256..1024 tokens per image) and no length limit; image preprocessing in min(8, cores - 1)
+        workers on CUDA, in the main process on CPU (where the forward, not decoding, is the bottleneck).
+        `compile` compiles each decoder layer; `fp8` converts the decoder's linear layers to torchao float8 where
+        the GPU supports it (a logged reason otherwise); both through the trainers' shared `parallelize`."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         path = local_checkpoint(path_or_hub_id)

@@ -218,8 +218,8 @@ def test_sentence_transformers_keywords(embedder, images):
     # prompts: a template ("{}" takes the text), a plain prefix, or a name of the reference's instructions
     np.testing.assert_allclose(embedder.encode(["a cat"], prompt=prompts.TEXT_TO_IMAGE_INSTRUCTION),
                                embedder.encode([prompts.text_to_image_query("a cat")]), atol=1e-6)
-    np.testing.assert_allclose(embedder.encode(texts, prompt="query: "), embedder.encode(["query: " + t for t in texts]),
-                               atol=1e-6)
+    np.testing.assert_allclose(embedder.encode(texts, prompt="query: "),
+                               embedder.encode(["query: " + t for t in texts]), atol=1e-6)
     np.testing.assert_allclose(embedder.encode([a, {"text": "what?", "image": b}], prompt_name="image_question"),
                                embedder.encode([prompts.image_question_query(a, ""), prompts.image_question_query(
                                    b, "what?")]), atol=1e-6)
@@ -254,7 +254,8 @@ def test_processor_defaults_come_from_the_checkpoint(tmp_path, checkpoint, token
         (saved / name).write_bytes((checkpoint / name).read_bytes())
     Processor(tokenizer, min_pixels=SMALL_MIN_PIXELS, max_pixels=SMALL_MAX_PIXELS, max_length=77).save_pretrained(saved)
     processor = MocaEmbedder.from_pretrained(saved).processor
-    assert (processor.min_pixels, processor.max_pixels, processor.max_length) == (SMALL_MIN_PIXELS, SMALL_MAX_PIXELS, 77)
+    settings = (processor.min_pixels, processor.max_pixels, processor.max_length)
+    assert settings == (SMALL_MIN_PIXELS, SMALL_MAX_PIXELS, 77)
     assert MocaEmbedder.from_pretrained(saved, max_pixels=8 * 784).processor.max_pixels == 8 * 784
     reference = MocaEmbedder.from_pretrained(checkpoint).processor
     assert (reference.min_pixels, reference.max_pixels, reference.max_length) == (MIN_PIXELS, MAX_PIXELS, None)

@@ -31,7 +31,8 @@ def full_gradients(modules) -> dict[str, torch.Tensor]:
 
 
 def main(stage_name: str, out: str, workdir: str) -> None:
-    config = TrainConfig(stage="cl" if stage_name == "reference" else stage_name, model="tiny", data=workdir, output_dir=workdir, grad_accum=2,
+    stage_of_config = "cl" if stage_name == "reference" else stage_name
+    config = TrainConfig(stage=stage_of_config, model="tiny", data=workdir, output_dir=workdir, grad_accum=2,
                          tokens_per_micro_batch=512, max_length=256, min_pixels=3136, max_pixels=3136,
                          dtype="float32", activation_checkpointing=False, num_workers=0, pairs_per_rank=4,
                          grad_cache_tokens=None)
