@@ -26,6 +26,8 @@ from .tokens import IMAGE_PAD_TOKEN, IMAGE_PLACEHOLDER, MASK_TOKEN, VISION_END_T
 
 log = logging.getLogger(__name__)
 
+SAVED_BY = "moca_fast"  # marks the preprocessor_config.json whose settings a checkpoint was trained with
+
 
 @dataclass
 class EncodedSequence:
@@ -87,7 +89,8 @@ class Processor:
                  "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "patch_size": self.patch_size,
                  "temporal_patch_size": self.temporal_patch_size, "merge_size": self.spatial_merge_size,
                  "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
-                 "min_pixels": self.min_pixels, "max_pixels": self.max_pixels}  # the keys of transformers 4.x
+                 "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,  # the keys of transformers 4.x
+                 "saved_by": SAVED_BY}
         (path / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
 
     def encode(self, text: str, images: list[Image.Image] | tuple = (), sample_id: str = "?") -> EncodedSequence:
@@ -168,11 +171,14 @@ class Processor:
 
 def saved_settings(path: str | os.PathLike) -> dict:
     """The processor settings a checkpoint directory carries (`Processor.save_pretrained`): min_pixels, max_pixels
-    and max_length where saved; {} without a preprocessor_config.json (e.g. the published MoCa checkpoints)."""
+    and max_length where saved; {} without moca_fast's preprocessor_config.json (e.g. the published MoCa
+    checkpoints, which embed with the reference's budget, whatever image processor files sit beside them)."""
     path = Path(path)
     if not (path / "preprocessor_config.json").is_file():
         return {}
     image = json.loads((path / "preprocessor_config.json").read_text())
+    if image.get("saved_by") != SAVED_BY:
+        return {}
     size = image.get("size") or {}
     settings = {"min_pixels": size.get("shortest_edge", image.get("min_pixels")),
                 "max_pixels": size.get("longest_edge", image.get("max_pixels"))}

@@ -172,6 +172,10 @@ def test_processor_settings_travel_with_the_checkpoint(tmp_path, tokenizer):
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded.mask_token == "<|mask|>" and loaded.model_max_length == 300
     assert saved_settings(tmp_path / "nowhere") == {}
+    qwen = tmp_path / "qwen"  # the image processor of Qwen2.5-VL-*-Instruct: not the budget a MoCa model needs
+    qwen.mkdir()
+    (qwen / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056}))
+    assert saved_settings(qwen) == {}
 
 
 def test_auto_processor_loads_a_saved_checkpoint(tmp_path, tokenizer):
