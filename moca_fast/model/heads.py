@@ -90,6 +90,7 @@ class MaeHead(nn.Module):
         """Mean squared error of the reconstructed patches against the originals."""
         features = self.features(hidden, batch, backend)
         k, patch_dim = features.shape[0], batch.mae_targets.shape[-1]
-        # [4K, 1176] (4 patch rows per token) -> [K, 1176 * 4] in the projection's (d p) layout
-        targets = batch.mae_targets.reshape(k, -1, patch_dim).transpose(1, 2).reshape(k, -1)
+        merge = self.proj.out_features // patch_dim
+        # [4K, 1176] (4 patch rows per token) -> [K, 1176 * 4] in the projection's (d p) layout; K may be 0
+        targets = batch.mae_targets.reshape(k, merge, patch_dim).transpose(1, 2).reshape(k, merge * patch_dim)
         return patch_reconstruction_loss(features, self.proj.weight, self.proj.bias, targets)
