@@ -104,7 +104,8 @@ def _reference_stage1_checkpoint(path, config):
     save_pretrained(model, path)
     tokenizer.save_pretrained(path)
     head = {k: torch.randn_like(v) for k, v in MaeHead.from_middle_layer(model).reference_state_dict().items()}
-    save_file({**load_file(path / "model.safetensors"), **head}, path / "model.safetensors", metadata={"format": "pt"})
+    save_file({**load_file(path / "model.safetensors"), **head}, path / "both.safetensors", metadata={"format": "pt"})
+    (path / "both.safetensors").replace(path / "model.safetensors")  # never write over a file being read
     return head
 
 
