@@ -14,13 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from sentence_transformers.base.modules.input_module import InputModule
 
-from ..data.processor import Processor
 from ..embed import MocaEmbedder, as_input, with_instructions
 from ..model.loading import save_pretrained
-from . import write_sentence_transformers_config
 
 _INPUTS = "moca_inputs"
 
@@ -45,19 +42,17 @@ class MocaModule(InputModule):
         return {_INPUTS: with_instructions(items, prompt, task if task in ("query", "document") else None)}
 
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
-        items = features[_INPUTS]
-        pooled = self.embedder._embed(items, self.embedder.batch_tokens, None, progress=False)
-        features["sentence_embedding"] = torch.nn.functional.normalize(pooled, dim=-1).to(self.embedder.device)
+        embeddings = self.embedder.encode(features[_INPUTS], convert_to_tensor=True)  # L2-normalised
+        features["sentence_embedding"] = embeddings.to(self.embedder.device)
         return features
 
     def get_sentence_embedding_dimension(self) -> int:
         return self.embedder.dim
 
     def save(self, output_path: str, *args, **kwargs) -> None:
+        """What a moca_fast checkpoint holds: weights and config (with these modules files), tokenizer, processor."""
         save_pretrained(self.model, output_path)
-        processor: Processor = self.embedder.processor
-        processor.save_pretrained(output_path)
-        write_sentence_transformers_config(output_path)
+        self.embedder.processor.save_pretrained(output_path)
 
     @classmethod
     def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> "MocaModule":
