@@ -13,6 +13,7 @@ import argparse
 import json
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 from report import RESULTS
@@ -28,13 +29,15 @@ def render(summary_path: Path = SUMMARY) -> str:
     summary = json.loads(summary_path.read_text())
     run, settings = summary["run"], summary["run"]["settings"]
     minutes, seconds = divmod(round(run["seconds"]), 60)
-    return "\n".join([
-        BEGIN,
+    text = textwrap.fill(
         f"Measured on {run['device']}, {run['date']}, torch {run['torch']}, 5-minute load average "
         f"{run['load_average']} at the end: the whole demo took {minutes} min {seconds} s with its defaults "
         f"({settings['cpt_steps']} stage-1 and {settings['cl_steps']} stage-2 steps, seed {settings['seed']}). "
         "Chance is the expected score of a random ranking, from each task's own candidate counts. Kept in "
-        f"`bench/{SUMMARY.relative_to(RESULTS.parent)}`.",
+        f"`bench/{SUMMARY.relative_to(RESULTS.parent)}`.", width=116)
+    return "\n".join([
+        BEGIN,
+        text,
         "",
         "```",
         format_summary(summary).strip("\n"),
