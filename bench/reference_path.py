@@ -3,8 +3,9 @@
 What the public MoCa code computes (REFERENCE.md), done with transformers + liger-kernel + torch and nothing of
 ours in the forward: transformers' Qwen2.5-VL made bidirectional, right-padded batches (a multiple of 32 in
 training) bucketed by cost, Liger's fused linear cross-entropy over every position (ignored labels where no
-mask), the MAE decoder layer over the whole sequence, three separate forwards per contrastive step, torch
-InfoNCE on the gathered similarity matrix, transformers' activation checkpointing. Where the reference is
+mask), the MAE decoder layer over the whole sequence with its projection in the reference's `(d p)` layout,
+three separate forwards per contrastive step, torch InfoNCE on the gathered similarity matrix (every rank
+scores every gathered query), transformers' activation checkpointing. Where the reference is
 ambiguous this path takes the cheaper reading (e.g. the MAE projection on the chosen rows only), so that a
 speed-up measured against it is not inflated.
 
@@ -120,8 +121,8 @@ def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 class ReferencePath(nn.Module):
     """transformers' bidirectional Qwen2.5-VL (a Qwen2_5_VLForConditionalGeneration) with the reference's heads.
 
-    `mae_layer` / `mae_proj`: the stage-1 MAE layer (a transformers decoder layer) and its projection; build
-    them with `with_mae` from our MaeHead to start both paths from the same weights."""
+    `mae_layer` / `mae_proj`: the stage-1 MAE layer (a transformers decoder layer) and its projection; `with_mae`
+    builds them from the reference's checkpoint tensors (ours give theirs with `MaeHead.reference_state_dict`)."""
 
     def __init__(self, hf_model, *, activation_checkpointing: bool = False):
         super().__init__()
@@ -141,12 +142,15 @@ class ReferencePath(nn.Module):
         self._layer_kwargs: dict = {}
         self.hf.model.language_model.layers[0].register_forward_pre_hook(self._keep_layer_kwargs, with_kwargs=True)
 
-    def with_mae(self, mae_head) -> "ReferencePath":
-        """The MAE layer as a transformers decoder layer holding the weights of our MaeHead (same names)."""
+    def with_mae(self, tensors: dict[str, torch.Tensor]) -> "ReferencePath":
+        """The reference's stage-1 MAE head from its checkpoint tensors (`mae_decoder.*`: a transformers decoder
+        layer; `mae_proj.*`: the Linear); `MaeHead.reference_state_dict()` gives them for one of ours."""
         layers = self.hf.model.language_model.layers
         self.mae_layer = copy.deepcopy(layers[len(layers) // 2])
-        self.mae_layer.load_state_dict(mae_head.layer.state_dict())
-        self.mae_proj = copy.deepcopy(mae_head.proj)
+        self.mae_layer.load_state_dict(_under(tensors, "mae_decoder."))
+        proj = _under(tensors, "mae_proj.")
+        self.mae_proj = nn.Linear(proj["weight"].shape[1], proj["weight"].shape[0]).to(proj["weight"])
+        self.mae_proj.load_state_dict(proj)
         return self
 
     def _keep_layer_kwargs(self, module, args, kwargs):
@@ -176,15 +180,25 @@ class ReferencePath(nn.Module):
         mae_hidden = self.mae_layer(hidden, attention_mask=self._layer_kwargs["attention_mask"],
                                     position_embeddings=self._layer_kwargs["position_embeddings"])
         predicted = self.mae_proj(mae_hidden.reshape(-1, hidden.shape[-1])[batch.mae_rows])
-        mae = F.mse_loss(predicted.float(), batch.mae_targets.reshape(predicted.shape).float())
+        # The reference's "b (d p) -> (b p) d": output d * 4 + p of a token is value d of its patch p.
+        k, patch_dim = predicted.shape[0], batch.mae_targets.shape[-1]
+        predicted = predicted.reshape(k, patch_dim, -1).transpose(1, 2).reshape(-1, patch_dim)
+        mae = F.mse_loss(predicted.float(), batch.mae_targets.float())
         return mlm + mae_weight * mae, mlm, mae
 
     def cl_loss(self, queries: PaddedBatch, positives: PaddedBatch, negatives: PaddedBatch | None,
                 temperature: float) -> torch.Tensor:
-        """Stage 2: three forwards; each query against all gathered positives plus its own hard negatives."""
+        """Stage 2: three forwards; queries, positives and negatives gathered from every rank (gradient through the
+        local slice only), every query scored against all positives plus its own hard negatives. Each rank holds
+        the same loss, the mean over the global batch, and its gradient reaches only the local embeddings."""
         q, p = self.embed(queries), self.embed(positives)
         n = self.embed(negatives).reshape(q.shape[0], -1, q.shape[1]) if negatives is not None else None
-        return info_nce(q, gather_local_grad(p), n, temperature)
+        return info_nce(gather_local_grad(q), gather_local_grad(p), gather_local_grad(n) if n is not None else None,
+                        temperature)
+
+
+def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
 
 
 def gather_local_grad(x: torch.Tensor) -> torch.Tensor:
@@ -197,14 +211,11 @@ def gather_local_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def info_nce(queries: torch.Tensor, all_positives: torch.Tensor, negatives: torch.Tensor | None,
+def info_nce(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None,
              temperature: float) -> torch.Tensor:
-    """Cross-entropy over [q . all positives, q . own negatives] / temperature; the target is the query's own
-    positive, at offset rank * B in the gathered positives."""
-    b = queries.shape[0]
-    scores = queries.float() @ all_positives.float().T
+    """Cross-entropy over [q . all positives, q . own negatives] / temperature, the target of query i being
+    positive i."""
+    scores = queries.float() @ positives.float().T
     if negatives is not None:
         scores = torch.cat([scores, torch.einsum("bh,brh->br", queries.float(), negatives.float())], dim=1)
-    offset = torch.distributed.get_rank() * b if torch.distributed.is_initialized() else 0
-    targets = offset + torch.arange(b, device=queries.device)
-    return F.cross_entropy(scores / temperature, targets)
+    return F.cross_entropy(scores / temperature, torch.arange(queries.shape[0], device=queries.device))

@@ -174,7 +174,7 @@ class ReferenceTrainer:
         mae = MaeHead.from_middle_layer(model).to(device) if config.stage == "cpt" else None
         self.reference = ReferencePath(to_transformers(model).train(), activation_checkpointing=True)
         if mae is not None:
-            self.reference.with_mae(mae)
+            self.reference.with_mae(mae.reference_state_dict())
         del model, mae
         self.params = [p for p in self.reference.parameters() if p.requires_grad]
         self.optimizer = adamw(self.params, config.lr, config.weight_decay, config.betas)

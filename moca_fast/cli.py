@@ -6,8 +6,9 @@ writing one such function and listing it in COMMANDS.
     moca-fast eval mmeb --data DIR [--images DIR] --model DIR
     moca-fast eval vidore --data DIR --model DIR
     moca-fast demo [--out runs/demo] [--steps 40 600] [--device cpu]
-    moca-fast cpt --config configs/qwen25vl-3b-cpt.yaml [--resume]     (torchrun --nproc_per_node N for FSDP2)
-    moca-fast cl --config configs/qwen25vl-3b-cl.yaml [--resume]
+    moca-fast cpt --config configs/qwen25vl-3b-cpt.yaml [--resume] [--set key=value ...]  (torchrun for FSDP2)
+    moca-fast cl --config configs/qwen25vl-3b-cl.yaml [--resume] [--set key=value ...]
+    moca-fast plot RUN_DIR [--out losses.png]
 """
 
 from __future__ import annotations
@@ -18,15 +19,13 @@ import logging
 import sys
 from pathlib import Path
 
-from .data.image_patches import MAX_PIXELS, MIN_PIXELS
-
 log = logging.getLogger("moca_fast")
 
 DTYPES = ("bfloat16", "float16", "float32")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moca-fast", description="Embed with and evaluate MoCa checkpoints.")
+    parser = argparse.ArgumentParser(prog="moca-fast", description="Train, embed with and evaluate MoCa models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(subparsers)
@@ -51,9 +50,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-workers", type=int, help="image preprocessing workers (default: the embedder's)")
     group.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     group.add_argument("--fp8", action="store_true", help="float8 decoder linears (CUDA, capability >= 8.9)")
-    group.add_argument("--min-pixels", type=int, default=MIN_PIXELS, help="per image (default: the reference's)")
-    group.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="per image (default: the reference's)")
-    group.add_argument("--max-length", type=int, help="truncate inputs to this many tokens (default: none)")
+    group.add_argument("--min-pixels", type=int, help="per image (default: the checkpoint's, else the reference's)")
+    group.add_argument("--max-pixels", type=int, help="per image (default: the checkpoint's, else the reference's)")
+    group.add_argument("--max-length", type=int, help="truncate inputs to this many tokens (default: the "
+                       "checkpoint's, else none)")
 
 
 def embedder_from_args(args):
@@ -193,14 +193,18 @@ def add_train(subparsers) -> None:
         parser.add_argument("--data", help="override the config's data")
         parser.add_argument("--output-dir", help="override the config's output_dir")
         parser.add_argument("--max-steps", type=int, help="override the config's max_steps")
+        parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                            help="override any config key, typed by the config (e.g. --set lr=1e-4 --set "
+                                 "mask_duplicates=false --set tasks=t2i,vqa); repeatable")
         parser.set_defaults(run=run_train, stage=stage)
 
 
 def run_train(args) -> int:
-    from .config import load_train_config
+    from .config import load_train_config, parse_overrides
     from .trainers.run import run
 
-    overrides = {"model": args.model, "data": args.data, "output_dir": args.output_dir, "max_steps": args.max_steps}
+    named = {"model": args.model, "data": args.data, "output_dir": args.output_dir, "max_steps": args.max_steps}
+    overrides = {key: value for key, value in named.items() if value is not None} | parse_overrides(args.set)
     config = load_train_config(args.config, overrides)
     if config.stage != args.stage:
         raise ValueError(f"{args.config} is a {config.stage!r} config, not {args.stage!r}")
@@ -232,7 +236,25 @@ def run_demo_command(args) -> int:
     return 0
 
 
-COMMANDS = [add_demo, add_embed, add_eval, add_train]
+# ---------------------------------------------------------------------------------------------- plot
+
+
+def add_plot(subparsers) -> None:
+    parser = subparsers.add_parser("plot", help="loss and learning-rate curves of a training run (matplotlib)",
+                                   description="Reads RUN_DIR/metrics.jsonl, or those of its subfolders (e.g. a "
+                                               "demo's cpt/ and cl/), and draws one column per run.")
+    parser.add_argument("run_dir", type=Path, help="a training output_dir, or a folder of them")
+    parser.add_argument("--out", type=Path, help="PNG file (default: RUN_DIR/losses.png)")
+    parser.set_defaults(run=run_plot)
+
+
+def run_plot(args) -> None:
+    from .plots import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+
+
+COMMANDS = [add_demo, add_embed, add_eval, add_train, add_plot]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -169,6 +171,7 @@ class TrainConfig:
     # bookkeeping
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    tensorboard: bool = False  # also log the metrics to output_dir/tensorboard (needs the tensorboard package)
 
     def __post_init__(self):
         if self.stage not in ("cpt", "cl"):
@@ -186,8 +189,58 @@ def load_train_config(path: str, overrides: dict[str, Any] | None = None) -> Tra
 
     with open(path) as f:
         values = yaml.safe_load(f) or {}
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.update(overrides or {})
     unknown = sorted(set(values) - {f.name for f in TrainConfig.__dataclass_fields__.values()})
     if unknown:
         raise ValueError(f"{path}: unknown config keys {unknown}")
     return TrainConfig(**values)
+
+
+_NONE = ("null", "none", "~")
+_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def parse_overrides(assignments: list[str] | None) -> dict[str, Any]:
+    """`key=value` strings (the CLI's `--set`) -> TrainConfig values, each typed by its field: numbers, booleans
+    (true/false), `null` for optional fields, comma-separated tuples. Unknown keys and bad values raise."""
+    hints = typing.get_type_hints(TrainConfig)
+    known = [f.name for f in fields(TrainConfig)]
+    values = {}
+    for assignment in assignments or []:
+        key, sep, raw = assignment.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"--set {assignment!r}: expected key=value")
+        if key not in hints:
+            raise ValueError(f"--set {key}: unknown config key; the keys are {', '.join(known)}")
+        try:
+            values[key] = _typed(raw.strip(), hints[key])
+        except ValueError as error:
+            raise ValueError(f"--set {key}={raw}: {error}") from None
+    return values
+
+
+def _typed(raw: str, hint) -> Any:
+    """`raw` converted to the type `hint` (a TrainConfig field's annotation)."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if raw.lower() in _NONE and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _typed(raw, inner)
+    if typing.get_origin(hint) is tuple:
+        items = [item.strip() for item in raw.strip("[]()").split(",") if item.strip()]
+        kinds = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(kinds) != len(items):
+            raise ValueError(f"expected {len(kinds)} comma-separated values")
+        return tuple(_typed(item, kind) for item, kind in zip(items, kinds))
+    if hint is bool:
+        if raw.lower() not in _BOOLEANS:
+            raise ValueError("expected true or false")
+        return _BOOLEANS[raw.lower()]
+    if hint in (int, float):
+        try:
+            return hint(raw)
+        except ValueError:
+            raise ValueError(f"expected {'an integer' if hint is int else 'a number'}") from None
+    return raw

@@ -1,23 +1,31 @@
 """`moca-fast demo`: the whole MoCa pipeline on the built-in synthetic world with a tiny Qwen2.5-VL, in minutes on
 a CPU: stage 1 (MLM + MAE), stage 2 (contrastive), then embedding and evaluation in the MMEB and BEIR formats,
-before and after training, against chance. Deterministic by seed.
+before and after training, against chance (computed from each task's own candidate counts). Deterministic by
+seed; the summary records the wall time, the machine and the date (bench/demo_section.py puts it in the README).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import platform
 import statistics
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import TrainConfig
-from .data.synthetic import N_CANDIDATES, write_world
+from .data.synthetic import write_world
 from .embed import MocaEmbedder
-from .eval.mmeb import evaluate_mmeb
+from .eval.mmeb import evaluate_mmeb, find_datasets, read_dataset
 from .eval.vidore import evaluate_vidore
 from .model.loading import load_pretrained
+from .plots import plot_run
 
 IMAGE_PIXELS = 112 * 112  # the world's images at full size: 16 LLM tokens each
 # Stage 2 trains on the scene tasks. Rendered pages are unreadable at 16 tokens per image, so their task only
@@ -63,11 +71,16 @@ def evaluate(model, config: TrainConfig, world: Path) -> dict:
 
 
 def chance_scores(world: Path, names: list[str]) -> dict:
-    """Expected scores of a random ranking: 1/candidates for precision@1; for NDCG@5 with one relevant page
-    among the corpus, sum over the top 5 ranks of P(relevant there) / log2(rank + 1)."""
+    """Expected scores of a random ranking, from each task's own data: precision@1 is the mean over queries of
+    1 / (the query's distinct candidates); NDCG@5 with one relevant page among D pages is the sum over the top 5
+    ranks of (1 / D) / log2(rank + 1)."""
+    mmeb = world / "eval" / "mmeb"
+    chance = {name: 100 * statistics.mean(1 / len(np.unique(index))
+                                          for index in read_dataset(name, source, mmeb).candidate_index)
+              for name, source in find_datasets(mmeb).items()}
     corpus = sum(1 for _ in (world / "eval" / "beir" / "SynPages" / "corpus.jsonl").open())
-    ndcg = 100 * sum(1 / corpus / torch.log2(torch.tensor(rank + 1.0)).item() for rank in range(1, 6))
-    return {name: ndcg if "NDCG" in name else 100 / N_CANDIDATES for name in names}
+    ndcg = 100 * sum(1 / corpus / np.log2(rank + 1.0) for rank in range(1, 6))
+    return {name: ndcg if "NDCG" in name else chance[name] for name in names}
 
 
 def run_demo(settings: DemoSettings) -> dict:
@@ -75,6 +88,7 @@ def run_demo(settings: DemoSettings) -> dict:
     from .trainers.run import run
     from .trainers.setup import build_model, build_tokenizer
 
+    start = time.perf_counter()
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     world = out / "world"
@@ -91,38 +105,27 @@ def run_demo(settings: DemoSettings) -> dict:
         "retrieval": {name: {"untrained": before[name], "trained": after[name]} for name in before},
         "chance": chance_scores(world, list(before)),
         "checkpoint": str(out / "cl" / "final"),
-        "loss_curves": str(plot_losses(records, out / "losses.png")),
+        "loss_curves": str(plot_run(out)) if importlib.util.find_spec("matplotlib") else None,
     }
+    summary["run"] = {"seconds": round(time.perf_counter() - start, 1), "device": machine(device),
+                      "load_average": round(os.getloadavg()[1], 2),  # 5 minutes: other work sharing the CPU
+                      "torch": torch.__version__, "date": datetime.now(timezone.utc).date().isoformat(),
+                      "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def plot_losses(records: dict[str, list[dict]], path: Path) -> Path:
-    """One panel per stage: training loss against step, drawn with PIL (no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
-    width, height, margin = 480, 300, 40
-    canvas = Image.new("RGB", (width * len(records), height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for k, (name, recs) in enumerate(records.items()):
-        losses = [r["loss"] for r in recs]
-        lo, hi = min(losses), max(losses)
-        x0 = k * width
-        draw.rectangle([x0 + margin, margin, x0 + width - margin // 2, height - margin], outline="black")
-        points = [(x0 + margin + (width - 1.5 * margin) * i / max(1, len(losses) - 1),
-                   height - margin - (height - 2 * margin) * (v - lo) / max(hi - lo, 1e-9))
-                  for i, v in enumerate(losses)]
-        draw.line(points, fill=(40, 80, 220), width=2)
-        draw.text((x0 + margin, 12), f"{name}: loss {losses[0]:.2f} -> {losses[-1]:.2f} over {len(losses)} steps",
-                  fill="black")
-        draw.text((x0 + 4, margin), f"{hi:.2f}", fill="black")
-        draw.text((x0 + 4, height - margin - 10), f"{lo:.2f}", fill="black")
-    canvas.save(path)
-    return path
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 def format_summary(summary: dict) -> str:
-    lines = ["", "moca-fast demo: summary", "", f"{'stage':<6}{'steps':>7}{'tokens/s':>11}   loss first -> last"]
+    run = summary["run"]
+    minutes, seconds = divmod(round(run["seconds"]), 60)
+    lines = ["", f"moca-fast demo: summary ({minutes} min {seconds} s on {run['device']})", "",
+             f"{'stage':<6}{'steps':>7}{'tokens/s':>11}   loss first -> last"]
     for name, s in summary["stages"].items():
         lines.append(f"{name:<6}{s['steps']:>7}{s['tokens_per_s']:>11.0f}   {s['loss_first']:.3f} -> {s['loss_last']:.3f}")
     lines += ["", f"{'retrieval (x100)':<24}{'chance':>8}{'untrained':>11}{'trained':>9}"]

@@ -8,8 +8,14 @@ Inputs (`encode` takes one, or a list of them):
   [str | image, ...]               an interleaved sequence: strings are text, everything else is an image
   EmbedInput                       already normalised; its `id` names it in errors (what the harnesses use)
 
+`encode` takes sentence-transformers' keywords (prompt / prompt_name, batch_size, normalize_embeddings,
+convert_to_numpy / convert_to_tensor, precision, truncate_dim, device); `encode_query` / `encode_document` give
+each input the reference's instruction for its kind, `similarity` scores by cosine. A prompt is an instruction
+template: "{}" takes the input's text, otherwise the prompt goes before it; an image stays first.
+
 Inputs are costed from their text and image headers (no pixel decoded), sorted by cost, packed into batches of at
-most `batch_tokens` tokens (an input longer than that runs alone) and embedded; results come back in input order.
+most `batch_tokens` tokens (and `batch_size` inputs, when given; an input longer than the budget runs alone) and
+embedded; results come back in input order.
 Packing has no padding and attention never crosses sequences, so an input's embedding does not depend on what it
 is batched with. Images are decoded, resized and patchified in DataLoader workers while the model runs.
 """
@@ -29,10 +35,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from . import prompts
 from .data.image_patches import MAX_PIXELS, MIN_PIXELS
 from .data.images import image_size, load_image
 from .data.loader import PackCollator, packed_loader
-from .data.processor import EncodedSequence, Processor
+from .data.processor import EncodedSequence, Processor, saved_settings
 from .data.tokenizer import load_tokenizer
 from .data.tokens import IMAGE_PLACEHOLDER
 from .model.loading import load_pretrained
@@ -87,15 +94,40 @@ def as_input(item, name: str) -> EmbedInput:
     raise ValueError(f"{name}: unsupported input of type {type(item).__name__}")
 
 
-def plan_batches(costs: Sequence[int], budget: int) -> list[list[int]]:
-    """Indices sorted by decreasing cost, cut into consecutive batches of at most `budget` tokens.
+def apply_prompt(item: EmbedInput, prompt: str) -> EmbedInput:
+    """`item` with an instruction: `prompt` with the input's text at "{}", or, without "{}", before the text (the
+    sentence-transformers convention). An image at the start of the input stays at the start, as in the reference's
+    prompts: `apply_prompt(<image>, IMAGE_TARGET_INSTRUCTION)` is the reference's image target."""
+    def fill(text: str) -> str:
+        return prompt.replace("{}", text, 1) if "{}" in prompt else prompt + text
+
+    if len(item.images) == 1 and item.text.startswith(IMAGE_PLACEHOLDER):
+        return EmbedInput(IMAGE_PLACEHOLDER + fill(item.text[len(IMAGE_PLACEHOLDER):]), item.images, item.id)
+    return EmbedInput(fill(item.text), item.images, item.id)
+
+
+def with_instructions(items: list[EmbedInput], prompt: str | None = None, role: str | None = None,
+                      document_pages: bool = False) -> list[EmbedInput]:
+    """`prompt` applied to every input; without one, each gets the reference's instruction for its kind as a query
+    or a document (`role`; moca_fast.prompts.role_prompt), or none when `role` is None too."""
+    if prompt:
+        return [apply_prompt(item, prompt) for item in items]
+    if role is None:
+        return items
+    return [apply_prompt(item, p) if (p := prompts.role_prompt(role, item.text, len(item.images), document_pages))
+            else item for item in items]
+
+
+def plan_batches(costs: Sequence[int], budget: int, max_items: int | None = None) -> list[list[int]]:
+    """Indices sorted by decreasing cost, cut into consecutive batches of at most `budget` tokens (and `max_items`
+    inputs, when given).
 
     Simpler than training's TokenBudgetSampler on purpose: no epochs, ranks or resume, and an input over the
     budget is not an error here but a batch of its own."""
     order = sorted(range(len(costs)), key=lambda i: -costs[i])
     batches, current, used = [], [], 0
     for i in order:
-        if current and used + costs[i] > budget:
+        if current and (used + costs[i] > budget or len(current) == max_items):
             batches.append(current)
             current, used = [], 0
         current.append(i)
@@ -126,27 +158,35 @@ class MocaEmbedder:
         self.processor = processor
         self.num_workers = num_workers
         self.batch_tokens = batch_tokens
-        self.device = next(model.parameters()).device
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @property
     def dim(self) -> int:
         return self.model.spec.text.hidden_size
+
+    def get_sentence_embedding_dimension(self) -> int:
+        """The embedding size (sentence-transformers' name for `dim`)."""
+        return self.dim
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, compile: bool = False, fp8: bool = False,
                         processor_path: str | os.PathLike | None = None, *, attention_backend: str = "auto",
                         num_workers: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                        max_length: int | None = None, min_pixels: int = MIN_PIXELS,
-                        max_pixels: int = MAX_PIXELS) -> "MocaEmbedder":
+                        max_length: int | None = None, min_pixels: int | None = None,
+                        max_pixels: int | None = None) -> "MocaEmbedder":
         """Load a MoCa checkpoint (local directory, or a hub id such as moca-embed/MoCa-Qwen25VL-3B).
 
         The tokenizer comes from `processor_path` (the published checkpoints need the Qwen2.5-VL-*-Instruct one),
-        else from the checkpoint. Defaults: CUDA when present, bf16 there and fp32 on CPU; the reference's pixel
-        budget (256..1024 tokens per image); image preprocessing in min(8, cores - 1) workers on CUDA, in the
-        main process on CPU (where the forward, not decoding, is the bottleneck). `compile` compiles each decoder
-        layer; `fp8` converts the decoder's linear layers to torchao float8 where the GPU supports it (a logged
-        reason otherwise); both through the trainers' shared `parallelize`."""
+        else from the checkpoint. Defaults: CUDA when present, bf16 there and fp32 on CPU; the pixel budget and max
+        length the checkpoint was saved with (moca_fast writes them beside its checkpoints), else the reference's
+        pixel budget (256..1024 tokens per image) and no length limit; image preprocessing in min(8, cores - 1)
+        workers on CUDA, in the main process on CPU (where the forward, not decoding, is the bottleneck).
+        `compile` compiles each decoder layer; `fp8` converts the decoder's linear layers to torchao float8 where
+        the GPU supports it (a logged reason otherwise); both through the trainers' shared `parallelize`."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         path = local_checkpoint(path_or_hub_id)
@@ -161,43 +201,96 @@ class MocaEmbedder:
             parallelize(model, list(model.language_model.layers), device=device,
                         fp8_layers=model.language_model.layers if fp8 else None,
                         activation_checkpointing=False, compile=compile, world_size=1)
-        processor = Processor(load_tokenizer(tokenizer_dir), min_pixels=min_pixels, max_pixels=max_pixels,
-                              max_length=max_length)
+        saved = saved_settings(path)
+        settings = dict(min_pixels=min_pixels or saved.get("min_pixels", MIN_PIXELS),
+                        max_pixels=max_pixels or saved.get("max_pixels", MAX_PIXELS),
+                        max_length=max_length or saved.get("max_length"))
+        log.info("processor: %s (%s)", settings, f"saved with {path}" if saved else "the reference's")
+        processor = Processor(load_tokenizer(tokenizer_dir), **settings)
         if num_workers is None:
             num_workers = min(8, max((os.cpu_count() or 1) - 1, 0)) if device.type == "cuda" else 0
         return cls(model, processor, num_workers=num_workers, batch_tokens=batch_tokens)
 
-    def encode(self, inputs, batch_tokens: int | None = None, normalize: bool = True,
-               show_progress_bar: bool = False, convert_to_tensor: bool = False) -> np.ndarray | torch.Tensor:
+    def encode(self, inputs, prompt_name: str | None = None, prompt: str | None = None, batch_size: int | None = None,
+               show_progress_bar: bool = False, precision: str = "float32", convert_to_numpy: bool = True,
+               convert_to_tensor: bool = False, device: str | torch.device | None = None,
+               normalize_embeddings: bool = True, truncate_dim: int | None = None, batch_tokens: int | None = None,
+               _role: str | None = None):
         """Embeddings [N, dim] (float32) of a list of inputs, in input order; [dim] for a single input.
 
-        A list is always a list of inputs: wrap an interleaved input in its own list (`encode([[text, image]])`)."""
+        A list is always a list of inputs: wrap an interleaved input in its own list (`encode([[text, image]])`).
+        `prompt` (or a name of moca_fast.prompts.PROMPTS) instructs every input; `batch_size` bounds the inputs of a
+        packed batch as `batch_tokens` bounds its tokens; `truncate_dim` keeps the first dimensions (normalised
+        again); `precision` int8 / uint8 / binary / ubinary quantises with sentence-transformers'
+        quantize_embeddings; `device` moves the model there. Returns numpy (default), a tensor
+        (`convert_to_tensor`), or a list of tensors (both conversions off)."""
         single = not isinstance(inputs, (list, tuple))
         items = [as_input(x, f"input {i}") for i, x in enumerate([inputs] if single else inputs)]
-        out = self._embed(items, batch_tokens or self.batch_tokens, normalize, show_progress_bar)
+        if prompt is None and prompt_name is not None:
+            prompt = prompts.prompt_named(prompt_name)
+        items = with_instructions(items, prompt, _role)
+        if device is not None:
+            self.model.to(device)
+        out = self._embed(items, batch_tokens or self.batch_tokens, batch_size, show_progress_bar)
+        if truncate_dim is not None:
+            out = out[:, :truncate_dim]
+        if normalize_embeddings:
+            out = F.normalize(out, dim=-1)
+        if precision != "float32":
+            out = torch.from_numpy(quantize(out.numpy(), precision)) if len(out) else out
         out = out[0] if single else out
-        return out if convert_to_tensor else out.numpy()
+        if convert_to_tensor:
+            return out
+        return out.numpy() if convert_to_numpy else list(out)
 
-    def _embed(self, items: list[EmbedInput], budget: int, normalize: bool, progress: bool) -> torch.Tensor:
+    def encode_query(self, inputs, **kwargs):
+        """`encode` for queries: without a prompt, each input gets the reference's query instruction for its kind
+        (text: none, as ViDoRe queries; image + text: the image question; image: the image target)."""
+        return self.encode(inputs, _role="query", **kwargs)
+
+    def encode_document(self, inputs, **kwargs):
+        """`encode` for documents: without a prompt, an image alone gets the reference's image-target instruction
+        (pass prompt_name="document_page" for document pages); text and image + text go as they are."""
+        return self.encode(inputs, _role="document", **kwargs)
+
+    @staticmethod
+    def similarity(a, b) -> torch.Tensor:
+        """Cosine similarities [N, M] of two sets of embeddings (numpy or torch)."""
+        a, b = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x)) for x in (a, b))
+        a, b = (F.normalize(torch.atleast_2d(x).float(), dim=-1) for x in (a, b))
+        return a @ b.T
+
+    def _embed(self, items: list[EmbedInput], budget: int, max_items: int | None, progress: bool) -> torch.Tensor:
+        """Mean-pooled embeddings [N, dim] (float32, not normalised) on the CPU, in input order."""
         out = torch.empty(len(items), self.dim, dtype=torch.float32)
         if not items:
             return out
-        batches = plan_batches([self.cost(item) for item in items], budget)
+        batches = plan_batches([self.cost(item) for item in items], budget, max_items)
         workers = min(self.num_workers, len(batches) - 1)  # one batch: no worker is worth starting
         collator = PackCollator(self.processor, window_size=self.model.spec.vision.window_size)
+        device = self.device
         loader = packed_loader(_Encoded(items, self.processor), batches, collator, num_workers=workers,
-                               pin_memory=self.device.type == "cuda")
+                               pin_memory=device.type == "cuda")
         with torch.inference_mode(), tqdm(total=len(items), disable=not progress, unit="input") as bar:
             for indices, batch in zip(batches, loader):
-                batch = batch.to(self.device, non_blocking=True)
-                pooled = mean_pool(self.model(batch), batch.cu_seqlens)
-                out[indices] = (F.normalize(pooled, dim=-1) if normalize else pooled).cpu()
+                batch = batch.to(device, non_blocking=True)
+                out[indices] = mean_pool(self.model(batch), batch.cu_seqlens).float().cpu()
                 bar.update(len(indices))
         return out
 
     def cost(self, item: EmbedInput) -> int:
         """Tokens the input will take, from its text and image headers alone."""
         return self.processor.count_tokens(item.text, [image_size(image, item.id) for image in item.images], item.id)
+
+
+def quantize(embeddings: np.ndarray, precision: str) -> np.ndarray:
+    """sentence-transformers' quantisation (int8, uint8, binary, ubinary) of float32 embeddings."""
+    try:
+        from sentence_transformers import quantize_embeddings
+    except ImportError as error:
+        raise ImportError(f"precision={precision!r} quantises with sentence-transformers: "
+                          "pip install 'moca-fast[sentence-transformers]'") from error
+    return quantize_embeddings(embeddings, precision=precision)
 
 
 def local_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:

@@ -1,6 +1,9 @@
 """`moca-fast demo`: a shortened run end to end, and the default run's claim (trained retrieval clearly above
 chance and the untrained model) guarded as a test."""
 
+import json
+
+import pyarrow.parquet as pq
 import pytest
 
 from moca_fast.cli import main
@@ -15,7 +18,13 @@ def test_shortened_demo_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "moca-fast demo: summary" in printed and "SynT2I (P@1)" in printed and "SynPages (NDCG@5)" in printed
     assert (tmp_path / "losses.png").stat().st_size > 1000
-    assert (tmp_path / "summary.json").is_file()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["run"]["seconds"] > 0 and summary["run"]["settings"]["cl_steps"] == 3
+    # chance from each task's own candidates: 8 per t2i / i2t query; one per value of the asked attribute in vqa
+    rows = pq.read_table(tmp_path / "world" / "eval" / "mmeb" / "SynVQA" / "test-00000-of-00001.parquet").to_pylist()
+    expected = 100 * sum(1 / len(set(r["tgt_text"])) for r in rows) / len(rows)
+    assert summary["chance"]["SynVQA"] == pytest.approx(expected)
+    assert summary["chance"]["SynT2I"] == pytest.approx(12.5) and summary["chance"]["SynVQA"] > 12.5
     load_pretrained(tmp_path / "cl" / "final")  # the trained model, in the HF layout
 
 

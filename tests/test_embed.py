@@ -101,7 +101,7 @@ def test_outputs_order_types_and_normalisation(embedder, images):
     np.testing.assert_allclose(out[::-1], embedder.encode(texts[::-1]), atol=1e-6)
     single = embedder.encode("two words", convert_to_tensor=True)
     assert isinstance(single, torch.Tensor) and single.shape == (embedder.dim,)
-    raw = embedder.encode(texts, normalize=False, convert_to_tensor=True)
+    raw = embedder.encode(texts, normalize_embeddings=False, convert_to_tensor=True)
     assert not torch.allclose(raw.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(F.normalize(raw, dim=-1), torch.from_numpy(out), atol=1e-6, rtol=0)
     assert embedder.encode([]).shape == (0, embedder.dim)
@@ -196,3 +196,66 @@ def test_compiled_decoder_layers_give_the_same_embeddings(checkpoint, embedder):
                                             max_pixels=SMALL_MAX_PIXELS)
     texts = ["compiled once", "and run again on other lengths too"]
     np.testing.assert_allclose(compiled.encode(texts), embedder.encode(texts), atol=1e-5, rtol=0)
+
+
+def test_sentence_transformers_keywords(embedder, images):
+    from sentence_transformers import quantize_embeddings
+
+    a, b = images[0], images[1]
+    texts = ["one short text", "a second, longer text with a few more words"]
+    assert embedder.get_sentence_embedding_dimension() == embedder.dim
+    base = embedder.encode(texts)
+    np.testing.assert_allclose(embedder.encode(texts, batch_size=1), base, atol=1e-6)
+    np.testing.assert_allclose(embedder.encode(texts, device="cpu"), base, atol=1e-6)
+    raw = embedder.encode(texts, normalize_embeddings=False)
+    cut = embedder.encode(texts, truncate_dim=16)
+    assert cut.shape == (2, 16)
+    np.testing.assert_allclose(cut, raw[:, :16] / np.linalg.norm(raw[:, :16], axis=-1, keepdims=True), atol=1e-6)
+    as_list = embedder.encode(texts, convert_to_numpy=False)
+    assert isinstance(as_list, list) and all(isinstance(x, torch.Tensor) for x in as_list)
+    np.testing.assert_array_equal(embedder.encode(texts, precision="binary"), quantize_embeddings(base, "binary"))
+    assert embedder.encode(texts, precision="int8").dtype == np.int8
+    # prompts: a template ("{}" takes the text), a plain prefix, or a name of the reference's instructions
+    np.testing.assert_allclose(embedder.encode(["a cat"], prompt=prompts.TEXT_TO_IMAGE_INSTRUCTION),
+                               embedder.encode([prompts.text_to_image_query("a cat")]), atol=1e-6)
+    np.testing.assert_allclose(embedder.encode(texts, prompt="query: "),
+                               embedder.encode(["query: " + t for t in texts]), atol=1e-6)
+    np.testing.assert_allclose(embedder.encode([a, {"text": "what?", "image": b}], prompt_name="image_question"),
+                               embedder.encode([prompts.image_question_query(a, ""), prompts.image_question_query(
+                                   b, "what?")]), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown prompt_name 'nope'"):
+        embedder.encode(texts, prompt_name="nope")
+    scores = embedder.similarity(base, base[::-1])
+    assert isinstance(scores, torch.Tensor) and scores.shape == (2, 2)
+    torch.testing.assert_close(scores, torch.from_numpy(base @ base[::-1].T), atol=1e-6, rtol=0)
+
+
+def test_query_and_document_instructions_follow_the_reference(embedder, images):
+    a, b = images[0], images[1]
+    queries = embedder.encode_query(["a plain query", {"text": "How many?", "image": a}, b])
+    np.testing.assert_allclose(queries, embedder.encode(["a plain query", prompts.image_question_query(a, "How many?"),
+                                                         prompts.image_target(b)]), atol=1e-6)
+    documents = embedder.encode_document([a, "a text target", {"text": f"{V}a captioned image", "image": b}])
+    np.testing.assert_allclose(documents, embedder.encode([prompts.image_target(a), "a text target",
+                                                           {"text": f"{V}a captioned image", "image": b}]), atol=1e-6)
+    pages = embedder.encode_document([a], prompt_name="document_page")
+    np.testing.assert_allclose(pages, embedder.encode([prompts.document_page(a)]), atol=1e-6)
+
+
+def test_processor_defaults_come_from_the_checkpoint(tmp_path, checkpoint, tokenizer):
+    """A checkpoint saved with its processor settings embeds with them; flags still override; a checkpoint without
+    them (the published ones) gets the reference's pixel budget."""
+    from moca_fast.data.image_patches import MAX_PIXELS, MIN_PIXELS
+    from moca_fast.data.processor import Processor
+
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (saved / name).write_bytes((checkpoint / name).read_bytes())
+    Processor(tokenizer, min_pixels=SMALL_MIN_PIXELS, max_pixels=SMALL_MAX_PIXELS, max_length=77).save_pretrained(saved)
+    processor = MocaEmbedder.from_pretrained(saved).processor
+    settings = (processor.min_pixels, processor.max_pixels, processor.max_length)
+    assert settings == (SMALL_MIN_PIXELS, SMALL_MAX_PIXELS, 77)
+    assert MocaEmbedder.from_pretrained(saved, max_pixels=8 * 784).processor.max_pixels == 8 * 784
+    reference = MocaEmbedder.from_pretrained(checkpoint).processor
+    assert (reference.min_pixels, reference.max_pixels, reference.max_length) == (MIN_PIXELS, MAX_PIXELS, None)

@@ -51,8 +51,12 @@ def test_stage1_loss_and_gradients_equal_ours(model, processor, make_image):
         seq = apply_mlm(proc.encode(text, images, f"doc{i}"), mask_token_id=proc.mask_token_id,
                         special_ids=proc.special_ids, rate=0.4, generator=g)
         sequences.append(apply_mae(seq, image_token_id=proc.image_token_id, rate=0.5, generator=g))
-    mae = MaeHead.from_middle_layer(model)
-    reference = ReferencePath(to_transformers(model).train(), activation_checkpointing=True).with_mae(mae)
+    # A stage-1 head as the reference's checkpoints store it (mae_decoder.*, mae_proj.*), random: ours loads it
+    # through the name table and computes in the same output layout, or the losses and gradients below differ.
+    tensors = {k: torch.randn_like(v) * 0.02 + (v if "norm" in k else 0)
+               for k, v in MaeHead.from_middle_layer(model).reference_state_dict().items()}
+    mae = MaeHead.from_reference(model, tensors)
+    reference = ReferencePath(to_transformers(model).train(), activation_checkpointing=True).with_mae(tensors)
 
     batch = pack_sequences(sequences, proc.image_token_id)
     hidden = model(batch)

@@ -1,7 +1,9 @@
 """Atomic, resumable training checkpoints: the model in the Hugging Face layout, plus everything a resume needs.
 
-A checkpoint is a folder `step-NNNNNNN/` holding `model/` (config.json + safetensors, loadable by moca_fast
-and transformers, with the tokenizer beside it), `extra.pt` (modules outside the HF model, e.g. the MAE head),
+A checkpoint is a folder `step-NNNNNNN/` holding `model/` (config.json + safetensors in the dtype the config
+declares, loadable by moca_fast, transformers and sentence-transformers, with the tokenizer and image processor
+settings beside it), `master/` (the fp32 master weights, only when `model/` holds a lower precision, so a resume
+is exact), `extra.pt` (modules outside the HF model, e.g. the MAE head),
 `optimizer.pt`, and `trainer_state.json` (step, data position, scheduler, RNG). It is written into a
 `.tmp` folder that is renamed into place only when complete, then `latest` is replaced atomically, so a crash
 mid-write leaves the previous checkpoint as the one a resume finds. Sharded (FSDP2) models are gathered to
@@ -23,12 +25,16 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from moca_fast.model.heads import mae_state_from_patch_major, rows_from_patch_major
 from moca_fast.model.loading import load_state_dict_into, read_safetensors, save_pretrained
 from moca_fast.model.moca import MocaModel
 
 from .distributed import rank
 
 LATEST = "latest"
+# What a checkpoint's files hold. 2: the MAE head's projection in the reference's layout (d * 4 + p). 1 (written
+# without a "format"): patch-major (p * 1176 + d), converted when loaded.
+FORMAT = 2
 
 
 def rng_state() -> dict:
@@ -47,7 +53,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, *, model, extra: torch.nn.Module | None,
-                    optimizer: torch.optim.Optimizer, trainer_state: dict, tokenizer=None, keep: int = 2) -> Path:
+                    optimizer: torch.optim.Optimizer, trainer_state: dict, processor=None, keep: int = 2) -> Path:
     """Write step `step` atomically under `root` (collective under FSDP: every rank calls it)."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=full)
@@ -59,15 +65,16 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model, extra: torch.n
         tmp = root / f"step-{step:07d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_pretrained(model, tmp / "model", state_dict=model_state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "model")
+        if save_pretrained(model, tmp / "model", state_dict=model_state) != torch.float32:
+            save_pretrained(model, tmp / "master", state_dict=model_state, dtype=torch.float32)
+        if processor is not None:
+            processor.save_pretrained(tmp / "model")
         if extra_state is not None:
             torch.save(extra_state, tmp / "extra.pt")
         torch.save(optim_state, tmp / "optimizer.pt")
         torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({k: v for k, v in trainer_state.items()
-                                                            if isinstance(v, (int, float, str))}, indent=2))
+        (tmp / "trainer_state.json").write_text(json.dumps({"format": FORMAT, **{
+            k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str))}}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _point_latest(root, final.name)
@@ -93,15 +100,29 @@ def load_checkpoint(path: str | os.PathLike, *, model, extra: torch.nn.Module | 
     with torch.device("meta"):  # the HF-layout weights go through the key table into a CPU copy first
         holder = MocaModel(model.spec)
     holder.to(dtype=torch.float32)
-    load_state_dict_into(holder, read_safetensors(path / "model", "cpu"), source=str(path))
+    weights = path / "master" if (path / "master").is_dir() else path / "model"
+    load_state_dict_into(holder, read_safetensors(weights, "cpu"), source=str(path))
     set_model_state_dict(model, holder.state_dict(), options=full)
+    optim_state = torch.load(path / "optimizer.pt", weights_only=False)
     if extra is not None:
-        set_model_state_dict(extra, torch.load(path / "extra.pt", weights_only=True), options=full)
-    set_optimizer_state_dict(_trained(model, extra), optimizer, torch.load(path / "optimizer.pt", weights_only=False),
-                             options=full)
+        extra_state = torch.load(path / "extra.pt", weights_only=True)
+        if json.loads((path / "trainer_state.json").read_text()).get("format", 1) < 2:
+            extra_state, optim_state = _mae_from_patch_major(extra_state, optim_state)
+        set_model_state_dict(extra, extra_state, options=full)
+    set_optimizer_state_dict(_trained(model, extra), optimizer, optim_state, options=full)
     state = torch.load(path / "trainer_state.pt", weights_only=False)
     set_rng_state(state.pop("rng"))
     return state
+
+
+def _mae_from_patch_major(extra_state: dict, optim_state: dict) -> tuple[dict, dict]:
+    """A format-1 checkpoint's MAE head and its AdamW moments with the projection rows in the reference's layout."""
+    for name in ("proj.weight", "proj.bias"):
+        moments = optim_state["state"].get(f"extra.{name}", {})
+        for key, value in moments.items():
+            if key != "step":
+                moments[key] = rows_from_patch_major(value)
+    return mae_state_from_patch_major(extra_state), optim_state
 
 
 def _trained(model, extra) -> torch.nn.Module:

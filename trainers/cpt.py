@@ -7,7 +7,9 @@ gradient equals the single-process one on the same global batch.
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -17,16 +19,29 @@ from moca_fast.data.documents import DocumentDataset
 from moca_fast.data.loader import MaskedDocuments, PackCollator, packed_loader
 from moca_fast.data.packing import TokenBudgetSampler
 from moca_fast.model.heads import MaeHead, mlm_loss
+from moca_fast.model.loading import read_mae_head
 
 from .distributed import all_reduce_sum, world_size
 from .metrics import forward_flops
 from .parallelize import parallelize
 from .setup import autocast
 
+log = logging.getLogger(__name__)
+
 
 def step_flops(spec, batch) -> float:
     """Useful FLOPs of one stage-1 micro-batch, forward + backward: the model, and the LM head on masked rows."""
     return 3 * forward_flops(spec, batch) + 6 * batch.mlm_index.numel() * spec.text.hidden_size * spec.text.vocab_size
+
+
+def initial_mae_head(model, checkpoint: str) -> MaeHead:
+    """The MAE head a stage-1 checkpoint (the reference's, with `mae_decoder.*` / `mae_proj.*`) holds, to continue
+    it; else the reference's initialisation from the middle decoder layer."""
+    tensors = read_mae_head(checkpoint) if (Path(checkpoint) / "config.json").is_file() else None
+    if tensors is None:
+        return MaeHead.from_middle_layer(model)
+    log.info("MAE head: continued from %s (%d tensors)", checkpoint, len(tensors))
+    return MaeHead.from_reference(model, tensors)
 
 
 class ContinualPretraining:
@@ -35,7 +50,7 @@ class ContinualPretraining:
     def __init__(self, config: TrainConfig, model, processor, device: torch.device, rank: int, world: int,
                  documents=None):
         self.config, self.device, self.spec = config, device, model.spec
-        self.mae = MaeHead.from_middle_layer(model).to(device)
+        self.mae = initial_mae_head(model, config.model).to(device)
         blocks = [*model.language_model.layers, *model.visual.blocks, self.mae.layer]
         self.state = parallelize(model, blocks, extra=self.mae, device=device, fp8_layers=model.language_model.layers if config.fp8
                                  else None, activation_checkpointing=config.activation_checkpointing,

@@ -22,6 +22,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import rank, world_size
 from .metrics import MetricsLogger, device_peak_flops
 from .optim import adamw, warmup_linear_decay
+from .tensorboard import TensorBoardWriter
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,10 @@ class Stage(Protocol):
     def train_step(self, inputs) -> dict[str, float]: ...
 
 
-def train(config: TrainConfig, stage: Stage, *, tokenizer=None, device: torch.device, resume: bool = False,
+def train(config: TrainConfig, stage: Stage, *, processor=None, device: torch.device, resume: bool = False,
           stop_after: int | None = None) -> list[dict]:
     """Run `stage` for the configured epochs / max_steps; returns the logged records of this process. A
-    finished run leaves its model (HF layout, tokenizer beside it) in `output_dir/final`.
+    finished run leaves its model (HF layout, `processor`'s tokenizer and settings beside it) in `output_dir/final`.
 
     `stop_after` ends the run after that many optimizer steps in total (the schedule is unchanged), as an
     interruption would; a later call with `resume=True` continues from the last checkpoint."""
@@ -62,11 +63,12 @@ def train(config: TrainConfig, stage: Stage, *, tokenizer=None, device: torch.de
     peak = device_peak_flops(device)  # one device's; the logged tokens and FLOPs are every rank's
     metrics = MetricsLogger(output / "metrics.jsonl", total, step, enabled=rank() == 0,
                             peak_flops=peak * world_size() if peak else None)
+    tensorboard = TensorBoardWriter(output / "tensorboard") if config.tensorboard and rank() == 0 else None
     records = []
 
     def save() -> Path:
         return save_checkpoint(output / "checkpoints", step, model=stage.model, extra=stage.extra, optimizer=optimizer,
-                        tokenizer=tokenizer, keep=config.keep_checkpoints,
+                        processor=processor, keep=config.keep_checkpoints,
                         trainer_state={"step": step, "epoch": epoch, "position": position,
                                        "scheduler": scheduler.state_dict()})
 
@@ -82,6 +84,8 @@ def train(config: TrainConfig, stage: Stage, *, tokenizer=None, device: torch.de
                 step, position = step + 1, position + 1
                 values["grad_norm"] = float(grad_norm)
                 records.append(metrics.log(step, values))
+                if tensorboard is not None:
+                    tensorboard.log(records[-1])
                 if step % config.checkpoint_every == 0 or step == end:
                     saved = save()
                     if step == total and rank() == 0:  # finished: the model alone, in the HF layout
@@ -95,4 +99,6 @@ def train(config: TrainConfig, stage: Stage, *, tokenizer=None, device: torch.de
             break
     finally:
         metrics.close()
+        if tensorboard is not None:
+            tensorboard.close()
     return records

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+from pathlib import Path
+
 from moca_fast.config import TrainConfig
 
 from .distributed import finish_distributed
 from .loop import train
 from .setup import build_model, build_processor, build_tokenizer, start
+
+log = logging.getLogger(__name__)
 
 
 def run(config: TrainConfig, *, resume: bool = False, stop_after: int | None = None, documents=None,
@@ -16,7 +22,19 @@ def run(config: TrainConfig, *, resume: bool = False, stop_after: int | None = N
     records = _run(config, device, rank, world, resume=resume, stop_after=stop_after, documents=documents,
                    pairs=pairs)
     finish_distributed()  # on success only: after a failure torchrun stops the other ranks, a barrier would hang
+    if rank == 0:
+        plot_losses(Path(config.output_dir))
     return records
+
+
+def plot_losses(output_dir: Path) -> None:
+    """output_dir/losses.png from its metrics (moca_fast.plots), when matplotlib is installed."""
+    if importlib.util.find_spec("matplotlib") is None:
+        log.info("no loss plot: matplotlib is not installed (pip install 'moca-fast[plot]')")
+        return
+    from moca_fast.plots import plot_run
+
+    log.info("loss curves: %s", plot_run(output_dir))
 
 
 def _run(config: TrainConfig, device, rank: int, world: int, *, resume: bool, stop_after: int | None, documents,
@@ -32,4 +50,4 @@ def _run(config: TrainConfig, device, rank: int, world: int, *, resume: bool, st
         from .cl import ContrastiveFinetuning
 
         stage = ContrastiveFinetuning(config, model, processor, device, rank, world, pairs=pairs)
-    return train(config, stage, tokenizer=tokenizer, device=device, resume=resume, stop_after=stop_after)
+    return train(config, stage, processor=processor, device=device, resume=resume, stop_after=stop_after)

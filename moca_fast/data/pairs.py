@@ -172,12 +172,18 @@ def task_batches(tasks: Sequence[str], batch_size: int, *, seed: int) -> list[li
 
 
 def target_ids(targets: Sequence[Side]) -> torch.Tensor:
-    """[B] long content ids, equal for identical targets (same text and same image path).
+    """[B] long content ids, equal for identical targets: the same text and the same image bytes (one image stored
+    under two paths is the same target; a missing file raises naming it).
 
     A 64-bit digest of the content, not a first-seen counter, so ids agree across ranks and processes: the
     contrastive loss compares them after gathering every rank's targets."""
     def digest(side: Side) -> int:
-        data = f"{side.text}\0{side.image}".encode()
-        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+        hasher = hashlib.blake2b(side.text.encode(), digest_size=8)
+        if side.image is not None:
+            try:
+                hasher.update(b"\0" + hashlib.blake2b(Path(side.image).read_bytes()).digest())
+            except OSError as error:
+                raise ValueError(f"cannot read the target image {side.image}: {error}") from error
+        return int.from_bytes(hasher.digest(), "little", signed=True)
 
     return torch.tensor([digest(target) for target in targets], dtype=torch.long)

@@ -4,21 +4,29 @@ One call encodes one sequence; the collator (data/batch.py) packs many. The text
 triple `<|vision_start|><|image_pad|><|vision_end|>` at each image; the pad is expanded to one token per
 merged 2 x 2 patch block. Positions are computed here, on the CPU, never in the model's forward.
 `count_tokens` gives the exact encoded length from image sizes alone, for packing without decoding pixels.
+`save_pretrained` writes the tokenizer and a transformers `preprocessor_config.json` beside a checkpoint, so the
+settings it was trained with (pixel budget, max length) travel with it and `AutoProcessor` loads it;
+`saved_settings` reads them back.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .image_patches import MAX_PIXELS, MIN_PIXELS, image_to_patches, resized_size
+from .image_patches import CLIP_MEAN, CLIP_STD, MAX_PIXELS, MIN_PIXELS, image_to_patches, resized_size
 from .positions import mrope_position_ids
 from .tokens import IMAGE_PAD_TOKEN, IMAGE_PLACEHOLDER, MASK_TOKEN, VISION_END_TOKEN, VISION_START_TOKEN
 
 log = logging.getLogger(__name__)
+
+SAVED_BY = "moca_fast"  # marks the preprocessor_config.json whose settings a checkpoint was trained with
 
 
 @dataclass
@@ -66,6 +74,24 @@ class Processor:
         # Never MLM-masked: every special token, the image tokens and the mask itself.
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids) | set(ids.values())
                                                | ({mask_id} if self.mask_token_id is not None else set())))
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """The tokenizer (`model_max_length` = max_length when set) and the image processor's settings as
+        transformers' Qwen2-VL image processor reads them."""
+        path = Path(path)
+        self.tokenizer.save_pretrained(path)
+        if self.max_length is not None:
+            config = json.loads((path / "tokenizer_config.json").read_text())
+            (path / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": self.max_length},
+                                                                   indent=2))
+        image = {"image_processor_type": "Qwen2VLImageProcessor", "do_convert_rgb": True, "do_resize": True,
+                 "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "patch_size": self.patch_size,
+                 "temporal_patch_size": self.temporal_patch_size, "merge_size": self.spatial_merge_size,
+                 "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+                 "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,  # the keys of transformers 4.x
+                 "saved_by": SAVED_BY}
+        (path / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
 
     def encode(self, text: str, images: list[Image.Image] | tuple = (), sample_id: str = "?") -> EncodedSequence:
         """Encode one sequence; every error names `sample_id` and the problem."""
@@ -141,3 +167,22 @@ class Processor:
 
     def _image_block(self, n_tokens: int) -> torch.Tensor:
         return torch.tensor([self.vision_start_id] + [self.image_token_id] * n_tokens + [self.vision_end_id])
+
+
+def saved_settings(path: str | os.PathLike) -> dict:
+    """The processor settings a checkpoint directory carries (`Processor.save_pretrained`): min_pixels, max_pixels
+    and max_length where saved; {} without moca_fast's preprocessor_config.json (e.g. the published MoCa
+    checkpoints, which embed with the reference's budget, whatever image processor files sit beside them)."""
+    path = Path(path)
+    if not (path / "preprocessor_config.json").is_file():
+        return {}
+    image = json.loads((path / "preprocessor_config.json").read_text())
+    if image.get("saved_by") != SAVED_BY:
+        return {}
+    size = image.get("size") or {}
+    settings = {"min_pixels": size.get("shortest_edge", image.get("min_pixels")),
+                "max_pixels": size.get("longest_edge", image.get("max_pixels"))}
+    if (path / "tokenizer_config.json").is_file():
+        length = json.loads((path / "tokenizer_config.json").read_text()).get("model_max_length")
+        settings["max_length"] = length if isinstance(length, int) and length < 10**9 else None  # unset: ~1e30
+    return {key: value for key, value in settings.items() if value is not None}

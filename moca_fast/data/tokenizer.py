@@ -1,8 +1,11 @@
 """Tokenizers: the real Qwen2.5-VL one from a local directory, and an offline byte-level BPE for tests and the demo.
 
-The offline tokenizer is trained in memory, deterministically, on a small built-in corpus, and carries the
-Qwen special tokens (`<|endoftext|>`, `<|vision_start|>`, `<|vision_end|>`, `<|image_pad|>`) plus MoCa's
-`<|mask|>`, so every code path that uses a real tokenizer runs without a hub.
+`<|mask|>` is the tokenizer's mask token, as the reference adds it: Qwen's own special tokens (`<|im_start|>`,
+`<|box_start|>`, `<|vision_pad|>`, ...) stay in its list of special tokens, so they are never MLM-masked and
+checkpoints save the list whole. The offline tokenizer is trained in memory, deterministically, on a small
+built-in corpus, and carries the Qwen special tokens the model needs (`<|endoftext|>`, `<|vision_start|>`,
+`<|vision_end|>`, `<|image_pad|>`) plus `<|mask|>`, so every code path that uses a real tokenizer runs without a
+hub.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ Question: what is shown in the picture? Answer: a picture of several coloured sh
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """The tokenizer saved in a local directory (a Qwen2.5-VL checkpoint or processor directory); no hub."""
+    """The tokenizer saved in a local directory (a Qwen2.5-VL checkpoint or processor directory), with `<|mask|>` as
+    its mask token (a new id unless the vocabulary has it); no hub."""
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if MASK_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]})
+    if tokenizer.mask_token != MASK_TOKEN:
+        tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})  # not additional_special_tokens: that replaces Qwen's
     return tokenizer
 
 
@@ -53,8 +57,9 @@ def tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     )
     bpe.train_from_iterator(_CORPUS.split("\n") * 4, trainer=trainer)
     bpe.add_special_tokens(list(SPECIAL_TOKENS))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=PAD_TOKEN,
-                                        additional_special_tokens=list(SPECIAL_TOKENS[1:]))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token=PAD_TOKEN, mask_token=MASK_TOKEN,
+        additional_special_tokens=[VISION_START_TOKEN, VISION_END_TOKEN, IMAGE_PAD_TOKEN])
     if len(tokenizer) > vocab_size:
         raise ValueError(f"tiny tokenizer has {len(tokenizer)} ids, more than vocab_size={vocab_size}")
     return tokenizer

@@ -1,59 +1,97 @@
-"""An mteb encoder over a MocaEmbedder, so MoCa checkpoints run through mteb (>= 2) on any current transformers.
-
-mteb is never imported here: the class follows mteb's encoder protocol by shape (`encode` over batches of
-{"text": [...], "image": [...]} with task metadata; `similarity`, `similarity_pairwise` as cosines), so using it
-needs mteb only on the caller's side:
+"""An mteb (>= 2) encoder over a MocaEmbedder, so MoCa checkpoints run through mteb's image and text tasks on any
+current transformers (mteb's own MoCa entry needs transformers < 4.53):
 
     import mteb
-    from moca_fast.eval.mteb import MtebEncoder
-    results = mteb.evaluate(MtebEncoder.from_pretrained("moca-embed/MoCa-Qwen25VL-3B",
-                                                         processor_path="Qwen/Qwen2.5-VL-3B-Instruct"), tasks)
+    from moca_fast.eval.mteb import model_meta
 
-Prompts follow the reference: an image with text is an image-question query; an image alone is a document page
-in document-retrieval tasks (mteb type "DocumentUnderstanding") and an image target elsewhere; text carries no
-instruction (ViDoRe queries, plain text targets).
+    meta = model_meta("path/to/checkpoint", processor_path="path/to/Qwen2.5-VL-3B-Instruct")
+    results = mteb.evaluate(meta.load_model(), mteb.get_tasks(tasks=["Vidore2ESGReportsRetrieval"]))
+
+`model_meta` declares what mteb checks before it runs a task (image and text modalities, the embedding size,
+cosine similarity); `MtebEncoder(name, revision, device=...)` is the loader mteb calls with it. mteb is imported
+only by `model_meta`. Batches are embedded as mteb's loader yields them, so at most one of them (with its decoded
+images) is held at a time. Instructions follow the reference by input kind and role (moca_fast.prompts):
+`prompt_type` document or query, and document pages in mteb's document-understanding tasks (ViDoRe).
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from .. import prompts
-from ..embed import MocaEmbedder
+from ..data.tokens import IMAGE_PLACEHOLDER
+from ..embed import EmbedInput, MocaEmbedder, with_instructions
+
+DOCUMENT_TASK_TYPES = ("DocumentUnderstanding",)  # mteb's task type of ViDoRe's page retrieval
 
 
 class MtebEncoder:
-    mteb_model_meta = None
+    """mteb's encoder protocol: `encode` over mteb's batches ({"text": [...], "image": [...]}) with the task's
+    metadata; `similarity` / `similarity_pairwise` as cosines."""
 
-    def __init__(self, embedder: MocaEmbedder):
-        self.embedder = embedder
+    mteb_model_meta = None  # set by mteb when it loads the model from `model_meta`
 
-    @classmethod
-    def from_pretrained(cls, path_or_hub_id, **kwargs) -> "MtebEncoder":
-        return cls(MocaEmbedder.from_pretrained(path_or_hub_id, **kwargs))
+    def __init__(self, model_name: str | os.PathLike | MocaEmbedder, revision: str | None = None, *,
+                 device: str | None = None, checkpoint: str | None = None, **embedder_options):
+        """`model_name`: a checkpoint directory or hub id, or a MocaEmbedder already loaded; `checkpoint` replaces
+        it where mteb passes the model's display name (`model_meta` sets it). `revision` is mteb's record only.
+        `embedder_options` go to MocaEmbedder.from_pretrained."""
+        if isinstance(model_name, MocaEmbedder):
+            self.embedder = model_name
+        else:
+            self.embedder = MocaEmbedder.from_pretrained(checkpoint or model_name, device=device, **embedder_options)
 
     def encode(self, inputs, *, task_metadata, hf_split: str = "", hf_subset: str = "", prompt_type=None,
                **kwargs) -> np.ndarray:
-        document = getattr(task_metadata, "type", None) == "DocumentUnderstanding"
-        items = []
-        for batch in inputs:
-            texts, images = batch.get("text"), batch.get("image")
-            for i in range(len(texts if texts is not None else images)):
-                text = texts[i] if texts is not None else None
-                image = images[i] if images is not None else None
-                if image is None:
-                    items.append(text)
-                elif text:
-                    items.append(prompts.image_question_query(image, text))
-                else:
-                    items.append(prompts.document_page(image) if document else prompts.image_target(image))
-        return self.embedder.encode(items, show_progress_bar=bool(kwargs.get("show_progress_bar", False)))
+        pages = getattr(task_metadata, "type", None) in DOCUMENT_TASK_TYPES
+        role = "document" if str(getattr(prompt_type, "value", prompt_type)) == "document" else "query"
+        embeddings = [self.embedder.encode(with_instructions(batch_inputs(batch), role=role, document_pages=pages))
+                      for batch in inputs]
+        return np.concatenate(embeddings) if embeddings else np.zeros((0, self.embedder.dim), dtype=np.float32)
 
     def similarity(self, embeddings1, embeddings2) -> np.ndarray:
         return _unit(embeddings1) @ _unit(embeddings2).T
 
     def similarity_pairwise(self, embeddings1, embeddings2) -> np.ndarray:
         return (_unit(embeddings1) * _unit(embeddings2)).sum(axis=-1)
+
+
+def batch_inputs(batch: dict) -> list[EmbedInput]:
+    """One mteb batch as embedder inputs: text, an image (at the start, as the reference puts it), or both."""
+    texts, images = batch.get("text"), batch.get("image")
+    items = []
+    for i in range(len(texts if texts is not None else images)):
+        text = (texts[i] if texts is not None else None) or ""
+        image = images[i] if images is not None else None
+        where = f"mteb input {i} of its batch"
+        items.append(EmbedInput(IMAGE_PLACEHOLDER + text, (image,), where) if image is not None
+                     else EmbedInput(text, (), where))
+    return items
+
+
+def model_meta(path_or_hub_id: str | os.PathLike, *, name: str | None = None, revision: str | None = None,
+               **embedder_options):
+    """An mteb ModelMeta whose loader is MtebEncoder on this checkpoint, shown as `name` (default: the path);
+    `embedder_options` go to MocaEmbedder.from_pretrained, e.g. processor_path for the published checkpoints.
+    mteb's `meta.load_model()` also wants its "image" extra (torchvision) for any image model."""
+    import json
+    from pathlib import Path
+
+    from mteb.models import ModelMeta
+
+    config = Path(path_or_hub_id) / "config.json"
+    hidden = None
+    if config.is_file():
+        text = json.loads(config.read_text())
+        hidden = (text.get("text_config") or {}).get("hidden_size") or text.get("hidden_size")
+    return ModelMeta(
+        loader=MtebEncoder, loader_kwargs={"checkpoint": str(path_or_hub_id), **embedder_options},
+        name=name or str(path_or_hub_id), revision=revision,
+        release_date=None, languages=None, n_parameters=None, memory_usage_mb=None, max_tokens=None,
+        embed_dim=hidden, license=None, open_weights=True, public_training_code=None, public_training_data=None,
+        framework=["PyTorch"], similarity_fn_name="cosine", use_instructions=True, training_datasets=None,
+        modalities=["image", "text"])
 
 
 def _unit(x) -> np.ndarray:

@@ -1,7 +1,9 @@
 """Stage-1 heads: masked-LM loss through the LM head on masked rows only, and the MAE reconstruction layer.
 
 Both losses run through the fused kernels (moca_fast.kernels), so neither the [M, vocab] logits nor the
-[K, 4 * 1176] patch predictions are ever materialised.
+[K, 4 * 1176] patch predictions are ever materialised. The MAE projection's outputs are laid out as the
+reference's (`(d p)`: output d * 4 + p is value d of patch p), so its stage-1 heads carry over as they are;
+`mae_state_from_patch_major` converts heads saved by moca_fast before that (p * 1176 + d).
 """
 
 from __future__ import annotations
@@ -21,6 +23,22 @@ def mlm_loss(model: MocaModel, hidden: torch.Tensor, batch: PackedBatch) -> torc
     return masked_lm_cross_entropy(hidden[batch.mlm_index], model.lm_head.weight, batch.mlm_labels)
 
 
+# The reference's stage-1 model holds the head as `mae_decoder` (a decoder layer) and `mae_proj` (the Linear).
+REFERENCE_PREFIXES = {"mae_decoder.": "layer.", "mae_proj.": "proj."}
+
+
+def mae_state_from_patch_major(state: dict[str, torch.Tensor], merge_unit: int = 4) -> dict[str, torch.Tensor]:
+    """An MaeHead state dict saved by earlier moca_fast versions (projection rows patch-major, p * 1176 + d) with
+    its projection rows moved to the reference's layout (d * 4 + p); everything else unchanged."""
+    return {name: (rows_from_patch_major(tensor, merge_unit) if name in ("proj.weight", "proj.bias") else tensor)
+            for name, tensor in state.items()}
+
+
+def rows_from_patch_major(rows: torch.Tensor, merge_unit: int = 4) -> torch.Tensor:
+    """Rows p * D + d of a projection (its weight, bias, or their optimizer moments) reordered to d * 4 + p."""
+    return rows.reshape(merge_unit, -1, *rows.shape[1:]).transpose(0, 1).reshape(rows.shape)
+
+
 class MaeHead(nn.Module):
     """One extra bidirectional decoder layer whose queries are the masked image rows only (keys and values
     from their whole sequence), then Linear(hidden -> 4 * 1176) reconstructing the 4 patches of each row."""
@@ -31,6 +49,25 @@ class MaeHead(nn.Module):
         self.text_spec = spec.text
         self.layer = DecoderLayer(spec.text)
         self.proj = nn.Linear(spec.text.hidden_size, spec.vision.merge_unit * spec.vision.patch_dim)
+
+    @classmethod
+    def from_reference(cls, model: MocaModel, tensors: dict[str, torch.Tensor]) -> "MaeHead":
+        """The head stored in a reference stage-1 checkpoint (`mae_decoder.*`, `mae_proj.*`; same layout)."""
+        head = cls(model)
+        renamed = {}
+        for key, tensor in tensors.items():
+            prefix = next((p for p in REFERENCE_PREFIXES if key.startswith(p)), None)
+            if prefix is None:
+                raise ValueError(f"{key!r} is not a key of the reference's MAE head ({', '.join(REFERENCE_PREFIXES)})")
+            renamed[REFERENCE_PREFIXES[prefix] + key[len(prefix):]] = tensor
+        head.load_state_dict(renamed)  # strict: a missing, unexpected or misshapen tensor raises, naming it
+        return head.to(next(model.parameters()).dtype)
+
+    def reference_state_dict(self) -> dict[str, torch.Tensor]:
+        """This head under the reference's names (`mae_decoder.*`, `mae_proj.*`): what its checkpoints store."""
+        ours_to_reference = {ours: theirs for theirs, ours in REFERENCE_PREFIXES.items()}
+        return {ours_to_reference[prefix] + key[len(prefix):]: tensor for key, tensor in self.state_dict().items()
+                for prefix in ours_to_reference if key.startswith(prefix)}
 
     @classmethod
     def from_middle_layer(cls, model: MocaModel) -> "MaeHead":
@@ -53,5 +90,8 @@ class MaeHead(nn.Module):
     def forward(self, hidden: torch.Tensor, batch: PackedBatch, backend: str = "auto") -> torch.Tensor:
         """Mean squared error of the reconstructed patches against the originals."""
         features = self.features(hidden, batch, backend)
-        targets = batch.mae_targets.reshape(features.shape[0], -1)
+        k, patch_dim = features.shape[0], batch.mae_targets.shape[-1]
+        merge = self.proj.out_features // patch_dim
+        # [4K, 1176] (4 patch rows per token) -> [K, 1176 * 4] in the projection's (d p) layout; K may be 0
+        targets = batch.mae_targets.reshape(k, merge, patch_dim).transpose(1, 2).reshape(k, merge * patch_dim)
         return patch_reconstruction_loss(features, self.proj.weight, self.proj.bias, targets)

@@ -8,13 +8,16 @@ published MoCa checkpoints use; transformers 5.x reads it too.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelSpec
+from ..integrations import write_sentence_transformers_config
 from .moca import MocaModel
 
 # (checkpoint prefix, our prefix), first match wins.
@@ -28,6 +31,10 @@ KEY_LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 SHARD_BYTES = 5 * 1024**3
+# A reference stage-1 checkpoint also holds its MAE head (model/heads.py reads it): not part of the backbone.
+MAE_HEAD_PREFIXES = ("mae_decoder.", "mae_proj.")
+
+log = logging.getLogger(__name__)
 
 
 def detect_layout(keys) -> str:
@@ -51,7 +58,13 @@ def convert_key(key: str, layout: str, to_ours: bool = True) -> str | None:
 
 
 def load_state_dict_into(model: MocaModel, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy a Hugging Face state dict (any layout) into `model`; missing, unexpected or misshapen keys raise."""
+    """Copy a Hugging Face state dict (any layout) into `model`; missing, unexpected or misshapen keys raise.
+    A stage-1 MAE head stored with the weights (the reference's `mae_decoder.*`, `mae_proj.*`) is left out."""
+    mae = [key for key in state_dict if key.startswith(MAE_HEAD_PREFIXES)]
+    if mae:
+        log.info("%s: its stage-1 MAE head (%d tensors mae_decoder.*, mae_proj.*) is not part of the backbone: left "
+                 "out (stage 1 continues from it)", source, len(mae))
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(MAE_HEAD_PREFIXES)}
     layout = detect_layout(state_dict)
     tied = model.spec.tie_word_embeddings
     ours = {}
@@ -135,22 +148,32 @@ def to_transformers(model: MocaModel):
     return make_bidirectional(hf_model.train(model.training))
 
 
-def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict | None = None) -> None:
-    """Write config.json and safetensors shards in the transformers 4.x flat layout (readable by 4.x and 5.x).
+def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict | None = None,
+                    dtype: torch.dtype | None = None) -> torch.dtype:
+    """Write config.json and safetensors shards in the transformers 4.x flat layout (readable by 4.x and 5.x), in
+    `dtype` (default: the dtype the model's config declares, e.g. Qwen's bfloat16; else the weights' own), which
+    config.json then states. The text config says `is_causal: false`, so transformers loads it bidirectional;
+    the sentence-transformers files name moca_fast's module. Returns the dtype written.
 
     `state_dict`: the full state dict to write instead of `model.state_dict()` (a sharded model gathers it)."""
     from transformers import Qwen2_5_VLConfig
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    weights = model.state_dict() if state_dict is None else state_dict
     config = Qwen2_5_VLConfig.from_dict(model.spec.hf_config)
+    declared = model.spec.hf_config.get("dtype") or model.spec.hf_config.get("torch_dtype")
+    dtype = dtype or (getattr(torch, declared) if isinstance(declared, str) else next(iter(weights.values())).dtype)
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    config.dtype = dtype
+    config.text_config.is_causal = False
     config.save_pretrained(path)
+    write_sentence_transformers_config(path)
     state = {}
-    for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
+    for name, tensor in weights.items():
         if model.spec.tie_word_embeddings and name == "lm_head.weight":
             continue
-        state[convert_key(name, "flat", to_ours=False)] = tensor.detach().contiguous().cpu()
+        state[convert_key(name, "flat", to_ours=False)] = tensor.detach().to(dtype).contiguous().cpu()
     shards, current, size = [], {}, 0
     for key in sorted(state):
         nbytes = state[key].numel() * state[key].element_size()
@@ -162,7 +185,7 @@ def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict 
     shards.append(current)
     if len(shards) == 1:
         save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
-        return
+        return dtype
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -171,17 +194,33 @@ def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict 
     total = sum(t.numel() * t.element_size() for t in state.values())
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return dtype
 
 
 def read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     state = {}
-    for name in files:
+    for name in safetensors_files(path):
         state.update(load_file(path / name, device=str(device)))
     return state
+
+
+def read_mae_head(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The stage-1 MAE head a checkpoint directory stores with its weights (the reference's `mae_decoder.*` and
+    `mae_proj.*` tensors), or None when it has none."""
+    path = Path(path)
+    tensors = {}
+    for name in safetensors_files(path):
+        with safe_open(path / name, framework="pt") as stream:
+            for key in stream.keys():
+                if key.startswith(MAE_HEAD_PREFIXES):
+                    tensors[key] = stream.get_tensor(key)
+    return tensors or None
+
+
+def safetensors_files(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")

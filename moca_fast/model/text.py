@@ -34,7 +34,7 @@ class SelfAttention(nn.Module):
         k = apply_rotary(self.k_proj(x).view(x.shape[0], self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(x.shape[0], self.num_kv_heads, self.head_dim)
         out = varlen_attention(q, k, v, segments, self.head_dim**-0.5)
-        return self.o_proj(out.reshape(xq.shape[0], -1))
+        return self.o_proj(out.flatten(1))
 
 
 class DecoderLayer(nn.Module):

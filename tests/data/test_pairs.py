@@ -4,6 +4,7 @@ import json
 from collections import Counter
 
 import pytest
+from PIL import Image
 
 from moca_fast.data.pairs import PairDataset, Side, pair_from_row, parse_string_list, target_ids, task_batches
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER
@@ -107,23 +108,31 @@ def test_task_batches_are_homogeneous_cover_every_row_once_and_follow_the_seed()
     assert task_batches(tasks, 5, seed=4) != batches
 
 
-def test_target_ids_are_equal_exactly_for_identical_targets():
-    targets = [Side("t", "a.png"), Side("t", "b.png"), Side("t", "a.png"), Side("u", "a.png"), Side("t", None),
-               Side("t", None), Side("t", "b.png")]
+def test_target_ids_are_equal_exactly_for_identical_targets(tmp_path):
+    a, b, a_copy = (str(tmp_path / name) for name in ("a.png", "b.png", "a-copy.png"))
+    for path, colour in ((a, "red"), (b, "blue"), (a_copy, "red")):
+        Image.new("RGB", (8, 8), colour).save(path)
+    targets = [Side("t", a), Side("t", b), Side("t", a), Side("u", a), Side("t", None), Side("t", None),
+               Side("t", b), Side("t", a_copy)]
+    same_content = [(0, "t"), (1, "t"), (0, "t"), (0, "u"), (None, "t"), (None, "t"), (1, "t"), (0, "t")]
     ids = target_ids(targets).tolist()
     for i in range(len(targets)):
         for j in range(len(targets)):
-            assert (ids[i] == ids[j]) == (targets[i] == targets[j]), (i, j)
+            assert (ids[i] == ids[j]) == (same_content[i] == same_content[j]), (i, j)
+    with pytest.raises(ValueError, match="cannot read the target image .*missing.png"):
+        target_ids([Side("t", str(tmp_path / "missing.png"))])
 
 
-def test_target_ids_agree_across_processes():
+def test_target_ids_agree_across_processes(tmp_path):
     """Ranks compare ids after gathering them, so they must not depend on the process (no salted hash())."""
     import subprocess
     import sys
 
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), "red").save(image)
     code = ("from moca_fast.data.pairs import Side, target_ids; "
-            "print(target_ids([Side('t', 'a.png'), Side('u', None)]).tolist())")
-    here = str(target_ids([Side("t", "a.png"), Side("u", None)]).tolist())
+            f"print(target_ids([Side('t', {str(image)!r}), Side('u', None)]).tolist())")
+    here = str(target_ids([Side("t", str(image)), Side("u", None)]).tolist())
     for seed in ("1", "2"):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**__import__("os").environ, "PYTHONHASHSEED": seed})

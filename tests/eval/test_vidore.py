@@ -103,3 +103,35 @@ def test_queries_without_relevant_pages_are_left_out(beir_data):
     lines = qrels.read_text().splitlines(keepends=True)
     qrels.write_text("".join(lines[:-1]))  # the header and 5 of 6 judgements
     assert len(vidore.read_dataset("SynPages", beir_data).queries) == 5
+
+
+def test_languages_scored_separately_and_averaged_as_mteb_does(embedder, beir_data, tmp_path, capsys):
+    """Queries with a `language` get per-language NDCG@5 (each equal to scoring that language's queries alone) and
+    their mean, beside the pooled score."""
+    import shutil
+
+    queries = [json.loads(line) for line in (beir_data / "queries.jsonl").read_text().splitlines()]
+    languages = ["english", "french", "french", "english", "german", "french"]
+    (beir_data / "queries.jsonl").write_text("".join(json.dumps({**q, "language": lang}) + "\n"
+                                                     for q, lang in zip(queries, languages)))
+    report = vidore.evaluate_vidore(embedder, beir_data)
+    result = report["datasets"]["SynPages"]
+    alone = {}
+    for language in ("english", "french", "german"):
+        folder = tmp_path / language
+        shutil.copytree(beir_data, folder)
+        (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q, lang in zip(queries, languages)
+                                                      if lang == language))
+        qrels = [row for row in csv.DictReader(open(beir_data / "qrels" / "test.tsv"), delimiter="\t")]
+        kept = {q["_id"] for q, lang in zip(queries, languages) if lang == language}
+        (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+            f"{r['query-id']}\t{r['corpus-id']}\t{r['score']}\n" for r in qrels if r["query-id"] in kept))
+        alone[language] = vidore.evaluate_vidore(embedder, folder)["datasets"][language]["ndcg@5"]
+    assert {k: v["queries"] for k, v in result["languages"].items()} == {"english": 2, "french": 3, "german": 1}
+    for language, score in alone.items():
+        assert result["languages"][language]["ndcg@5"] == pytest.approx(score, abs=1e-6)
+    assert result["ndcg@5_language_mean"] == pytest.approx(np.mean(list(alone.values())), abs=1e-6)
+    assert report["average_language_mean"] == pytest.approx(result["ndcg@5_language_mean"])
+    assert report["average"] == pytest.approx(result["ndcg@5"])  # pooled, as before
+    print(vidore.format_report(report))
+    assert "mean over languages" in capsys.readouterr().out

@@ -111,3 +111,81 @@ def test_key_table_round_trips_every_layout():
 def _saved(hf_model, path):
     hf_model.save_pretrained(path)
     return path
+
+
+def test_transformers_loads_a_saved_checkpoint_bidirectional_with_our_hidden_states(tmp_path, tokenizer, processor,
+                                                                                    mixed_sequences):
+    """No make_bidirectional here: `is_causal: false` in the saved text config alone makes transformers' model
+    bidirectional, with and without padding (fp32, 1e-5)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    ours = load_pretrained(_saved(_hf_lm(tokenizer, True), tmp_path / "src")).eval()
+    ours.spec.hf_config["text_config"].pop("is_causal", None)  # as a causal Qwen2.5-VL starting point has it
+    save_pretrained(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["text_config"]["is_causal"] is False
+    hf_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        hidden = ours(pack(mixed_sequences, processor))
+    starts = [sum(len(s) for s in mixed_sequences[:i]) for i in range(len(mixed_sequences))]
+    for seq, start in zip(mixed_sequences, starts):
+        ref = hf_hidden(hf_model.model, seq, processor.image_token_id)
+        assert (hidden[start:start + len(seq)] - ref).abs().max().item() <= 1e-5, seq.sample_id
+    text = [s for s in mixed_sequences if not s.pixel_values.shape[0]] + [processor.encode("a short one", [], "short")]
+    length = max(len(s) for s in text)
+    ids = torch.full((len(text), length), tokenizer.pad_token_id)
+    mask = torch.zeros(len(text), length, dtype=torch.long)
+    for row, seq in enumerate(text):
+        ids[row, :len(seq)], mask[row, :len(seq)] = seq.input_ids, 1
+    with torch.no_grad():
+        padded = hf_model.model(input_ids=ids, attention_mask=mask, mm_token_type_ids=torch.zeros_like(ids))
+        packed = ours(pack(text, processor))
+    assert (padded.last_hidden_state[0, :len(text[0])] - packed[:len(text[0])]).abs().max().item() <= 1e-5
+    assert (padded.last_hidden_state[1, :len(text[1])] - packed[len(text[0]):]).abs().max().item() <= 1e-5
+
+
+def test_weights_are_saved_in_the_dtype_the_config_declares(tmp_path, tokenizer):
+    ours = load_pretrained(_saved(_hf_lm(tokenizer, False), tmp_path / "src"))
+    assert save_pretrained(ours, tmp_path / "as-is") == torch.float32  # no dtype declared: the weights' own
+    assert json.loads((tmp_path / "as-is" / "config.json").read_text())["dtype"] == "float32"
+    ours.spec.hf_config["dtype"] = "bfloat16"  # as Qwen2.5-VL's config.json declares
+    assert save_pretrained(ours, tmp_path / "bf16") == torch.bfloat16
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    saved = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    again = load_pretrained(tmp_path / "bf16")
+    for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16).float(), b), name
+    assert save_pretrained(ours, tmp_path / "fp32", dtype=torch.float32) == torch.float32  # explicit wins
+
+
+def test_processor_settings_travel_with_the_checkpoint(tmp_path, tokenizer):
+    """The tokenizer (mask token included) and transformers' image processor config, read back by transformers'
+    Auto classes (what AutoProcessor assembles; its video processor needs torchvision) and by moca_fast."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from moca_fast.data.processor import Processor, saved_settings
+
+    Processor(tokenizer, min_pixels=4 * 784, max_pixels=16 * 784, max_length=300).save_pretrained(tmp_path)
+    assert saved_settings(tmp_path) == {"min_pixels": 4 * 784, "max_pixels": 16 * 784, "max_length": 300}
+    image_processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert (image_processor.size.shortest_edge, image_processor.size.longest_edge) == (4 * 784, 16 * 784)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.mask_token == "<|mask|>" and loaded.model_max_length == 300
+    assert saved_settings(tmp_path / "nowhere") == {}
+    qwen = tmp_path / "qwen"  # the image processor of Qwen2.5-VL-*-Instruct: not the budget a MoCa model needs
+    qwen.mkdir()
+    (qwen / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056}))
+    assert saved_settings(qwen) == {}
+
+
+def test_auto_processor_loads_a_saved_checkpoint(tmp_path, tokenizer):
+    pytest.importorskip("torchvision", reason="Qwen2.5-VL's AutoProcessor builds a video processor: torchvision")
+    from transformers import AutoProcessor
+
+    from moca_fast.data.processor import Processor
+
+    ours = load_pretrained(_saved(_hf_lm(tokenizer, True), tmp_path / "src"))
+    save_pretrained(ours, tmp_path / "ours")
+    Processor(tokenizer, min_pixels=4 * 784, max_pixels=16 * 784).save_pretrained(tmp_path / "ours")
+    processor = AutoProcessor.from_pretrained(tmp_path / "ours")
+    assert processor.image_processor.size.longest_edge == 16 * 784

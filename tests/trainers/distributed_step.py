@@ -1,9 +1,13 @@
 """One optimizer step's loss and gradients, single-process or as one rank under torchrun (used by
-test_distributed.py): the same global batch either way, so the two must agree."""
+test_distributed.py): the same global batch either way, so the two must agree. `reference`: the stage-2 loss of
+bench/reference_path.py, whose per-rank gradients (through the local slice only) must sum to the single-process
+ones."""
 
 import sys
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from moca_fast.config import TrainConfig
 from moca_fast.data.contrastive import ContrastiveCollator, EncodedPairs
@@ -27,7 +31,8 @@ def full_gradients(modules) -> dict[str, torch.Tensor]:
 
 
 def main(stage_name: str, out: str, workdir: str) -> None:
-    config = TrainConfig(stage=stage_name, model="tiny", data=workdir, output_dir=workdir, grad_accum=2,
+    stage_of_config = "cl" if stage_name == "reference" else stage_name
+    config = TrainConfig(stage=stage_of_config, model="tiny", data=workdir, output_dir=workdir, grad_accum=2,
                          tokens_per_micro_batch=512, max_length=256, min_pixels=3136, max_pixels=3136,
                          dtype="float32", activation_checkpointing=False, num_workers=0, pairs_per_rank=4,
                          grad_cache_tokens=None)
@@ -45,6 +50,31 @@ def main(stage_name: str, out: str, workdir: str) -> None:
         batches = [collate([stage.samples[(0, i)] for i in b]) for b in plan]
         step_input = batches if world == 1 else [batches[rank]]
         modules = {"model": stage.model, "mae": stage.mae}
+    elif stage_name == "reference":
+        sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
+        from reference_path import ReferencePath, pad_sequences
+
+        from moca_fast.data.pairs import PairDataset
+        from moca_fast.model.loading import to_transformers
+        from moca_fast.trainers.cl import pair_subsets
+
+        encoded = EncodedPairs(PairDataset(pair_subsets(workdir), negative_ratio=2), processor)
+        picked = [encoded[(0, i)] for i in range(8)]
+        picked = picked if world == 1 else picked[4 * rank:4 * rank + 4]
+        reference = ReferencePath(to_transformers(model).train())
+        pad = tokenizer.pad_token_id
+        loss = reference.cl_loss(pad_sequences([p.query for p in picked], pad),
+                                 pad_sequences([p.positive for p in picked], pad),
+                                 pad_sequences([n for p in picked for n in p.negatives], pad), config.temperature)
+        loss.backward()
+        grads = full_gradients({"model": reference.hf})
+        for grad in grads.values():
+            if world > 1:
+                dist.all_reduce(grad)  # the sum over ranks of what each rank's backward produced
+        if rank == 0:
+            torch.save({"loss": loss.item(), "grads": grads}, out)
+        finish_distributed()
+        return
     else:
         from moca_fast.data.pairs import PairDataset
         from moca_fast.trainers.cl import ContrastiveFinetuning, pair_subsets

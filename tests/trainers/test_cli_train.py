@@ -39,3 +39,28 @@ def test_wrong_stage_and_unknown_keys_are_clear_errors(tmp_path):
 
     with pytest.raises(ValueError, match=r"unknown config keys \['learning_rate'\]"):
         load_train_config(str(bad))
+
+
+def test_set_overrides_are_typed_by_the_config():
+    from moca_fast.config import parse_overrides
+
+    values = parse_overrides(["lr=1e-4", "grad_accum=8", "mask_duplicates=false", "grad_cache_tokens=null",
+                              "tasks=t2i, vqa", "betas=0.9,0.95", "tokenizer=/some/dir", "max_steps=none"])
+    assert values == {"lr": 1e-4, "grad_accum": 8, "mask_duplicates": False, "grad_cache_tokens": None,
+                      "tasks": ("t2i", "vqa"), "betas": (0.9, 0.95), "tokenizer": "/some/dir", "max_steps": None}
+    assert type(values["lr"]) is float and type(values["grad_accum"]) is int
+    for bad, message in [("learning_rate=1", "unknown config key"), ("grad_accum=2.5", "expected an integer"),
+                         ("compile=maybe", "expected true or false"), ("lr", "expected key=value"),
+                         ("betas=0.9", "expected 2 comma-separated values")]:
+        with pytest.raises(ValueError, match=message):
+            parse_overrides([bad])
+
+
+def test_set_reaches_the_config_and_bad_keys_stop_the_command(tmp_path, capsys):
+    from moca_fast.config import load_train_config, parse_overrides
+
+    config = load_train_config(str(CONFIGS / "tiny-cl.yaml"), parse_overrides(["temperature=0.1", "tasks=vqa"]))
+    assert config.temperature == 0.1 and config.tasks == ("vqa",)
+    with pytest.raises(SystemExit):
+        main(["cl", "--config", str(CONFIGS / "tiny-cl.yaml"), "--set", "temprature=0.1"])
+    assert "--set temprature: unknown config key" in capsys.readouterr().err

@@ -89,3 +89,98 @@ def test_grad_cache_gradients_equal_the_direct_computation(tmp_path, pair_folder
     scale = max(g.abs().max().item() for g in direct.values())
     for name, grad in direct.items():
         assert (grad - cached[name]).abs().max().item() <= 1e-5 * max(1.0, scale), name
+
+
+def _reference_stage1_checkpoint(path, config):
+    """A stage-1 checkpoint as the reference saves it: the backbone (4.x flat keys) and, in the same safetensors,
+    its MAE head as `mae_decoder.*` / `mae_proj.*`; returns the head's tensors."""
+    from safetensors.torch import load_file, save_file
+
+    from moca_fast.model.heads import MaeHead
+    from moca_fast.model.loading import save_pretrained
+
+    tokenizer = build_tokenizer(config)
+    model = build_model(config, tokenizer, torch.device("cpu"))
+    save_pretrained(model, path)
+    tokenizer.save_pretrained(path)
+    head = {k: torch.randn_like(v) for k, v in MaeHead.from_middle_layer(model).reference_state_dict().items()}
+    save_file({**load_file(path / "model.safetensors"), **head}, path / "both.safetensors", metadata={"format": "pt"})
+    (path / "both.safetensors").replace(path / "model.safetensors")  # never write over a file being read
+    return head
+
+
+def test_reference_stage1_checkpoint_continues_in_both_stages(tmp_path, documents, pair_folder, caplog):
+    from moca_fast.trainers.cpt import ContinualPretraining
+
+    head = _reference_stage1_checkpoint(tmp_path / "ref", cpt_config(tmp_path / "unused"))
+    config = cpt_config(tmp_path / "cpt", model=str(tmp_path / "ref"), tokenizer=None, max_steps=2)
+    tokenizer = build_tokenizer(config)
+    model = build_model(config, tokenizer, torch.device("cpu"))
+    stage = ContinualPretraining(config, model, build_processor(config, tokenizer), torch.device("cpu"), 0, 1,
+                                 documents=documents)
+    continued = stage.mae.reference_state_dict()  # stage 1 continues the reference's head as it was saved
+    assert continued.keys() == head.keys() and all(torch.equal(continued[k], head[k]) for k in head)
+    assert len(run(config, documents=documents)) == 2
+    with caplog.at_level("INFO"):  # stage 2 leaves the head out and says so
+        records = run(cl_config(tmp_path / "cl", pair_folder, model=str(tmp_path / "ref"), tokenizer=None,
+                                max_steps=2))
+    assert len(records) == 2 and "its stage-1 MAE head (" in caplog.text and "left out" in caplog.text
+
+
+def test_resume_converts_a_patch_major_mae_head_of_earlier_versions(tmp_path, documents):
+    """A checkpoint written before the MAE projection took the reference's layout (no "format" in
+    trainer_state.json, head and its AdamW moments patch-major) resumes exactly as the current one does."""
+    from moca_fast.model.heads import rows_from_patch_major
+
+    full = _losses(run(cpt_config(tmp_path / "full", checkpoint_every=3), documents=documents))
+    run(cpt_config(tmp_path / "old", checkpoint_every=3), documents=documents, stop_after=3)
+    step = tmp_path / "old" / "checkpoints" / "step-0000003"
+
+    def to_patch_major(rows):  # the inverse of rows_from_patch_major
+        return rows.reshape(-1, 4, *rows.shape[1:]).transpose(0, 1).reshape(rows.shape)
+
+    extra, optim = torch.load(step / "extra.pt"), torch.load(step / "optimizer.pt", weights_only=False)
+    for name in ("proj.weight", "proj.bias"):
+        assert torch.equal(rows_from_patch_major(to_patch_major(extra[name])), extra[name])
+        extra[name] = to_patch_major(extra[name])
+        moments = optim["state"][f"extra.{name}"]
+        moments["exp_avg"], moments["exp_avg_sq"] = (to_patch_major(moments[k]) for k in ("exp_avg", "exp_avg_sq"))
+    torch.save(extra, step / "extra.pt")
+    torch.save(optim, step / "optimizer.pt")
+    state = json.loads((step / "trainer_state.json").read_text())
+    (step / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "format"}))
+    rest = _losses(run(cpt_config(tmp_path / "old", checkpoint_every=3), documents=documents, resume=True))
+    assert rest == full[3:]
+
+
+def test_checkpoints_hold_the_declared_dtype_and_the_processor_and_resume_exactly(tmp_path, documents):
+    """Started from a checkpoint whose config declares bfloat16 (as Qwen's does): each checkpoint's model/ and
+    final/ hold bf16 weights with the tokenizer, processor settings and sentence-transformers files beside them;
+    the fp32 master weights beside it keep resume exact."""
+    from safetensors.torch import load_file
+
+    from moca_fast.data.processor import saved_settings
+    from moca_fast.model.loading import save_pretrained
+
+    source = tmp_path / "source"
+    base = cpt_config(tmp_path / "unused")
+    tokenizer = build_tokenizer(base)
+    model = build_model(base, tokenizer, torch.device("cpu"))
+    model.spec.hf_config["dtype"] = "bfloat16"
+    save_pretrained(model, source)
+    tokenizer.save_pretrained(source)
+
+    def config(out):
+        return cpt_config(out, model=str(source), tokenizer=None, checkpoint_every=2, max_steps=4)
+
+    full = _losses(run(config(tmp_path / "full"), documents=documents))
+    first = _losses(run(config(tmp_path / "cut"), documents=documents, stop_after=2))
+    rest = _losses(run(config(tmp_path / "cut"), documents=documents, resume=True))
+    assert first + rest == full
+    step = tmp_path / "cut" / "checkpoints" / "step-0000002"
+    assert {t.dtype for t in load_file(step / "model" / "model.safetensors").values()} == {torch.bfloat16}
+    assert {t.dtype for t in load_file(step / "master" / "model.safetensors").values()} == {torch.float32}
+    final = tmp_path / "full" / "final"
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    assert saved_settings(final) == {"min_pixels": 3136, "max_pixels": 3136, "max_length": 256}
+    assert (final / "modules.json").is_file() and (final / "tokenizer.json").is_file()

@@ -1,0 +1,76 @@
+"""Write the README's demo section from a measured demo summary: the figures are generated, never typed.
+
+    moca-fast demo && python bench/demo_section.py runs/demo/summary.json   # keep that run, rewrite the section
+    python bench/demo_section.py --check                                     # exit 1 if README.md differs (CI)
+
+The summary is kept as bench/results/demo-cpu.json (what `moca-fast demo` wrote: scores, chance from each task's
+candidate counts, the wall time, machine, torch version and date); the section shows it as the demo prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+from report import RESULTS
+
+from moca_fast.demo import format_summary
+
+README = Path(__file__).parent.parent / "README.md"
+SUMMARY = RESULTS / "demo-cpu.json"
+BEGIN, END = "<!-- demo:begin (bench/demo_section.py writes this) -->", "<!-- demo:end -->"
+
+
+def render(summary_path: Path = SUMMARY) -> str:
+    summary = json.loads(summary_path.read_text())
+    run, settings = summary["run"], summary["run"]["settings"]
+    minutes, seconds = divmod(round(run["seconds"]), 60)
+    text = textwrap.fill(
+        f"Measured on {run['device']}, {run['date']}, torch {run['torch']}, 5-minute load average "
+        f"{run['load_average']} at the end: the whole demo took {minutes} min {seconds} s with its defaults "
+        f"({settings['cpt_steps']} stage-1 and {settings['cl_steps']} stage-2 steps, seed {settings['seed']}). "
+        "Chance is the expected score of a random ranking, from each task's own candidate counts. Kept in "
+        f"`bench/{SUMMARY.relative_to(RESULTS.parent)}`.", width=116)
+    return "\n".join([
+        BEGIN,
+        text,
+        "",
+        "```",
+        format_summary(summary).strip("\n"),
+        "```",
+        END,
+    ])
+
+
+def readme_with_section(readme: str, section: str) -> str:
+    if BEGIN not in readme or END not in readme:
+        raise ValueError(f"README.md lacks the markers {BEGIN} ... {END}")
+    head, rest = readme.split(BEGIN, 1)
+    return head + section + rest.split(END, 1)[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("summary", nargs="?", type=Path, help="a demo's summary.json to keep as the measured one")
+    parser.add_argument("--check", action="store_true", help="fail if README.md differs from the kept summary")
+    args = parser.parse_args()
+    if args.summary is not None:
+        shutil.copyfile(args.summary, SUMMARY)
+    current = README.read_text()
+    wanted = readme_with_section(current, render())
+    if args.check:
+        if wanted != current:
+            print("README.md's demo section is not what bench/results/demo-cpu.json gives: run "
+                  "python bench/demo_section.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(wanted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
