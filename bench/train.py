@@ -288,14 +288,14 @@ def applies(name: str, stage: str) -> bool:
 
 def bench_path(name: str, p: StagePool, device: torch.device) -> dict:
     """One path on the pool: loss on the check batch, warm-up, timed pool; tokens/s and MFU of the pool."""
-    config = p.config
-    if name == "reference":
-        trainer = ReferenceTrainer(config, p.tokenizer, p.processor, device)
-    else:
-        compile, fp8, _ = OURS_VARIANTS[name]
-        trainer = OursTrainer(train_config(p.stage, config.model, config.data, compile=compile, fp8=fp8), p.data,
-                              p.tokenizer, p.processor, device)
+    config, trainer = p.config, None
     try:
+        if name == "reference":
+            trainer = ReferenceTrainer(config, p.tokenizer, p.processor, device)
+        else:
+            compile, fp8, _ = OURS_VARIANTS[name]
+            trainer = OursTrainer(train_config(p.stage, config.model, config.data, compile=compile, fp8=fp8), p.data,
+                                  p.tokenizer, p.processor, device)
         if p.stage == "cpt":
             padded = name != "reference" and OURS_VARIANTS[name][2]
             check = with_padding_rows(p.check, p.tokenizer.pad_token_id) if padded else p.check
@@ -307,9 +307,11 @@ def bench_path(name: str, p: StagePool, device: torch.device) -> dict:
         run["mfu"] = p.useful_flops / run["seconds"] / peak if peak else None
         if name == "reference":
             run["attention"] = trainer.reference.attention
+        else:  # what was really on (FP8 turns itself off where torchao or the GPU cannot run it)
+            run["transforms"] = dict(trainer.stage.state)
         return run
-    finally:
-        del trainer
+    finally:  # also when stopped part-way (bench/gpu_quick.py's time box): the model leaves the device
+        trainer = None  # noqa: F841
         free(device)
 
 
@@ -320,7 +322,8 @@ def summarize(p: StagePool, results: dict) -> dict:
     timed = {k: v for k, v in results.items() if k != "reference" and "seconds" in v}
     if reference is not None and "seconds" in reference:
         summary["speedup_vs_reference"] = {k: reference["seconds"] / v["seconds"] for k, v in timed.items()}
-        summary["check_loss_rel_diff"] = {k: abs(v["check_loss"] / reference["check_loss"] - 1) for k, v in timed.items()}
+        summary["check_loss_rel_diff"] = {k: abs(v["check_loss"] / reference["check_loss"] - 1)
+                                          for k, v in timed.items()}
     return summary
 
 
