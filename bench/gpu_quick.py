@@ -18,16 +18,23 @@ Needs only torch, triton, transformers, safetensors, pillow and numpy plus the w
 (liger-kernel, torchao); `datasets` is not needed. `--tiny` runs every step but the extras end to end on the CPU
 with the tiny model for CI: nothing is timed there, and every time field reads "not measured (CPU)".
 
-Duration on an H100/H200, estimated from counted work (no GPU has run it yet): about 15 s of start-up (imports,
-pip of the two wheels); 1: a bf16 matmul peak (~3 s), 3 contenders x (about 2 Triton compiles + 1 untimed step +
-1 s of timing) ~ 20 s; 2: 2 model builds (3B fp32 + AdamW, ~10 s each), each path 1 check step + ~3 warm-up +
-~7 timed micro-batches (reference; ours ~1 + 3) of ~200 TFLOP each (bench/work.py's counts scaled to 96 documents:
-~1,800 TFLOP reference, ~1,400 ours) at >= 30% of 989 TFLOP/s, ~6 more Triton compiles ~ 10 s: ~60 s; 3: 2
-builds + 2 x 6 steps of ~600 TFLOP (reference ~650): ~60 s; 4: 2 bf16 3B models + 4 workloads x 2 paths x 36
-inputs: ~40 s; so ~195 s for steps 1-4 (their time boxes sum to 330 s), leaving >= 120 s, typically ~250 s, for the
-extras, whose torch.compile of the decoder layer, vision block and MAE layer (forward and backward) is the one
-cost that no count bounds well (~1-2 minutes). The whole command ends by --budget-s (default 450 s) plus the last
-part's clean-up.
+Duration on an H100/H200, estimated from counted work (no GPU has run it yet): bench/work.py's FLOP counts for
+these pools, run at >= 30% of the 989 TFLOP/s bf16 peak, plus counted compiles and model builds.
+  start-up  ~20 s: pip of the two wheels, the editable install, imports (before the time box starts).
+  1 kernel  ~20 s: a bf16 matmul peak (~3 s); 3 contenders, each ~2 Triton compiles (~3 s), 1 untimed step and
+            ~1 s of timing.
+  2 cpt     ~50 s: 120 documents encoded (~2 s); per path a 3B model + AdamW (~10 s for the reference with its
+            transformers copy, ~3 s ours) and check + warm-up + timed micro-batches: reference 1 + 2 + 7 (2,880
+            TFLOP, ~10 s), ours 1 + 1 + 3 (2,205 TFLOP, ~7 s); ~8 Triton compiles of ours (~12 s).
+  3 cl      ~45 s: 144 pairs rendered and encoded (~3 s); 2 + 4 steps of 24 pairs per path: reference 4,157 TFLOP
+            (~14 s), ours 3,348 (~10 s); 2 model builds (~13 s); ~3 InfoNCE compiles (~5 s).
+  4 embed   ~40 s: two bf16 3B models (~7 s); 4 workloads x 2 paths x 36 inputs, each encode call starting 8
+            preprocessing workers (~1-2 s).
+  5 extras  the rest: ~155 s for steps 1-4 (their time boxes sum to 330 s) leaves ~285 s (at least 110 s) of the
+            440 s box: torch.compile of the decoder layer, vision block and MAE layer, forward and backward (~1-2
+            minutes, more if pack lengths recompile), the same pool (~7 s); FP8 needs a second compile and may not
+            fit: the JSON then says it was stopped or skipped.
+So about 20 s + 440 s = 7.7 minutes however long the compiles take: give the device command a 540 s limit.
 
     python bench/gpu_quick.py                        # GPU: bench/results/quick-3b-<device>.json (and $OUT)
     python bench/gpu_quick.py --tiny --out quick.json   # CPU, tiny model, untimed (CI)
@@ -242,7 +249,7 @@ SHOWN = {"status", "ms", "tokens_per_s", "mfu", "ours_per_s", "reference_per_s",
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU, untimed (CI)")
-    parser.add_argument("--budget-s", type=float, default=450.0, help="the whole run's time box")
+    parser.add_argument("--budget-s", type=float, default=440.0, help="the whole run's time box")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/quick-3b-<device>.json; "
                         "with --tiny, quick-tiny.json in the temporary folder)")
     args = parser.parse_args(argv)
