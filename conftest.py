@@ -27,8 +27,8 @@ def run_without_datasets():
                "sys.path.insert(0, 'bench')\n")
 
     def run(code: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", prelude + code], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run([sys.executable, "-X", "faulthandler", "-c", prelude + code], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=timeout)
 
     return run
 

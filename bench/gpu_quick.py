@@ -64,6 +64,7 @@ if not torch.cuda.is_available():  # before anything imports triton: the kernels
 import embed  # noqa: E402  (bench/)
 import fused_kernels  # noqa: E402
 import train  # noqa: E402
+from moca_fast.trainers.metrics import device_peak_flops  # noqa: E402
 from report import RESULTS, device_slug, report, require_cuda  # noqa: E402
 
 BUDGETS = {"kernel": 45, "cpt": 110, "cl": 100, "embed": 75, "extras": None}  # seconds; None: whatever is left
@@ -190,12 +191,16 @@ class QuickRun:
             if self.tiny:  # one forward + backward: it runs, nothing is timed
                 c.build()()
                 return {"kernel": case.kernel, **case.shape, "contender": c.name, "role": c.role, "flops": c.flops}
-            return fused_kernels.measure(case, c, peak["tflops"], SimpleNamespace(warmup=3, budget_s=1.0))
+            peak_tflops = peak.get("tflops") or (device_peak_flops(self.device) or 989e12) / 1e12  # if unmeasured
+            return fused_kernels.measure(case, c, peak_tflops, SimpleNamespace(warmup=3, budget_s=1.0))
+
+        def summarize(results):  # the contenders that were measured, as fused_kernels.py compares them
+            return fused_kernels.summarize([{k: v for k, v in r.items() if k != "wall_s"} for r in results.values()
+                                            if "role" in r])
 
         parts = [] if self.tiny else [("bf16_matmul_peak", matmul_peak)]
         parts += [(c.name, functools.partial(contender, c)) for c in case.contenders]
-        rows = lambda results: [r for name, r in results.items() if name != "bf16_matmul_peak"]  # noqa: E731
-        self.run("kernel", parts, None if self.tiny else lambda results: fused_kernels.summarize(rows(results)))
+        self.run("kernel", parts, None if self.tiny else summarize)
 
     def stage(self, stage: str, paths: tuple[str, ...], step: str) -> None:
         warm, pool = (TINY_POOLS if self.tiny else POOLS)[stage]
@@ -242,6 +247,21 @@ class QuickRun:
         models.clear()
 
 
+def run_steps(run: QuickRun) -> None:
+    """The steps, most important first."""
+    run.save()
+    run.kernel()
+    run.stage("cpt", ("reference", "ours-eager"), "cpt")
+    run.stage("cl", ("reference", "ours-eager"), "cl")
+    run.embed()
+    if run.tiny:
+        run.steps["extras"] = {"status": "skipped: --tiny runs no compile (CPU inductor takes minutes) and no FP8 "
+                                         "(CUDA only)"}
+        run.save()
+    else:
+        run.stage("cpt", ("ours", "ours-fp8"), "extras")
+
+
 SHOWN = {"status", "ms", "tokens_per_s", "mfu", "ours_per_s", "reference_per_s", "speedup_vs_reference",
          "cosine_min", "check_loss", "max_memory_gb"}
 
@@ -261,17 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out = args.out or RESULTS / f"quick-3b-{device_slug(torch.cuda.get_device_name())}.json"
     with tempfile.TemporaryDirectory() as folder:
         run = QuickRun(args, device, Path(folder))
-        run.save()
-        run.kernel()
-        run.stage("cpt", ("reference", "ours-eager"), "cpt")
-        run.stage("cl", ("reference", "ours-eager"), "cl")
-        run.embed()
-        if args.tiny:
-            run.steps["extras"] = {"status": "skipped: --tiny runs no compile (CPU inductor takes minutes) and no "
-                                             "FP8 (CUDA only)"}
-            run.save()
-        else:
-            run.stage("cpt", ("ours", "ours-fp8"), "extras")
+        run_steps(run)
     print(json.dumps({name: step.get("summary") for name, step in run.steps.items()}, default=str)[:2000]
           if not args.tiny else f"--tiny: every step ran; nothing timed; {args.out}")
     return 0

@@ -31,8 +31,6 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
 from fused_kernels import linear_ce_flops, patch_reconstruction_flops
 from moca_fast.data.batch import pack_sequences
 from moca_fast.trainers.metrics import attention_pairs, decoder_layer_flops, forward_flops
