@@ -2,6 +2,9 @@
 `cuda` skip without one, and every test starts from a seeded RNG."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -10,6 +13,24 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+
+# Not on the lent GPU machine (ENVIRONMENT.md): `datasets` and what it needs. Only reading data files may need them.
+NOT_ON_THE_GPU_MACHINE = ("datasets", "dill", "multiprocess", "pandas", "xxhash")
+
+
+@pytest.fixture
+def run_without_datasets():
+    """Run Python code in a fresh interpreter (repository root, bench/ on the path) in which the packages of
+    NOT_ON_THE_GPU_MACHINE cannot be imported, as if not installed; returns the finished process."""
+    prelude = (f"import sys\nfor _name in {NOT_ON_THE_GPU_MACHINE!r}:\n    sys.modules[_name] = None\n"
+               "sys.path.insert(0, 'bench')\n")
+
+    def run(code: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-X", "faulthandler", "-c", prelude + code], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
 
 
 @pytest.fixture(autouse=True)

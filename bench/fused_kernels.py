@@ -41,6 +41,10 @@ TOKENS_PER_MICRO_BATCH = 12800
 MLM_FRACTION = 0.4
 MODELS = {"3B": (2048, 151936), "7B": (3584, 152064)}  # hidden size, vocabulary
 PATCH_VALUES = 4 * 1176  # the MAE head's output: 4 patches of 3*2*14*14 values per merged image token
+# Logit-sized matmuls per forward + backward of a fused linear cross-entropy: ours and cut-cross-entropy form the
+# log-sum-exp, recompute the logits in backward and take two gradient GEMMs; Liger forms the logits and both
+# gradients once, in its forward.
+LM_HEAD_GEMMS = {"moca_fast": 4, "liger": 3, "cut_cross_entropy": 4}
 
 Step = Callable[[], None]
 
@@ -61,11 +65,21 @@ class Case:
     contenders: list[Contender]
 
 
+def linear_ce_flops(rows: int, hidden: int, vocab: int, kernel: str) -> float:
+    """Dense FLOPs `kernel` executes for the LM head + cross-entropy over `rows`, forward + backward."""
+    return LM_HEAD_GEMMS[kernel] * 2.0 * rows * hidden * vocab
+
+
+def patch_reconstruction_flops(rows: int, hidden: int) -> float:
+    """Forward + backward of Linear(hidden -> 4 * 1176) + MSE over `rows`: three GEMMs (ours and torch alike)."""
+    return 6.0 * rows * PATCH_VALUES * hidden
+
+
 # ------------------------------------------------------------------------------------------------------ cases
 
 
-def _leaf(*shape, scale=1.0):
-    return (torch.randn(*shape, device="cuda", dtype=DTYPE) * scale).requires_grad_()
+def _leaf(*shape, scale=1.0, device="cuda", dtype=DTYPE):
+    return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_()
 
 
 def _step(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Step:
@@ -77,17 +91,19 @@ def _step(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> St
     return step
 
 
-def masked_lm_cases() -> list[Case]:
+def masked_lm_cases(models: dict = MODELS, tokens: int = TOKENS_PER_MICRO_BATCH, device: str = "cuda",
+                    dtype: torch.dtype = DTYPE) -> list[Case]:
     cases = []
-    for model, (H, V) in MODELS.items():
-        T = TOKENS_PER_MICRO_BATCH
+    for model, (H, V) in models.items():
+        T = tokens
         M = round(MLM_FRACTION * T)
 
         def inputs(H=H, V=V, T=T, M=M):
-            hidden, weight = _leaf(T, H), _leaf(V, H, scale=H**-0.5)
-            rows = torch.randperm(T, device="cuda")[:M].sort().values
-            labels = torch.full((T,), -100, device="cuda")
-            labels[rows] = torch.randint(0, V, (M,), device="cuda")
+            on = dict(device=device, dtype=dtype)
+            hidden, weight = _leaf(T, H, **on), _leaf(V, H, scale=H**-0.5, **on)
+            rows = torch.randperm(T, device=device)[:M].sort().values
+            labels = torch.full((T,), -100, device=device)
+            labels[rows] = torch.randint(0, V, (M,), device=device)
             return hidden, weight, rows, labels
 
         def ours(inputs=inputs):
@@ -110,19 +126,19 @@ def masked_lm_cases() -> list[Case]:
             options = {"filter_eps": None} if exact else {}
             return _step(lambda: linear_cross_entropy(hidden[rows], weight, labels[rows], **options), [hidden, weight])
 
-        dense = 2.0 * V * H  # one logit row's matmul
         contenders = [
-            Contender("moca_fast", "ours", 4 * dense * M, ours),  # lse pass + recompute + two gradient GEMMs
-            Contender("liger_all_rows", "reference", 3 * dense * T, lambda f=liger: f(True)),
-            Contender("liger_masked_rows", "peer", 3 * dense * M, lambda f=liger: f(False)),
+            Contender("moca_fast", "ours", linear_ce_flops(M, H, V, "moca_fast"), ours),
+            Contender("liger_all_rows", "reference", linear_ce_flops(T, H, V, "liger"), lambda f=liger: f(True)),
+            Contender("liger_masked_rows", "peer", linear_ce_flops(M, H, V, "liger"), lambda f=liger: f(False)),
         ]
         if importlib.util.find_spec("cut_cross_entropy") is not None:
+            cce = linear_ce_flops(M, H, V, "cut_cross_entropy")
             contenders += [
-                Contender("cut_cross_entropy_filtered", "peer", 4 * dense * M, lambda f=cut_cross_entropy: f(False)),
-                Contender("cut_cross_entropy_exact", "peer", 4 * dense * M, lambda f=cut_cross_entropy: f(True)),
+                Contender("cut_cross_entropy_filtered", "peer", cce, lambda f=cut_cross_entropy: f(False)),
+                Contender("cut_cross_entropy_exact", "peer", cce, lambda f=cut_cross_entropy: f(True)),
             ]
         shape = {"model": model, "tokens": T, "masked_rows": M, "hidden": H, "vocab": V}
-        cases.append(Case("masked_lm_ce", shape, 3 * dense * M, contenders))
+        cases.append(Case("masked_lm_ce", shape, 6.0 * M * H * V, contenders))  # 3 GEMMs on the masked rows
     return cases
 
 
@@ -145,7 +161,7 @@ def patch_reconstruction_cases() -> list[Case]:
                 predict = lambda: torch.nn.functional.linear(hidden, weight, bias)  # noqa: E731
                 return _step(lambda: torch.nn.functional.mse_loss(predict(), targets), [hidden, weight, bias])
 
-            flops = 6.0 * K * N * H
+            flops = patch_reconstruction_flops(K, H)
             contenders = [
                 Contender("moca_fast", "ours", flops, ours),
                 Contender("torch_linear_mse", "reference", flops, torch_linear_mse),

@@ -15,7 +15,7 @@ from report import RESULTS
 
 README = Path(__file__).parent.parent / "README.md"
 BEGIN, END = "<!-- performance:begin (bench/table.py writes this) -->", "<!-- performance:end -->"
-GPU_KINDS = ("train", "embed", "kernels")
+GPU_KINDS = ("quick", "train", "embed", "kernels")
 
 
 def _num(x, digits: int = 0) -> str:
@@ -63,15 +63,99 @@ def kernels_rows(data: dict) -> list[str]:
     return lines
 
 
+def quick_rows(data: dict) -> list[str]:
+    lines = ["| step | figure | ours | reference path | ours vs reference | check |", "|---|---|---:|---:|---:|---|"]
+    steps = data["results"]
+
+    def part(step: str, name: str) -> dict:
+        return steps.get(step, {}).get("parts", {}).get(name, {"status": "not run"})
+
+    def ok(run: dict) -> bool:
+        return run.get("status") == "ok"
+
+    def row(step, figure, ours, reference, speedup, check) -> None:
+        lines.append(f"| {step} | {figure} | {ours} | {reference} | {speedup} | {check} |")
+
+    ours, reference, masked = (part("kernel", n) for n in ("moca_fast", "liger_all_rows", "liger_masked_rows"))
+    if "masked_rows" in ours:
+        figure = f"masked-LM loss, ms ({ours['tokens']:,} rows, {ours['masked_rows']:,} masked)"
+        speedup = f"{reference['ms'] / ours['ms']:.2f}x" if ok(ours) and ok(reference) else "-"
+        check = f"Liger on the masked rows: {masked['ms']:.2f} ms" if ok(masked) else f"Liger: {masked['status']}"
+        row("kernel", figure, f"{ours['ms']:.2f}" if ok(ours) else ours["status"],
+            f"{reference['ms']:.2f}" if ok(reference) else reference["status"], speedup, check)
+
+    def training(step: str, name: str, label: str, stage: str) -> None:
+        run, base = part(step, name), part(stage, "reference")
+
+        def shown(r: dict) -> str:
+            if not ok(r):
+                return r["status"]
+            return _num(r["tokens_per_s"]) + (f" ({100 * r['mfu']:.1f}% MFU)" if r.get("mfu") is not None else "")
+
+        both = ok(run) and ok(base)
+        check = f"loss {abs(run['check_loss'] / base['check_loss'] - 1):.1e} rel." if both else ""
+        off = [k for k in ("compile", "fp8") if k in label.lower() and not run.get("transforms", {}).get(k, True)]
+        row(step, f"{label}, tokens/s", shown(run), shown(base), f"{base['seconds'] / run['seconds']:.2f}x" if both
+            else "-", check + "".join(f"; {k} was off" for k in off))
+
+    training("cpt", "ours-eager", "stage 1", "cpt")
+    training("cl", "ours-eager", "stage 2", "cl")
+    for workload in ("text", "image", "page", "interleaved"):
+        run = part("embed", workload)
+        if ok(run):
+            row("embed", f"{workload}, inputs/s", _num(run["ours_per_s"], 1), _num(run["reference_per_s"], 1),
+                f"{run['speedup_vs_reference']:.2f}x", f"cosine >= {run['cosine_min']:.5f}")
+        else:
+            row("embed", f"{workload}, inputs/s", run["status"], "", "-", "")
+    training("extras", "ours", "stage 1 with compile", "cpt")
+    training("extras", "ours-fp8", "stage 1 with compile + FP8", "cpt")
+    return lines
+
+
+WORK_FLOPS = {"total": "TFLOP, total", "backbone": "TFLOP, backbone forward + backward",
+              "recompute": "TFLOP, activation recompute", "lm_head": "TFLOP, LM head + cross-entropy",
+              "mae_layer": "TFLOP, MAE layer", "mae_projection": "TFLOP, MAE projection"}
+WORK_ROWS = {"decoder_tokens": "decoder tokens (padding included)", "lm_head_rows": "LM-head rows",
+             "mae_layer_queries": "MAE-layer query rows", "vision_patches": "vision patches"}
+
+
+def work_rows(data: dict) -> list[str]:
+    lines = ["| stage | count | ours | reference | reference / ours |", "|---|---|---:|---:|---:|"]
+
+    def row(stage: str, label: str, ours, reference, digits: int = 0) -> None:
+        ratio = f"{reference / ours:.2f}x" if ours else "-"
+        lines.append(f"| {stage} | {label} | {_num(ours, digits)} | {_num(reference, digits)} | {ratio} |")
+
+    for stage, summary in data["results"].items():
+        ours, reference = summary["paths"]["ours"], summary["paths"]["reference"]
+        for key, label in WORK_FLOPS.items():
+            if key in ours["flops"]:
+                row(stage, label, ours["flops"][key] / 1e12, reference["flops"][key] / 1e12, 1)
+        for key, label in WORK_ROWS.items():
+            if key in ours["rows"]:
+                row(stage, label, ours["rows"][key], reference["rows"][key])
+        row(stage, "forwards", ours["forwards"], reference["forwards"])
+    for stage, summary in data["results"].items():
+        pool = summary["pool"]
+        lines += ["", f"{stage}: {pool['sequences']:,} sequences ({pool['text_only']:,} text-only, "
+                      f"{pool['single_image']:,} with one image, {pool['several_images']:,} with several), "
+                      f"{pool['tokens']:,} tokens of which {pool['image_tokens']:,} image tokens; useful work "
+                      f"{_num(summary['useful_flops'] / 1e12, 1)} TFLOP (the MFU numerator)."]
+    return lines + ["", "Attention is counted over each sequence's real tokens on both sides (flash-attn's way); the "
+                        "InfoNCE loss and element-wise work are left out. bench/work.py says what each path runs."]
+
+
 def loader_rows(data: dict) -> list[str]:
     lines = ["| workers | samples/s | tokens/s |", "|---:|---:|---:|"]
     lines += [f"| {r['workers']} | {_num(r['samples_per_s'], 1)} | {_num(r['tokens_per_s'])} |" for r in data["results"]]
     return lines
 
 
-RENDERERS = {"train": ("Training steps, ours against the reference path", train_rows),
+RENDERERS = {"quick": ("Headline figures in one short GPU run (bench/gpu_quick.py)", quick_rows),
+             "train": ("Training steps, ours against the reference path", train_rows),
              "embed": ("Embedding, ours against the reference path", embed_rows),
              "kernels": ("Fused kernels", kernels_rows),
+             "work": ("Work counted on the same samples (FLOPs and rows, not times)", work_rows),
              "loader": ("Stage-1 data loading (CPU)", loader_rows)}
 
 
@@ -79,8 +163,9 @@ def render(results: Path = RESULTS) -> str:
     files = sorted(results.glob("*.json"))
     parts = [BEGIN]
     if not any(f.name.startswith(GPU_KINDS) for f in files):
-        parts.append("GPU figures are pending: no GPU results are committed yet. `bash bench/run_gpu.sh` on an "
-                     "H100/H200 writes them to bench/results/ and this table from them.\n")
+        parts.append("GPU figures are pending: no GPU results are committed yet. `python bench/gpu_quick.py` (8 "
+                     "minutes) or `bash bench/run_gpu.sh` on an H100/H200 writes them to bench/results/, and "
+                     "`python bench/table.py` this table from them.\n")
     for kind, (title, rows) in RENDERERS.items():
         for path in (f for f in files if f.name.startswith(kind + "-")):
             data = json.loads(path.read_text())

@@ -30,8 +30,8 @@ def _stage_inputs(stage: str, model: str, folder):
         documents = train.make_documents(64 if model != "tiny" else 8, seed=0)
         samples = train.stage1_samples(documents, processor, config)
         return config, tokenizer, processor, documents, train.packed_groups(samples, config.tokens_per_micro_batch)[0]
-    train.write_pairs(train.make_pairs(-(-config.pairs_per_rank // 4), seed=0), folder / "pairs", seed=0)
-    pairs = train.PairDataset(train.pair_subsets(str(folder / "pairs")), negative_ratio=2, seed=0)
+    rows = train.pair_rows(train.make_pairs(-(-config.pairs_per_rank // 4), seed=0), folder / "pairs", seed=0)
+    pairs = train.PairDataset(rows, image_dir=folder / "pairs", negative_ratio=2, seed=0)
     return config, tokenizer, processor, pairs, train.stage2_samples(pairs, processor)[:config.pairs_per_rank]
 
 

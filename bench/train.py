@@ -22,6 +22,7 @@ import argparse
 import gc
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,10 +34,9 @@ from moca_fast.data.loader import MaskedDocuments, PackCollator
 from moca_fast.data.packing import TokenBudgetSampler
 from moca_fast.data.pairs import PairDataset
 from moca_fast.data.processor import EncodedSequence
-from moca_fast.data.synthetic import TASKS, make_documents, make_pairs, write_pairs
+from moca_fast.data.synthetic import TASKS, make_documents, make_pairs, pair_rows
 from moca_fast.model.heads import MaeHead
 from moca_fast.model.loading import to_transformers
-from moca_fast.trainers.cl import pair_subsets
 from moca_fast.trainers.cpt import step_flops
 from moca_fast.trainers.metrics import device_peak_flops, forward_flops
 from moca_fast.trainers.optim import adamw
@@ -230,63 +230,109 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_stage(stage: str, model: str, variants: list[str], n_warm: int, n_pool: int, folder: Path,
-                device: torch.device) -> dict:
-    """Every path of `variants` on one stage: the check batch, `n_warm` warm-up and `n_pool` timed samples (stage
-    1) or pairs (stage 2)."""
-    config = train_config(stage, model, str(folder / "pairs"))
+@dataclass
+class StagePool:
+    """One stage's samples, shared by every path: the check batch, the warm-up and the timed pool (stage 1:
+    encoded documents; stage 2: groups of `pairs_per_rank` pairs), and the pool's real tokens and useful FLOPs."""
+
+    stage: str
+    config: TrainConfig
+    tokenizer: object
+    processor: object
+    data: object  # what OursTrainer reads: the documents, or the PairDataset
+    spec: ModelSpec
+    check: list
+    warm: list
+    pool: list
+    tokens: int
+    useful_flops: float
+
+    def micro_batches(self, path: str, samples: list) -> list[list]:
+        """How `path` groups stage-1 samples (stage 2: the groups as they are)."""
+        if self.stage != "cpt":
+            return samples
+        return stage1_micro_batches(path, samples, self.config.tokens_per_micro_batch, self.processor.image_token_id,
+                                    self.tokenizer.pad_token_id)
+
+
+def stage_pool(stage: str, model: str, n_warm: int, n_pool: int, folder: Path) -> StagePool:
+    """`n_warm` warm-up and `n_pool` timed samples (stage 1) or pairs (stage 2) of the synthetic world at the
+    reference's pixel budget, held in memory (stage-2 images are written under `folder`)."""
+    config = train_config(stage, model, "in memory")
     tokenizer = build_tokenizer(config)
     processor = build_processor(config, tokenizer)
-    image_id, pad_id = processor.image_token_id, tokenizer.pad_token_id
     if stage == "cpt":
-        documents = make_documents(n_warm + n_pool, seed=0)
-        samples = stage1_samples(documents, processor, config)
+        data = make_documents(n_warm + n_pool, seed=0)
+        samples = stage1_samples(data, processor, config)
         warm, pool = samples[:n_warm], samples[n_warm:]
         check = packed_groups(warm, config.tokens_per_micro_batch)[0]
-        data = documents
     else:
-        write_pairs(make_pairs(-(-(n_warm + n_pool) // len(TASKS)), seed=0), folder / "pairs", seed=0)
-        data = PairDataset(pair_subsets(str(folder / "pairs")), negative_ratio=config.negative_ratio, seed=0)
+        rows = pair_rows(make_pairs(-(-(n_warm + n_pool) // len(TASKS)), seed=0), folder / "pairs", seed=0)
+        data = PairDataset(dict(sorted(rows.items())), image_dir=folder / "pairs",
+                           negative_ratio=config.negative_ratio, seed=0)
         samples = stage2_samples(data, processor)
         size = config.pairs_per_rank
         warm, pool = pair_groups(samples[:n_warm], size), pair_groups(samples[n_warm:], size)
         check = warm[0]
     spec = ModelSpec.from_hf_config(generated_hf_config(model, tokenizer))
     ours_pool = packed_groups(pool, config.tokens_per_micro_batch) if stage == "cpt" else pool
-    flops, tokens = useful_flops(stage, spec, ours_pool, image_id), tokens_of([s for g in ours_pool for s in g])
-    peak = device_peak_flops(device)
-    results = {}
-    for name in variants:
-        padded = name != "reference" and OURS_VARIANTS[name][2]
-        if padded and stage != "cpt":
-            continue  # stage 2's padding variant is the reference path itself
+    return StagePool(stage, config, tokenizer, processor, data, spec, check, warm, pool,
+                     tokens_of([s for g in ours_pool for s in g]),
+                     useful_flops(stage, spec, ours_pool, processor.image_token_id))
+
+
+def applies(name: str, stage: str) -> bool:
+    """Whether a path runs on a stage: stage 2's padding variant is the reference path itself."""
+    return name == "reference" or not OURS_VARIANTS[name][2] or stage == "cpt"
+
+
+def bench_path(name: str, p: StagePool, device: torch.device) -> dict:
+    """One path on the pool: loss on the check batch, warm-up, timed pool; tokens/s and MFU of the pool."""
+    config, trainer = p.config, None
+    try:
         if name == "reference":
-            trainer = ReferenceTrainer(config, tokenizer, processor, device)
+            trainer = ReferenceTrainer(config, p.tokenizer, p.processor, device)
         else:
             compile, fp8, _ = OURS_VARIANTS[name]
-            trainer = OursTrainer(train_config(stage, config.model, config.data, compile=compile, fp8=fp8), data,
-                                  tokenizer, processor, device)
-        if stage == "cpt":
-            groups = lambda s: stage1_micro_batches(name, s, config.tokens_per_micro_batch, image_id, pad_id)  # noqa: E731
-            run = measure(trainer, with_padding_rows(check, pad_id) if padded else check, groups(warm), groups(pool),
-                          device)
+            trainer = OursTrainer(train_config(p.stage, config.model, config.data, compile=compile, fp8=fp8), p.data,
+                                  p.tokenizer, p.processor, device)
+        if p.stage == "cpt":
+            padded = name != "reference" and OURS_VARIANTS[name][2]
+            check = with_padding_rows(p.check, p.tokenizer.pad_token_id) if padded else p.check
+            run = measure(trainer, check, p.micro_batches(name, p.warm), p.micro_batches(name, p.pool), device)
         else:
-            run = measure(trainer, check, warm[1:], pool, device)
-        run["tokens_per_s"] = tokens / run["seconds"]
-        run["mfu"] = flops / run["seconds"] / peak if peak else None
+            run = measure(trainer, p.check, p.warm[1:], p.pool, device)
+        run["tokens_per_s"] = p.tokens / run["seconds"]
+        peak = device_peak_flops(device)
+        run["mfu"] = p.useful_flops / run["seconds"] / peak if peak else None
         if name == "reference":
             run["attention"] = trainer.reference.attention
-        results[name] = run
-        del trainer
+        else:  # what was really on (FP8 turns itself off where torchao or the GPU cannot run it)
+            run["transforms"] = dict(trainer.stage.state)
+        return run
+    finally:  # also when stopped part-way (bench/gpu_quick.py's time box): the model leaves the device
+        trainer = None  # noqa: F841
         free(device)
-    summary = {"tokens": tokens, "useful_flops": flops, "paths": results}
-    if "reference" in results:
-        reference = results["reference"]
-        summary["speedup_vs_reference"] = {k: reference["seconds"] / v["seconds"] for k, v in results.items()
-                                           if k != "reference"}
-        summary["check_loss_rel_diff"] = {k: abs(v["check_loss"] - reference["check_loss"]) / abs(reference["check_loss"])
-                                          for k, v in results.items() if k != "reference"}
+
+
+def summarize(p: StagePool, results: dict) -> dict:
+    """The paths' runs with each one's speed-up and check-loss difference against the reference path."""
+    summary = {"tokens": p.tokens, "useful_flops": p.useful_flops, "paths": results}
+    reference = results.get("reference")
+    timed = {k: v for k, v in results.items() if k != "reference" and "seconds" in v}
+    if reference is not None and "seconds" in reference:
+        summary["speedup_vs_reference"] = {k: reference["seconds"] / v["seconds"] for k, v in timed.items()}
+        summary["check_loss_rel_diff"] = {k: abs(v["check_loss"] / reference["check_loss"] - 1)
+                                          for k, v in timed.items()}
     return summary
+
+
+def bench_stage(stage: str, model: str, variants: list[str], n_warm: int, n_pool: int, folder: Path,
+                device: torch.device) -> dict:
+    """Every path of `variants` on one stage: the check batch, `n_warm` warm-up and `n_pool` timed samples (stage
+    1) or pairs (stage 2)."""
+    p = stage_pool(stage, model, n_warm, n_pool, folder)
+    return summarize(p, {name: bench_path(name, p, device) for name in variants if applies(name, stage)})
 
 
 def main() -> None:

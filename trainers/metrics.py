@@ -24,19 +24,31 @@ def device_peak_flops(device: torch.device) -> float | None:
     return next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS.items() if key in name), None)
 
 
+def attention_pairs(cu_seqlens: torch.Tensor) -> float:
+    """(query, key) pairs of full attention within every segment: sum of len^2."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).double()
+    return float((lengths**2).sum())
+
+
 def _attention_flops(cu_seqlens: torch.Tensor, width: int) -> float:
     """QK^T and AV over every segment: 4 * len^2 * width per layer, forward."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).double()
-    return 4.0 * float((lengths**2).sum()) * width
+    return 4.0 * attention_pairs(cu_seqlens) * width
+
+
+def decoder_layer_flops(text, queries: int, keys: int, pairs: float) -> float:
+    """Matmul FLOPs of one decoder layer's forward (TextSpec `text`): q/o projections and MLP over `queries` rows,
+    k/v projections over `keys` rows, attention over `pairs` (query, key) pairs. A whole packed batch: queries =
+    keys = tokens, pairs = attention_pairs(cu_seqlens); the MAE layer: its masked rows against their sequences."""
+    kv = text.num_kv_heads * text.head_dim
+    per_query = 2 * text.hidden_size**2 + 3 * text.hidden_size * text.intermediate_size
+    return 2.0 * (queries * per_query + keys * 2 * text.hidden_size * kv) + 4.0 * pairs * text.hidden_size
 
 
 def forward_flops(spec: ModelSpec, batch) -> float:
     """Matmul FLOPs of one forward of the backbone over a PackedBatch (text decoder + vision tower)."""
     t, v = spec.text, spec.vision
-    kv = t.num_kv_heads * t.head_dim
-    text_linear = t.hidden_size * (t.hidden_size + 2 * kv) + t.hidden_size**2 + 3 * t.hidden_size * t.intermediate_size
-    flops = 2.0 * batch.num_tokens * text_linear * t.num_layers
-    flops += t.num_layers * _attention_flops(batch.cu_seqlens.cpu(), t.hidden_size)
+    tokens = batch.num_tokens
+    flops = t.num_layers * decoder_layer_flops(t, tokens, tokens, attention_pairs(batch.cu_seqlens.cpu()))
     patches = batch.pixel_values.shape[0]
     if patches:
         vision_linear = 4 * v.hidden_size**2 + 3 * v.hidden_size * v.intermediate_size

@@ -24,8 +24,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import pyarrow.compute as pc
 import torch
@@ -33,6 +33,9 @@ from PIL import Image
 
 from .images import load_image
 from .tokens import IMAGE_PLACEHOLDER
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ class Document:
 
 def open_rows(source: str | Path, *, split: str = "train") -> datasets.Dataset:
     """Open a saved dataset folder, parquet or JSON-lines file(s), or a hub dataset (a name, not a path)."""
+    import datasets  # only reading from files needs it (the lent GPU machine has none)
+
     path = Path(source)
     if not path.exists():
         if path.is_absolute() or path.suffix in _ROW_FILE_SUFFIXES or str(source).startswith("."):

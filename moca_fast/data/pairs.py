@@ -1,12 +1,12 @@
 """Stage-2 data: query / positive / hard-negative pairs from reference-format rows, task batches, duplicate targets.
 
-Rows (one source per task, i.e. per subset; any source `documents.open_rows` reads): `qry`, `qry_image_path`,
-`pos_text`, `pos_image_path`, and optionally `neg_text`, `neg_image_path` (lists, or strings holding a list
-literal, which is how the reference data stores them). `<|image_1|>` in a text marks its image and becomes
-IMAGE_PLACEHOLDER; an empty image path makes a text-only side, and a marker in its text is dropped, as the
-reference does. Relative image paths resolve against `image_dir` (default: the folder holding the source).
-A row is checked when it is read: a missing field, a bad negative list, or an image without exactly one
-marker in its text is a ValueError naming the row.
+Rows (one source per task, i.e. per subset; any source `documents.open_rows` reads, or a list of row dicts in
+memory): `qry`, `qry_image_path`, `pos_text`, `pos_image_path`, and optionally `neg_text`, `neg_image_path` (lists,
+or strings holding a list literal, which is how the reference data stores them). `<|image_1|>` in a text marks
+its image and becomes IMAGE_PLACEHOLDER; an empty image path makes a text-only side, and a marker in its text is
+dropped, as the reference does. Relative image paths resolve against `image_dir` (default: the folder holding the
+source; rows in memory need it). A row is checked when it is read: a missing field, a bad negative list, or an
+image without exactly one marker in its text is a ValueError naming the row.
 
 Negative lists held in strings are parsed, never evaluated: only a list literal of string literals (JSON or
 Python quoting) is accepted; anything else, e.g. `__import__('os').system(...)`, is rejected.
@@ -131,11 +131,14 @@ def _hard_negatives(row: Mapping, where: str, row_id: str, ratio: int, seed: int
 class PairDataset(torch.utils.data.Dataset):
     """Map-style dataset of `Pair`s over one row source per task; `tasks[i]` is the task of item i."""
 
-    def __init__(self, subsets: Mapping[str, str | Path], *, split: str = "train",
+    def __init__(self, subsets: Mapping[str, str | Path | Sequence[Mapping]], *, split: str = "train",
                  image_dir: str | Path | None = None, negative_ratio: int = NEGATIVE_RATIO, seed: int = 0):
-        self._subsets = [(task, open_rows(source, split=split),
-                          Path(image_dir) if image_dir is not None else source_folder(source))
-                         for task, source in subsets.items()]
+        self._subsets = []
+        for task, source in subsets.items():  # rows in memory need no reader (nor `datasets`)
+            on_disk = isinstance(source, (str, Path))
+            rows = open_rows(source, split=split) if on_disk else source
+            folder = Path(image_dir) if image_dir is not None else source_folder(source) if on_disk else None
+            self._subsets.append((task, rows, folder))
         self._offsets = np.cumsum([0] + [len(rows) for _, rows, _ in self._subsets])
         self.tasks = [task for task, rows, _ in self._subsets for _ in range(len(rows))]
         self.negative_ratio, self.seed = negative_ratio, seed

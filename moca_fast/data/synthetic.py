@@ -43,7 +43,6 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
@@ -297,14 +296,17 @@ def write_documents(documents: list[Document], path: str | Path, fmt: str) -> Pa
     if fmt == "parquet":
         pq.write_table(table, path)
     elif fmt == "dataset":
+        import datasets  # only this format needs it
+
         datasets.Dataset(datasets.table.InMemoryTable(table)).save_to_disk(str(path))
     else:
         raise ValueError(f"unknown documents format {fmt!r}: use 'dataset', 'parquet' or 'jsonl'")
     return path
 
 
-def write_pairs(pairs: list[SyntheticPair], folder: str | Path, seed: int) -> dict[str, Path]:
-    """Write stage-2 rows, one JSON-lines file per task, and their images; returns {task: rows file}."""
+def pair_rows(pairs: list[SyntheticPair], folder: str | Path, seed: int) -> dict[str, list[dict]]:
+    """Stage-2 rows in the reference columns, {task: rows}, their images written under folder/images (paths in the
+    rows relative to `folder`): `PairDataset(rows, image_dir=folder)` reads them without any file of rows."""
     folder, rng = Path(folder), random.Random(f"layouts:{seed}")
     rows = defaultdict(list)
     for pair in pairs:
@@ -317,6 +319,13 @@ def write_pairs(pairs: list[SyntheticPair], folder: str | Path, seed: int) -> di
             "neg_text": repr([text for text, _ in negatives]),
             "neg_image_path": repr([image for _, image in negatives]),
         })
+    return dict(rows)
+
+
+def write_pairs(pairs: list[SyntheticPair], folder: str | Path, seed: int) -> dict[str, Path]:
+    """Write stage-2 rows, one JSON-lines file per task, and their images; returns {task: rows file}."""
+    folder = Path(folder)
+    rows = pair_rows(pairs, folder, seed)
     paths = {task: folder / f"{task}.jsonl" for task in rows}
     for task, task_rows in rows.items():
         _write_jsonl(paths[task], task_rows)

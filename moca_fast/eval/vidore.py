@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
-import datasets
 import numpy as np
 
 from ..data.documents import open_rows
@@ -89,6 +88,8 @@ def _field(record: dict, names: tuple[str, ...], where: str):
 
 def read_dataset(name: str, folder: Path, split: str = "test") -> BeirDataset:
     """Queries, corpus and qrels -> inputs and a relevance matrix; bad rows raise naming the row."""
+    import datasets  # only reading from files needs it
+
     rows = open_rows(_part(folder, "corpus"))
     if isinstance(rows.features.get("image"), datasets.Image):  # keep pages encoded: workers decode them
         rows = rows.cast_column("image", datasets.Image(decode=False))

@@ -3,6 +3,7 @@
 import json
 import re
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from moca_fast.data.documents import DocumentDataset, open_rows
 from moca_fast.data.images import load_image
 from moca_fast.data.pairs import MMEB_IMAGE_TOKEN, PairDataset
 from moca_fast.data.synthetic import (ATTRIBUTES, COLOUR_RGB, IMAGE_SIZE, N_CANDIDATES, N_PAGES, TASKS, Page, Scene,
-                                      make_documents, make_pairs, pair_sides, render, write_world)
+                                      make_documents, make_pairs, pair_rows, pair_sides, render, write_world)
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 
 # REFERENCE.md's exact prompts, once the MMEB image marker becomes the placeholder triple.
@@ -99,6 +100,23 @@ def test_stage2_rows_round_trip_through_jsonl_and_the_reader(world):
     assert prompts["t2i"].query.text.startswith(T2I.split("{}")[0]) and prompts["t2i"].positive.text == IMAGE_TARGET
     assert prompts["i2t"].query.text == IMAGE_QUESTION.format("What does the image show?")
     assert prompts["page"].positive.text == PAGE_TARGET
+
+
+def test_stage2_rows_in_memory_are_the_rows_written(world, tmp_path):
+    """pair_rows: the same pairs as the written files give, read without any file of rows (nor `datasets`)."""
+    in_memory = PairDataset(pair_rows(make_pairs(6, seed=11), tmp_path, seed=11), image_dir=tmp_path)
+    on_disk = PairDataset(world.pairs)
+    written = {on_disk[k].id: on_disk[k] for k in range(len(on_disk))}
+    assert sorted(in_memory.tasks) == sorted(on_disk.tasks)
+    for k in range(len(in_memory)):
+        pair = in_memory[k]
+        theirs = written[pair.id]
+        for mine, other in zip((pair.query, pair.positive, *pair.negatives),
+                               (theirs.query, theirs.positive, *theirs.negatives), strict=True):
+            assert mine.text == other.text and (mine.image is None) == (other.image is None)
+            if mine.image is not None:  # the same image, rendered to the same relative path
+                assert Path(mine.image).name == Path(other.image).name
+                assert np.array_equal(np.asarray(load_image(mine.image, "")), np.asarray(load_image(other.image, "")))
 
 
 def test_stage1_documents_read_back(world):
