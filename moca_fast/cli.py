@@ -3,6 +3,7 @@ its arguments and sets `run` to the function doing the work; adding a command (c
 writing one such function and listing it in COMMANDS.
 
     moca-fast embed inputs.jsonl --output embeddings.npy --model DIR      (or .parquet)
+    torchrun --nproc_per_node 8 -m moca_fast.cli embed inputs.jsonl --output DIR --model DIR  (parts, resumable)
     moca-fast eval mmeb --data DIR [--images DIR] --model DIR
     moca-fast eval vidore --data DIR --model DIR
     moca-fast demo [--out runs/demo] [--steps 40 600] [--device cpu]
@@ -79,10 +80,28 @@ def add_embed(subparsers) -> None:
                                                "optional \"id\" is kept in parquet output). Embeddings come out "
                                                "in line order, L2-normalised, float32.")
     parser.add_argument("inputs", type=Path, help="JSON-lines file")
-    parser.add_argument("--output", type=Path, required=True, help=".npy ([N, dim] array) or .parquet file")
+    parser.add_argument("--output", type=Path, required=True, help=".npy ([N, dim] array) or .parquet file; or a "
+                        "folder (a path without a suffix): parquet parts, sharded across torchrun's ranks, resumable")
+    parser.add_argument("--part-size", type=int, default=4096, help="inputs per part of a folder --output (default: "
+                        "4096); a rerun skips the parts on disk")
     parser.add_argument("--images", type=Path, help="root of relative image paths (default: the file's folder)")
     add_model_arguments(parser)
-    parser.set_defaults(run=run_embed)
+    parser.set_defaults(run=run_embed_or_corpus)
+
+
+def run_embed_or_corpus(args) -> None:
+    """A file --output: `run_embed`; a folder: the corpus in parts on every rank torchrun starts (moca_fast.corpus)."""
+    if args.output.suffix:
+        return run_embed(args)
+    if args.part_size < 1:
+        raise ValueError(f"--part-size must be positive, got {args.part_size}")
+    from .corpus import embed_corpus
+    from .trainers.setup import training_device
+
+    inputs, ids = read_jsonl_inputs(args.inputs, args.images or args.inputs.parent)
+    args.device = str(training_device(args.device))  # under torchrun on CUDA: this rank's GPU
+    embed_corpus(embedder_from_args(args), inputs, ids, args.output, source=args.inputs, model=args.model,
+                 part_size=args.part_size)
 
 
 def run_embed(args) -> None:
