@@ -304,7 +304,10 @@ def add_serve(subparsers) -> None:
 
 
 def run_serve(args) -> None:
-    from .serve.app import serve
+    try:
+        from .serve.app import serve
+    except ImportError as error:
+        raise SystemExit(f"moca-fast serve: error: {error.name} is missing: pip install 'moca-fast[serve]'") from None
     from .serve.settings import ServeSettings
 
     embedder = embedder_from_args(args)

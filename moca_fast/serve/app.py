@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +61,8 @@ class EmbeddingService:
         self.embedded += inputs
         self.metrics.observe_batch(inputs, tokens, seconds)
 
-    async def embed(self, body: bytes) -> dict:
+    async def embed(self, body: bytes) -> bytes:
+        """A request body in, the response body out (RequestError for a refusal)."""
         loop = asyncio.get_running_loop()
         request = await loop.run_in_executor(self.pool, parse_request, body, self.settings, self.embedder.dim)
         count = len(request.inputs)
@@ -83,7 +85,8 @@ class EmbeddingService:
                                     "--request-timeout); its inputs were dropped") from None
         finally:
             self.in_flight -= count
-        return self._response(request, torch.stack(rows), sum(len(s) for s in sequences))
+        tokens = sum(len(s) for s in sequences)
+        return await loop.run_in_executor(self.pool, self._response_body, request, rows, tokens)
 
     def _admit(self, count: int) -> None:
         if self.draining or not self.batcher.running:
@@ -93,15 +96,16 @@ class EmbeddingService:
                                     f"pass its limit of {self.settings.max_queue_inputs} (--max-queue); retry later")
         self.in_flight += count
 
-    def _response(self, request: EmbeddingRequest, raw: torch.Tensor, tokens: int) -> dict:
-        embeddings = finish_embeddings(raw, request.dimensions).numpy()
+    def _response_body(self, request: EmbeddingRequest, rows: list[torch.Tensor], tokens: int) -> bytes:
+        """The JSON answer (rendered in the pool: thousands of floats would hold up the event loop)."""
+        embeddings = finish_embeddings(torch.stack(rows), request.dimensions).numpy()
         if request.encoding_format == "base64":  # OpenAI's: little-endian float32 bytes
             values = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in embeddings]
         else:
             values = embeddings.tolist()
-        return {"object": "list", "model": self.settings.model_name,
-                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return json.dumps({"object": "list", "model": self.settings.model_name,
+                           "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)],
+                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, separators=(",", ":")).encode()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -134,11 +138,11 @@ def create_app(service: EmbeddingService) -> FastAPI:
     app = FastAPI(title="moca-fast", lifespan=lifespan)
 
     @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> JSONResponse:
+    async def embeddings(request: Request) -> Response:
         start = time.perf_counter()
         try:
             body = await read_body(request, service.settings.max_body_bytes)
-            response = JSONResponse(await service.embed(body))
+            response = Response(await service.embed(body), media_type="application/json")
         except RequestError as error:
             response = JSONResponse(error.body(), status_code=error.status,
                                     headers={"Retry-After": "1"} if error.status in (429, 503) else None)
