@@ -4,6 +4,7 @@ fetched only when allowed, and a graceful shutdown answers every admitted reques
 import functools
 import http.server
 import re
+import signal
 import threading
 
 import httpx
@@ -39,10 +40,10 @@ def image_site(tmp_path, pngs):
 
 
 def test_a_full_queue_answers_429_then_admits_again(start_server, embedder, pngs, image_site):
-    server = start_server("--max-queue", "4", "--max-wait-ms", "3000", "--allow-remote-images")
+    server = start_server("--max-queue", "4", "--max-wait-ms", "6000", "--allow-remote-images")
     first_inputs = ["one", {"image": data_url(pngs[0])}, "three"]
     first, first_out = in_thread(post, server, first_inputs)
-    server.wait_for_metric("moca_in_flight_inputs", 3)  # admitted, and waiting 3 s for company
+    server.wait_for_metric("moca_in_flight_inputs", 3)  # admitted, and waiting 6 s for company
     refused = post(server, ["four", "five"])
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
     assert "busy: 3 inputs in flight and 2 more would pass its limit of 4 (--max-queue)" in refused.json()[
@@ -65,7 +66,7 @@ def test_graceful_shutdown_answers_every_admitted_request_once(start_server, emb
     wire = [[{"image": data_url(x["image"])} if isinstance(x, dict) else x for x in r] for r in requests]
     threads = [in_thread(post, server, inputs) for inputs in wire]
     server.wait_for_metric("moca_in_flight_inputs", sum(map(len, requests)))
-    server.process.send_signal(15)
+    server.process.send_signal(signal.SIGTERM)
     for thread, _ in threads:
         thread.join(timeout=120)
     try:

@@ -10,7 +10,6 @@ import numpy as np
 import openai
 import pytest
 
-from moca_fast import prompts
 from moca_fast.embed import as_input
 
 from .conftest import GRACEFUL_EXIT, MODEL, ServerProcess, data_url
@@ -23,6 +22,7 @@ def server(checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     (folder / "images").mkdir()
     (folder / "secret.png").write_bytes(b"not for clients")
+    (folder / "images" / "link.png").symlink_to(folder / "secret.png")
     process = ServerProcess(checkpoint, folder / "server.log", "--image-root", str(folder / "images"),
                             "--max-request-inputs", str(MAX_INPUTS), "--max-input-tokens", str(MAX_TOKENS),
                             "--max-body-mb", str(MAX_BODY_MB), "--max-wait-ms", "50")
@@ -126,10 +126,6 @@ def test_sixteen_concurrent_clients_get_the_embeddings_of_encode(server, embedde
     assert forwards < len(requests), "the requests were never batched together"
 
 
-def _body(server, inputs, **extra):
-    return {"model": MODEL, "input": inputs, **extra}
-
-
 BAD_REQUESTS = [  # (body, status, message)
     (b"{not json", 400, "the request body is not valid JSON"),
     (b"[1, 2]", 400, "the request body must be a JSON object"),
@@ -151,6 +147,8 @@ BAD_REQUESTS = [  # (body, status, message)
      "input[2]: cannot decode image bytes"),
     ({"model": MODEL, "input": ["ok", {"image": "../secret.png"}]}, 400,
      "input[1]: image path '../secret.png' is outside the server's --image-root"),
+    ({"model": MODEL, "input": ["ok", {"image": "link.png"}]}, 400, "input[1]: image path 'link.png' is outside"),
+    ({"model": MODEL, "input": [{"image": "/etc/hostname"}]}, 400, "input[0]: image path '/etc/hostname' is outside"),
     ({"model": MODEL, "input": ["ok", {"image": "missing.png"}]}, 400,
      "input[1]: image file not found under the server's --image-root: missing.png"),
     ({"model": MODEL, "input": ["ok", {"image": "http://127.0.0.1:9/a.png"}]}, 400,
