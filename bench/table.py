@@ -52,6 +52,17 @@ def embed_rows(data: dict) -> list[str]:
     return lines
 
 
+def serve_rows(data: dict) -> list[str]:
+    lines = ["| max wait (ms) | clients | requests/s | p50 (ms) | p99 (ms) | inputs per forward |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['max_wait_ms']:g} | {r['clients']} | {_num(r['requests_per_s'], 1)} | {_num(r['p50_ms'], 1)} "
+              f"| {_num(r['p99_ms'], 1)} | {r['inputs_per_forward']:.2f} |" for r in data["results"]]
+    if "load_average" in data:  # CPU figures from a shared machine: how busy it was
+        lines += ["", f"5-minute load average {data['load_average']:.1f} at the end (clients and server share the "
+                      "machine)."]
+    return lines
+
+
 def kernels_rows(data: dict) -> list[str]:
     lines = ["| kernel | shape | ms | x of ideal | speed-ups |", "|---|---|---:|---:|---|"]
     for entry in data["summary"]:
@@ -154,6 +165,7 @@ def loader_rows(data: dict) -> list[str]:
 RENDERERS = {"quick": ("Headline figures in one short GPU run (bench/gpu_quick.py)", quick_rows),
              "train": ("Training steps, ours against the reference path", train_rows),
              "embed": ("Embedding, ours against the reference path", embed_rows),
+             "serve": ("Embedding server on loopback (bench/serve.py)", serve_rows),
              "kernels": ("Fused kernels", kernels_rows),
              "work": ("Work counted on the same samples (FLOPs and rows, not times)", work_rows),
              "loader": ("Stage-1 data loading (CPU)", loader_rows)}

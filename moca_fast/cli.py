@@ -3,12 +3,14 @@ its arguments and sets `run` to the function doing the work; adding a command (c
 writing one such function and listing it in COMMANDS.
 
     moca-fast embed inputs.jsonl --output embeddings.npy --model DIR      (or .parquet)
+    torchrun --nproc_per_node 8 -m moca_fast.cli embed inputs.jsonl --output DIR --model DIR  (parts, resumable)
     moca-fast eval mmeb --data DIR [--images DIR] --model DIR
     moca-fast eval vidore --data DIR --model DIR
     moca-fast demo [--out runs/demo] [--steps 40 600] [--device cpu]
     moca-fast cpt --config configs/qwen25vl-3b-cpt.yaml [--resume] [--set key=value ...]  (torchrun for FSDP2)
     moca-fast cl --config configs/qwen25vl-3b-cl.yaml [--resume] [--set key=value ...]
     moca-fast plot RUN_DIR [--out losses.png]
+    moca-fast serve --model DIR [--host 127.0.0.1 --port 8000]                  (pip install 'moca-fast[serve]')
 """
 
 from __future__ import annotations
@@ -78,10 +80,28 @@ def add_embed(subparsers) -> None:
                                                "optional \"id\" is kept in parquet output). Embeddings come out "
                                                "in line order, L2-normalised, float32.")
     parser.add_argument("inputs", type=Path, help="JSON-lines file")
-    parser.add_argument("--output", type=Path, required=True, help=".npy ([N, dim] array) or .parquet file")
+    parser.add_argument("--output", type=Path, required=True, help=".npy ([N, dim] array) or .parquet file; or a "
+                        "folder (a path without a suffix): parquet parts, sharded across torchrun's ranks, resumable")
+    parser.add_argument("--part-size", type=int, default=4096, help="inputs per part of a folder --output (default: "
+                        "4096); a rerun skips the parts on disk")
     parser.add_argument("--images", type=Path, help="root of relative image paths (default: the file's folder)")
     add_model_arguments(parser)
-    parser.set_defaults(run=run_embed)
+    parser.set_defaults(run=run_embed_or_corpus)
+
+
+def run_embed_or_corpus(args) -> None:
+    """A file --output: `run_embed`; a folder: the corpus in parts on every rank torchrun starts (moca_fast.corpus)."""
+    if args.output.suffix:
+        return run_embed(args)
+    if args.part_size < 1:
+        raise ValueError(f"--part-size must be positive, got {args.part_size}")
+    from .corpus import embed_corpus
+    from .trainers.setup import training_device
+
+    inputs, ids = read_jsonl_inputs(args.inputs, args.images or args.inputs.parent)
+    args.device = str(training_device(args.device))  # under torchrun on CUDA: this rank's GPU
+    embed_corpus(embedder_from_args(args), inputs, ids, args.output, source=args.inputs, model=args.model,
+                 part_size=args.part_size)
 
 
 def run_embed(args) -> None:
@@ -254,7 +274,53 @@ def run_plot(args) -> None:
     print(plot_run(args.run_dir, args.out))
 
 
-COMMANDS = [add_demo, add_embed, add_eval, add_train, add_plot]
+# ---------------------------------------------------------------------------------------------- serve
+
+
+def add_serve(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="an HTTP embedding server (OpenAI's /v1/embeddings)",
+                                   description="POST /v1/embeddings in OpenAI's shape (text, images as data URLs or "
+                                               "base64, image + text), GET /health, /ready, /metrics. Inputs from "
+                                               "many requests share packed forwards of --batch-tokens tokens.")
+    parser.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="default: 8000")
+    parser.add_argument("--served-model-name", help="the name requests give as \"model\" (default: --model)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0,
+                        help="how long a queued input waits for others to fill its forward (default: 5)")
+    parser.add_argument("--max-queue", type=int, default=1024,
+                        help="inputs in flight at once; beyond it requests get 429 (default: 1024)")
+    parser.add_argument("--max-request-inputs", type=int, default=256, help="inputs per request (default: 256)")
+    parser.add_argument("--max-input-tokens", type=int,
+                        help="tokens per input (default: --batch-tokens, so that every input fits one forward)")
+    parser.add_argument("--max-body-mb", type=float, default=32.0, help="request body size (default: 32)")
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request (default: 60)")
+    parser.add_argument("--image-root", type=Path, help="image paths in requests are read from under this folder "
+                        "(default: none; images come as data URLs or base64)")
+    parser.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    parser.add_argument("--preprocess-workers", type=int, default=4,
+                        help="threads parsing requests and decoding images (default: 4)")
+    add_model_arguments(parser)
+    parser.set_defaults(run=run_serve)
+
+
+def run_serve(args) -> None:
+    try:
+        from .serve.app import serve
+    except ImportError as error:
+        raise SystemExit(f"moca-fast serve: error: {error.name} is missing: pip install 'moca-fast[serve]'") from None
+    from .serve.settings import ServeSettings
+
+    embedder = embedder_from_args(args)
+    settings = ServeSettings(model_name=args.served_model_name or args.model,
+                             max_input_tokens=args.max_input_tokens or embedder.batch_tokens,
+                             max_wait_ms=args.max_wait_ms, max_queue_inputs=args.max_queue,
+                             max_request_inputs=args.max_request_inputs, max_body_bytes=int(args.max_body_mb * 2**20),
+                             request_timeout_s=args.request_timeout, image_root=args.image_root,
+                             allow_remote_images=args.allow_remote_images, preprocess_workers=args.preprocess_workers)
+    serve(embedder, settings, host=args.host, port=args.port)
+
+
+COMMANDS = [add_demo, add_embed, add_eval, add_train, add_plot, add_serve]
 
 if __name__ == "__main__":
     sys.exit(main())

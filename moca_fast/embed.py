@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import prompts
+from .data.batch import PackedBatch
 from .data.image_patches import MAX_PIXELS, MIN_PIXELS
 from .data.images import image_size, load_image
 from .data.loader import PackCollator, packed_loader
@@ -145,8 +146,12 @@ class _Encoded(Dataset):
         return len(self.inputs)
 
     def __getitem__(self, index: int) -> EncodedSequence:
-        item = self.inputs[index]
-        return self.processor.encode(item.text, [load_image(image, item.id) for image in item.images], item.id)
+        return encode_input(self.processor, self.inputs[index])
+
+
+def encode_input(processor: Processor, item: EmbedInput) -> EncodedSequence:
+    """One input's images decoded and its sequence encoded: the CPU work before packing (errors name the input)."""
+    return processor.encode(item.text, [load_image(image, item.id) for image in item.images], item.id)
 
 
 class MocaEmbedder:
@@ -232,10 +237,7 @@ class MocaEmbedder:
         if device is not None:
             self.model.to(device)
         out = self._embed(items, batch_tokens or self.batch_tokens, batch_size, show_progress_bar)
-        if truncate_dim is not None:
-            out = out[:, :truncate_dim]
-        if normalize_embeddings:
-            out = F.normalize(out, dim=-1)
+        out = finish_embeddings(out, truncate_dim, normalize_embeddings)
         if precision != "float32":
             out = torch.from_numpy(quantize(out.numpy(), precision)) if len(out) else out
         out = out[0] if single else out
@@ -267,20 +269,35 @@ class MocaEmbedder:
             return out
         batches = plan_batches([self.cost(item) for item in items], budget, max_items)
         workers = min(self.num_workers, len(batches) - 1)  # one batch: no worker is worth starting
-        collator = PackCollator(self.processor, window_size=self.model.spec.vision.window_size)
-        device = self.device
-        loader = packed_loader(_Encoded(items, self.processor), batches, collator, num_workers=workers,
-                               pin_memory=device.type == "cuda")
-        with torch.inference_mode(), tqdm(total=len(items), disable=not progress, unit="input") as bar:
+        loader = packed_loader(_Encoded(items, self.processor), batches, self.collator(), num_workers=workers,
+                               pin_memory=self.device.type == "cuda")
+        with tqdm(total=len(items), disable=not progress, unit="input") as bar:
             for indices, batch in zip(batches, loader):
-                batch = batch.to(device, non_blocking=True)
-                out[indices] = mean_pool(self.model(batch), batch.cu_seqlens).float().cpu()
+                out[indices] = self.embed_packed(batch)
                 bar.update(len(indices))
         return out
+
+    def collator(self) -> PackCollator:
+        """Encoded sequences -> one PackedBatch for this model (what `embed_packed` takes)."""
+        return PackCollator(self.processor, window_size=self.model.spec.vision.window_size)
+
+    def embed_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """Mean-pooled embeddings [S, dim] (float32, not normalised, on the CPU) of one packed batch's sequences:
+        the forward `encode` runs per batch, for callers that pack themselves (the server's batcher)."""
+        with torch.inference_mode():
+            batch = batch.to(self.device, non_blocking=True)
+            return mean_pool(self.model(batch), batch.cu_seqlens).float().cpu()
 
     def cost(self, item: EmbedInput) -> int:
         """Tokens the input will take, from its text and image headers alone."""
         return self.processor.count_tokens(item.text, [image_size(image, item.id) for image in item.images], item.id)
+
+
+def finish_embeddings(raw: torch.Tensor, truncate_dim: int | None = None, normalize: bool = True) -> torch.Tensor:
+    """Raw mean-pooled embeddings [N, dim] as `encode` returns them: the first `truncate_dim` dimensions, then
+    L2-normalised."""
+    out = raw if truncate_dim is None else raw[:, :truncate_dim]
+    return F.normalize(out, dim=-1) if normalize else out
 
 
 def quantize(embeddings: np.ndarray, precision: str) -> np.ndarray:

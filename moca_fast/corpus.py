@@ -1,0 +1,194 @@
+"""Corpus embedding at scale: `moca-fast embed INPUTS --output DIR` writes the embeddings in resumable parquet parts,
+sharded by cost across the ranks of `torchrun --nproc_per_node N -m moca_fast.cli embed ...` (or one process).
+
+The inputs are cut into parts of `part_size` consecutive inputs; the cut depends only on the input count, so a run
+may resume under another number of ranks. Rank 0 checks DIR/manifest.json (the inputs' digest, the model, its
+dtype and processor settings, the part size; written on the first run) and lists the parts already on disk; the
+ranks cost the remaining inputs in turn (tokens, from text and image headers), gather the costs, and deal the parts
+out greedily, largest first to the least loaded rank. Each part is embedded with MocaEmbedder.encode and written as
+DIR/parts/part-NNNNN.parquet (line, id, embedding) through a temporary file and a rename: a part on disk is complete,
+and a killed run resumes without recomputing it. When all are done, rank 0 writes DIR/index.json, and
+`load_corpus(DIR)` returns the embeddings in input order. The folder must be shared by the ranks (one machine, or a
+shared filesystem).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .embed import EmbedInput, MocaEmbedder
+
+log = logging.getLogger(__name__)
+
+MANIFEST, INDEX, PARTS = "manifest.json", "index.json", "parts"
+
+
+def part_ranges(count: int, part_size: int) -> list[range]:
+    """Consecutive input ranges of `part_size` (the last one shorter)."""
+    return [range(start, min(start + part_size, count)) for start in range(0, count, part_size)]
+
+
+def deal_parts(costs: dict[int, int], world: int) -> list[list[int]]:
+    """Part indices per rank: largest cost first, each to the least loaded rank (ties: lower rank); each rank's
+    parts in index order."""
+    loads, out = [0] * world, [[] for _ in range(world)]
+    for part in sorted(costs, key=lambda p: (-costs[p], p)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        loads[rank] += costs[part]
+        out[rank].append(part)
+    return [sorted(parts) for parts in out]
+
+
+def part_path(folder: Path, part: int) -> Path:
+    return folder / PARTS / f"part-{part:05d}.parquet"
+
+
+def embed_corpus(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], ids: Sequence, folder: Path, *, source: Path,
+                 model: str, part_size: int) -> None:
+    """Embed `inputs` (ids kept beside them) into `folder`, resuming what is there; under torchrun every rank calls
+    it with its own embedder. `source` (the inputs file) and `model` go into the manifest a resumed run must match."""
+    import torch.distributed as dist
+
+    from .trainers.distributed import finish_distributed, init_distributed
+
+    rank, world = init_distributed(embedder.device.type)
+    parts = part_ranges(len(inputs), part_size)
+    state = [None]
+    if rank == 0:
+        try:
+            manifest = {"inputs": str(source), "inputs_sha256": file_digest(source), "count": len(inputs),
+                        "part_size": part_size, "model": model, **embedder_settings(embedder)}
+            check_manifest(folder, manifest)
+            state[0] = sorted(p for p in range(len(parts)) if part_path(folder, p).is_file())
+        except ValueError as error:
+            state[0] = str(error)
+    if world > 1:
+        dist.broadcast_object_list(state, src=0)
+    if isinstance(state[0], str):
+        raise ValueError(state[0])
+    done = set(state[0])
+    pending = [p for p in range(len(parts)) if p not in done]
+    if done:
+        log.info("%s: %d of %d parts already embedded, skipped", folder, len(done), len(parts))
+    costs = part_costs(embedder, inputs, parts, pending, rank, world)
+    mine = deal_parts(costs, world)[rank]
+    log.info("rank %d/%d: %d of the %d parts left, %d tokens", rank, world, len(mine), len(pending),
+             sum(costs[p] for p in mine))
+    for part in mine:
+        start = time.perf_counter()
+        lines = parts[part]
+        embeddings = embedder.encode([inputs[i] for i in lines])
+        write_part(part_path(folder, part), lines, [ids[i] for i in lines], embeddings)
+        log.info("rank %d: part %d (lines %d-%d) in %.1f s", rank, part, lines[0], lines[-1],
+                 time.perf_counter() - start)
+    finish_distributed()
+    if rank == 0:
+        write_index(folder, parts, embedder.dim)
+
+
+def part_costs(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], parts: list[range], pending: list[int],
+               rank: int, world: int) -> dict[int, int]:
+    """Tokens of each pending part; each rank costs every world-th input (headers only), the ranks share them."""
+    lines = [i for p in pending for i in parts[p]]
+    mine = {i: embedder.cost(inputs[i]) for i in lines[rank::world]}
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+        mine = {i: c for costs in gathered for i, c in costs.items()}
+    return {p: sum(mine[i] for i in parts[p]) for p in pending}
+
+
+def embedder_settings(embedder: MocaEmbedder) -> dict:
+    """What changes the embeddings besides the weights: the dtype, the processor's budget, the dimension."""
+    processor = embedder.processor
+    return {"dtype": str(next(embedder.model.parameters()).dtype).removeprefix("torch."),
+            "min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels,
+            "max_length": processor.max_length, "dim": embedder.dim}
+
+
+def check_manifest(folder: Path, manifest: dict) -> None:
+    """Write the manifest into a new folder; in an existing one, refuse a run that differs (naming the keys) and
+    remove temporary files a killed run left."""
+    path = folder / MANIFEST
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in manifest.keys() | saved.keys() if k != "inputs" and saved.get(k) != manifest.get(k))
+        if changed:
+            raise ValueError(f"--output {folder} holds the embeddings of another run (differing: "
+                             f"{', '.join(changed)}); remove it or choose another folder")
+        for stale in (folder / PARTS).glob(".*.tmp*"):
+            stale.unlink()
+        return
+    if folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"--output {folder} is a folder that holds other files; choose a new or empty one")
+    (folder / PARTS).mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps(manifest, indent=2).encode())
+
+
+def write_part(path: Path, lines: range, ids: list, embeddings: np.ndarray) -> None:
+    """One part as parquet (line, id, embedding), complete or absent."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"line": pa.array(lines, type=pa.int64()),
+                      "id": pa.array([None if i is None else str(i) for i in ids], type=pa.string()),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)),
+                                                                     embeddings.shape[1])})
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_index(folder: Path, parts: list[range], dim: int) -> None:
+    missing = [p for p in range(len(parts)) if not part_path(folder, p).is_file()]
+    if missing:
+        raise RuntimeError(f"{folder}: parts {missing} are missing after every rank finished")
+    index = {"count": sum(map(len, parts)), "dim": dim,
+             "parts": [{"file": str(part_path(folder, p).relative_to(folder)), "first_line": r.start, "rows": len(r)}
+                       for p, r in enumerate(parts)]}
+    write_atomically(folder / INDEX, json.dumps(index, indent=2).encode())
+    log.info("wrote %d embeddings of dimension %d in %d parts to %s", index["count"], dim, len(parts), folder)
+
+
+def load_corpus(folder: str | os.PathLike) -> tuple[np.ndarray, list]:
+    """(embeddings [N, dim] float32 in input order, ids) of a finished corpus folder."""
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    if not (folder / INDEX).is_file():
+        raise FileNotFoundError(f"{folder}: no {INDEX}; the run has not finished (run it again to resume)")
+    index = json.loads((folder / INDEX).read_text())
+    embeddings, ids = np.empty((index["count"], index["dim"]), dtype=np.float32), []
+    for part in index["parts"]:
+        table = pq.read_table(folder / part["file"])
+        lines = table.column("line").to_numpy()
+        if len(lines) != part["rows"] or lines[0] != part["first_line"]:
+            raise ValueError(f"{folder / part['file']}: does not hold lines {part['first_line']}.. as indexed")
+        values = table.column("embedding").combine_chunks().flatten().to_numpy()
+        embeddings[lines] = values.reshape(len(lines), index["dim"])
+        ids += table.column("id").to_pylist()
+    return embeddings, ids
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,134 @@
+"""The server tests' world: the tiny checkpoint, the embedder that is their oracle, PNG images, and real
+`moca-fast serve` processes on loopback (a free port each, ready when /ready answers, always stopped)."""
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from moca_fast.embed import MocaEmbedder
+
+from ..eval.tiny import SMALL_PIXELS, write_tiny_checkpoint
+
+MODEL = "tiny-moca"
+PIXELS = ["--min-pixels", str(SMALL_PIXELS["min_pixels"]), "--max-pixels", str(SMALL_PIXELS["max_pixels"])]
+# uvicorn shuts down gracefully, then re-raises the signal it caught (older versions exit 0)
+GRACEFUL_EXIT = (0, -signal.SIGTERM)
+START_TIMEOUT_S = 180  # importing torch and loading the model on a busy 2-core machine
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tokenizer):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-moca"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def embedder(checkpoint):
+    return MocaEmbedder.from_pretrained(checkpoint, **SMALL_PIXELS)
+
+
+@pytest.fixture(scope="session")
+def pngs():
+    """Encoded PNG images of a few sizes (the server gets them as data URLs, encode as the same bytes)."""
+    rng = np.random.default_rng(7)
+    out = []
+    for height, width in [(100, 150), (64, 90), (120, 80), (56, 56)]:
+        data = io.BytesIO()
+        Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8")).save(data, format="PNG")
+        out.append(data.getvalue())
+    return out
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m moca_fast.cli serve` in a child process, its output in a log file."""
+
+    def __init__(self, checkpoint: Path, log_path: Path, *args: str):
+        for _ in range(3):  # another process may take the free port between our probe and the server's bind
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.log_path = log_path
+            with open(log_path, "wb") as log:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "moca_fast.cli", "serve", "--model", str(checkpoint), "--served-model-name",
+                     MODEL, "--port", str(self.port), *PIXELS, *args], stdout=log, stderr=subprocess.STDOUT)
+            if self._wait_ready():
+                return
+            if "address already in use" not in self.output():
+                break
+        self.kill()
+        raise RuntimeError(f"the server did not start:\n{self.output()[-4000:]}")
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        return False
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str) -> float:
+        """One unlabelled sample of /metrics."""
+        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def wait_for_metric(self, name: str, value: float, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.metric(name) != value:
+            assert time.monotonic() < deadline, f"{name} never reached {value}:\n{self.output()[-3000:]}"
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM (a graceful shutdown) and the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def start_server(checkpoint, tmp_path):
+    """start_server(*args) -> a ready ServerProcess; every one is stopped when the test ends."""
+    started = []
+
+    def start(*args: str) -> ServerProcess:
+        started.append(ServerProcess(checkpoint, tmp_path / f"server-{len(started)}.log", *args))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.kill()
