@@ -39,9 +39,8 @@ def test_malicious_negative_list_is_rejected_and_never_run(tmp_path, template):
     payload = template.format(p=str(marker))
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps(row(neg_text=payload, neg_image_path="['', '']")) + "\n")
-    pairs = PairDataset({"evil": rows})
     with pytest.raises(ValueError, match=r"row evil#0 neg_text: (only a list of string literals|not a list)"):
-        pairs[0]
+        PairDataset({"evil": rows})  # every row is checked when the dataset opens
     assert not marker.exists()
     exec(compile(payload if payload.startswith("__") else f"_ = {payload}", "<check>", "exec"))
     assert marker.exists()  # the same payload, when executed, does leave its mark: the reader never ran it
@@ -131,6 +130,7 @@ def test_target_ids_agree_across_processes():
 
 
 def test_pair_dataset_spans_tasks_in_order(tmp_path):
+    (tmp_path / "q.png").write_bytes(b"")  # checked to exist when the dataset opens, decoded only when used
     for task, n in (("one", 2), ("two", 3)):
         (tmp_path / f"{task}.jsonl").write_text("".join(
             json.dumps(row(pos_text=f"{task}-{k}")) + "\n" for k in range(n)))
