@@ -188,7 +188,10 @@ def add_train(subparsers) -> None:
         parser = subparsers.add_parser(stage, help=what, description=f"{what}. Launch with torchrun for several "
                                        "processes (FSDP2); the YAML recipes live in configs/.")
         parser.add_argument("--config", required=True, help="YAML file (configs/*.yaml)")
-        parser.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint")
+        parser.add_argument("--resume", action="store_true", help="continue from output_dir's last complete checkpoint")
+        parser.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
+        parser.add_argument("--allow-config-change", action="store_true",
+                            help="with --resume: apply config changes against the checkpoint's (each logged)")
         parser.add_argument("--model", help="override the config's model")
         parser.add_argument("--data", help="override the config's data")
         parser.add_argument("--output-dir", help="override the config's output_dir")
@@ -204,7 +207,13 @@ def run_train(args) -> int:
     config = load_train_config(args.config, overrides)
     if config.stage != args.stage:
         raise ValueError(f"{args.config} is a {config.stage!r} config, not {args.stage!r}")
-    run(config, resume=args.resume)
+    from .trainers.guards import TrainingStopped
+
+    try:
+        run(config, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+    except TrainingStopped as stop:
+        print(f"moca-fast {args.stage}: stopped: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 
