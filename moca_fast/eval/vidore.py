@@ -26,7 +26,7 @@ import numpy as np
 from ..data.documents import open_rows
 from ..embed import EmbedInput, MocaEmbedder
 from ..prompts import document_page
-from .cache import cached_embeddings
+from .cache import cached_embeddings, model_key
 from .metrics import ndcg_at_k, recall_at_k
 from .selection import select_datasets
 from .table import format_table
@@ -146,10 +146,11 @@ def evaluate_vidore(embedder: MocaEmbedder, data: str | Path, *, split: str = "t
                     batch_tokens: int | None = None, progress: bool = False) -> dict:
     """Score every BEIR dataset under `data` (or those named); returns the report `summarize` makes."""
     results = {}
+    key = model_key(embedder) if cache_dir is not None else None  # once: it reads every weight
     for name, folder in find_datasets(Path(data), datasets).items():
         dataset = read_dataset(name, folder, split)
         cache = Path(cache_dir) / name if cache_dir is not None else None
-        embed = dict(model_id=model_id, batch_tokens=batch_tokens, progress=progress)
+        embed = dict(model_key=key, model_id=model_id, batch_tokens=batch_tokens, progress=progress)
         queries = cached_embeddings(embedder, dataset.queries, cache and cache / "queries.npy", **embed)
         corpus = cached_embeddings(embedder, dataset.corpus, cache and cache / "corpus.npy", **embed)
         scores = queries @ corpus.T
