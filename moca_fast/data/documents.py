@@ -72,7 +72,10 @@ def open_rows(source: str | Path, *, split: str = "train") -> datasets.Dataset:
     if len(kinds) != 1 or None in kinds:
         raise ValueError(f"{source}: not a saved dataset, nor parquet or JSON-lines file(s) of one kind")
     paths = [str(p) for p in files]
-    return datasets.Dataset.from_parquet(paths) if kinds == {"parquet"} else datasets.Dataset.from_json(paths)
+    try:
+        return datasets.Dataset.from_parquet(paths) if kinds == {"parquet"} else datasets.Dataset.from_json(paths)
+    except StopIteration:  # what `datasets` raises on files without a row
+        raise ValueError(f"{source}: no rows") from None
 
 
 def source_folder(source: str | Path) -> Path | None:

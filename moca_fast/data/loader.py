@@ -7,6 +7,7 @@ resumed run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Iterable, Iterator, Sequence
 
@@ -35,7 +36,7 @@ class MaskedDocuments(Dataset):
     Opening it measures every document from its text and image headers (no pixel decoded): one that cannot be
     measured raises naming it, or with `skip_invalid` is left out (logged, counted in `skipped`). One whose
     images fail to decode when used raises naming it, or with `skip_invalid` is replaced by the next document
-    no longer than it (logged), so its micro-batch stays within the token budget."""
+    that decodes (logged), cut to its length so that the micro-batch stays within the token budget."""
 
     def __init__(self, documents: Sequence[Document], processor: Processor, *, mlm_rate: float = 0.4,
                  mae_rate: float = 0.5, seed: int = 0, skip_invalid: bool = False):
@@ -71,15 +72,17 @@ class MaskedDocuments(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> EncodedSequence:
         epoch, index = key
-        fitting = (j for j in after(index, len(self)) if self._lengths[j] <= self._lengths[index])
-        return load_or_stand_in(lambda i: self._masked(epoch, i), index, fitting, skip=self.skip_invalid, log=log,
-                                what="document")
+        return load_or_stand_in(lambda i: self._masked(epoch, i, self._lengths[index]), index,
+                                after(index, len(self)), skip=self.skip_invalid, log=log, what="document")
 
-    def _masked(self, epoch: int, index: int) -> EncodedSequence:
-        doc = self.documents[self._index[index]]
-        seq = self.processor.encode(doc.text, doc.load_images(), doc.id)
+    def _masked(self, epoch: int, index: int, room: int) -> EncodedSequence:
+        """Document `index` encoded (cut to `room` tokens: only a stand-in is ever cut) and masked."""
+        doc, proc = self.documents[self._index[index]], self.processor
+        if room < self._lengths[index]:
+            proc = copy.copy(proc)
+            proc.max_length = room
+        seq = proc.encode(doc.text, doc.load_images(), doc.id)
         generator = sample_generator(self.seed, epoch, index)
-        proc = self.processor
         seq = apply_mlm(seq, mask_token_id=proc.mask_token_id, special_ids=proc.special_ids, rate=self.mlm_rate,
                         generator=generator)
         return apply_mae(seq, image_token_id=proc.image_token_id, rate=self.mae_rate, generator=generator,
