@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -80,13 +81,13 @@ def add_embed(subparsers) -> None:
     parser.add_argument("inputs", type=Path, help="JSON-lines file")
     parser.add_argument("--output", type=Path, required=True, help=".npy ([N, dim] array) or .parquet file")
     parser.add_argument("--images", type=Path, help="root of relative image paths (default: the file's folder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     add_model_arguments(parser)
     parser.set_defaults(run=run_embed)
 
 
 def run_embed(args) -> None:
-    if args.output.suffix not in (".npy", ".parquet"):
-        raise ValueError(f"--output must end in .npy or .parquet, got {args.output}")
+    check_output(args.output, (".npy", ".parquet"), overwrite=args.overwrite)
     inputs, ids = read_jsonl_inputs(args.inputs, args.images or args.inputs.parent)
     embeddings = embedder_from_args(args).encode(inputs, show_progress_bar=True)
     write_embeddings(args.output, embeddings, ids)
@@ -98,11 +99,15 @@ def read_jsonl_inputs(path: Path, image_root: Path):
     from .embed import as_input
 
     inputs, ids = [], []
-    with open(path, encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
+    with open(path, "rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            where = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start})") from None
             if not line.strip():
                 continue
-            where = f"{path} line {number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
@@ -122,22 +127,42 @@ def read_jsonl_inputs(path: Path, image_root: Path):
     return inputs, ids
 
 
+def check_output(path: Path, suffixes: tuple[str, ...], *, overwrite: bool) -> None:
+    """Before any work: `path` has one of `suffixes`, is not a folder, does not exist unless `overwrite`, and its
+    folder can be written (created if missing)."""
+    if path.suffix not in suffixes:
+        raise ValueError(f"--output must end in {' or '.join(suffixes)}, got {path}")
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; name a file")
+    if path.exists() and not overwrite:
+        raise ValueError(f"--output {path} exists; pass --overwrite to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--output {path}: cannot create its folder: {error.strerror}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {path}: its folder {path.parent} is not writable")
+
+
 def write_embeddings(path: Path, embeddings, ids: list) -> None:
+    """Write to a temporary file beside `path`, then rename: an interrupted write leaves no partial output."""
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".npy":
-        np.save(path, embeddings)
-        return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+        with open(tmp, "wb") as f:
+            np.save(f, embeddings)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-    n, dim = embeddings.shape
-    columns = {"line": pa.array(range(n))}
-    if any(i is not None for i in ids):
-        columns["id"] = pa.array([None if i is None else str(i) for i in ids], type=pa.string())
-    columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim)
-    pq.write_table(pa.table(columns), path)
+        n, dim = embeddings.shape
+        columns = {"line": pa.array(range(n))}
+        if any(i is not None for i in ids):
+            columns["id"] = pa.array([None if i is None else str(i) for i in ids], type=pa.string())
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim)
+        pq.write_table(pa.table(columns), tmp)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- eval

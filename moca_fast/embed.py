@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .data.image_patches import MAX_PIXELS, MIN_PIXELS
 from .data.images import image_size, load_image
-from .data.loader import PackCollator, packed_loader
+from .data.loader import PackCollator, one_line_errors, packed_loader
 from .data.processor import EncodedSequence, Processor
 from .data.tokenizer import load_tokenizer
 from .data.tokens import IMAGE_PLACEHOLDER
@@ -155,6 +155,10 @@ class MocaEmbedder:
             raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer; pass processor_path (for the published MoCa "
                                     "checkpoints: a copy of Qwen/Qwen2.5-VL-3B-Instruct or -7B-Instruct)")
         model = load_pretrained(path, dtype=dtype, device=device, attention_backend=attention_backend)
+        broken = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+        if broken:
+            raise ValueError(f"{path}: {len(broken)} weight tensors hold NaN or inf (first: {broken[0]}); "
+                             "every embedding would be NaN")
         if compile or fp8:
             from .trainers.parallelize import parallelize
 
@@ -188,9 +192,14 @@ class MocaEmbedder:
         loader = packed_loader(_Encoded(items, self.processor), batches, collator, num_workers=workers,
                                pin_memory=self.device.type == "cuda")
         with torch.inference_mode(), tqdm(total=len(items), disable=not progress, unit="input") as bar:
-            for indices, batch in zip(batches, loader):
+            for indices, batch in zip(batches, one_line_errors(loader)):
                 batch = batch.to(self.device, non_blocking=True)
                 pooled = mean_pool(self.model(batch), batch.cu_seqlens)
+                finite = torch.isfinite(pooled).all(dim=-1).cpu()
+                if not finite.all():
+                    first = items[indices[int((~finite).nonzero()[0])]].id
+                    raise ValueError(f"{first}: its embedding is not finite (NaN or inf): the model's weights or its "
+                                     f"{next(self.model.parameters()).dtype} arithmetic overflow")
                 out[indices] = (F.normalize(pooled, dim=-1) if normalize else pooled).cpu()
                 bar.update(len(indices))
         return out

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelSpec
@@ -85,12 +86,24 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a Qwen2.5-VL checkpoint directory)")
+    check_hf_config(path / "config.json")
     spec = ModelSpec.from_hf_config(Qwen2_5_VLConfig.from_pretrained(path, local_files_only=True))
     with torch.device("meta"):
         model = MocaModel(spec, attention_backend=attention_backend)
     model.to(dtype=dtype)
     load_state_dict_into(model, read_safetensors(path, device), source=str(path))
     return model.to(device)
+
+
+def check_hf_config(file: Path) -> None:
+    """A ValueError naming `file` when it is not JSON, or not the config of a vision-language model."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as error:  # UnicodeDecodeError too
+        raise ValueError(f"{file}: not a valid JSON config: {error}") from None
+    if not isinstance(raw, dict) or "vision_config" not in raw:
+        kind = f"model_type {raw.get('model_type')!r}" if isinstance(raw, dict) else "it"
+        raise ValueError(f"{file}: {kind} has no vision_config: not a Qwen2.5-VL checkpoint (a text-only model?)")
 
 
 def from_transformers(hf_model, attention_backend: str = "auto") -> MocaModel:
@@ -183,5 +196,9 @@ def read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     state = {}
     for name in files:
-        state.update(load_file(path / name, device=str(device)))
+        try:
+            state.update(load_file(path / name, device=str(device)))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path / name}: not a readable safetensors file (truncated or corrupt?): {error}"
+                             ) from None
     return state
