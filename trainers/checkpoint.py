@@ -197,12 +197,13 @@ def read_checkpoint(path: Path, spec) -> Loaded:
                   read("trainer_state.pt", lambda p: torch.load(p, weights_only=False)))
 
 
-def load_latest(root: str | os.PathLike, *, model, extra: torch.nn.Module | None,
-                optimizer: torch.optim.Optimizer) -> Loaded | None:
+def load_latest(root: str | os.PathLike, *, model, extra: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
+                check=None) -> Loaded | None:
     """Restore model, extra modules, optimizer and RNG from the newest complete checkpoint under `root` whose
-    files all load (every rank agrees on which); None when there is none at all. Returns what was loaded (its
-    trainer state without the RNG). Corrupt checkpoints are named in the log and skipped; when every one is
-    corrupt, CheckpointError lists them: a resume never silently starts over."""
+    files all load (every rank agrees on which); None when there is none at all. `check(loaded)` may refuse it
+    (by raising) before anything is restored. Returns what was loaded (its trainer state without the RNG).
+    Corrupt checkpoints are named in the log and skipped; when every one is corrupt, CheckpointError lists them:
+    a resume never silently starts over."""
     device = next(model.parameters()).device
     failures = []
     for path in reversed(complete_checkpoints(root)):
@@ -214,6 +215,8 @@ def load_latest(root: str | os.PathLike, *, model, extra: torch.nn.Module | None
             failures.append(problem or f"{path}: unreadable on another rank")
             log.warning("checkpoint %s is unusable (%s); trying the previous one", path.name, failures[-1])
             continue
+        if check is not None:
+            check(loaded)
         _apply(loaded, model, extra, optimizer)
         return loaded
     if failures:

@@ -61,10 +61,14 @@ def train(config: TrainConfig, stage: Stage, *, tokenizer=None, device: torch.de
     scheduler = warmup_linear_decay(optimizer, total, config.warmup_ratio)
     run = identity(config, world_size(), stage.data_fingerprint())
     step, epoch, position, skipped = 0, 0, 0, 0
-    loaded = load_latest(output / "checkpoints", model=stage.model, extra=stage.extra,
-                         optimizer=optimizer) if resume else None
+    changes = []
+
+    def same_run(loaded) -> None:
+        changes.extend(check_resume(loaded.manifest, run, loaded.path, allow_changes=allow_config_change))
+
+    loaded = load_latest(output / "checkpoints", model=stage.model, extra=stage.extra, optimizer=optimizer,
+                         check=same_run) if resume else None
     if loaded is not None:
-        changes = check_resume(loaded.manifest, run, loaded.path, allow_changes=allow_config_change)
         state = loaded.trainer_state
         scheduler.load_state_dict(state["scheduler"])
         if changes:

@@ -48,3 +48,13 @@ def test_tasks_with_different_negative_counts_in_mixed_batches_are_refused_befor
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
     records = run(cl_config(tmp_path / "ok", folder, task_homogeneous=True, max_steps=2))
     assert len(records) == 2
+
+
+def test_a_run_stopped_by_a_corrupt_image_resumes_skipping_it(tmp_path, corrupt_folder):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="sample t2i#5/pos: cannot decode"):
+        run(cl_config(out, corrupt_folder, checkpoint_every=1))
+    done = len((out / "metrics.jsonl").read_text().splitlines())
+    assert done < 8
+    records = run(cl_config(out, corrupt_folder, checkpoint_every=1, skip_invalid=True), resume=True)
+    assert [r["step"] for r in records] == list(range(done + 1, 9))

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 
 import pytest
@@ -72,16 +73,24 @@ def six_steps(tmp_path_factory, documents):
     return [r["loss"] for r in run(config(tmp_path_factory.mktemp("full"), max_steps=6), documents=documents)]
 
 
+@pytest.fixture(scope="module")
+def cut_after_four(tmp_path_factory, documents):
+    """A 6-step run stopped after step 4 (checkpoints at 2 and 4); tests damage copies of it."""
+    output = tmp_path_factory.mktemp("cut")
+    run(config(output, max_steps=6), documents=documents, stop_after=4)
+    return output
+
+
 @pytest.mark.parametrize("name, damage", [("model/model.safetensors", "truncate"), ("optimizer.pt", "truncate"),
-                                          ("trainer_state.pt", "truncate"), ("model/model.safetensors", "garble"),
-                                          ("optimizer.pt", "garble"), ("extra.pt", "garble")])
-def test_a_corrupt_file_falls_back_to_the_previous_checkpoint_naming_it(tmp_path, documents, six_steps, caplog, name,
-                                                                         damage):
+                                          ("model/model.safetensors", "garble"), ("trainer_state.pt", "garble"),
+                                          ("extra.pt", "garble")])
+def test_a_corrupt_file_falls_back_to_the_previous_checkpoint_naming_it(tmp_path, documents, six_steps,
+                                                                         cut_after_four, caplog, name, damage):
     out = tmp_path / "cut"
-    run(config(out, max_steps=6), documents=documents, stop_after=4)
+    shutil.copytree(cut_after_four, out)
     path = out / "checkpoints" / "step-0000004" / name
     size = path.stat().st_size
-    if damage == "truncate":
+    if damage == "truncate":  # the marker's sizes tell
         os.truncate(path, size // 2)
     else:  # same size, other bytes: only loading can tell
         path.write_bytes(b"\0" * size)
