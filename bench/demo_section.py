@@ -16,11 +16,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from report import RESULTS
+from report import RESULTS, write_section
 
 from moca_fast.demo import format_summary
 
-README = Path(__file__).parent.parent / "README.md"
 SUMMARY = RESULTS / "demo-cpu.json"
 BEGIN, END = "<!-- demo:begin (bench/demo_section.py writes this) -->", "<!-- demo:end -->"
 
@@ -46,13 +45,6 @@ def render(summary_path: Path = SUMMARY) -> str:
     ])
 
 
-def readme_with_section(readme: str, section: str) -> str:
-    if BEGIN not in readme or END not in readme:
-        raise ValueError(f"README.md lacks the markers {BEGIN} ... {END}")
-    head, rest = readme.split(BEGIN, 1)
-    return head + section + rest.split(END, 1)[1]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("summary", nargs="?", type=Path, help="a demo's summary.json to keep as the measured one")
@@ -60,16 +52,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.summary is not None:
         shutil.copyfile(args.summary, SUMMARY)
-    current = README.read_text()
-    wanted = readme_with_section(current, render())
-    if args.check:
-        if wanted != current:
-            print("README.md's demo section is not what bench/results/demo-cpu.json gives: run "
-                  "python bench/demo_section.py", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(wanted)
-    return 0
+    return write_section(BEGIN, END, render(), check=args.check, fix="python bench/demo_section.py")
 
 
 if __name__ == "__main__":

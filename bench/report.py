@@ -66,3 +66,27 @@ def write_report(path: str | os.PathLike, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def with_section(readme: str, begin: str, end: str, section: str) -> str:
+    """`readme` with what lies from the marker `begin` to `end` (both included) replaced by `section`."""
+    if begin not in readme or end not in readme:
+        raise ValueError(f"README.md lacks the markers {begin} ... {end}")
+    head, rest = readme.split(begin, 1)
+    return head + section + rest.split(end, 1)[1]
+
+
+def write_section(begin: str, end: str, section: str, *, check: bool, fix: str) -> int:
+    """Put `section` between its markers in README.md; with `check`, only say (exit code 1) whether it differs."""
+    current = README.read_text()
+    wanted = with_section(current, begin, end, section)
+    if not check:
+        README.write_text(wanted)
+    elif wanted != current:
+        print(f"README.md's section {begin} is not what its results give: run {fix}", file=sys.stderr)
+        return 1
+    return 0
+

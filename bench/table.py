@@ -11,9 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from report import RESULTS
+from report import RESULTS, write_section
 
-README = Path(__file__).parent.parent / "README.md"
 BEGIN, END = "<!-- performance:begin (bench/table.py writes this) -->", "<!-- performance:end -->"
 GPU_KINDS = ("quick", "train", "embed", "kernels")
 
@@ -186,27 +185,11 @@ def render(results: Path = RESULTS) -> str:
     return "\n".join(parts)
 
 
-def readme_with_table(readme: str, table: str) -> str:
-    if BEGIN not in readme or END not in readme:
-        raise ValueError(f"README.md lacks the markers {BEGIN} ... {END}")
-    head, rest = readme.split(BEGIN, 1)
-    return head + table + rest.split(END, 1)[1]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if README.md differs from the results")
     args = parser.parse_args()
-    current = README.read_text()
-    wanted = readme_with_table(current, render())
-    if args.check:
-        if wanted != current:
-            print("README.md's performance table is not what bench/results/ gives: run python bench/table.py",
-                  file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(wanted)
-    return 0
+    return write_section(BEGIN, END, render(), check=args.check, fix="python bench/table.py")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,12 @@
 import json
 
 import table
-from report import report
+from report import README, report, with_section
 
 
 def test_readme_table_is_generated_from_the_committed_results():
-    readme = table.README.read_text()
-    assert table.readme_with_table(readme, table.render()) == readme, "run: python bench/table.py"
+    readme = README.read_text()
+    assert with_section(readme, table.BEGIN, table.END, table.render()) == readme, "run: python bench/table.py"
 
 
 def test_gpu_results_become_rows_and_lift_the_pending_note(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +86,8 @@ def add_embed(subparsers) -> None:
     parser.add_argument("--part-size", type=int, default=4096, help="inputs per part of a folder --output (default: "
                         "4096); a rerun skips the parts on disk")
     parser.add_argument("--images", type=Path, help="root of relative image paths (default: the file's folder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --output file that exists; a folder "
+                        "--output otherwise resumes (or refuses another run's folder)")
     add_model_arguments(parser)
     parser.set_defaults(run=run_embed_or_corpus)
 
@@ -101,12 +104,11 @@ def run_embed_or_corpus(args) -> None:
     inputs, ids = read_jsonl_inputs(args.inputs, args.images or args.inputs.parent)
     args.device = str(training_device(args.device))  # under torchrun on CUDA: this rank's GPU
     embed_corpus(embedder_from_args(args), inputs, ids, args.output, source=args.inputs, model=args.model,
-                 part_size=args.part_size)
+                 part_size=args.part_size, overwrite=args.overwrite)
 
 
 def run_embed(args) -> None:
-    if args.output.suffix not in (".npy", ".parquet"):
-        raise ValueError(f"--output must end in .npy or .parquet, got {args.output}")
+    check_output(args.output, (".npy", ".parquet"), overwrite=args.overwrite)
     inputs, ids = read_jsonl_inputs(args.inputs, args.images or args.inputs.parent)
     embeddings = embedder_from_args(args).encode(inputs, show_progress_bar=True)
     write_embeddings(args.output, embeddings, ids)
@@ -118,11 +120,15 @@ def read_jsonl_inputs(path: Path, image_root: Path):
     from .embed import as_input
 
     inputs, ids = [], []
-    with open(path, encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
+    with open(path, "rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            where = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start})") from None
             if not line.strip():
                 continue
-            where = f"{path} line {number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
@@ -142,22 +148,42 @@ def read_jsonl_inputs(path: Path, image_root: Path):
     return inputs, ids
 
 
+def check_output(path: Path, suffixes: tuple[str, ...], *, overwrite: bool) -> None:
+    """Before any work: `path` has one of `suffixes`, is not a folder, does not exist unless `overwrite`, and its
+    folder can be written (created if missing)."""
+    if path.suffix not in suffixes:
+        raise ValueError(f"--output must end in {' or '.join(suffixes)}, got {path}")
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; name a file")
+    if path.exists() and not overwrite:
+        raise ValueError(f"--output {path} exists; pass --overwrite to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--output {path}: cannot create its folder: {error.strerror}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {path}: its folder {path.parent} is not writable")
+
+
 def write_embeddings(path: Path, embeddings, ids: list) -> None:
+    """Write to a temporary file beside `path`, then rename: an interrupted write leaves no partial output."""
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".npy":
-        np.save(path, embeddings)
-        return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+        with open(tmp, "wb") as f:
+            np.save(f, embeddings)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-    n, dim = embeddings.shape
-    columns = {"line": pa.array(range(n))}
-    if any(i is not None for i in ids):
-        columns["id"] = pa.array([None if i is None else str(i) for i in ids], type=pa.string())
-    columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim)
-    pq.write_table(pa.table(columns), path)
+        n, dim = embeddings.shape
+        columns = {"line": pa.array(range(n))}
+        if any(i is not None for i in ids):
+            columns["id"] = pa.array([None if i is None else str(i) for i in ids], type=pa.string())
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim)
+        pq.write_table(pa.table(columns), tmp)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -208,7 +234,10 @@ def add_train(subparsers) -> None:
         parser = subparsers.add_parser(stage, help=what, description=f"{what}. Launch with torchrun for several "
                                        "processes (FSDP2); the YAML recipes live in configs/.")
         parser.add_argument("--config", required=True, help="YAML file (configs/*.yaml)")
-        parser.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint")
+        parser.add_argument("--resume", action="store_true", help="continue from output_dir's last complete checkpoint")
+        parser.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
+        parser.add_argument("--allow-config-change", action="store_true",
+                            help="with --resume: apply config changes against the checkpoint's (each logged)")
         parser.add_argument("--model", help="override the config's model")
         parser.add_argument("--data", help="override the config's data")
         parser.add_argument("--output-dir", help="override the config's output_dir")
@@ -228,7 +257,13 @@ def run_train(args) -> int:
     config = load_train_config(args.config, overrides)
     if config.stage != args.stage:
         raise ValueError(f"{args.config} is a {config.stage!r} config, not {args.stage!r}")
-    run(config, resume=args.resume)
+    from .trainers.guards import TrainingStopped
+
+    try:
+        run(config, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+    except TrainingStopped as stop:
+        print(f"moca-fast {args.stage}: stopped: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 

@@ -156,6 +156,10 @@ class TrainConfig:
     attention_backend: str = "auto"
     device: str | None = None  # None: CUDA (this process's LOCAL_RANK) when present, else CPU
     num_workers: int = 2
+    # bad data and bad steps
+    skip_invalid: bool = False  # skip samples failing validation or decoding (each logged, counted), not stop
+    allow_image_paths_outside: bool = False  # let image paths leave the data's image folder ('..', absolute paths)
+    skip_nonfinite: bool = False  # skip an update with a non-finite loss or gradient norm (counted), not stop
     # stage 1
     mlm_rate: float = 0.4
     mae_rate: float = 0.5

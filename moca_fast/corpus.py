@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,9 +53,10 @@ def part_path(folder: Path, part: int) -> Path:
 
 
 def embed_corpus(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], ids: Sequence, folder: Path, *, source: Path,
-                 model: str, part_size: int) -> None:
+                 model: str, part_size: int, overwrite: bool = False) -> None:
     """Embed `inputs` (ids kept beside them) into `folder`, resuming what is there; under torchrun every rank calls
-    it with its own embedder. `source` (the inputs file) and `model` go into the manifest a resumed run must match."""
+    it with its own embedder. `source` (the inputs file) and `model` go into the manifest a resumed run must match;
+    `overwrite` starts over in a folder that holds another run's embeddings."""
     import torch.distributed as dist
 
     from .trainers.distributed import finish_distributed, init_distributed
@@ -66,7 +68,7 @@ def embed_corpus(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], ids: Sequ
         try:
             manifest = {"inputs": str(source), "inputs_sha256": file_digest(source), "count": len(inputs),
                         "part_size": part_size, "model": model, **embedder_settings(embedder)}
-            check_manifest(folder, manifest)
+            check_manifest(folder, manifest, overwrite=overwrite)
             state[0] = sorted(p for p in range(len(parts)) if part_path(folder, p).is_file())
         except ValueError as error:
             state[0] = str(error)
@@ -116,10 +118,14 @@ def embedder_settings(embedder: MocaEmbedder) -> dict:
             "max_length": processor.max_length, "dim": embedder.dim}
 
 
-def check_manifest(folder: Path, manifest: dict) -> None:
-    """Write the manifest into a new folder; in an existing one, refuse a run that differs (naming the keys) and
-    remove temporary files a killed run left."""
+def check_manifest(folder: Path, manifest: dict, *, overwrite: bool = False) -> None:
+    """Write the manifest into a new folder; in an existing one, refuse a run that differs (naming the keys; with
+    `overwrite`, delete that run's files instead) and remove temporary files a killed run left."""
     path = folder / MANIFEST
+    if path.is_file() and overwrite:
+        shutil.rmtree(folder / PARTS, ignore_errors=True)
+        for name in (INDEX, MANIFEST):
+            (folder / name).unlink(missing_ok=True)
     if path.is_file():
         saved = json.loads(path.read_text())
         changed = sorted(k for k in manifest.keys() | saved.keys() if k != "inputs" and saved.get(k) != manifest.get(k))

@@ -97,7 +97,7 @@ def run_demo(settings: DemoSettings) -> dict:
     cpt, cl = stage_configs(settings, world)
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     before = evaluate(build_model(cpt, build_tokenizer(cpt), device), cpt, world)  # stage 1's starting point
-    records = {"cpt": run(cpt), "cl": run(cl)}
+    records = {"cpt": run(cpt, overwrite=True), "cl": run(cl, overwrite=True)}  # a demo rerun starts over
     after = evaluate(load_pretrained(out / "cl" / "final", device=device), cl, world)
     summary = {
         "stages": {name: {"steps": len(r), "tokens_per_s": statistics.median(x["tokens_per_s"] for x in r),

@@ -39,7 +39,7 @@ from . import prompts
 from .data.batch import PackedBatch
 from .data.image_patches import MAX_PIXELS, MIN_PIXELS
 from .data.images import image_size, load_image
-from .data.loader import PackCollator, packed_loader
+from .data.loader import PackCollator, one_line_errors, packed_loader
 from .data.processor import EncodedSequence, Processor, saved_settings
 from .data.tokenizer import load_tokenizer
 from .data.tokens import IMAGE_PLACEHOLDER
@@ -200,6 +200,10 @@ class MocaEmbedder:
             raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer; pass processor_path (for the published MoCa "
                                     "checkpoints: a copy of Qwen/Qwen2.5-VL-3B-Instruct or -7B-Instruct)")
         model = load_pretrained(path, dtype=dtype, device=device, attention_backend=attention_backend)
+        broken = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+        if broken:
+            raise ValueError(f"{path}: {len(broken)} weight tensors hold NaN or inf (first: {broken[0]}); "
+                             "every embedding would be NaN")
         if compile or fp8:
             from .trainers.parallelize import parallelize
 
@@ -272,8 +276,14 @@ class MocaEmbedder:
         loader = packed_loader(_Encoded(items, self.processor), batches, self.collator(), num_workers=workers,
                                pin_memory=self.device.type == "cuda")
         with tqdm(total=len(items), disable=not progress, unit="input") as bar:
-            for indices, batch in zip(batches, loader):
-                out[indices] = self.embed_packed(batch)
+            for indices, batch in zip(batches, one_line_errors(loader)):
+                pooled = self.embed_packed(batch)
+                finite = torch.isfinite(pooled).all(dim=-1)
+                if not finite.all():
+                    first = items[indices[int((~finite).nonzero()[0])]].id
+                    raise ValueError(f"{first}: its embedding is not finite (NaN or inf): the model's weights or its "
+                                     f"{next(self.model.parameters()).dtype} arithmetic overflow")
+                out[indices] = pooled
                 bar.update(len(indices))
         return out
 

@@ -6,6 +6,9 @@ from PIL import Image
 
 from moca_fast.data.processor import Processor
 from moca_fast.data.tokenizer import tiny_tokenizer
+from moca_fast.embed import MocaEmbedder
+
+from .eval.tiny import SMALL_PIXELS, write_tiny_checkpoint
 
 SMALL_MIN_PIXELS = 4 * 28 * 28  # 4..64 LLM tokens per image keeps CPU tests fast
 SMALL_MAX_PIXELS = 64 * 28 * 28
@@ -19,6 +22,17 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def processor(tokenizer):
     return Processor(tokenizer, min_pixels=SMALL_MIN_PIXELS, max_pixels=SMALL_MAX_PIXELS)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tokenizer):
+    """A tiny random Qwen2.5-VL checkpoint on disk, shared: a test that damages one works on a copy."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-moca"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def embedder(checkpoint):
+    return MocaEmbedder.from_pretrained(checkpoint, **SMALL_PIXELS)
 
 
 @pytest.fixture

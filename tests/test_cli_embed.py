@@ -1,6 +1,9 @@
-"""`moca-fast embed`: JSON lines in, .npy or parquet out, in line order; bad lines fail naming the line."""
+"""`moca-fast embed`: JSON lines in, .npy or parquet out, in line order; bad lines, outputs and checkpoints fail in one
+line naming the line or the file, before the work where they can."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -8,18 +11,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from moca_fast.cli import main
+from moca_fast.data.synthetic import png_bytes
 from moca_fast.embed import MocaEmbedder
 
-from .eval.tiny import SMALL_PIXELS, write_tiny_checkpoint
+from .eval.tiny import PIXELS, SMALL_PIXELS
 
-PIXELS = ["--min-pixels", str(SMALL_PIXELS["min_pixels"]), "--max-pixels", str(SMALL_PIXELS["max_pixels"])]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-moca"), tokenizer)
 
 
 @pytest.fixture
@@ -86,3 +85,80 @@ def test_output_format_is_checked(checkpoint, lines, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["embed", str(lines), "--output", str(tmp_path / "out.csv"), "--model", str(checkpoint)])
     assert "--output must end in .npy or .parquet" in capsys.readouterr().err
+
+
+def _fails(args, capsys) -> str:
+    """Run the CLI expecting a one-line error (exit 2); return it."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.endswith("\n")
+    last = err.splitlines()[-1]  # after a progress bar, if any
+    assert last.startswith("moca-fast embed: error: ")
+    return last
+
+
+def test_a_line_that_is_not_utf8_is_named(checkpoint, tmp_path, capsys):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    err = _fails(["embed", str(path), "--output", str(tmp_path / "o.npy"), "--model", str(checkpoint)], capsys)
+    assert f"{path} line 2: not UTF-8 text (invalid continuation byte at byte 13)" in err
+
+
+def test_the_output_is_checked_before_any_work(lines, tmp_path, capsys):
+    missing_model = str(tmp_path / "no-model")  # never reached: the output is refused first
+    (tmp_path / "taken.npy").write_bytes(b"old")
+    (tmp_path / "folder.npy").mkdir()
+    (tmp_path / "a-file").write_text("")
+    for output, message in [("folder.npy", "is a folder"), ("taken.npy", "exists; pass --overwrite"),
+                            ("a-file/out.npy", "cannot create its folder")]:
+        err = _fails(["embed", str(lines), "--output", str(tmp_path / output), "--model", missing_model], capsys)
+        assert message in err, err
+    assert (tmp_path / "taken.npy").read_bytes() == b"old"
+
+
+def test_overwrite_replaces_an_existing_output(checkpoint, lines, tmp_path):
+    (tmp_path / "out.npy").write_bytes(b"old")
+    assert main(["embed", str(lines), "--output", str(tmp_path / "out.npy"), "--model", str(checkpoint), *PIXELS,
+                 "--overwrite"]) == 0
+    assert np.load(tmp_path / "out.npy").shape == (3, 64) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_bad_image_in_a_worker_is_one_line(checkpoint, tmp_path, capsys):
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "cut.png").write_bytes(png_bytes(Image.new("RGB", (56, 56), "red"))[:60])
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"image": "pics/cut.png"}\n')
+    err = _fails(["embed", str(path), "--output", str(tmp_path / "o.npy"), "--model", str(checkpoint), *PIXELS,
+                  "--num-workers", "1", "--batch-tokens", "1"], capsys)  # one input per batch: a worker runs
+    assert f"{path} line 3: cannot decode image file" in err
+
+
+def _broken_copy(checkpoint, tmp_path, damage):
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint, model)
+    weights, config = model / "model.safetensors", model / "config.json"
+    if damage == "truncated weights":
+        os.truncate(weights, weights.stat().st_size // 2)
+    elif damage == "invalid config":
+        config.write_text('{"model_type": "qwen2_5_vl", ')
+    elif damage == "text-only config":
+        config.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64, "architectures": ["Qwen2ForCausalLM"]}))
+    else:  # NaN weights
+        tensors = load_file(weights)
+        tensors[next(k for k in sorted(tensors) if "layers.0.mlp" in k)][0, 0] = float("nan")
+        save_file(tensors, weights, metadata={"format": "pt"})
+    return model
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated weights", "model.safetensors: not a readable safetensors file (truncated or corrupt?)"),
+    ("invalid config", "config.json: not a valid JSON config"),
+    ("text-only config", "config.json: model_type 'qwen2' has no vision_config: not a Qwen2.5-VL checkpoint"),
+    ("NaN weights", "1 weight tensors hold NaN or inf (first: language_model.layers.0.mlp"),
+])
+def test_a_broken_checkpoint_is_one_line_naming_the_file(checkpoint, lines, tmp_path, capsys, damage, message):
+    model = _broken_copy(checkpoint, tmp_path, damage)
+    err = _fails(["embed", str(lines), "--output", str(tmp_path / "o.npy"), "--model", str(model), *PIXELS], capsys)
+    assert message in err and str(model) in err, err

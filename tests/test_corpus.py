@@ -17,9 +17,8 @@ from moca_fast.cli import main, read_jsonl_inputs
 from moca_fast.corpus import deal_parts, load_corpus, part_ranges
 from moca_fast.embed import MocaEmbedder
 
-from .eval.tiny import SMALL_PIXELS, write_tiny_checkpoint
+from .eval.tiny import PIXELS, SMALL_PIXELS
 
-PIXELS = ["--min-pixels", str(SMALL_PIXELS["min_pixels"]), "--max-pixels", str(SMALL_PIXELS["max_pixels"])]
 KILL_AFTER_TWO_PARTS = """
 import os, sys
 import moca_fast.corpus as corpus
@@ -33,11 +32,6 @@ def write_then_die(*args):
 corpus.write_part = write_then_die
 main(sys.argv[1:])
 """
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-moca"), tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +114,10 @@ def test_a_folder_of_another_run_is_refused(corpus, checkpoint, tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["embed", str(other), "--output", str(out), "--model", str(checkpoint), *PIXELS, "--part-size", "2"])
     assert "differing: count, inputs_sha256" in capsys.readouterr().err
+    assert main(["embed", str(other), "--output", str(out), "--model", str(checkpoint), *PIXELS, "--part-size", "2",
+                 "--overwrite"]) == 0  # starts over: the other run's parts are gone
+    got, ids = load_corpus(out)
+    assert got.shape[0] == 1 and sorted(p.name for p in (out / "parts").iterdir()) == ["part-00000.parquet"]
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit):

@@ -14,14 +14,8 @@ from moca_fast.embed import EmbedInput, MocaEmbedder, as_input, local_checkpoint
 from moca_fast.model.loading import make_bidirectional
 
 from .conftest import SMALL_MAX_PIXELS, SMALL_MIN_PIXELS
-from .eval.tiny import write_tiny_checkpoint
 
 V = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-moca"), tokenizer)
 
 
 @pytest.fixture(scope="module")

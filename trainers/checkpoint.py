@@ -1,40 +1,68 @@
-"""Atomic, resumable training checkpoints: the model in the Hugging Face layout, plus everything a resume needs.
+"""Training checkpoints that a crash cannot corrupt: atomic step folders with a completeness marker, resume from the
+newest complete one (falling back past corrupt ones), pruning of this run's own older steps, an atomic `final/`.
 
-A checkpoint is a folder `step-NNNNNNN/` holding `model/` (config.json + safetensors in the dtype the config
-declares, loadable by moca_fast, transformers and sentence-transformers, with the tokenizer and image processor
-settings beside it), `master/` (the fp32 master weights, only when `model/` holds a lower precision, so a resume
-is exact), `extra.pt` (modules outside the HF model, e.g. the MAE head),
-`optimizer.pt`, and `trainer_state.json` (step, data position, scheduler, RNG). It is written into a
-`.tmp` folder that is renamed into place only when complete, then `latest` is replaced atomically, so a crash
-mid-write leaves the previous checkpoint as the one a resume finds. Sharded (FSDP2) models are gathered to
-full state dicts on rank 0 with torch.distributed.checkpoint's state-dict API.
+A checkpoint is a folder `step-NNNNNNN/` under `output_dir/checkpoints/` holding `model/` (config.json +
+safetensors in the dtype the config declares, loadable by moca_fast, transformers and sentence-transformers, with
+the tokenizer and image processor settings beside it), `master/` (the fp32 master weights, only when `model/` holds
+a lower precision, so a resume is exact), `extra.pt` (modules outside the HF model, e.g. the MAE head),
+`optimizer.pt`, `trainer_state.pt` (step, data position, scheduler, RNG) and, written last, `checkpoint.json`: the
+completeness marker and manifest (format, step, run id, stage, config, data fingerprint, and every file's size).
+Everything is written into `step-NNNNNNN.tmp/` and flushed to disk, then the marker, then the folder is renamed
+into place. A checkpoint counts only when its marker is there and every file has the size the marker records;
+files that still fail to load make resume fall back to the previous complete checkpoint, naming the file. Pruning deletes only this run's older complete checkpoints, each renamed to `*.deleting` first so a kill
+mid-delete leaves nothing that looks complete. Sharded (FSDP2) models are gathered to full state dicts on rank 0
+with torch.distributed.checkpoint's state-dict API.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from moca_fast.model.heads import mae_state_from_patch_major, rows_from_patch_major
 from moca_fast.model.loading import load_state_dict_into, read_safetensors, save_pretrained
 from moca_fast.model.moca import MocaModel
 
-from .distributed import rank
+from .distributed import all_reduce_sum, rank
 
-LATEST = "latest"
-# What a checkpoint's files hold. 2: the MAE head's projection in the reference's layout (d * 4 + p). 1 (written
-# without a "format"): patch-major (p * 1176 + d), converted when loaded.
+log = logging.getLogger(__name__)
+
+MARKER = "checkpoint.json"
+PREFIX = "step-"
+# What a checkpoint's files hold; a resume refuses another. 2: the MAE head's projection in the reference's
+# layout (d * 4 + p).
 FORMAT = 2
+LEFTOVERS = (".tmp", ".deleting")  # suffixes of folders a killed write or delete leaves behind
+_READ_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+@dataclass
+class Loaded:
+    """A checkpoint read into memory, not yet applied: nothing is changed until every file has loaded."""
+
+    path: Path
+    manifest: dict
+    model: dict[str, torch.Tensor]
+    extra: dict | None
+    optimizer: dict
+    trainer_state: dict
 
 
 def rng_state() -> dict:
@@ -52,17 +80,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def step_folder(root: Path, step: int) -> Path:
+    return Path(root) / f"{PREFIX}{step:07d}"
+
+
 def save_checkpoint(root: str | os.PathLike, step: int, *, model, extra: torch.nn.Module | None,
-                    optimizer: torch.optim.Optimizer, trainer_state: dict, processor=None, keep: int = 2) -> Path:
-    """Write step `step` atomically under `root` (collective under FSDP: every rank calls it)."""
+                    optimizer: torch.optim.Optimizer, trainer_state: dict, identity: dict, processor=None,
+                    keep: int = 2) -> Path:
+    """Write step `step` atomically under `root` (collective under FSDP: every rank calls it). `identity` (run id,
+    stage, config, data fingerprint) goes into the marker; then this run's checkpoints beyond the newest `keep` go."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=full)
     extra_state = get_model_state_dict(extra, options=full) if extra is not None else None
     optim_state = get_optimizer_state_dict(_trained(model, extra), optimizer, options=full)
     root = Path(root)
-    final = root / f"step-{step:07d}"
+    final = step_folder(root, step)
     if rank() == 0:
-        tmp = root / f"step-{step:07d}.tmp"
+        tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if save_pretrained(model, tmp / "model", state_dict=model_state) != torch.float32:
@@ -73,56 +107,164 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model, extra: torch.n
             torch.save(extra_state, tmp / "extra.pt")
         torch.save(optim_state, tmp / "optimizer.pt")
         torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"format": FORMAT, **{
-            k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str))}}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _point_latest(root, final.name)
-        _prune(root, keep)
+        write_marker(tmp, {"format": FORMAT, "step": step, **identity, "files": _sync_files(tmp)})
+        publish(tmp, final)
+        prune(root, keep, run=identity["run"], upto=step)
     if dist.is_initialized():
         dist.barrier()
     return final
 
 
+def write_marker(folder: Path, manifest: dict) -> None:
+    """The completeness marker, written last and flushed: its presence says every other file is on disk."""
+    with open(folder / MARKER, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename the finished `tmp` folder to `final` (replacing an older copy of the same step)."""
+    if final.exists():
+        _delete(final)
+    os.replace(tmp, final)
+    _sync_dir(final.parent)
+
+
+def prune(root: Path, keep: int, *, run: str, upto: int) -> None:
+    """Delete this run's complete checkpoints at or before step `upto` beyond the newest `keep` (0: keep all).
+    Another run's checkpoints, and this run's later ones, are never touched."""
+    mine = [p for p in complete_checkpoints(root) if read_marker(p).get("run") == run and step_of(p) <= upto]
+    for old in mine[:-keep] if keep > 0 else []:
+        _delete(old)
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Step folders under `root` whose marker is there, oldest first (files are checked when loading)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX):].isdigit()]
+    return sorted((p for p in found if (p / MARKER).is_file()), key=step_of)
+
+
+def unmarked_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Step folders under `root` without a marker: this writer renames a folder into place only after its marker,
+    so these were left by an earlier moca_fast or changed by hand."""
+    root = Path(root)
+    found = root.glob(f"{PREFIX}*") if root.is_dir() else []
+    return sorted(p for p in found if p.is_dir() and p.name[len(PREFIX):].isdigit() and not (p / MARKER).is_file())
+
+
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    pointer = Path(root) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(root) / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    """The newest complete checkpoint under `root`, or None."""
+    complete = complete_checkpoints(root)
+    return complete[-1] if complete else None
 
 
-def load_checkpoint(path: str | os.PathLike, *, model, extra: torch.nn.Module | None,
-                    optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, extra modules, optimizer and RNG from `path`; returns the trainer state."""
-    path = Path(path)
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
+def read_marker(path: Path) -> dict:
+    try:
+        return json.loads((path / MARKER).read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path / MARKER}: unreadable marker: {error}") from error
+
+
+def remove_leftovers(root: Path) -> None:
+    """Delete what a killed write or prune left (`*.tmp`, `*.deleting`): never complete, never read."""
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.is_dir() and path.name.endswith(LEFTOVERS):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def read_checkpoint(path: Path, spec) -> Loaded:
+    """Every file of the checkpoint at `path` in memory; a missing, truncated or unreadable file raises
+    CheckpointError naming it."""
+    manifest = read_marker(path)
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path / MARKER}: format {manifest.get('format')}, this moca_fast reads format "
+                              f"{FORMAT} (written by another version)")
+    for name, size in manifest.get("files", {}).items():
+        file = path / name
+        actual = file.stat().st_size if file.is_file() else None
+        if actual != size:
+            raise CheckpointError(f"{file}: {'missing' if actual is None else f'{actual} bytes'}, the marker "
+                                  f"records {size} bytes (truncated or replaced)")
+
+    def read(name: str, load):
+        try:
+            return load(path / name)
+        except _READ_ERRORS as error:
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CheckpointError(message if message.startswith(str(path))  # already names the file
+                                  else f"{path / name}: cannot be read: {message}") from error
+
     with torch.device("meta"):  # the HF-layout weights go through the key table into a CPU copy first
-        holder = MocaModel(model.spec)
+        holder = MocaModel(spec)
     holder.to(dtype=torch.float32)
-    weights = path / "master" if (path / "master").is_dir() else path / "model"
-    load_state_dict_into(holder, read_safetensors(weights, "cpu"), source=str(path))
-    set_model_state_dict(model, holder.state_dict(), options=full)
-    optim_state = torch.load(path / "optimizer.pt", weights_only=False)
+    weights = "master" if (path / "master").is_dir() else "model"  # fp32 when model/ holds less
+    read(weights, lambda p: load_state_dict_into(holder, read_safetensors(p, "cpu"), source=str(p)))
+    extra = read("extra.pt", lambda p: torch.load(p, weights_only=True)) if (path / "extra.pt").exists() else None
+    return Loaded(path, manifest, holder.state_dict(), extra,
+                  read("optimizer.pt", lambda p: torch.load(p, weights_only=False)),
+                  read("trainer_state.pt", lambda p: torch.load(p, weights_only=False)))
+
+
+def load_latest(root: str | os.PathLike, *, model, extra: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
+                check=None) -> Loaded | None:
+    """Restore model, extra modules, optimizer and RNG from the newest complete checkpoint under `root` whose
+    files all load (every rank agrees on which); None when there is none at all. `check(loaded)` may refuse it
+    (by raising) before anything is restored. Returns what was loaded (its trainer state without the RNG).
+    Corrupt and unmarked checkpoints are named in the log and skipped; when no other is left, CheckpointError lists
+    them: a resume never silently starts over."""
+    device = next(model.parameters()).device
+    failures = [f"{path}: no {MARKER} (an earlier moca_fast's, or changed by hand)"
+                for path in unmarked_checkpoints(root)]
+    for problem in failures:
+        log.warning("skipping checkpoint %s", problem)
+    for path in reversed(complete_checkpoints(root)):
+        try:
+            loaded, problem = read_checkpoint(path, model.spec), None
+        except CheckpointError as error:
+            loaded, problem = None, str(error)
+        if int(all_reduce_sum(torch.tensor([int(problem is not None)], device=device)).item()):
+            failures.append(problem or f"{path}: unreadable on another rank")
+            log.warning("checkpoint %s is unusable (%s); trying the previous one", path.name, failures[-1])
+            continue
+        if check is not None:
+            check(loaded)
+        _apply(loaded, model, extra, optimizer)
+        return loaded
+    if failures:
+        raise CheckpointError("no usable checkpoint: " + "; ".join(failures))
+    return None
+
+
+def _apply(loaded: Loaded, model, extra, optimizer) -> None:
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    set_model_state_dict(model, loaded.model, options=full)
     if extra is not None:
-        extra_state = torch.load(path / "extra.pt", weights_only=True)
-        if json.loads((path / "trainer_state.json").read_text()).get("format", 1) < 2:
-            extra_state, optim_state = _mae_from_patch_major(extra_state, optim_state)
-        set_model_state_dict(extra, extra_state, options=full)
-    set_optimizer_state_dict(_trained(model, extra), optimizer, optim_state, options=full)
-    state = torch.load(path / "trainer_state.pt", weights_only=False)
-    set_rng_state(state.pop("rng"))
-    return state
+        if loaded.extra is None:
+            raise CheckpointError(f"{loaded.path}: no extra.pt, but this stage trains modules outside the model")
+        set_model_state_dict(extra, loaded.extra, options=full)
+    set_optimizer_state_dict(_trained(model, extra), optimizer, loaded.optimizer, options=full)
+    set_rng_state(loaded.trainer_state.pop("rng"))
 
 
-def _mae_from_patch_major(extra_state: dict, optim_state: dict) -> tuple[dict, dict]:
-    """A format-1 checkpoint's MAE head and its AdamW moments with the projection rows in the reference's layout."""
-    for name in ("proj.weight", "proj.bias"):
-        moments = optim_state["state"].get(f"extra.{name}", {})
-        for key, value in moments.items():
-            if key != "step":
-                moments[key] = rows_from_patch_major(value)
-    return mae_state_from_patch_major(extra_state), optim_state
+def export_final(checkpoint: Path, output: Path) -> Path:
+    """Copy the checkpoint's model (HF layout, tokenizer and processor settings beside it) to `output/final`
+    atomically: into `final.tmp`, flushed, then renamed; an older `final` is replaced only once the new one is
+    complete."""
+    final, tmp = output / "final", output / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint / "model", tmp)
+    _sync_files(tmp)
+    publish(tmp, final)
+    return final
 
 
 def _trained(model, extra) -> torch.nn.Module:
@@ -130,13 +272,27 @@ def _trained(model, extra) -> torch.nn.Module:
     return torch.nn.ModuleDict({"model": model, **({"extra": extra} if extra is not None else {})})
 
 
-def _point_latest(root: Path, name: str) -> None:
-    tmp = root / f"{LATEST}.tmp"
-    tmp.write_text(name)
-    os.replace(tmp, root / LATEST)
+def _delete(path: Path) -> None:
+    """Rename out of the way first (atomic), then delete: a kill mid-delete leaves a `*.deleting` leftover."""
+    doomed = path.with_name(path.name + ".deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
 
 
-def _prune(root: Path, keep: int) -> None:
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+def _sync_files(folder: Path) -> dict[str, int]:
+    """Flush every file under `folder` to disk; their sizes by relative path."""
+    sizes = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+        sizes[file.relative_to(folder).as_posix()] = file.stat().st_size
+    return sizes
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

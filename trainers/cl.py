@@ -17,6 +17,7 @@ import torch
 
 from moca_fast.config import TrainConfig
 from moca_fast.data.contrastive import ContrastiveBatch, ContrastiveCollator, EncodedPairs, PairBatchSampler
+from moca_fast.data.loader import one_line_errors
 from moca_fast.data.pairs import PairDataset
 from moca_fast.kernels import info_nce_loss
 from moca_fast.model.pooling import embed_pool
@@ -63,14 +64,19 @@ class ContrastiveFinetuning:
                                  else None, activation_checkpointing=config.activation_checkpointing,
                                  compile=config.compile, world_size=world)
         self.model, self.extra = model, None
-        pairs = pairs if pairs is not None else PairDataset(pair_subsets(config.data, config.tasks),
-                                                             negative_ratio=config.negative_ratio, seed=config.seed)
+        pairs = pairs if pairs is not None else PairDataset(
+            pair_subsets(config.data, config.tasks), negative_ratio=config.negative_ratio, seed=config.seed,
+            skip_invalid=config.skip_invalid, allow_image_paths_outside=config.allow_image_paths_outside)
+        if not config.task_homogeneous and len(set(pairs.negatives_per_task.values())) > 1:
+            raise ValueError(f"the tasks carry different numbers of hard negatives {pairs.negatives_per_task}, but "
+                             "batches mix tasks: set task_homogeneous: true, or give every task the same number")
+        self.pairs = pairs
         self.sampler = PairBatchSampler(pairs.tasks, config.pairs_per_rank, seed=config.seed, rank=rank_,
                                         world_size=world, task_homogeneous=config.task_homogeneous)
         collator = ContrastiveCollator(processor, chunk_tokens=config.grad_cache_tokens)
         self.loader = torch.utils.data.DataLoader(
-            EncodedPairs(pairs, processor), batch_sampler=self.sampler, collate_fn=collator,
-            num_workers=config.num_workers, pin_memory=device.type == "cuda",
+            EncodedPairs(pairs, processor, skip_invalid=config.skip_invalid), batch_sampler=self.sampler,
+            collate_fn=collator, num_workers=config.num_workers, pin_memory=device.type == "cuda",
             persistent_workers=config.num_workers > 0)
 
     def steps_per_epoch(self) -> int:
@@ -78,7 +84,13 @@ class ContrastiveFinetuning:
 
     def step_inputs(self, epoch: int, start: int) -> Iterator[ContrastiveBatch]:
         self.sampler.set_epoch(epoch, start)
-        yield from self.loader
+        yield from one_line_errors(self.loader)
+
+    def sample_ids(self, batch: ContrastiveBatch) -> list[str]:
+        return [i for chunk in batch.chunks for i in chunk.sample_ids]
+
+    def data_fingerprint(self) -> str:
+        return self.pairs.fingerprint
 
     def _embed(self, chunk) -> torch.Tensor:
         with autocast(self.config, self.device, world_size()):

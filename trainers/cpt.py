@@ -2,11 +2,15 @@
 
 Loss = MLM + mae_weight * MAE, each normalised by its global count of masked rows over the whole optimizer
 step (all micro-batches, all ranks), so accumulation and data parallelism change nothing but speed: the
-gradient equals the single-process one on the same global batch.
+gradient equals the single-process one on the same global batch. W ranks with `grad_accum` A see exactly the
+batches of one process with A * W (padding micro-batches, weighted zero, complete an epoch's last round).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 from pathlib import Path
@@ -16,7 +20,7 @@ import torch
 
 from moca_fast.config import TrainConfig
 from moca_fast.data.documents import DocumentDataset
-from moca_fast.data.loader import MaskedDocuments, PackCollator, packed_loader
+from moca_fast.data.loader import MaskedDocuments, PackCollator, one_line_errors, packed_loader
 from moca_fast.data.packing import TokenBudgetSampler
 from moca_fast.model.heads import MaeHead, mlm_loss
 from moca_fast.model.loading import read_mae_head
@@ -52,13 +56,15 @@ class ContinualPretraining:
         self.config, self.device, self.spec = config, device, model.spec
         self.mae = initial_mae_head(model, config.model).to(device)
         blocks = [*model.language_model.layers, *model.visual.blocks, self.mae.layer]
-        self.state = parallelize(model, blocks, extra=self.mae, device=device, fp8_layers=model.language_model.layers if config.fp8
-                                 else None, activation_checkpointing=config.activation_checkpointing,
+        self.state = parallelize(model, blocks, extra=self.mae, device=device,
+                                 fp8_layers=model.language_model.layers if config.fp8 else None,
+                                 activation_checkpointing=config.activation_checkpointing,
                                  compile=config.compile, world_size=world)
         self.model, self.extra = model, self.mae
-        documents = documents if documents is not None else DocumentDataset(config.data)
+        documents = documents if documents is not None else DocumentDataset(
+            config.data, skip_invalid=config.skip_invalid, allow_image_paths_outside=config.allow_image_paths_outside)
         self.samples = MaskedDocuments(documents, processor, mlm_rate=config.mlm_rate, mae_rate=config.mae_rate,
-                                       seed=config.seed)
+                                       seed=config.seed, skip_invalid=config.skip_invalid)
         self.sampler = TokenBudgetSampler(self.samples.lengths(), config.tokens_per_micro_batch, seed=config.seed,
                                           rank=rank, world_size=world, sample_ids=self.samples.sample_ids())
         self.loader = packed_loader(self.samples, self.sampler, PackCollator(processor),
@@ -69,19 +75,31 @@ class ContinualPretraining:
         return math.ceil(len(self.sampler.plan(0)) / self.world / self.config.grad_accum)
 
     def step_inputs(self, epoch: int, start: int) -> Iterator[list]:
-        """Groups of `grad_accum` micro-batches (the last group of an epoch may be shorter)."""
-        self.sampler.set_epoch(epoch, start * self.config.grad_accum)
+        """Groups of `grad_accum` micro-batches (the last group of an epoch may be shorter); the sampler's padding
+        micro-batches (see data/packing.py) come marked, so they add nothing to the loss."""
+        first = start * self.config.grad_accum
+        self.sampler.set_epoch(epoch, first)
+        real = self.sampler.rank_batches(epoch)[1]
         group = []
-        for batch in self.loader:
-            group.append(batch)
+        for k, batch in enumerate(one_line_errors(self.loader), start=first):
+            group.append(batch if k < real else dataclasses.replace(batch, padding=True))
             if len(group) == self.config.grad_accum:
                 yield group
                 group = []
         if group:
             yield group
 
+    def sample_ids(self, micro_batches: list) -> list[str]:
+        return [i for batch in micro_batches for i in batch.sample_ids]
+
+    def data_fingerprint(self) -> str:
+        """A digest of the samples' ids and lengths, in order."""
+        data = json.dumps([self.samples.sample_ids(), self.samples.lengths()]).encode()
+        return hashlib.blake2b(data, digest_size=16).hexdigest()
+
     def train_step(self, micro_batches: list) -> dict[str, float]:
-        counts = torch.tensor([[b.mlm_index.numel(), b.mae_index.numel()] for b in micro_batches], dtype=torch.float64)
+        counts = torch.tensor([[0, 0] if b.padding else [b.mlm_index.numel(), b.mae_index.numel()]
+                               for b in micro_batches], dtype=torch.float64)
         totals = all_reduce_sum(counts.sum(0).to(self.device)).clamp(min=1)
         world = world_size()
         parts = torch.zeros(2, dtype=torch.float64, device=self.device)

@@ -9,18 +9,25 @@ from pathlib import Path
 from moca_fast.config import TrainConfig
 
 from .distributed import finish_distributed
+from .guards import TrainingStopped
 from .loop import train
 from .setup import build_model, build_processor, build_tokenizer, start
 
 log = logging.getLogger(__name__)
 
 
-def run(config: TrainConfig, *, resume: bool = False, stop_after: int | None = None, documents=None,
-        pairs=None) -> list[dict]:
-    """Train stage `config.stage`; `documents` / `pairs` replace the configured data source (tests)."""
+def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False,
+        stop_after: int | None = None, documents=None, pairs=None) -> list[dict]:
+    """Train stage `config.stage`; `documents` / `pairs` replace the configured data source (tests). See
+    trainers/loop.py for `resume`, `overwrite` and `allow_config_change`."""
     device, rank, world = start(config)
-    records = _run(config, device, rank, world, resume=resume, stop_after=stop_after, documents=documents,
-                   pairs=pairs)
+    try:
+        records = _run(config, device, rank, world, documents=documents, pairs=pairs,
+                       options=dict(resume=resume, overwrite=overwrite, allow_config_change=allow_config_change,
+                                    stop_after=stop_after))
+    except TrainingStopped:  # every rank stops at the same step: leave together
+        finish_distributed()
+        raise
     finish_distributed()  # on success only: after a failure torchrun stops the other ranks, a barrier would hang
     if rank == 0:
         plot_losses(Path(config.output_dir))
@@ -37,8 +44,7 @@ def plot_losses(output_dir: Path) -> None:
     log.info("loss curves: %s", plot_run(output_dir))
 
 
-def _run(config: TrainConfig, device, rank: int, world: int, *, resume: bool, stop_after: int | None, documents,
-         pairs) -> list[dict]:
+def _run(config: TrainConfig, device, rank: int, world: int, *, documents, pairs, options: dict) -> list[dict]:
     tokenizer = build_tokenizer(config)
     processor = build_processor(config, tokenizer)
     model = build_model(config, tokenizer, device)
@@ -50,4 +56,4 @@ def _run(config: TrainConfig, device, rank: int, world: int, *, resume: bool, st
         from .cl import ContrastiveFinetuning
 
         stage = ContrastiveFinetuning(config, model, processor, device, rank, world, pairs=pairs)
-    return train(config, stage, processor=processor, device=device, resume=resume, stop_after=stop_after)
+    return train(config, stage, processor=processor, device=device, **options)

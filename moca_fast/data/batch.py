@@ -42,6 +42,7 @@ class PackedBatch:
     mae_targets: torch.Tensor | None = None
     mae_cu_seqlens: torch.Tensor | None = None
     mae_max_seqlen: int = 0
+    padding: bool = False  # a stand-in filling a rank's last round of an epoch: it runs, its loss weight is zero
 
     @property
     def num_tokens(self) -> int:

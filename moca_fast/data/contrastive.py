@@ -20,6 +20,7 @@ from .batch import PackedBatch, pack_sequences
 from .images import load_image
 from .pairs import Pair, Side, target_ids, task_batches
 from .processor import EncodedSequence, Processor
+from .skips import after, load_or_stand_in
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,12 @@ class EncodedPair:
 
 
 class EncodedPairs(Dataset):
-    """(epoch, index) -> the pair's query, positive and negatives encoded (images decoded in the worker)."""
+    """(epoch, index) -> the pair's query, positive and negatives encoded (images decoded in the worker). A pair
+    whose images fail to decode raises naming it, or with `skip_invalid` is replaced by the next pair of its task
+    that decodes (logged), so the batch keeps its size and its task."""
 
-    def __init__(self, pairs: Sequence[Pair], processor: Processor):
-        self.pairs, self.processor = pairs, processor
+    def __init__(self, pairs: Sequence[Pair], processor: Processor, skip_invalid: bool = False):
+        self.pairs, self.processor, self.skip_invalid = pairs, processor, skip_invalid
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -85,7 +88,12 @@ class EncodedPairs(Dataset):
         return self.processor.encode(side.text, images, sample_id)
 
     def __getitem__(self, key: tuple[int, int]) -> EncodedPair:
-        pair = self.pairs[key[1]]
+        index = key[1]
+        same_task = (j for j in after(index, len(self)) if self.pairs.tasks[j] == self.pairs.tasks[index])
+        return load_or_stand_in(self._encode, index, same_task, skip=self.skip_invalid, log=log, what="pair")
+
+    def _encode(self, index: int) -> EncodedPair:
+        pair = self.pairs[index]
         negatives = [self.encode_side(n, f"{pair.id}/neg{k}") for k, n in enumerate(pair.negatives)]
         return EncodedPair(self.encode_side(pair.query, f"{pair.id}/qry"),
                            self.encode_side(pair.positive, f"{pair.id}/pos"), negatives, pair.positive)

@@ -9,19 +9,20 @@ A document row, in the reference's format: `text` holds `IMAGE_PLACEHOLDER` once
 - a JSON-lines file, or a folder of them, whose `images` are paths;
 - anything that is not a local path is taken for a hub dataset name: `load_dataset(name, split=split)`.
 
-Relative image paths are resolved against `image_dir`, by default the folder that holds the source.
+Relative image paths are resolved against `image_dir`, by default the folder that holds the source, and must
+stay inside it (`resolve_image_path`).
 
 Rows are validated once, vectorised over the Arrow columns, when the dataset opens; no image is decoded
 then. A row with a missing field, or whose placeholder count differs from its image count, raises a
 ValueError naming the sample; with `skip_invalid=True` it is skipped instead, counted per reason in
 `DocumentDataset.skipped`, and logged. Images decode later, in `Document.load_images`, and a corrupt or
-missing image is a ValueError naming the sample.
+missing image is a ValueError naming the sample (data/loader.py applies the same skip policy there).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ import torch
 from PIL import Image
 
 from .images import load_image
+from .skips import Skips
 from .tokens import IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:
@@ -75,7 +77,10 @@ def open_rows(source: str | Path, *, split: str = "train") -> datasets.Dataset:
     if len(kinds) != 1 or None in kinds:
         raise ValueError(f"{source}: not a saved dataset, nor parquet or JSON-lines file(s) of one kind")
     paths = [str(p) for p in files]
-    return datasets.Dataset.from_parquet(paths) if kinds == {"parquet"} else datasets.Dataset.from_json(paths)
+    try:
+        return datasets.Dataset.from_parquet(paths) if kinds == {"parquet"} else datasets.Dataset.from_json(paths)
+    except StopIteration:  # what `datasets` raises on files without a row
+        raise ValueError(f"{source}: no rows") from None
 
 
 def source_folder(source: str | Path) -> Path | None:
@@ -84,15 +89,23 @@ def source_folder(source: str | Path) -> Path | None:
     return path.parent if path.exists() else None
 
 
-def resolve_image_path(path: str, image_dir: Path | None) -> str:
-    return str(image_dir / path) if image_dir is not None else path
+def resolve_image_path(path: str, image_dir: Path | None, allow_outside: bool = False) -> str:
+    """`path` under `image_dir`. A path that leaves the folder (`..`, an absolute path elsewhere) is a ValueError
+    unless `allow_outside`: rows must not open files outside the data. Checked by name (symlinks are followed)."""
+    if image_dir is None:
+        return path
+    joined, root = os.path.abspath(image_dir / path), os.path.abspath(image_dir)
+    if not allow_outside and os.path.commonpath([joined, root]) != root:
+        raise ValueError(f"image path {path!r} leaves the image folder {image_dir} (set allow_image_paths_outside "
+                         "to allow it)")
+    return str(image_dir / path)
 
 
 class DocumentDataset(torch.utils.data.Dataset):
     """Map-style dataset of validated `Document`s; `skipped` counts the rows left out, per reason."""
 
     def __init__(self, source: str | Path, *, split: str = "train", image_dir: str | Path | None = None,
-                 skip_invalid: bool = False):
+                 skip_invalid: bool = False, allow_image_paths_outside: bool = False):
         rows = open_rows(source, split=split)
         missing = [name for name in ("text", "images") if name not in rows.column_names]
         if missing:
@@ -101,7 +114,8 @@ class DocumentDataset(torch.utils.data.Dataset):
         self._rows = rows.select_columns(columns).with_format("arrow")
         self._source = str(source)
         self._image_dir = Path(image_dir) if image_dir is not None else source_folder(source)
-        self.skipped: Counter[str] = Counter()
+        self._allow_outside = allow_image_paths_outside
+        self.skipped = Skips(log, "document")
         self._index = self._validate(skip_invalid)
 
     def _sample_id(self, row: int, record_id=None) -> str:
@@ -119,17 +133,21 @@ class DocumentDataset(torch.utils.data.Dataset):
         invalid = np.logical_or.reduce(list(problems.values()))
         if not invalid.any():
             return np.arange(len(table))
-        first = int(np.argmax(invalid))
         ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * len(table)
-        reason = next(name for name, rows in problems.items() if rows[first])
-        detail = (f"sample {self._sample_id(first, ids[first])}: {reason}"
-                  + (f" (text has {n_placeholders[first]} image placeholders, {n_images[first]} images)"
-                     if reason.startswith("placeholder") else ""))
+
+        def detail(row: int) -> tuple[str, str]:
+            reason = next(name for name, rows in problems.items() if rows[row])
+            return reason, (f"sample {self._sample_id(row, ids[row])}: {reason}"
+                            + (f" (text has {n_placeholders[row]} image placeholders, {n_images[row]} images)"
+                               if reason.startswith("placeholder") else ""))
+
         if not skip_invalid:
-            raise ValueError(f"{detail} in {self._source}; pass skip_invalid=True to skip such samples")
-        self.skipped.update({name: int(rows.sum()) for name, rows in problems.items() if rows.any()})
-        log.warning("skipped %d of %d documents in %s: %s; first: %s",
-                    int(invalid.sum()), len(table), self._source, dict(self.skipped), detail)
+            raise ValueError(f"{detail(int(np.argmax(invalid)))[1]} in {self._source}; pass skip_invalid=True to "
+                             "skip such samples")
+        for row in np.flatnonzero(invalid).tolist():
+            self.skipped.add(*detail(row))
+        log.warning("skipped %d of %d documents in %s: %s", int(invalid.sum()), len(table), self._source,
+                    dict(self.skipped))
         return np.flatnonzero(~invalid)
 
     def __len__(self) -> int:
@@ -139,10 +157,13 @@ class DocumentDataset(torch.utils.data.Dataset):
         row = int(self._index[index])
         record = self._rows[row].to_pylist()[0]
         sample_id = self._sample_id(row, record.get("id"))
-        return Document(sample_id, record["text"], [self._image(image) for image in record["images"]])
+        try:
+            return Document(sample_id, record["text"], [self._image(image) for image in record["images"]])
+        except ValueError as error:
+            raise ValueError(f"sample {sample_id}: {error}") from error
 
     def _image(self, image):
         """Normalise one stored image to its encoded bytes, or to a resolved path."""
         if isinstance(image, dict):
             image = image["bytes"] if image.get("bytes") is not None else image.get("path")
-        return resolve_image_path(image, self._image_dir) if isinstance(image, str) else image
+        return resolve_image_path(image, self._image_dir, self._allow_outside) if isinstance(image, str) else image

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import to_rgb
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_PIXELS = 256 * 28 * 28  # REFERENCE.md: 256..1024 LLM tokens per image
@@ -50,7 +52,7 @@ def image_to_patches(image: Image.Image, *, patch_size: int = 14, merge_size: in
                      min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """One RGB image -> (pixel patch rows [t*h*w, 3*tp*p*p] float32, patch grid (t, h, w))."""
     factor = patch_size * merge_size
-    image = image.convert("RGB")
+    image = to_rgb(image)
     width, height = image.size
     h_bar, w_bar = resized_size(width, height, factor, min_pixels, max_pixels)
     if min(width, height) < factor:  # raised first, as the reference does, then smart-resized

@@ -1,7 +1,8 @@
 """Image loading for both stages: encoded bytes, an HF `Image` dict, a path or a PIL image -> an RGB PIL image.
 
 Every failure is a ValueError that names the sample and the problem. Unlike the reference, a truncated or
-unreadable image is an error, never a silently substituted black square.
+unreadable image is an error, never a silently substituted black square. Transparency is composited onto white,
+as transformers does.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ def load_image(source, sample_id: str) -> Image.Image:
             image.load()
         except _DECODE_ERRORS as error:
             raise ValueError(f"sample {sample_id}: cannot decode {_describe(source)}: {error}") from error
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as transformers' Qwen image processor makes it (`convert_to_rgb`): any other mode is composited onto
+    a white background through its alpha (transparent pixels become white, not black)."""
+    if image.mode == "RGB":
+        return image
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255)), rgba).convert("RGB")
 
 
 def image_size(source, sample_id: str) -> tuple[int, int]:

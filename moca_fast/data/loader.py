@@ -7,7 +7,9 @@ resumed run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
-from typing import Sequence
+import copy
+import logging
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -18,6 +20,9 @@ from .images import image_size
 from .masking import apply_mae, apply_mlm
 from .packing import TokenBudgetSampler
 from .processor import EncodedSequence, Processor
+from .skips import Skips, after, load_or_stand_in
+
+log = logging.getLogger(__name__)
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -26,35 +31,58 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 
 class MaskedDocuments(Dataset):
-    """Stage 1: (epoch, index) -> one document encoded and MLM/MAE-masked, ready for packing."""
+    """Stage 1: (epoch, index) -> one document encoded and MLM/MAE-masked, ready for packing.
+
+    Opening it measures every document from its text and image headers (no pixel decoded): one that cannot be
+    measured raises naming it, or with `skip_invalid` is left out (logged, counted in `skipped`). One whose
+    images fail to decode when used raises naming it, or with `skip_invalid` is replaced by the next document
+    that decodes (logged), cut to its length so that the micro-batch stays within the token budget."""
 
     def __init__(self, documents: Sequence[Document], processor: Processor, *, mlm_rate: float = 0.4,
-                 mae_rate: float = 0.5, seed: int = 0):
+                 mae_rate: float = 0.5, seed: int = 0, skip_invalid: bool = False):
         if processor.mask_token_id is None:
             raise ValueError("the tokenizer has no <|mask|> token; stage 1 needs one (load_tokenizer adds it)")
         self.documents, self.processor = documents, processor
         self.mlm_rate, self.mae_rate, self.seed = mlm_rate, mae_rate, seed
+        self.skip_invalid = skip_invalid
+        self.skipped = Skips(log, "document")
+        self._index, self._lengths, self._ids = [], [], []
+        for i in range(len(documents)):
+            try:
+                doc = documents[i]
+                length = processor.count_tokens(doc.text, [image_size(im, doc.id) for im in doc.images], doc.id)
+            except ValueError as error:
+                if not skip_invalid:
+                    raise
+                self.skipped.add("unreadable", str(error))
+                continue
+            self._index.append(i)
+            self._lengths.append(length)
+            self._ids.append(doc.id)
 
     def __len__(self) -> int:
-        return len(self.documents)
+        return len(self._index)
 
     def lengths(self) -> list[int]:
         """Each document's encoded length, from its text and image headers (no pixel is decoded)."""
-        out = []
-        for i in range(len(self.documents)):
-            doc = self.documents[i]
-            out.append(self.processor.count_tokens(doc.text, [image_size(im, doc.id) for im in doc.images], doc.id))
-        return out
+        return list(self._lengths)
 
     def sample_ids(self) -> list[str]:
-        return [self.documents[i].id for i in range(len(self.documents))]
+        return list(self._ids)
 
     def __getitem__(self, key: tuple[int, int]) -> EncodedSequence:
         epoch, index = key
-        doc = self.documents[index]
-        seq = self.processor.encode(doc.text, doc.load_images(), doc.id)
+        return load_or_stand_in(lambda i: self._masked(epoch, i, self._lengths[index]), index,
+                                after(index, len(self)), skip=self.skip_invalid, log=log, what="document")
+
+    def _masked(self, epoch: int, index: int, room: int) -> EncodedSequence:
+        """Document `index` encoded (cut to `room` tokens: only a stand-in is ever cut) and masked."""
+        doc, proc = self.documents[self._index[index]], self.processor
+        if room < self._lengths[index]:
+            proc = copy.copy(proc)
+            proc.max_length = room
+        seq = proc.encode(doc.text, doc.load_images(), doc.id)
         generator = sample_generator(self.seed, epoch, index)
-        proc = self.processor
         seq = apply_mlm(seq, mask_token_id=proc.mask_token_id, special_ids=proc.special_ids, rate=self.mlm_rate,
                         generator=generator)
         return apply_mae(seq, image_token_id=proc.image_token_id, rate=self.mae_rate, generator=generator,
@@ -81,3 +109,15 @@ def packed_loader(dataset: Dataset, sampler: TokenBudgetSampler, collator: PackC
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
                       prefetch_factor=prefetch_factor if num_workers else None, pin_memory=pin,
                       persistent_workers=num_workers > 0)
+
+
+def one_line_errors(batches: Iterable) -> Iterator:
+    """Iterate a DataLoader; a ValueError raised in a worker (bad input, whose message names the sample) comes out
+    as that one-line ValueError rather than wrapped in the worker's whole traceback."""
+    try:
+        yield from batches
+    except ValueError as error:
+        message = str(error)
+        if "Original Traceback" not in message:
+            raise
+        raise ValueError(message.rstrip().splitlines()[-1].partition(": ")[2]) from None

@@ -2,16 +2,21 @@
 
 An epoch's plan is a pure function of (seed, epoch): shuffle, cut into buckets, pack each bucket
 first-fit-decreasing (so similar costs travel together and micro-batches come out full), shuffle the batches,
-deal them round-robin to ranks. Every sample lands in exactly one batch of one rank. Resuming needs only
-(epoch, batches already consumed by this rank): the trainer records that, not the sampler, because a
-DataLoader prefetches ahead of what was trained on.
+deal them round-robin to ranks. Every sample lands in exactly one batch of one rank. The plan does not depend on
+the number of ranks: when its batch count does not divide by it, the last round is filled with padding batches
+(repeats of the first ones, logged), which the trainer weights zero. So W ranks taking micro-batch r, r + W, ...
+see exactly the batches one process sees. Resuming needs only (epoch, batches already consumed by this rank):
+the trainer records that, not the sampler, because a DataLoader prefetches ahead of what was trained on.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator, Sequence
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class TokenBudgetSampler:
@@ -21,8 +26,8 @@ class TokenBudgetSampler:
                  bucket_size: int = 4096, rank: int = 0, world_size: int = 1,
                  sample_ids: Sequence[str] | None = None):
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
-        if self.lengths.numel() < world_size:
-            raise ValueError(f"{self.lengths.numel()} samples cannot feed {world_size} ranks")
+        if self.lengths.numel() == 0:
+            raise ValueError("no samples to plan batches from")
         too_long = torch.nonzero(self.lengths > budget).flatten().tolist()
         if too_long:
             i = too_long[0]
@@ -34,7 +39,7 @@ class TokenBudgetSampler:
         self.epoch, self.start = 0, 0
 
     def plan(self, epoch: int) -> list[list[int]]:
-        """All batches of an epoch, for every rank, in global order (rank r takes batches r, r + W, ...)."""
+        """All batches of an epoch in global order, the same for any number of ranks (without padding)."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         n = self.lengths.numel()
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
@@ -43,19 +48,29 @@ class TokenBudgetSampler:
             batches.extend(self._first_fit_decreasing(bucket))
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        return self._balance(batches)
+        return batches
+
+    def rank_batches(self, epoch: int) -> tuple[list[list[int]], int]:
+        """This rank's batches of an epoch (rank r takes r, r + W, ... of the plan, the last round padded with
+        repeats of the plan's first batches) and how many of them are real; every rank gets as many."""
+        plan = self.plan(epoch)
+        padded = plan + [plan[k % len(plan)] for k in range(-len(plan) % self.world_size)]
+        return padded[self.rank::self.world_size], len(plan[self.rank::self.world_size])
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Iterate epoch `epoch`, skipping this rank's first `start` batches (a resume position)."""
         self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        mine = self.plan(self.epoch)[self.rank::self.world_size]
-        for batch in mine[self.start:]:
+        batches, real = self.rank_batches(self.epoch)
+        if real < len(batches):
+            log.info("epoch %d, rank %d: the batches do not divide over %d ranks; the last %d of this rank's %d are "
+                     "padding (weight zero)", self.epoch, self.rank, self.world_size, len(batches) - real, len(batches))
+        for batch in batches[self.start:]:
             yield [(self.epoch, i) for i in batch]
 
     def __len__(self) -> int:
-        return len(self.plan(self.epoch)) // self.world_size - self.start
+        return -(-len(self.plan(self.epoch)) // self.world_size) - self.start
 
     def _first_fit_decreasing(self, bucket: torch.Tensor) -> list[list[int]]:
         lengths = self.lengths[bucket]
@@ -71,15 +86,4 @@ class TokenBudgetSampler:
             else:
                 batches.append([int(bucket[i])])
                 room.append(self.budget - cost)
-        return batches
-
-    def _balance(self, batches: list[list[int]]) -> list[list[int]]:
-        """Split the most populous batches until every rank gets the same number of batches."""
-        while len(batches) % self.world_size:
-            b = max(range(len(batches)), key=lambda j: len(batches[j]))
-            if len(batches[b]) < 2:
-                raise ValueError(f"cannot split {len(batches)} single-sample batches over {self.world_size} ranks")
-            half = len(batches[b]) // 2
-            batches.append(batches[b][half:])
-            batches[b] = batches[b][:half]
         return batches

@@ -5,8 +5,10 @@ memory): `qry`, `qry_image_path`, `pos_text`, `pos_image_path`, and optionally `
 or strings holding a list literal, which is how the reference data stores them). `<|image_1|>` in a text marks
 its image and becomes IMAGE_PLACEHOLDER; an empty image path makes a text-only side, and a marker in its text is
 dropped, as the reference does. Relative image paths resolve against `image_dir` (default: the folder holding the
-source; rows in memory need it). A row is checked when it is read: a missing field, a bad negative list, or an
-image without exactly one marker in its text is a ValueError naming the row.
+source; rows in memory need it). Every row is checked when the dataset opens (`PairDataset`): a missing field, a
+bad negative list, an image without exactly one marker in its text, an image path leaving the image folder or
+naming no file, or a row without hard negatives among rows with them is a ValueError naming the row, or a
+counted, logged skip.
 
 Negative lists held in strings are parsed, never evaluated: only a list literal of string literals (JSON or
 Python quoting) is accepted; anything else, e.g. `__import__('os').system(...)`, is rejected.
@@ -28,17 +30,21 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import logging
+import os
 import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .documents import open_rows, resolve_image_path, source_folder
+from .skips import Skips
 from .tokens import IMAGE_PLACEHOLDER
+
+log = logging.getLogger(__name__)
 
 MMEB_IMAGE_TOKEN = "<|image_1|>"  # how MMEB-style rows mark an image in a text
 NEGATIVE_RATIO = 2  # hard negatives per query in the reference recipe
@@ -95,8 +101,9 @@ def mmeb_text(text, image_path, where: str) -> tuple[str, str | None]:
 
 
 def pair_from_row(row: Mapping, *, row_id: str, task: str, image_dir: Path | None = None,
-                  negative_ratio: int = NEGATIVE_RATIO, seed: int = 0) -> Pair:
-    """Normalise one reference-format row; every error names `row_id`."""
+                  negative_ratio: int = NEGATIVE_RATIO, seed: int = 0, allow_outside: bool = False) -> Pair:
+    """Normalise one reference-format row; every error names `row_id`. Image paths must stay in `image_dir`
+    unless `allow_outside`."""
     where = f"row {row_id}"
     for field in _REQUIRED_FIELDS:
         if row.get(field) is None:
@@ -104,7 +111,12 @@ def pair_from_row(row: Mapping, *, row_id: str, task: str, image_dir: Path | Non
 
     def side(text, image_path, role: str) -> Side:
         text, image = mmeb_text(text, image_path, f"{where}: the {role}")
-        return Side(text, resolve_image_path(image, image_dir) if image else None)
+        if not image:
+            return Side(text, None)
+        try:
+            return Side(text, resolve_image_path(image, image_dir, allow_outside))
+        except ValueError as error:
+            raise ValueError(f"{where}: the {role}: {error}") from error
 
     negatives = _hard_negatives(row, where, row_id, negative_ratio, seed) if negative_ratio > 0 else []
     return Pair(row_id, task, side(row["qry"], row["qry_image_path"], "query"),
@@ -129,31 +141,87 @@ def _hard_negatives(row: Mapping, where: str, row_id: str, ratio: int, seed: int
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Map-style dataset of `Pair`s over one row source per task; `tasks[i]` is the task of item i."""
+    """Map-style dataset of `Pair`s over one row source per task; `tasks[i]` is the task of item i.
+
+    Every row is checked when the dataset opens (fields, negative lists, image markers, image paths inside the
+    image folder and present): no image is decoded then. Within a task, rows must carry the same number of hard
+    negatives (one batch holds one count): rows without any, in a task whose other rows have some, are invalid.
+    An invalid row raises a ValueError naming it; with `skip_invalid` it is left out, logged and counted per
+    reason in `skipped`. `negatives_per_task` gives each task's count; `fingerprint` digests the pairs."""
 
     def __init__(self, subsets: Mapping[str, str | Path | Sequence[Mapping]], *, split: str = "train",
-                 image_dir: str | Path | None = None, negative_ratio: int = NEGATIVE_RATIO, seed: int = 0):
+                 image_dir: str | Path | None = None, negative_ratio: int = NEGATIVE_RATIO, seed: int = 0,
+                 skip_invalid: bool = False, allow_image_paths_outside: bool = False):
+        self.negative_ratio, self.seed, self.allow_outside = negative_ratio, seed, allow_image_paths_outside
         self._subsets = []
         for task, source in subsets.items():  # rows in memory need no reader (nor `datasets`)
             on_disk = isinstance(source, (str, Path))
             rows = open_rows(source, split=split) if on_disk else source
+            label = source if on_disk else f"the rows of task {task!r}"
+            if len(rows) == 0:
+                raise ValueError(f"{label}: no rows for the task {task!r} (remove the file or fill it)")
             folder = Path(image_dir) if image_dir is not None else source_folder(source) if on_disk else None
-            self._subsets.append((task, rows, folder))
-        self._offsets = np.cumsum([0] + [len(rows) for _, rows, _ in self._subsets])
-        self.tasks = [task for task, rows, _ in self._subsets for _ in range(len(rows))]
-        self.negative_ratio, self.seed = negative_ratio, seed
+            self._subsets.append((task, label, rows, folder))
+        self.skipped = Skips(log, "pair")
+        self._index: list[tuple[int, int]] = []  # (subset, row) of each kept pair
+        self.negatives_per_task: dict[str, int] = {}
+        digest = hashlib.blake2b(digest_size=16)
+        for k, (task, source, rows, _) in enumerate(self._subsets):
+            kept, counts = [], []
+            for r, row in enumerate(rows):
+                try:
+                    pair = self._pair(k, r, row)
+                    _check_images_exist(pair)
+                except ValueError as error:
+                    self._invalid(source, "invalid row", str(error), skip_invalid)
+                    continue
+                kept.append(r)
+                counts.append(len(pair.negatives))
+                digest.update(repr(pair).encode())
+            most = max(counts, default=0)
+            for r, count in zip(kept, counts):
+                if count == most:
+                    self._index.append((k, r))
+                else:
+                    self._invalid(source, "no hard negatives", f"row {task}#{r}: no hard negatives, but the other "
+                                  f"rows of task {task!r} have {most} (a batch needs one count)", skip_invalid)
+            if kept:
+                self.negatives_per_task[task] = most
+            else:
+                log.warning("%s: every row was skipped: no pairs for the task %r", source, task)
+        if not self._index:
+            raise ValueError(f"no valid pairs in {', '.join(str(s) for _, s, _, _ in self._subsets)}")
+        self.tasks = [self._subsets[k][0] for k, _ in self._index]
+        self.fingerprint = digest.hexdigest()
+        if self.skipped:
+            log.warning("skipped %d invalid pairs of %d: %s", self.skipped.total(),
+                        self.skipped.total() + len(self._index), dict(self.skipped))
+
+    def _pair(self, k: int, row: int, record: Mapping | None = None) -> Pair:
+        task, _, rows, image_dir = self._subsets[k]
+        return pair_from_row(rows[row] if record is None else record, row_id=f"{task}#{row}", task=task,
+                             image_dir=image_dir, negative_ratio=self.negative_ratio, seed=self.seed,
+                             allow_outside=self.allow_outside)
+
+    def _invalid(self, source, reason: str, detail: str, skip: bool) -> None:
+        if not skip:
+            raise ValueError(f"{source}: {detail}; set skip_invalid to skip such rows")
+        self.skipped.add(reason, f"{source}: {detail}")
 
     def __len__(self) -> int:
-        return int(self._offsets[-1])
+        return len(self._index)
 
     def __getitem__(self, index: int) -> Pair:
         if not 0 <= index < len(self):
             raise IndexError(f"pair {index} out of range for {len(self)} pairs")
-        k = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        task, rows, image_dir = self._subsets[k]
-        row = int(index - self._offsets[k])
-        return pair_from_row(rows[row], row_id=f"{task}#{row}", task=task, image_dir=image_dir,
-                             negative_ratio=self.negative_ratio, seed=self.seed)
+        return self._pair(*self._index[index])
+
+
+def _check_images_exist(pair: Pair) -> None:
+    for role, side in [("query", pair.query), ("positive", pair.positive),
+                       *((f"negative {k}", n) for k, n in enumerate(pair.negatives))]:
+        if side.image is not None and not os.path.isfile(side.image):
+            raise ValueError(f"row {pair.id}: the {role}: image file not found: {side.image}")
 
 
 def task_batches(tasks: Sequence[str], batch_size: int, *, seed: int) -> list[list[int]]:

@@ -121,7 +121,10 @@ class Processor:
                      sample_id, dropped, self.max_length)
         grid_thw = torch.tensor(grids, dtype=torch.long).reshape(-1, 3)
         pixel_values = torch.cat(patches) if patches else torch.zeros(0, self._patch_dim)
-        positions = mrope_position_ids(input_ids, grid_thw, self.image_token_id, self.spatial_merge_size)
+        try:
+            positions = mrope_position_ids(input_ids, grid_thw, self.image_token_id, self.spatial_merge_size)
+        except ValueError as error:
+            raise ValueError(f"sample {sample_id}: {error}") from None
         return EncodedSequence(sample_id, input_ids, positions, pixel_values, grid_thw, dropped)
 
     def count_tokens(self, text: str, image_sizes: list[tuple[int, int]], sample_id: str = "?") -> int:
@@ -150,6 +153,9 @@ class Processor:
                 raise ValueError(f"sample {sample_id}: image {i}: {err}") from err
             image_tokens.append(h_bar * w_bar // factor**2)
         ids = [torch.tensor(self.tokenizer(p, add_special_tokens=False).input_ids, dtype=torch.long) for p in pieces]
+        if any((piece == self.image_token_id).any() for piece in ids):
+            raise ValueError(f"sample {sample_id}: the text holds a bare {IMAGE_PAD_TOKEN} outside an image "
+                             f"placeholder ({IMAGE_PLACEHOLDER!r} marks an image); remove it or give its image")
         if sum(map(len, ids)) + sum(image_tokens) == 0:
             raise ValueError(f"sample {sample_id}: empty sequence (no tokens and no images)")
         return ids, image_tokens

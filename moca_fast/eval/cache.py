@@ -1,8 +1,10 @@
 """Embeddings cached on disk so an interrupted evaluation resumes where it stopped.
 
-Each cached array is `<name>.npy` plus `<name>.json` holding a fingerprint of what was embedded (the model id, its
-dtype, the processor's pixel budget and length limit, every input's text and images). The JSON is written last, so
-its presence means the array is complete; a fingerprint that differs (other model, other data) recomputes.
+Each cached array is `<name>.npy` plus `<name>.json` holding a fingerprint of what was embedded: the model's key
+(`model_key`: a digest of every weight, the model's config, the processor's settings and the tokenizer's vocabulary,
+so retrained weights at the same path never reuse old embeddings) and every input's text and images. The JSON is
+written last, so its presence means the array is complete; a fingerprint that differs (other weights, other data)
+recomputes. The model id is kept in the JSON for people, not in the key.
 """
 
 from __future__ import annotations
@@ -14,16 +16,33 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..embed import EmbedInput, MocaEmbedder
 
 log = logging.getLogger(__name__)
 
 
-def fingerprint(embedder: MocaEmbedder, model_id: str, inputs: Sequence[EmbedInput]) -> str:
-    processor, dtype = embedder.processor, next(embedder.model.parameters()).dtype
+def model_key(embedder: MocaEmbedder) -> str:
+    """A digest of everything besides the inputs that decides the embeddings: each weight's bytes (dtype and shape
+    included), the model's config, the processor's settings and the tokenizer's vocabulary. It reads every weight
+    (about 5 s for a 3B model on one CPU core), so the harnesses compute it once per evaluation."""
+    processor, digest = embedder.processor, hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps(embedder.model.spec.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(embedder.model.state_dict().items()):
+        tensor = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    settings = (processor.min_pixels, processor.max_pixels, processor.max_length, processor.patch_size,
+                processor.spatial_merge_size, processor.temporal_patch_size)
+    digest.update(json.dumps([settings, sorted(processor.tokenizer.get_vocab().items())]).encode())
+    return digest.hexdigest()
+
+
+def fingerprint(key: str, inputs: Sequence[EmbedInput]) -> str:
+    """`key` (from `model_key`) and every input's text and images."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{model_id}|{dtype}|{processor.min_pixels}|{processor.max_pixels}|{processor.max_length}".encode())
+    digest.update(key.encode())
     for item in inputs:
         digest.update(b"\0" + item.text.encode())
         for image in item.images:
@@ -41,13 +60,14 @@ def _image_key(image) -> bytes:
 
 
 def cached_embeddings(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], path: Path | None, *,
-                      model_id: str, batch_tokens: int | None = None, progress: bool = False) -> np.ndarray:
-    """Embeddings [N, dim] of `inputs`, from `path` (.npy) when an earlier run of the same model on the same
-    inputs left them there, else computed and written there. `path=None`: no cache."""
+                      model_key: str | None, model_id: str = "", batch_tokens: int | None = None,
+                      progress: bool = False) -> np.ndarray:
+    """Embeddings [N, dim] of `inputs`, from `path` (.npy) when an earlier run of the same model (`model_key` of
+    the embedder) on the same inputs left them there, else computed and written there. `path=None`: no cache."""
     if path is None:
         return embedder.encode(list(inputs), batch_tokens=batch_tokens, show_progress_bar=progress)
     meta = path.with_suffix(".json")
-    key = fingerprint(embedder, model_id, inputs)
+    key = fingerprint(model_key, inputs)
     if meta.is_file() and path.is_file() and json.loads(meta.read_text()).get("fingerprint") == key:
         log.info("%s: %d cached embeddings", path, len(inputs))
         return np.load(path)

@@ -23,7 +23,7 @@ import numpy as np
 from ..data.documents import open_rows
 from ..data.pairs import mmeb_text
 from ..embed import EmbedInput, MocaEmbedder
-from .cache import cached_embeddings
+from .cache import cached_embeddings, model_key
 from .metrics import precision_at_1
 from .selection import select_datasets
 from .table import format_table
@@ -114,10 +114,11 @@ def evaluate_mmeb(embedder: MocaEmbedder, data: str | Path, *, image_root: str |
     data = Path(data)
     image_root = Path(image_root) if image_root is not None else data
     scores, sizes = {}, {}
+    key = model_key(embedder) if cache_dir is not None else None  # once: it reads every weight
     for name, source in find_datasets(data, datasets).items():
         dataset = read_dataset(name, source, image_root)
         cache = Path(cache_dir) / name if cache_dir is not None else None
-        embed = dict(model_id=model_id, batch_tokens=batch_tokens, progress=progress)
+        embed = dict(model_key=key, model_id=model_id, batch_tokens=batch_tokens, progress=progress)
         queries = cached_embeddings(embedder, dataset.queries, cache and cache / "queries.npy", **embed)
         candidates = cached_embeddings(embedder, dataset.candidates, cache and cache / "candidates.npy", **embed)
         scores[name] = 100 * precision_at_1([candidates[index] @ query

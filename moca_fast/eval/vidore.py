@@ -27,7 +27,7 @@ import numpy as np
 from ..data.documents import open_rows
 from ..embed import EmbedInput, MocaEmbedder
 from ..prompts import document_page
-from .cache import cached_embeddings
+from .cache import cached_embeddings, model_key
 from .metrics import ndcg_at_k, recall_at_k
 from .selection import select_datasets
 from .table import format_table
@@ -139,12 +139,24 @@ def _qrels(folder: Path, split: str):
     """(query id, corpus id, score) rows from qrels/<split>.tsv, or from the parquet / JSON-lines files there."""
     tsv = folder / f"{split}.tsv"
     if tsv.is_file():
-        with tsv.open(newline="") as stream:
-            for row in csv.DictReader(stream, delimiter="\t"):
-                yield row["query-id"], row["corpus-id"], float(row["score"])
-        return
-    for row in open_rows(folder).to_list():
-        yield str(row["query-id"]), str(row["corpus-id"]), float(row["score"])
+        try:
+            with tsv.open(newline="", encoding="utf-8") as stream:
+                rows = list(csv.DictReader(stream, delimiter="\t"))
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{tsv}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        source, first = tsv, 2  # line 1 is the header
+    else:
+        source, rows, first = folder, open_rows(folder).to_list(), 0
+    for number, row in enumerate(rows, start=first):
+        where = f"{source} {'line' if first else 'row'} {number}"
+        missing = [name for name in ("query-id", "corpus-id", "score") if row.get(name) in (None, "")]
+        if missing:
+            raise ValueError(f"{where}: no {missing[0]!r} (a qrels row has query-id, corpus-id and score)")
+        try:
+            score = float(row["score"])
+        except ValueError:
+            raise ValueError(f"{where}: score {row['score']!r} is not a number") from None
+        yield str(row["query-id"]), str(row["corpus-id"]), score
 
 
 def evaluate_vidore(embedder: MocaEmbedder, data: str | Path, *, split: str = "test",
@@ -152,10 +164,11 @@ def evaluate_vidore(embedder: MocaEmbedder, data: str | Path, *, split: str = "t
                     batch_tokens: int | None = None, progress: bool = False) -> dict:
     """Score every BEIR dataset under `data` (or those named); returns the report `summarize` makes."""
     results = {}
+    key = model_key(embedder) if cache_dir is not None else None  # once: it reads every weight
     for name, folder in find_datasets(Path(data), datasets).items():
         dataset = read_dataset(name, folder, split)
         cache = Path(cache_dir) / name if cache_dir is not None else None
-        embed = dict(model_id=model_id, batch_tokens=batch_tokens, progress=progress)
+        embed = dict(model_key=key, model_id=model_id, batch_tokens=batch_tokens, progress=progress)
         queries = cached_embeddings(embedder, dataset.queries, cache and cache / "queries.npy", **embed)
         corpus = cached_embeddings(embedder, dataset.corpus, cache and cache / "corpus.npy", **embed)
         scores = queries @ corpus.T

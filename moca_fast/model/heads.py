@@ -2,8 +2,7 @@
 
 Both losses run through the fused kernels (moca_fast.kernels), so neither the [M, vocab] logits nor the
 [K, 4 * 1176] patch predictions are ever materialised. The MAE projection's outputs are laid out as the
-reference's (`(d p)`: output d * 4 + p is value d of patch p), so its stage-1 heads carry over as they are;
-`mae_state_from_patch_major` converts heads saved by moca_fast before that (p * 1176 + d).
+reference's (`(d p)`: output d * 4 + p is value d of patch p), so its stage-1 heads carry over as they are.
 """
 
 from __future__ import annotations
@@ -25,18 +24,6 @@ def mlm_loss(model: MocaModel, hidden: torch.Tensor, batch: PackedBatch) -> torc
 
 # The reference's stage-1 model holds the head as `mae_decoder` (a decoder layer) and `mae_proj` (the Linear).
 REFERENCE_PREFIXES = {"mae_decoder.": "layer.", "mae_proj.": "proj."}
-
-
-def mae_state_from_patch_major(state: dict[str, torch.Tensor], merge_unit: int = 4) -> dict[str, torch.Tensor]:
-    """An MaeHead state dict saved by earlier moca_fast versions (projection rows patch-major, p * 1176 + d) with
-    its projection rows moved to the reference's layout (d * 4 + p); everything else unchanged."""
-    return {name: (rows_from_patch_major(tensor, merge_unit) if name in ("proj.weight", "proj.bias") else tensor)
-            for name, tensor in state.items()}
-
-
-def rows_from_patch_major(rows: torch.Tensor, merge_unit: int = 4) -> torch.Tensor:
-    """Rows p * D + d of a projection (its weight, bias, or their optimizer moments) reordered to d * 4 + p."""
-    return rows.reshape(merge_unit, -1, *rows.shape[1:]).transpose(0, 1).reshape(rows.shape)
 
 
 class MaeHead(nn.Module):

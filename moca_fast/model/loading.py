@@ -7,13 +7,14 @@ published MoCa checkpoints use; transformers 5.x reads it too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelSpec
@@ -98,12 +99,24 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a Qwen2.5-VL checkpoint directory)")
+    check_hf_config(path / "config.json")
     spec = ModelSpec.from_hf_config(Qwen2_5_VLConfig.from_pretrained(path, local_files_only=True))
     with torch.device("meta"):
         model = MocaModel(spec, attention_backend=attention_backend)
     model.to(dtype=dtype)
     load_state_dict_into(model, read_safetensors(path, device), source=str(path))
     return model.to(device)
+
+
+def check_hf_config(file: Path) -> None:
+    """A ValueError naming `file` when it is not JSON, or not the config of a vision-language model."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as error:  # UnicodeDecodeError too
+        raise ValueError(f"{file}: not a valid JSON config: {error}") from None
+    if not isinstance(raw, dict) or "vision_config" not in raw:
+        kind = f"model_type {raw.get('model_type')!r}" if isinstance(raw, dict) else "it"
+        raise ValueError(f"{file}: {kind} has no vision_config: not a Qwen2.5-VL checkpoint (a text-only model?)")
 
 
 def from_transformers(hf_model, attention_backend: str = "auto") -> MocaModel:
@@ -200,7 +213,8 @@ def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict 
 def read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
     state = {}
     for name in safetensors_files(path):
-        state.update(load_file(path / name, device=str(device)))
+        with unreadable_as_value_error(path / name):
+            state.update(load_file(path / name, device=str(device)))
     return state
 
 
@@ -210,11 +224,20 @@ def read_mae_head(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
     path = Path(path)
     tensors = {}
     for name in safetensors_files(path):
-        with safe_open(path / name, framework="pt") as stream:
+        with unreadable_as_value_error(path / name), safe_open(path / name, framework="pt") as stream:
             for key in stream.keys():
                 if key.startswith(MAE_HEAD_PREFIXES):
                     tensors[key] = stream.get_tensor(key)
     return tensors or None
+
+
+@contextlib.contextmanager
+def unreadable_as_value_error(file: Path):
+    """A truncated or corrupt safetensors file is a ValueError naming it (safetensors' own error does not)."""
+    try:
+        yield
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {error}") from None
 
 
 def safetensors_files(path: Path) -> list[str]:

@@ -123,3 +123,11 @@ def test_unrecognised_or_missing_local_sources_are_errors_not_hub_lookups(tmp_pa
     for missing in (tmp_path / "gone", "gone.parquet", "./gone"):
         with pytest.raises(ValueError, match="no such file or folder"):
             open_rows(missing)
+
+
+@pytest.mark.parametrize("escape", ["../secret.png", "/etc/hostname", "images/../../secret.png"])
+def test_image_paths_must_stay_in_the_image_folder(tmp_path, escape):
+    source = _jsonl(tmp_path, [{"id": "a", "text": PH, "images": [escape]}])
+    with pytest.raises(ValueError, match=f"sample a: image path '{escape}' leaves the image folder"):
+        DocumentDataset(source)[0]
+    assert DocumentDataset(source, allow_image_paths_outside=True)[0].images == [str(tmp_path / escape)]

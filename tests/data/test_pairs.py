@@ -1,4 +1,5 @@
-"""Stage-2 pairs: safe negative lists, the reference's negative-ratio rule, task batches, duplicate targets."""
+"""Stage-2 pairs: safe negative lists, the reference's negative-ratio rule, task batches, duplicate targets; every row
+checked when the data opens (a clear error or a counted skip), image paths kept inside the image folder."""
 
 import json
 from collections import Counter
@@ -40,9 +41,8 @@ def test_malicious_negative_list_is_rejected_and_never_run(tmp_path, template):
     payload = template.format(p=str(marker))
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps(row(neg_text=payload, neg_image_path="['', '']")) + "\n")
-    pairs = PairDataset({"evil": rows})
     with pytest.raises(ValueError, match=r"row evil#0 neg_text: (only a list of string literals|not a list)"):
-        pairs[0]
+        PairDataset({"evil": rows})  # every row is checked when the dataset opens
     assert not marker.exists()
     exec(compile(payload if payload.startswith("__") else f"_ = {payload}", "<check>", "exec"))
     assert marker.exists()  # the same payload, when executed, does leave its mark: the reader never ran it
@@ -140,6 +140,7 @@ def test_target_ids_agree_across_processes(tmp_path):
 
 
 def test_pair_dataset_spans_tasks_in_order(tmp_path):
+    (tmp_path / "q.png").write_bytes(b"")  # checked to exist when the dataset opens, decoded only when used
     for task, n in (("one", 2), ("two", 3)):
         (tmp_path / f"{task}.jsonl").write_text("".join(
             json.dumps(row(pos_text=f"{task}-{k}")) + "\n" for k in range(n)))
@@ -150,3 +151,55 @@ def test_pair_dataset_spans_tasks_in_order(tmp_path):
     assert pairs[0].query.image == str(tmp_path / "q.png")
     with pytest.raises(IndexError):
         pairs[5]
+
+
+def _rows_file(folder, name, rows):
+    path = folder / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _with_images(folder, *names):
+    for name in names:
+        (folder / name).write_bytes(b"")
+
+
+def test_rows_without_negatives_among_rows_with_them_fail_up_front_or_are_skipped(tmp_path, caplog):
+    _with_images(tmp_path, "q.png")
+    negs = {"neg_text": "['n0', 'n1']", "neg_image_path": "['', '']"}
+    rows = [row(**negs), row(**negs), row(), row(**negs)]
+    source = _rows_file(tmp_path, "t", rows)
+    with pytest.raises(ValueError, match=r"row t#2: no hard negatives, but the other rows of task 't' have 2"):
+        PairDataset({"t": source})
+    with caplog.at_level("WARNING", logger="moca_fast.data.pairs"):
+        pairs = PairDataset({"t": source}, skip_invalid=True)
+    assert [p.id for p in pairs] == ["t#0", "t#1", "t#3"] and pairs.skipped == Counter({"no hard negatives": 1})
+    assert "skipped pair 1: " in caplog.text and "row t#2: no hard negatives" in caplog.text
+    assert pairs.negatives_per_task == {"t": 2}
+
+
+def test_an_empty_task_file_is_a_clear_error(tmp_path):
+    _with_images(tmp_path, "q.png")
+    with pytest.raises(ValueError, match=r"empty.jsonl: no rows"):
+        PairDataset({"full": _rows_file(tmp_path, "full", [row()]), "empty": _rows_file(tmp_path, "empty", [])})
+
+
+@pytest.mark.parametrize("escape", ["../outside.png", "../../etc/hostname", "/etc/hostname", "sub/../../outside.png"])
+def test_image_paths_must_stay_in_the_image_folder(tmp_path, escape):
+    data = tmp_path / "data"
+    data.mkdir()
+    _with_images(data, "q.png")
+    _with_images(tmp_path, "outside.png")
+    source = _rows_file(data, "t", [row(), row(pos_text="<|image_1|>x", pos_image_path=escape)])
+    with pytest.raises(ValueError, match=f"row t#1: the positive: image path '{escape}' leaves the image folder"):
+        PairDataset({"t": source})
+    assert len(PairDataset({"t": source}, skip_invalid=True)) == 1
+    if (data / escape).is_file():  # the OS resolves it (sub/.. does not, sub being absent)
+        allowed = PairDataset({"t": source}, allow_image_paths_outside=True)
+        assert allowed[1].positive.image == str(data / escape)
+
+
+def test_a_missing_image_file_fails_when_the_data_opens(tmp_path):
+    source = _rows_file(tmp_path, "t", [row()])
+    with pytest.raises(ValueError, match=r"row t#0: the query: image file not found: .*q.png"):
+        PairDataset({"t": source})

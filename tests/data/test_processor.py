@@ -1,10 +1,12 @@
-"""Processor: pixels equal transformers' Qwen2-VL image processor; bad input raises errors naming the sample."""
+"""Processor: pixels equal transformers' Qwen2-VL image processor (transparency too); bad input raises errors naming
+the sample."""
 
 import pytest
 import torch
 
 from moca_fast.data.batch import pack_sequences
 from moca_fast.data.image_patches import image_to_patches, smart_resize
+from moca_fast.data.images import load_image
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 
 
@@ -97,3 +99,32 @@ def test_count_tokens_equals_encoded_length(tokenizer, make_image, max_length):
     seq = proc.encode(text, images, "c")
     assert proc.count_tokens(text, [im.size for im in images], "c") == len(seq)
     assert int((seq.input_ids == proc.image_token_id).sum()) * 4 == seq.pixel_values.shape[0]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparency_is_composited_onto_white_as_transformers_does(make_image, mode):
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessorPil
+
+    rgba = make_image(60, 90).convert("RGBA")
+    alpha = torch.zeros(60, 90, dtype=torch.uint8)
+    alpha[:, 30:] = 128  # transparent, half transparent, opaque
+    alpha[:, 60:] = 255
+    rgba.putalpha(Image.fromarray(alpha.numpy()))
+    image = rgba.convert(mode) if mode != "P" else rgba.convert("P", palette=Image.Palette.ADAPTIVE)
+    if mode == "P":
+        image.info["transparency"] = 0
+    hf = Qwen2VLImageProcessorPil()(images=[image], return_tensors="pt",
+                                    size={"shortest_edge": 256 * 28 * 28, "longest_edge": 1024 * 28 * 28})
+    rows, grid = image_to_patches(image)
+    assert torch.equal(torch.tensor([grid]), hf["image_grid_thw"])
+    torch.testing.assert_close(rows, hf["pixel_values"], atol=1e-5, rtol=0)
+    loaded = load_image(image, "s")
+    assert loaded.getpixel((0, 0)) == (255, 255, 255)  # fully transparent: white, as transformers makes it
+
+
+def test_a_bare_image_pad_in_the_text_names_the_sample(processor, make_image):
+    with pytest.raises(ValueError, match=r"sample stray-2: the text holds a bare <\|image_pad\|> outside an image"):
+        processor.encode(f"look <|image_pad|> here {IMAGE_PLACEHOLDER}", [make_image(56, 56)], "stray-2")
+    with pytest.raises(ValueError, match=r"sample stray-3: the text holds a bare <\|image_pad\|>"):
+        processor.count_tokens("only <|image_pad|>", [], "stray-3")

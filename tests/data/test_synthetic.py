@@ -45,7 +45,7 @@ def test_generators_are_deterministic_by_seed():
 
 
 def test_written_world_is_identical_for_the_same_seed(world, tmp_path):
-    again = write_world(tmp_path, seed=11, n_documents=16, n_pairs_per_task=6, n_eval_queries=10)
+    write_world(tmp_path, seed=11, n_documents=16, n_pairs_per_task=6, n_eval_queries=10)
     root = world.beir.parents[2]
     ours = {p.relative_to(root): p for p in root.rglob("*") if p.is_file() and p.name != "state.json"}
     theirs = {p.relative_to(tmp_path): p for p in tmp_path.rglob("*") if p.is_file() and p.name != "state.json"}

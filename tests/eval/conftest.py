@@ -1,21 +1,9 @@
-"""Fixtures for the evaluation tests: a tiny checkpoint, its embedder, synthetic MMEB and BEIR data on disk."""
+"""Fixtures for the evaluation tests: synthetic MMEB and BEIR data on disk (the tiny checkpoint and its embedder
+are tests/conftest.py's)."""
 
 import pytest
 
 from moca_fast.data import synthetic
-from moca_fast.embed import MocaEmbedder
-
-from .tiny import SMALL_PIXELS, write_tiny_checkpoint
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory, tokenizer):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-moca"), tokenizer)
-
-
-@pytest.fixture(scope="session")
-def embedder(checkpoint):
-    return MocaEmbedder.from_pretrained(checkpoint, **SMALL_PIXELS)
 
 
 @pytest.fixture

@@ -1,14 +1,17 @@
-"""`moca-fast eval mmeb | vidore`: tables on stdout, JSON and a resumable cache under --output, rows named in errors."""
+"""`moca-fast eval mmeb | vidore`: tables on stdout, JSON and a resumable cache under --output (keyed by the weights,
+not the path), rows named in errors."""
 
 import json
 
+import numpy as np
 import pytest
 
 from moca_fast.cli import main
+from moca_fast.embed import MocaEmbedder
+from moca_fast.eval import vidore
 
-from .tiny import SMALL_PIXELS
+from .tiny import PIXELS, SMALL_PIXELS, write_tiny_checkpoint
 
-PIXELS = ["--min-pixels", str(SMALL_PIXELS["min_pixels"]), "--max-pixels", str(SMALL_PIXELS["max_pixels"])]
 
 
 def test_eval_mmeb(checkpoint, mmeb_data, tmp_path, capsys):
@@ -23,6 +26,22 @@ def test_eval_mmeb(checkpoint, mmeb_data, tmp_path, capsys):
     assert (out / "cache" / "mmeb" / "SynT2I" / "candidates.json").is_file()
     assert main(args + ["--datasets", "SynVQA"]) == 0  # resumes from the cache
     assert json.loads((out / "mmeb.json").read_text())["datasets"]["SynVQA"] == report["datasets"]["SynVQA"]
+
+
+def test_retrained_weights_at_the_same_path_are_never_scored_from_the_old_cache(tokenizer, beir_data, tmp_path):
+    model, out = tmp_path / "model", tmp_path / "results"
+    args = ["eval", "vidore", "--data", str(beir_data.parent), "--model", str(model), "--output", str(out), *PIXELS]
+    cached = out / "cache" / "vidore" / "SynPages" / "corpus.npy"
+    write_tiny_checkpoint(model, tokenizer, seed=1)
+    assert main(args) == 0
+    first = np.load(cached)
+    write_tiny_checkpoint(model, tokenizer, seed=2)  # retrained: same path, other weights
+    assert main(args) == 0
+    second = np.load(cached)
+    assert not np.allclose(first, second)  # recomputed for the new weights
+    embedder = MocaEmbedder.from_pretrained(model, **SMALL_PIXELS)
+    dataset = vidore.read_dataset("SynPages", beir_data, "test")
+    np.testing.assert_allclose(second, embedder.encode(dataset.corpus), rtol=1e-5, atol=1e-6)
 
 
 def test_eval_vidore(checkpoint, beir_data, tmp_path, capsys):

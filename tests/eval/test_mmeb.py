@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 from moca_fast.eval import mmeb
@@ -62,8 +63,18 @@ def test_end_to_end_with_cache_and_resume(embedder, mmeb_data, tmp_path, capsys,
 
     monkeypatch.setattr(embedder, "encode", fail)
     assert mmeb.evaluate_mmeb(embedder, mmeb_data, cache_dir=cache, model_id="tiny") == report
-    with pytest.raises(AssertionError, match="cache should have been used"):  # another model: recomputed
-        mmeb.evaluate_mmeb(embedder, mmeb_data, cache_dir=cache, model_id="another")
+    # the key is the weights, not the name: the same weights under another name use the cache
+    assert mmeb.evaluate_mmeb(embedder, mmeb_data, cache_dir=cache, model_id="renamed") == report
+    weight = embedder.model.language_model.norm.weight
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(1e-3)  # other weights: recomputed
+    try:
+        with pytest.raises(AssertionError, match="cache should have been used"):
+            mmeb.evaluate_mmeb(embedder, mmeb_data, cache_dir=cache, model_id="tiny")
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)  # the embedder is shared by other tests
 
 
 def test_corrupt_and_missing_images_name_the_row(embedder, mmeb_data):

@@ -98,6 +98,18 @@ def test_errors_name_the_row(embedder, beir_data):
         vidore.read_dataset("SynPages", beir_data)
 
 
+@pytest.mark.parametrize("header, row, message", [
+    ("query-id\tcorpus-id\n", "q-0000\tpage-000\n", r"test.tsv line 2: no 'score'"),
+    ("query-id\tcorpus-id\tscore\n", "q-0000\tpage-000\t\n", r"test.tsv line 2: no 'score'"),
+    ("query-id\tcorpus-id\tscore\n", "q-0000\tpage-000\thigh\n", r"test.tsv line 2: score 'high' is not a number"),
+    ("query-id\tscore\n", "q-0000\t1\n", r"test.tsv line 2: no 'corpus-id'"),
+])
+def test_malformed_qrels_name_the_file_and_line(beir_data, header, row, message):
+    (beir_data / "qrels" / "test.tsv").write_text(header + row)
+    with pytest.raises(ValueError, match=message):
+        vidore.read_dataset("SynPages", beir_data)
+
+
 def test_queries_without_relevant_pages_are_left_out(beir_data):
     qrels = beir_data / "qrels" / "test.tsv"
     lines = qrels.read_text().splitlines(keepends=True)

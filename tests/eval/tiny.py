@@ -3,6 +3,7 @@
 import torch
 
 SMALL_PIXELS = dict(min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)  # the 112 px synthetic images: 16 tokens
+PIXELS = ["--min-pixels", str(SMALL_PIXELS["min_pixels"]), "--max-pixels", str(SMALL_PIXELS["max_pixels"])]  # CLIs
 
 
 def write_tiny_checkpoint(path, tokenizer, seed: int = 11):

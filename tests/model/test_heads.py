@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from moca_fast.data.masking import apply_mae, apply_mlm
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 from moca_fast.model.attention import Segments
-from moca_fast.model.heads import MaeHead, mae_state_from_patch_major, mlm_loss
+from moca_fast.model.heads import MaeHead, mlm_loss
 from moca_fast.model.loading import from_transformers
 from moca_fast.model.text import text_rotary
 
@@ -70,18 +70,6 @@ def test_losses_match_materialised_torch(hf_model, masked_batch):
     patches = predictions.reshape(features.shape[0], -1, 4).transpose(1, 2).reshape(-1, 1176)
     expected_mae = F.mse_loss(patches, masked_batch.mae_targets.double())
     torch.testing.assert_close(head(hidden, masked_batch, "sdpa").double(), expected_mae, rtol=1e-5, atol=1e-6)
-
-
-def test_patch_major_heads_convert_to_the_same_predictions(hf_model):
-    """A projection saved by earlier moca_fast (rows p * 1176 + d) predicts the same patches once converted."""
-    head = MaeHead.from_middle_layer(from_transformers(hf_model))
-    old = {name: torch.randn_like(t) for name, t in head.state_dict().items()}
-    features = torch.randn(5, head.proj.in_features)
-    old_patches = F.linear(features, old["proj.weight"], old["proj.bias"]).reshape(5, 4, 1176)
-    new = mae_state_from_patch_major(old)
-    new_patches = F.linear(features, new["proj.weight"], new["proj.bias"]).reshape(5, 1176, 4).transpose(1, 2)
-    torch.testing.assert_close(new_patches, old_patches, rtol=0, atol=1e-5)
-    assert all(torch.equal(new[k], old[k]) for k in old if not k.startswith("proj."))
 
 
 def test_mae_head_on_a_pack_without_images(hf_model, processor, attention_backend):

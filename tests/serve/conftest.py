@@ -1,5 +1,5 @@
-"""The server tests' world: the tiny checkpoint, the embedder that is their oracle, PNG images, and real
-`moca-fast serve` processes on loopback (a free port each, ready when /ready answers, always stopped)."""
+"""The server tests' world: PNG images and real `moca-fast serve` processes on loopback (a free port each, ready
+when /ready answers, always stopped) of tests/conftest.py's tiny checkpoint, whose embedder is their oracle."""
 
 import base64
 import io
@@ -16,25 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moca_fast.embed import MocaEmbedder
-
-from ..eval.tiny import SMALL_PIXELS, write_tiny_checkpoint
+from ..eval.tiny import PIXELS, SMALL_PIXELS
 
 MODEL = "tiny-moca"
-PIXELS = ["--min-pixels", str(SMALL_PIXELS["min_pixels"]), "--max-pixels", str(SMALL_PIXELS["max_pixels"])]
 # uvicorn shuts down gracefully, then re-raises the signal it caught (older versions exit 0)
 GRACEFUL_EXIT = (0, -signal.SIGTERM)
 START_TIMEOUT_S = 180  # importing torch and loading the model on a busy 2-core machine
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory, tokenizer):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-moca"), tokenizer)
-
-
-@pytest.fixture(scope="session")
-def embedder(checkpoint):
-    return MocaEmbedder.from_pretrained(checkpoint, **SMALL_PIXELS)
 
 
 @pytest.fixture(scope="session")

@@ -93,8 +93,28 @@ def main(stage_name: str, out: str, workdir: str) -> None:
     finish_distributed()
 
 
+def loop_config(output_dir, grad_accum: int) -> TrainConfig:
+    """Stage 1 over 32 documents: 3 micro-batches an epoch, which do not divide over 2 ranks."""
+    return TrainConfig(stage="cpt", model="tiny", tokenizer="tiny", data="unused", output_dir=str(output_dir), lr=2e-3,
+                       grad_accum=grad_accum, tokens_per_micro_batch=512, max_length=256, min_pixels=3136,
+                       max_pixels=3136, dtype="float32", activation_checkpointing=False, num_workers=0, max_steps=5,
+                       checkpoint_every=2)
+
+
+def loop(out: str, output_dir: str, mode: str) -> None:
+    """The whole training loop on this process group (grad_accum 1 per rank): stopped after step 3, or resumed."""
+    from moca_fast.trainers.run import run
+
+    records = run(loop_config(output_dir, 1), documents=make_documents(32, seed=0), resume=mode == "resume",
+                  stop_after=3 if mode == "cut" else None)
+    if int(__import__("os").environ.get("RANK", 0)) == 0:
+        torch.save([(r["step"], r["loss"]) for r in records], out)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "prepare":
         write_pairs(make_pairs(4, seed=2), sys.argv[2], seed=2)
+    elif sys.argv[1] == "loop":
+        loop(*sys.argv[2:5])
     else:
         main(*sys.argv[1:4])

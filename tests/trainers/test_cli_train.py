@@ -64,3 +64,18 @@ def test_set_reaches_the_config_and_bad_keys_stop_the_command(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["cl", "--config", str(CONFIGS / "tiny-cl.yaml"), "--set", "temprature=0.1"])
     assert "--set temprature: unknown config key" in capsys.readouterr().err
+
+
+def test_a_used_output_dir_needs_resume_or_overwrite_and_a_nan_stops_with_one_line(tmp_path, documents, capsys):
+    docs = write_documents(documents, tmp_path / "docs", "dataset")
+    args = ["cpt", "--config", str(CONFIGS / "tiny-cpt.yaml"), "--data", str(docs), "--output-dir", str(tmp_path / "o"),
+            "--max-steps", "2"]
+    assert main(args) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    bad = tmp_path / "exploding.yaml"
+    bad.write_text((CONFIGS / "tiny-cpt.yaml").read_text().replace("lr: 2.0e-3", "lr: 1.0e+6"))
+    assert main(["cpt", "--config", str(bad), *args[3:], "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "moca-fast cpt: stopped: step 2: non-finite loss" in err and "Traceback" not in err

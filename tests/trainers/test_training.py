@@ -127,32 +127,6 @@ def test_reference_stage1_checkpoint_continues_in_both_stages(tmp_path, document
     assert len(records) == 2 and "its stage-1 MAE head (" in caplog.text and "left out" in caplog.text
 
 
-def test_resume_converts_a_patch_major_mae_head_of_earlier_versions(tmp_path, documents):
-    """A checkpoint written before the MAE projection took the reference's layout (no "format" in
-    trainer_state.json, head and its AdamW moments patch-major) resumes exactly as the current one does."""
-    from moca_fast.model.heads import rows_from_patch_major
-
-    full = _losses(run(cpt_config(tmp_path / "full", checkpoint_every=3), documents=documents))
-    run(cpt_config(tmp_path / "old", checkpoint_every=3), documents=documents, stop_after=3)
-    step = tmp_path / "old" / "checkpoints" / "step-0000003"
-
-    def to_patch_major(rows):  # the inverse of rows_from_patch_major
-        return rows.reshape(-1, 4, *rows.shape[1:]).transpose(0, 1).reshape(rows.shape)
-
-    extra, optim = torch.load(step / "extra.pt"), torch.load(step / "optimizer.pt", weights_only=False)
-    for name in ("proj.weight", "proj.bias"):
-        assert torch.equal(rows_from_patch_major(to_patch_major(extra[name])), extra[name])
-        extra[name] = to_patch_major(extra[name])
-        moments = optim["state"][f"extra.{name}"]
-        moments["exp_avg"], moments["exp_avg_sq"] = (to_patch_major(moments[k]) for k in ("exp_avg", "exp_avg_sq"))
-    torch.save(extra, step / "extra.pt")
-    torch.save(optim, step / "optimizer.pt")
-    state = json.loads((step / "trainer_state.json").read_text())
-    (step / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "format"}))
-    rest = _losses(run(cpt_config(tmp_path / "old", checkpoint_every=3), documents=documents, resume=True))
-    assert rest == full[3:]
-
-
 def test_checkpoints_hold_the_declared_dtype_and_the_processor_and_resume_exactly(tmp_path, documents):
     """Started from a checkpoint whose config declares bfloat16 (as Qwen's does): each checkpoint's model/ and
     final/ hold bf16 weights with the tokenizer, processor settings and sentence-transformers files beside them;
