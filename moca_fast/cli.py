@@ -10,6 +10,7 @@ writing one such function and listing it in COMMANDS.
     moca-fast cpt --config configs/qwen25vl-3b-cpt.yaml [--resume] [--set key=value ...]  (torchrun for FSDP2)
     moca-fast cl --config configs/qwen25vl-3b-cl.yaml [--resume] [--set key=value ...]
     moca-fast plot RUN_DIR [--out losses.png]
+    moca-fast export-stage1 RUN/checkpoints/step-NNNNNNN OUTPUT           (a model folder carrying the MAE head)
     moca-fast serve --model DIR [--host 127.0.0.1 --port 8000]                  (pip install 'moca-fast[serve]')
 """
 
@@ -309,6 +310,27 @@ def run_plot(args) -> None:
     print(plot_run(args.run_dir, args.out))
 
 
+# ---------------------------------------------------------------------------------------------- export-stage1
+
+
+def add_export_stage1(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export-stage1", help="a stage-1 step checkpoint as a model folder carrying its MAE head",
+        description="Writes STEP's model/ with its MAE head under the reference's names (mae_decoder.*, mae_proj.*) "
+                    "into OUTPUT: `cpt --model OUTPUT` continues the head, `cl --model OUTPUT` leaves it out. Also "
+                    "takes the step folders of moca_fast before checkpoints had checkpoint.json (converting their "
+                    "MAE projection's layout). The optimizer state is not carried over.")
+    parser.add_argument("step", type=Path, help="a stage-1 checkpoint folder, e.g. RUN/checkpoints/step-0001000")
+    parser.add_argument("output", type=Path, help="a new folder")
+    parser.set_defaults(run=run_export_stage1)
+
+
+def run_export_stage1(args) -> None:
+    from .trainers.stage1_export import export_stage1
+
+    print(export_stage1(args.step, args.output))
+
+
 # ---------------------------------------------------------------------------------------------- serve
 
 
@@ -355,7 +377,7 @@ def run_serve(args) -> None:
     serve(embedder, settings, host=args.host, port=args.port)
 
 
-COMMANDS = [add_demo, add_embed, add_eval, add_train, add_plot, add_serve]
+COMMANDS = [add_demo, add_embed, add_eval, add_train, add_plot, add_export_stage1, add_serve]
 
 if __name__ == "__main__":
     sys.exit(main())

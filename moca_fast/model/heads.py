@@ -2,7 +2,8 @@
 
 Both losses run through the fused kernels (moca_fast.kernels), so neither the [M, vocab] logits nor the
 [K, 4 * 1176] patch predictions are ever materialised. The MAE projection's outputs are laid out as the
-reference's (`(d p)`: output d * 4 + p is value d of patch p), so its stage-1 heads carry over as they are.
+reference's (`(d p)`: output d * 4 + p is value d of patch p), so its stage-1 heads carry over as they are;
+`mae_state_from_patch_major` converts heads saved by moca_fast before that (p * 1176 + d).
 """
 
 from __future__ import annotations
@@ -24,6 +25,23 @@ def mlm_loss(model: MocaModel, hidden: torch.Tensor, batch: PackedBatch) -> torc
 
 # The reference's stage-1 model holds the head as `mae_decoder` (a decoder layer) and `mae_proj` (the Linear).
 REFERENCE_PREFIXES = {"mae_decoder.": "layer.", "mae_proj.": "proj."}
+
+
+def reference_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An MaeHead state dict under the reference's names (`mae_decoder.*`, `mae_proj.*`): what its checkpoints
+    store."""
+    ours_to_reference = {ours: theirs for theirs, ours in REFERENCE_PREFIXES.items()}
+    return {ours_to_reference[prefix] + key[len(prefix):]: tensor for key, tensor in state.items()
+            for prefix in ours_to_reference if key.startswith(prefix)}
+
+
+def mae_state_from_patch_major(state: dict[str, torch.Tensor], merge_unit: int = 4) -> dict[str, torch.Tensor]:
+    """An MaeHead state dict saved by moca_fast before its projection took the reference's layout (rows
+    p * 1176 + d) with the projection rows in that layout (d * 4 + p); everything else unchanged."""
+    def rows(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(merge_unit, -1, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
+
+    return {name: rows(tensor) if name in ("proj.weight", "proj.bias") else tensor for name, tensor in state.items()}
 
 
 class MaeHead(nn.Module):
@@ -52,9 +70,7 @@ class MaeHead(nn.Module):
 
     def reference_state_dict(self) -> dict[str, torch.Tensor]:
         """This head under the reference's names (`mae_decoder.*`, `mae_proj.*`): what its checkpoints store."""
-        ours_to_reference = {ours: theirs for theirs, ours in REFERENCE_PREFIXES.items()}
-        return {ours_to_reference[prefix] + key[len(prefix):]: tensor for key, tensor in self.state_dict().items()
-                for prefix in ours_to_reference if key.startswith(prefix)}
+        return reference_names(self.state_dict())
 
     @classmethod
     def from_middle_layer(cls, model: MocaModel) -> "MaeHead":

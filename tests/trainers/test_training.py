@@ -127,6 +127,44 @@ def test_reference_stage1_checkpoint_continues_in_both_stages(tmp_path, document
     assert len(records) == 2 and "its stage-1 MAE head (" in caplog.text and "left out" in caplog.text
 
 
+def test_a_stage1_step_exports_with_its_head_also_from_before_checkpoint_markers(tmp_path, documents, capsys):
+    """`moca-fast export-stage1` on a step folder of this version, and on one as moca_fast wrote them before
+    checkpoint.json (no marker, trainer_state.json without a format, the MAE projection patch-major): a model
+    folder in the reference's stage-1 form whose head is the trained one, which stage 1 continues."""
+    import shutil
+
+    from moca_fast.cli import main
+    from moca_fast.model.heads import MaeHead
+    from moca_fast.model.loading import read_mae_head
+    from moca_fast.trainers.cpt import initial_mae_head
+
+    run(cpt_config(tmp_path / "run", max_steps=2, checkpoint_every=2), documents=documents)
+    step = tmp_path / "run" / "checkpoints" / "step-0000002"
+    trained = torch.load(step / "extra.pt", weights_only=True)
+    old = tmp_path / "old-step"
+    shutil.copytree(step, old)
+    (old / checkpoint.MARKER).unlink()
+    (old / "trainer_state.json").write_text(json.dumps({"step": 2, "epoch": 0, "position": 2}))
+    patch_major = {k: v.reshape(-1, 4, *v.shape[1:]).transpose(0, 1).reshape(v.shape) if k.startswith("proj.") else v
+                   for k, v in trained.items()}  # rows d * 4 + p back to p * 1176 + d
+    assert not torch.equal(patch_major["proj.weight"], trained["proj.weight"])
+    torch.save(patch_major, old / "extra.pt")
+    config = cpt_config(tmp_path / "unused")
+    model = build_model(config, build_tokenizer(config), torch.device("cpu"))
+    for source, out in [(step, tmp_path / "now"), (old, tmp_path / "then")]:
+        assert main(["export-stage1", str(source), str(out)]) == 0
+        assert MaeHead.from_reference(model, read_mae_head(out)).state_dict().keys() == trained.keys()
+        continued = initial_mae_head(model, str(out)).state_dict()
+        assert all(torch.equal(continued[k], trained[k]) for k in trained), out
+    assert len(run(cpt_config(tmp_path / "again", model=str(tmp_path / "then"), tokenizer=None, max_steps=1),
+                   documents=documents)) == 1
+    for args, message in [([str(old), str(tmp_path / "then")], "exists; name a new folder"),
+                          ([str(tmp_path / "run" / "final"), str(tmp_path / "x")], "not a moca_fast step checkpoint")]:
+        with pytest.raises(SystemExit):
+            main(["export-stage1", *args])
+        assert message in capsys.readouterr().err
+
+
 def test_checkpoints_hold_the_declared_dtype_and_the_processor_and_resume_exactly(tmp_path, documents):
     """Started from a checkpoint whose config declares bfloat16 (as Qwen's does): each checkpoint's model/ and
     final/ hold bf16 weights with the tokenizer, processor settings and sentence-transformers files beside them;
