@@ -40,10 +40,11 @@ def image_site(tmp_path, pngs):
 
 
 def test_a_full_queue_answers_429_then_admits_again(start_server, embedder, pngs, image_site):
-    server = start_server("--max-queue", "4", "--max-wait-ms", "6000", "--allow-remote-images")
+    # the first request waits 15 s for company: time enough on a loaded machine for the next two to arrive
+    server = start_server("--max-queue", "4", "--max-wait-ms", "15000", "--allow-remote-images")
     first_inputs = ["one", {"image": data_url(pngs[0])}, "three"]
     first, first_out = in_thread(post, server, first_inputs)
-    server.wait_for_metric("moca_in_flight_inputs", 3)  # admitted, and waiting 6 s for company
+    server.wait_for_metric("moca_in_flight_inputs", 3)  # admitted, and waiting for company
     refused = post(server, ["four", "five"])
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
     assert "busy: 3 inputs in flight and 2 more would pass its limit of 4 (--max-queue)" in refused.json()[
@@ -61,7 +62,8 @@ def test_a_full_queue_answers_429_then_admits_again(start_server, embedder, pngs
 
 
 def test_graceful_shutdown_answers_every_admitted_request_once(start_server, embedder, pngs):
-    server = start_server("--max-wait-ms", "10000")  # the admitted requests wait in the queue when SIGTERM comes
+    # the admitted requests wait in the queue when SIGTERM comes (which ends the waiting: no test time is spent)
+    server = start_server("--max-wait-ms", "60000")
     requests = [[f"request {i}"] + ([{"image": pngs[i % len(pngs)]}] if i % 2 else []) for i in range(12)]
     wire = [[{"image": data_url(x["image"])} if isinstance(x, dict) else x for x in r] for r in requests]
     threads = [in_thread(post, server, inputs) for inputs in wire]
