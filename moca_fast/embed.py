@@ -277,13 +277,7 @@ class MocaEmbedder:
                                pin_memory=self.device.type == "cuda")
         with tqdm(total=len(items), disable=not progress, unit="input") as bar:
             for indices, batch in zip(batches, one_line_errors(loader)):
-                pooled = self.embed_packed(batch)
-                finite = torch.isfinite(pooled).all(dim=-1)
-                if not finite.all():
-                    first = items[indices[int((~finite).nonzero()[0])]].id
-                    raise ValueError(f"{first}: its embedding is not finite (NaN or inf): the model's weights or its "
-                                     f"{next(self.model.parameters()).dtype} arithmetic overflow")
-                out[indices] = pooled
+                out[indices] = self.embed_packed(batch)
                 bar.update(len(indices))
         return out
 
@@ -293,10 +287,17 @@ class MocaEmbedder:
 
     def embed_packed(self, batch: PackedBatch) -> torch.Tensor:
         """Mean-pooled embeddings [S, dim] (float32, not normalised, on the CPU) of one packed batch's sequences:
-        the forward `encode` runs per batch, for callers that pack themselves (the server's batcher)."""
+        the forward `encode` runs per batch, for callers that pack themselves (the server's batcher). A non-finite
+        embedding is a ValueError naming its input."""
         with torch.inference_mode():
             batch = batch.to(self.device, non_blocking=True)
-            return mean_pool(self.model(batch), batch.cu_seqlens).float().cpu()
+            pooled = mean_pool(self.model(batch), batch.cu_seqlens).float().cpu()
+        finite = torch.isfinite(pooled).all(dim=-1)
+        if not finite.all():
+            first = batch.sample_ids[int((~finite).nonzero()[0])]
+            raise ValueError(f"{first}: its embedding is not finite (NaN or inf): the model's weights or its "
+                             f"{next(self.model.parameters()).dtype} arithmetic overflow")
+        return pooled
 
     def cost(self, item: EmbedInput) -> int:
         """Tokens the input will take, from its text and image headers alone."""

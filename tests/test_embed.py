@@ -145,6 +145,16 @@ def test_missing_and_corrupt_images_name_the_input(embedder, tmp_path):
         embedder.encode([corrupt, "fine"])
 
 
+def test_a_non_finite_embedding_is_an_error_naming_its_input(checkpoint):
+    """Weights that pass the load-time check but overflow in the forward (an inf scale here): encode, and the
+    server through embed_packed, stop naming the input instead of returning NaN."""
+    embedder = MocaEmbedder.from_pretrained(checkpoint, min_pixels=SMALL_MIN_PIXELS, max_pixels=SMALL_MAX_PIXELS)
+    with torch.no_grad():
+        embedder.model.language_model.norm.weight[0] = float("inf")
+    with pytest.raises(ValueError, match=r"^input 0: its embedding is not finite \(NaN or inf\)"):
+        embedder.encode("a few words")
+
+
 def test_truncated_image_names_the_input_from_a_worker(embedder, images, tmp_path):
     path = tmp_path / "truncated.png"
     images[4].save(path)
