@@ -123,8 +123,7 @@ def run_parts(parts: list, deadline: float, landed) -> dict:
         except Exception as error:  # one failed part must not cost the figures of the others
             traceback.print_exc()
             results[name] = {"status": f"failed: {type(error).__name__}: {error}"[:600]}
-        results[name]["wall_s"] = time.monotonic() - start
-        train.free(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        results[name]["wall_s"] = time.monotonic() - start  # each part frees what it put on the device
         landed(results)
     return results
 

@@ -39,7 +39,6 @@ from report import RESULTS, report, write_report
 from train import StagePool, stage_pool, train_config
 
 STAGES = ("cpt", "cl")
-COMPONENTS = ("backbone", "recompute", "lm_head", "mae_layer", "mae_projection")
 
 
 def blocks_forward_flops(spec, batch) -> float:
@@ -122,7 +121,7 @@ def pool_composition(p: StagePool) -> dict:
     images = [s.image_grid_thw.shape[0] for s in sequences]
     composition = {"sequences": len(sequences), "text_only": sum(n == 0 for n in images),
                    "single_image": sum(n == 1 for n in images), "several_images": sum(n > 1 for n in images),
-                   "images": sum(images), "tokens": sum(len(s) for s in sequences),
+                   "images": sum(images), "tokens": p.tokens,
                    "image_tokens": sum(int((s.input_ids == p.processor.image_token_id).sum()) for s in sequences)}
     if p.stage == "cl":
         composition["pairs"] = sum(len(g) for g in p.pool)
