@@ -167,24 +167,21 @@ def check_output(path: Path, suffixes: tuple[str, ...], *, overwrite: bool) -> N
 
 
 def write_embeddings(path: Path, embeddings, ids: list) -> None:
-    """Write to a temporary file beside `path`, then rename: an interrupted write leaves no partial output."""
+    """Write to a temporary file beside `path`, then rename: an interrupted write leaves no partial output. Parquet
+    holds (line, id, embedding) as the parts of a folder --output do, without the id column when no line has one."""
     import numpy as np
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".npy":
-        with open(tmp, "wb") as f:
-            np.save(f, embeddings)
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    from .corpus import embeddings_table, written_atomically
 
-        n, dim = embeddings.shape
-        columns = {"line": pa.array(range(n))}
-        if any(i is not None for i in ids):
-            columns["id"] = pa.array([None if i is None else str(i) for i in ids], type=pa.string())
-        columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim)
-        pq.write_table(pa.table(columns), tmp)
-    os.replace(tmp, path)
+    with written_atomically(path) as tmp:
+        if path.suffix == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, embeddings)
+        else:
+            import pyarrow.parquet as pq
+
+            table = embeddings_table(range(len(embeddings)), ids, embeddings)
+            pq.write_table(table if any(i is not None for i in ids) else table.drop_columns(["id"]), tmp)
 
 
 # ---------------------------------------------------------------------------------------------- eval

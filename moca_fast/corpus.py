@@ -14,13 +14,14 @@ shared filesystem).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -141,18 +142,22 @@ def check_manifest(folder: Path, manifest: dict, *, overwrite: bool = False) -> 
     write_atomically(path, json.dumps(manifest, indent=2).encode())
 
 
+def embeddings_table(lines: Sequence[int], ids: Sequence, embeddings: np.ndarray):
+    """A pyarrow table (line, id, embedding) of embeddings [N, dim]: the parquet `embed` writes, whole or in parts."""
+    import pyarrow as pa
+
+    return pa.table({"line": pa.array(lines, type=pa.int64()),
+                     "id": pa.array([None if i is None else str(i) for i in ids], type=pa.string()),
+                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)),
+                                                                    embeddings.shape[1])})
+
+
 def write_part(path: Path, lines: range, ids: list, embeddings: np.ndarray) -> None:
     """One part as parquet (line, id, embedding), complete or absent."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({"line": pa.array(lines, type=pa.int64()),
-                      "id": pa.array([None if i is None else str(i) for i in ids], type=pa.string()),
-                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)),
-                                                                     embeddings.shape[1])})
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with written_atomically(path) as tmp:
+        pq.write_table(embeddings_table(lines, ids, embeddings), tmp)
 
 
 def write_index(folder: Path, parts: list[range], dim: int) -> None:
@@ -194,7 +199,15 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def written_atomically(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed to `path` once the block has written it: a reader, or a
+    later run, never sees a partial file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
+    yield tmp
     os.replace(tmp, path)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    with written_atomically(path) as tmp:
+        tmp.write_bytes(data)

@@ -122,7 +122,7 @@ def test_overwrite_replaces_an_existing_output(checkpoint, lines, tmp_path):
     (tmp_path / "out.npy").write_bytes(b"old")
     assert main(["embed", str(lines), "--output", str(tmp_path / "out.npy"), "--model", str(checkpoint), *PIXELS,
                  "--overwrite"]) == 0
-    assert np.load(tmp_path / "out.npy").shape == (3, 64) and not list(tmp_path.glob(".*.tmp"))
+    assert np.load(tmp_path / "out.npy").shape == (3, 64) and not list(tmp_path.glob(".*.tmp*"))
 
 
 def test_a_bad_image_in_a_worker_is_one_line(checkpoint, tmp_path, capsys):

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moca_fast.model.heads import mae_state_from_patch_major, reference_names
-from moca_fast.model.loading import safetensors_files
+from moca_fast.model.loading import declared_dtype, safetensors_files
 
 from .checkpoint import FORMAT, MARKER, read_marker
 
@@ -50,10 +50,9 @@ def export_stage1(step: str | os.PathLike, output: str | os.PathLike) -> Path:
         raise ValueError(f"{step}: format {layout}: written by a newer moca_fast")
     head = torch.load(step / "extra.pt", weights_only=True)
     head = reference_names(mae_state_from_patch_major(head) if layout < 2 else head)
-    config = json.loads((step / "model" / "config.json").read_text())
-    declared = config.get("dtype") or config.get("torch_dtype")
-    if isinstance(declared, str):  # stored as the backbone is
-        head = {key: tensor.to(getattr(torch, declared)) for key, tensor in head.items()}
+    declared = declared_dtype(json.loads((step / "model" / "config.json").read_text()))
+    if declared is not None:  # stored as the backbone is
+        head = {key: tensor.to(declared) for key, tensor in head.items()}
 
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -175,8 +175,7 @@ def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict 
     path.mkdir(parents=True, exist_ok=True)
     weights = model.state_dict() if state_dict is None else state_dict
     config = Qwen2_5_VLConfig.from_dict(model.spec.hf_config)
-    declared = model.spec.hf_config.get("dtype") or model.spec.hf_config.get("torch_dtype")
-    dtype = dtype or (getattr(torch, declared) if isinstance(declared, str) else next(iter(weights.values())).dtype)
+    dtype = dtype or declared_dtype(model.spec.hf_config) or next(iter(weights.values())).dtype
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     config.dtype = dtype
     config.text_config.is_causal = False
@@ -208,6 +207,12 @@ def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict 
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return dtype
+
+
+def declared_dtype(hf_config: dict) -> torch.dtype | None:
+    """The dtype a Hugging Face config declares (`dtype`; `torch_dtype` in older files), or None."""
+    declared = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    return getattr(torch, declared) if isinstance(declared, str) else None
 
 
 def read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
