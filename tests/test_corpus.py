@@ -17,7 +17,7 @@ from moca_fast.cli import main, read_jsonl_inputs
 from moca_fast.corpus import deal_parts, load_corpus, part_ranges
 from moca_fast.embed import MocaEmbedder
 
-from .eval.tiny import PIXELS, SMALL_PIXELS
+from .eval.tiny import PIXELS
 
 KILL_AFTER_TWO_PARTS = """
 import os, sys
@@ -35,7 +35,7 @@ main(sys.argv[1:])
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, checkpoint):
+def corpus(tmp_path_factory, embedder):
     """Nine JSON lines (text, images, both; some with ids) and their embeddings by encode in one call."""
     folder = tmp_path_factory.mktemp("corpus")
     rng = np.random.default_rng(3)
@@ -47,7 +47,7 @@ def corpus(tmp_path_factory, checkpoint):
     path = folder / "inputs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     inputs, _ = read_jsonl_inputs(path, folder)
-    want = MocaEmbedder.from_pretrained(checkpoint, **SMALL_PIXELS).encode(inputs)
+    want = embedder.encode(inputs)
     ids = [None if r.get("id") is None else str(r["id"]) for r in records]
     return path, want, ids
 

@@ -31,7 +31,6 @@ from triton.runtime.jit import KernelInterface
 SIZES = {"3B": (2048, 151936), "7B": (3584, 152064)}  # hidden size, vocabulary
 MLM_ROWS, MAE_ROWS, PATCH_VALUES = 5120, 12 * 512, 4 * 1176
 PAIRS_PER_RANK, RANKS, NEGATIVES = 24, 8, 2
-SHARED_LIMIT = 227 * 1024  # the most one block may use on sm_90
 
 
 class HopperWithoutGpu:

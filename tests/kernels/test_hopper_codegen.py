@@ -15,6 +15,7 @@ import pytest
 from moca_fast.kernels import _common
 
 from .test_autocast import training_losses_under_autocast
+from .test_common import _busy
 
 SCRIPT = Path(__file__).with_name("hopper_codegen.py")
 MATMUL_KERNELS = {"_lse_kernel", "_dlogits_kernel", "_mse_kernel"}  # tile GEMMs: tensor cores or nothing
@@ -65,9 +66,7 @@ def test_training_kernels_compile_for_hopper_on_tensor_cores(processor, make_ima
     slots = _common.H100_SXM.count * _common.resident_blocks(lse["registers"], lse["shared_bytes"], lse["num_warps"],
                                                              _common.H100_SXM)
     row_tiles, col_tiles = -(-5120 // 128), -(-151936 // 128)
-    splits = _common.balanced_splits(row_tiles, col_tiles, slots)
-    waves = -(-row_tiles * splits // slots)
-    assert row_tiles * col_tiles / (slots * waves * -(-col_tiles // splits)) > 0.99
+    assert _busy(row_tiles, col_tiles, slots, _common.balanced_splits(row_tiles, col_tiles, slots)) > 0.99
 
 
 @pytest.mark.slow

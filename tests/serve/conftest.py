@@ -3,6 +3,7 @@ when /ready answers, always stopped) of tests/conftest.py's tiny checkpoint, who
 
 import base64
 import io
+import json
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ..eval.tiny import PIXELS, SMALL_PIXELS
+from ..eval.tiny import PIXELS
 
 MODEL = "tiny-moca"
 # uvicorn shuts down gracefully, then re-raises the signal it caught (older versions exit 0)
@@ -38,6 +39,13 @@ def pngs():
 
 def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def post(server, body, **kwargs) -> httpx.Response:
+    """POST /v1/embeddings: `body` a dict (sent as JSON) or raw bytes."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.url + "/v1/embeddings", content=content, timeout=120,
+                      headers={"content-type": "application/json"}, **kwargs)
 
 
 def free_port() -> int:

@@ -11,13 +11,13 @@ import httpx
 import numpy as np
 import pytest
 
-from .conftest import GRACEFUL_EXIT, MODEL, data_url
+from .conftest import GRACEFUL_EXIT, MODEL, data_url, post
 
 pytestmark = pytest.mark.slow  # each test starts its own server process
 
 
-def post(server, inputs):
-    return httpx.post(server.url + "/v1/embeddings", json={"model": MODEL, "input": inputs}, timeout=120)
+def embed(server, inputs):
+    return post(server, {"model": MODEL, "input": inputs})
 
 
 def in_thread(fn, *args) -> tuple[threading.Thread, list]:
@@ -43,20 +43,20 @@ def test_a_full_queue_answers_429_then_admits_again(start_server, embedder, pngs
     # the first request waits 15 s for company: time enough on a loaded machine for the next two to arrive
     server = start_server("--max-queue", "4", "--max-wait-ms", "15000", "--allow-remote-images")
     first_inputs = ["one", {"image": data_url(pngs[0])}, "three"]
-    first, first_out = in_thread(post, server, first_inputs)
+    first, first_out = in_thread(embed, server, first_inputs)
     server.wait_for_metric("moca_in_flight_inputs", 3)  # admitted, and waiting for company
-    refused = post(server, ["four", "five"])
+    refused = embed(server, ["four", "five"])
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
     assert "busy: 3 inputs in flight and 2 more would pass its limit of 4 (--max-queue)" in refused.json()[
         "error"]["message"]
-    remote = post(server, [{"text": "fetched", "image": f"{image_site}/a.png"}])  # 3 + 1 fit: admitted
+    remote = embed(server, [{"text": "fetched", "image": f"{image_site}/a.png"}])  # 3 + 1 fit: admitted
     first.join()
     assert first_out[0].status_code == 200 and remote.status_code == 200, (first_out[0].text, remote.text)
     np.testing.assert_allclose([d["embedding"] for d in first_out[0].json()["data"]],
                                embedder.encode(["one", pngs[0], "three"]), atol=1e-6, rtol=0)
     np.testing.assert_allclose(remote.json()["data"][0]["embedding"],
                                embedder.encode({"text": "fetched", "image": pngs[1]}), atol=1e-6, rtol=0)
-    missing = post(server, [{"image": f"{image_site}/missing.png"}])
+    missing = embed(server, [{"image": f"{image_site}/missing.png"}])
     assert missing.status_code == 400 and "input[0]: cannot fetch" in missing.json()["error"]["message"]
     assert server.metric("moca_in_flight_inputs") == 0
 
@@ -66,13 +66,13 @@ def test_graceful_shutdown_answers_every_admitted_request_once(start_server, emb
     server = start_server("--max-wait-ms", "60000")
     requests = [[f"request {i}"] + ([{"image": pngs[i % len(pngs)]}] if i % 2 else []) for i in range(12)]
     wire = [[{"image": data_url(x["image"])} if isinstance(x, dict) else x for x in r] for r in requests]
-    threads = [in_thread(post, server, inputs) for inputs in wire]
+    threads = [in_thread(embed, server, inputs) for inputs in wire]
     server.wait_for_metric("moca_in_flight_inputs", sum(map(len, requests)))
     server.process.send_signal(signal.SIGTERM)
     for thread, _ in threads:
         thread.join(timeout=120)
     try:
-        late = post(server, ["too late"]).status_code  # admission is over: refused, or no listener left
+        late = embed(server, ["too late"]).status_code  # admission is over: refused, or no listener left
     except httpx.TransportError:
         late = None
     assert late in (None, 503)

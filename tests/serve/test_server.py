@@ -2,7 +2,6 @@
 MocaEmbedder.encode for text, image and image + text, alone and under 16 concurrent clients; bad requests get a 4xx
 naming the item; health, readiness and metrics."""
 
-import json
 import threading
 
 import httpx
@@ -12,7 +11,7 @@ import pytest
 
 from moca_fast.embed import as_input
 
-from .conftest import GRACEFUL_EXIT, MODEL, ServerProcess, data_url
+from .conftest import GRACEFUL_EXIT, MODEL, ServerProcess, data_url, post
 
 MAX_INPUTS, MAX_TOKENS, MAX_BODY_MB = 8, 200, 0.25
 
@@ -34,12 +33,6 @@ def server(checkpoint, tmp_path_factory):
 
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def post(server, body, **kwargs) -> httpx.Response:
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(server.url + "/v1/embeddings", content=content, timeout=120,
-                      headers={"content-type": "application/json"}, **kwargs)
 
 
 def test_openai_client_gets_the_embeddings_of_encode(server, embedder, pngs):

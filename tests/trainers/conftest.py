@@ -1,5 +1,8 @@
 """Small training runs on the synthetic world with the tiny model (CPU, fp32, seconds)."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from moca_fast.config import TrainConfig
@@ -19,6 +22,11 @@ def pair_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pairs")
     write_pairs(make_pairs(16, seed=0), folder, seed=0)
     return folder
+
+
+def logged_metrics(output) -> list[dict]:
+    """Every line of a run's metrics.jsonl, repeats included (what resume must not leave)."""
+    return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
 
 
 def cpt_config(output_dir, **overrides) -> TrainConfig:

@@ -2,7 +2,6 @@
 complete checkpoint with the losses of an uninterrupted run and end with a complete final/; SIGTERM from outside
 must leave a checkpoint of the last step and a non-zero exit."""
 
-import json
 import os
 import signal
 import subprocess
@@ -18,14 +17,11 @@ from moca_fast.data.synthetic import write_documents
 from moca_fast.trainers.checkpoint import complete_checkpoints, step_of
 from moca_fast.trainers.run import run
 
+from .conftest import logged_metrics
 from .fault_worker import KILL_STEP, STEPS, documents, fault_config
 
 WORKER = str(Path(__file__).with_name("fault_worker.py"))
 ROOT = Path(__file__).parents[2]
-
-
-def _metrics(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -58,8 +54,8 @@ def test_kill_at_each_checkpoint_phase_then_resume(tmp_path, uninterrupted, phas
         records = run(fault_config(tmp_path), documents=documents(), resume=True)
     assert f"resumed from {checkpoints / f'step-{PHASES[phase]:07d}'}" in caplog.text
     assert [r["step"] for r in records] == list(range(PHASES[phase] + 1, STEPS + 1))
-    reference = _metrics(uninterrupted)
-    assert [(r["step"], r["loss"], r["grad_norm"]) for r in _metrics(tmp_path)] == [
+    reference = logged_metrics(uninterrupted)
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in logged_metrics(tmp_path)] == [
         (r["step"], r["loss"], r["grad_norm"]) for r in reference]  # every step once, bit for bit
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000006", "step-0000008"]  # no leftovers
     assert sorted(os.listdir(tmp_path / "final")) == sorted(os.listdir(uninterrupted / "final"))
@@ -86,6 +82,6 @@ def test_sigterm_from_outside_checkpoints_the_step_and_exits_non_zero(tmp_path):
     finally:
         child.kill()
     assert child.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    last = _metrics(output)[-1]["step"]
+    last = logged_metrics(output)[-1]["step"]
     assert f"stopped by signal {int(signal.SIGTERM)} after step {last}" in stderr
     assert step_of(complete_checkpoints(output / "checkpoints")[-1]) == last  # nothing since the last step lost

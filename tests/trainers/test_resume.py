@@ -3,7 +3,6 @@ and falls back past corrupt files, metrics without replayed steps, a repaired fi
 graceful SIGTERM/SIGINT, and padding micro-batches that add nothing."""
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -19,7 +18,7 @@ from moca_fast.trainers.cpt import ContinualPretraining
 from moca_fast.trainers.guards import TrainingStopped
 from moca_fast.trainers.run import run
 
-from .conftest import cl_config, cpt_config
+from .conftest import cl_config, cpt_config, logged_metrics
 
 
 def config(output, **overrides):
@@ -30,17 +29,13 @@ def steps(records):
     return [r["step"] for r in records]
 
 
-def metrics(output):
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_a_run_refuses_an_output_dir_holding_a_run_unless_resuming_or_overwriting(tmp_path, documents):
     run(config(tmp_path), documents=documents, stop_after=2)
     with pytest.raises(ValueError, match=r"already holds a run \(checkpoints, metrics.jsonl\); pass --resume"):
         run(config(tmp_path), documents=documents)
     (tmp_path / "notes.txt").write_text("kept")
     records = run(config(tmp_path), documents=documents, overwrite=True)
-    assert steps(records) == steps(metrics(tmp_path)) == [1, 2, 3, 4]  # started over, nothing appended
+    assert steps(records) == steps(logged_metrics(tmp_path)) == [1, 2, 3, 4]  # started over, nothing appended
     assert (tmp_path / "notes.txt").read_text() == "kept"  # only the run's own outputs were replaced
 
 
@@ -64,7 +59,7 @@ def test_resume_takes_the_newest_complete_checkpoint_never_scratch(tmp_path, doc
     (tmp_path / "checkpoints" / "step-0000004" / checkpoint.MARKER).unlink()  # incomplete: as if killed
     records = run(config(tmp_path, max_steps=6), documents=documents, resume=True)
     assert steps(records) == [3, 4, 5, 6]
-    assert steps(metrics(tmp_path)) == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 replayed, logged once
+    assert steps(logged_metrics(tmp_path)) == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 replayed, logged once
 
 
 def test_resume_refuses_to_start_over_when_only_unmarked_checkpoints_are_left(tmp_path, documents):
@@ -106,7 +101,7 @@ def test_a_corrupt_file_falls_back_to_the_previous_checkpoint_naming_it(tmp_path
         records = run(config(out, max_steps=6), documents=documents, resume=True)
     assert f"step-0000004 is unusable ({path}" in caplog.text
     assert [r["loss"] for r in records] == six_steps[2:]
-    assert [r["loss"] for r in metrics(out)] == six_steps
+    assert [r["loss"] for r in logged_metrics(out)] == six_steps
 
 
 def test_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(tmp_path, documents):
@@ -129,7 +124,7 @@ def test_resume_refuses_a_checkpoint_of_the_other_stage(tmp_path, documents, pai
     run(config(tmp_path), documents=documents, stop_after=2)
     with pytest.raises(ValueError, match="is a checkpoint of stage 'cpt', this run is stage 'cl'"):
         run(cl_config(tmp_path, pair_folder), resume=True)
-    assert steps(metrics(tmp_path)) == [1, 2]  # nothing appended
+    assert steps(logged_metrics(tmp_path)) == [1, 2]  # nothing appended
 
 
 def test_a_changed_config_is_refused_or_applied_explicitly(tmp_path, documents, caplog):
@@ -155,7 +150,7 @@ def test_nonfinite_loss_stops_before_the_update_and_saves_nothing(tmp_path, docu
                                               r"this step was saved") as stopped:
         run(config(tmp_path, lr=1e6, checkpoint_every=1), documents=documents)
     assert stopped.value.exit_code == 1
-    assert steps(metrics(tmp_path)) == [1]
+    assert steps(logged_metrics(tmp_path)) == [1]
     assert [checkpoint.step_of(p) for p in checkpoint.complete_checkpoints(tmp_path / "checkpoints")] == [1]
     assert not (tmp_path / "final").exists()
 
