@@ -75,3 +75,17 @@ def test_masks_are_deterministic_by_generator_and_pack_with_offsets(processor, m
     assert batch.mae_targets.shape == (4 * batch.mae_index.numel(), 1176)
     unmasked = torch.cat([s.input_ids for s in seqs])
     assert torch.equal(unmasked[batch.mlm_index], batch.mlm_labels)
+
+
+def test_mae_masks_each_image_of_a_document_by_its_own_count(processor, make_image):
+    """Images of different sizes: each gets round(rate * n) of its own merged tokens, none chosen twice. An index
+    not offset per image would put every choice into the first image and leave the later ones unmasked."""
+    seq = processor.encode(f"{IMAGE_PLACEHOLDER} a {IMAGE_PLACEHOLDER} b {IMAGE_PLACEHOLDER}",
+                           [make_image(56, 56), make_image(112, 84), make_image(84, 140)], "doc")
+    out = apply_mae(seq, image_token_id=processor.image_token_id, rate=0.5, generator=torch.Generator().manual_seed(0))
+    image_rows = torch.nonzero(seq.input_ids == processor.image_token_id).flatten()
+    per_image = (seq.image_grid_thw.prod(-1) // 4).tolist()
+    owner = torch.repeat_interleave(torch.arange(len(per_image)), torch.tensor(per_image))
+    chosen_owner = owner[torch.searchsorted(image_rows, out.mae_positions)]
+    assert out.mae_positions.unique().numel() == out.mae_positions.numel()
+    assert torch.bincount(chosen_owner, minlength=len(per_image)).tolist() == [round(0.5 * n) for n in per_image]
