@@ -37,7 +37,8 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              *, backend: str, is_causal: bool | None = None,
                              cu_seq_lens_q: torch.Tensor | None = None, cu_seq_lens_k: torch.Tensor | None = None,
                              max_length_q: int | None = None, max_length_k: int | None = None,
-                             position_ids: torch.Tensor | None = None, **_) -> tuple[torch.Tensor, None]:
+                             position_ids: torch.Tensor | None = None, sliding_window: int | None = None,
+                             **_) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: q [B, Hq, L, D], k/v [B, Hkv, L, D] -> ([B, L, Hq, D], None).
 
     Vision (cu_seq_lens_* given, B = 1): each window or image attends within itself, one call for all of them.
@@ -46,8 +47,9 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if (module.is_causal if is_causal is None else is_causal):
         raise ValueError(f"{type(module).__name__} asks for causal attention; the reference path's attention is "
                          "bidirectional only (make the decoder non-causal first)")
-    if dropout:
-        raise ValueError(f"attention dropout {dropout} is not supported (the reference trains without it)")
+    if dropout or sliding_window is not None:
+        raise ValueError(f"attention dropout ({dropout}) and sliding windows ({sliding_window}) are not supported "
+                         "(the reference has neither)")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, L, H, D]
     if torch.is_autocast_enabled(q.device.type) and q.dtype == torch.float32:  # as flash_attention_2 does

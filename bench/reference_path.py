@@ -1,6 +1,6 @@
 """The reference's computation, built from public libraries: the baseline of bench/ and the drop-in tests' oracle.
 
-What the public MoCa code computes (REFERENCE.md), done with transformers + liger-kernel + torch and nothing of
+What the public MoCa code computes, done with transformers + liger-kernel + torch and nothing of
 ours in the forward but the attention kernel: transformers' Qwen2.5-VL made bidirectional, right-padded batches
 (a multiple of 32 in training) bucketed by cost, Liger's fused linear cross-entropy over every position (ignored
 labels where no mask), the MAE decoder layer over the whole sequence with its projection in the reference's
