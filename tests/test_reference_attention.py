@@ -131,3 +131,18 @@ def test_one_attention_call_per_layer_with_every_vision_window_in_it(tokenizer, 
     per_block = [images if i in vision.fullatt_block_indexes else windows for i in range(vision.depth)]
     text_layers = model.config.text_config.num_hidden_layers
     assert calls == per_block + [batch.input_ids.shape[0]] * text_layers
+
+
+@pytest.mark.cuda
+def test_bf16_on_torch_varlen_attn_matches_transformers_fp32_sdpa(tokenizer, processor, make_image):
+    """On a GPU: the varlen attention on torch's own varlen_attn kernel (bf16) against transformers' fp32 SDPA,
+    each row's mean over its real tokens at cosine >= 0.999."""
+    reference = _bidirectional_model(tokenizer).eval()
+    model = copy.deepcopy(reference).to("cuda", torch.bfloat16)
+    use_varlen_attention(model, "varlen")
+    batch = _padded_batch(processor, make_image)
+    mask = batch.attention_mask.unsqueeze(-1).float()
+    with torch.no_grad():
+        pooled = [(_forward(m, b, model.config.image_token_id).float().cpu() * mask).sum(1) / mask.sum(1)
+                  for m, b in ((model, batch.to("cuda")), (reference, batch))]
+    assert torch.nn.functional.cosine_similarity(*pooled, dim=-1).min() >= 0.999
