@@ -29,6 +29,7 @@ from moca_fast.data.processor import Processor
 from moca_fast.data.synthetic import random_pages, random_scene, render
 from moca_fast.data.tokenizer import tiny_tokenizer
 from moca_fast.embed import MocaEmbedder
+from moca_fast.model.attention import backend_for
 from moca_fast.model.loading import to_transformers
 from moca_fast.trainers.setup import build_model
 from reference_path import ReferencePath, processor_batch
@@ -110,6 +111,11 @@ def embedders(model_name: str, device: torch.device, dtype: torch.dtype, *, work
     return MocaEmbedder(model, processor, num_workers=workers), reference
 
 
+def our_attention(ours: MocaEmbedder) -> str:
+    """The attention backend our embedder's forward resolves to (in its weights' dtype: no autocast here)."""
+    return backend_for(ours.model.attention_backend, next(ours.model.parameters()))
+
+
 def bench_embedding(ours: MocaEmbedder, reference: ReferenceEmbedder, loads: dict, warm: int, device) -> dict:
     results = {}
     for name, (inputs, cases) in loads.items():
@@ -146,7 +152,7 @@ def main() -> None:
         shapes={"size": args.size, "inputs_per_workload": args.inputs, "image_side": IMAGE_SIDE, "page": PAGE_SIZE,
                 "pixels": [MIN_PIXELS, MAX_PIXELS], "reference_batch": args.reference_batch,
                 "our_batch_tokens": ours.batch_tokens, "workers": args.workers,
-                "reference_attention": reference.path.attention},
+                "our_attention": our_attention(ours), "reference_attention": reference.path.attention},
         results=results))
 
 

@@ -1,13 +1,16 @@
 """The reference's computation, built from public libraries: the baseline of bench/ and the drop-in tests' oracle.
 
-What the public MoCa code computes (REFERENCE.md), done with transformers + liger-kernel + torch and nothing of
-ours in the forward: transformers' Qwen2.5-VL made bidirectional, right-padded batches (a multiple of 32 in
-training) bucketed by cost, Liger's fused linear cross-entropy over every position (ignored labels where no
-mask), the MAE decoder layer over the whole sequence with its projection in the reference's `(d p)` layout,
-three separate forwards per contrastive step, torch InfoNCE on the gathered similarity matrix (every rank
-scores every gathered query), transformers' activation checkpointing. Where the reference is
-ambiguous this path takes the cheaper reading (e.g. the MAE projection on the chosen rows only), so that a
-speed-up measured against it is not inflated.
+What the public MoCa code computes, done with transformers + liger-kernel + torch and nothing of
+ours in the forward but the attention kernel: transformers' Qwen2.5-VL made bidirectional, right-padded batches
+(a multiple of 32 in training) bucketed by cost, Liger's fused linear cross-entropy over every position (ignored
+labels where no mask), the MAE decoder layer over the whole sequence with its projection in the reference's
+`(d p)` layout, three separate forwards per contrastive step, torch InfoNCE on the gathered similarity matrix
+(every rank scores every gathered query), transformers' activation checkpointing. Attention runs as the
+reference's flash_attention_2 runs it (bench/reference_attention.py): varlen over the unpadded text tokens, the
+vision windows through their cu_seqlens in one call; flash-attn itself where it serves, else the kernel our
+engine would use on that device, so that the two paths differ by their computation, not by their attention
+kernel. Where the reference is ambiguous this path takes the cheaper reading (e.g. the MAE projection on the
+chosen rows only), so that a speed-up measured against it is not inflated.
 
 Inputs are our EncodedSequences (token ids, patch rows, grids) so that both paths see the very same samples;
 positions are left to transformers. For embeddings from raw text and images, `processor_batch` uses
@@ -17,7 +20,6 @@ transformers' own tokenizer call and image processor, as the reference's evaluat
 from __future__ import annotations
 
 import copy
-import importlib.util
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,6 +28,8 @@ from torch import nn
 
 from moca_fast.data.processor import EncodedSequence
 from moca_fast.embed import plan_batches
+from moca_fast.model.attention import resolve_backend
+from reference_attention import use_varlen_attention
 
 IGNORE = -100
 PAD_MULTIPLE = 32  # training batches are padded to a multiple of 32
@@ -121,16 +125,22 @@ def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 class ReferencePath(nn.Module):
     """transformers' bidirectional Qwen2.5-VL (a Qwen2_5_VLForConditionalGeneration) with the reference's heads.
 
+    `attention_backend`: moca_fast's backend name ('auto', 'flash', 'varlen', 'sdpa'). 'auto' resolves as our
+    engine does for bf16 (the reference's attention dtype on CUDA): flash-attn where installed on CUDA, which runs
+    as transformers' own flash_attention_2, else torch's varlen_attn on CUDA and one SDPA over the padded segments
+    on the CPU, both through bench/reference_attention.py. `attention` names the implementation that runs.
     `mae_layer` / `mae_proj`: the stage-1 MAE layer (a transformers decoder layer) and its projection; `with_mae`
     builds them from the reference's checkpoint tensors (ours give theirs with `MaeHead.reference_state_dict`)."""
 
-    def __init__(self, hf_model, *, activation_checkpointing: bool = False):
+    def __init__(self, hf_model, *, activation_checkpointing: bool = False, attention_backend: str = "auto"):
         super().__init__()
         self.hf = hf_model
-        on_cuda = next(hf_model.parameters()).is_cuda
-        if on_cuda and importlib.util.find_spec("flash_attn") is not None:  # what the reference runs on
+        backend = resolve_backend(attention_backend, next(hf_model.parameters()).device, torch.bfloat16)
+        if backend == "flash":  # what the reference runs on
             hf_model.set_attn_implementation("flash_attention_2")
-        self.attention = hf_model.config._attn_implementation
+            self.attention = "flash_attention_2"
+        else:
+            self.attention = use_varlen_attention(hf_model, backend)
         self.mae_layer: nn.Module | None = None
         self.mae_proj: nn.Linear | None = None
         if activation_checkpointing:  # transformers >= 5.2x renamed it; older 5.x has only the first name

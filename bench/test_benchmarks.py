@@ -63,6 +63,9 @@ def test_both_paths_agree_through_the_benchmark(tmp_path, stage):
     for run in summary["paths"].values():
         assert run["steps"] >= 1 and run["tokens_per_s"] > 0
     assert summary["speedup_vs_reference"]["ours-eager"] > 0
+    # Which attention each path ran; on the CPU the reference's varlen attention runs as SDPA over its segments.
+    assert summary["paths"]["reference"]["attention"] == "flash_varlen_sdpa"
+    assert summary["paths"]["ours-eager"]["attention"] == "sdpa"
 
 
 @pytest.fixture(scope="module", params=[pytest.param(p.values, id=p.id, marks=p.marks) for p in (CPU_TINY, CUDA_3B)])

@@ -35,6 +35,7 @@ from moca_fast.data.packing import TokenBudgetSampler
 from moca_fast.data.pairs import PairDataset
 from moca_fast.data.processor import EncodedSequence
 from moca_fast.data.synthetic import TASKS, make_documents, make_pairs, pair_rows
+from moca_fast.model.attention import backend_for
 from moca_fast.model.heads import MaeHead
 from moca_fast.model.loading import to_transformers
 from moca_fast.trainers.cpt import step_flops
@@ -152,6 +153,8 @@ class OursTrainer:
         self.params = [*model.parameters(), *(self.stage.extra.parameters() if self.stage.extra is not None else ())]
         self.optimizer = adamw(self.params, config.lr, config.weight_decay, config.betas)
         self.config = config
+        with autocast(config, device, 1):  # the backend our forward resolves to under the stage's autocast
+            self.attention = backend_for(model.attention_backend, torch.empty(0, device=device))
 
     def prepare(self, group):
         return self.collate(group)
@@ -305,9 +308,10 @@ def bench_path(name: str, p: StagePool, device: torch.device) -> dict:
         run["tokens_per_s"] = p.tokens / run["seconds"]
         peak = device_peak_flops(device)
         run["mfu"] = p.useful_flops / run["seconds"] / peak if peak else None
-        if name == "reference":
+        if name == "reference":  # which attention each path ran
             run["attention"] = trainer.reference.attention
-        else:  # what was really on (FP8 turns itself off where torchao or the GPU cannot run it)
+        else:  # and what was really on (FP8 turns itself off where torchao or the GPU cannot run it)
+            run["attention"] = trainer.attention
             run["transforms"] = dict(trainer.stage.state)
         return run
     finally:  # also when stopped part-way (bench/gpu_quick.py's time box): the model leaves the device

@@ -9,6 +9,7 @@ from moca_fast.data.tokenizer import tiny_tokenizer
 from moca_fast.embed import MocaEmbedder
 
 from .eval.tiny import SMALL_PIXELS, write_tiny_checkpoint
+from .model.varlen_oracle import cpu_varlen_attention
 
 SMALL_MIN_PIXELS = 4 * 28 * 28  # 4..64 LLM tokens per image keeps CPU tests fast
 SMALL_MAX_PIXELS = 64 * 28 * 28
@@ -43,3 +44,13 @@ def make_image():
         return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
 
     return make
+
+
+@pytest.fixture(params=["sdpa", "varlen"])
+def attention_backend(request):
+    """Each CPU-testable attention backend: SDPA, and torch's varlen_attn run through the CPU oracle."""
+    if request.param == "varlen":
+        with cpu_varlen_attention():
+            yield request.param
+    else:
+        yield request.param

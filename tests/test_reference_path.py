@@ -1,5 +1,7 @@
 """bench/reference_path.py computes what our engine computes: the same losses and gradients in both stages on the
-same samples and weights (fp32, tiny model), and its batching follows the reference (cost buckets, padding)."""
+same samples and weights (fp32, tiny model), with its attention on each CPU-testable backend (torch's varlen_attn
+through the CPU oracle of its op, SDPA over segments), and its batching follows the reference (cost buckets,
+padding)."""
 
 import pytest
 import torch
@@ -39,7 +41,7 @@ def _assert_same_grads(ours: dict, reference: dict, names):
         torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=2e-4 * scale, msg=name)
 
 
-def test_stage1_loss_and_gradients_equal_ours(model, processor, make_image):
+def test_stage1_loss_and_gradients_equal_ours(model, processor, make_image, attention_backend):
     g = torch.Generator().manual_seed(0)
     proc = processor
     sequences = []
@@ -56,7 +58,9 @@ def test_stage1_loss_and_gradients_equal_ours(model, processor, make_image):
     tensors = {k: torch.randn_like(v) * 0.02 + (v if "norm" in k else 0)
                for k, v in MaeHead.from_middle_layer(model).reference_state_dict().items()}
     mae = MaeHead.from_reference(model, tensors)
-    reference = ReferencePath(to_transformers(model).train(), activation_checkpointing=True).with_mae(tensors)
+    reference = ReferencePath(to_transformers(model).train(), activation_checkpointing=True,
+                              attention_backend=attention_backend).with_mae(tensors)
+    assert reference.attention == f"flash_varlen_{attention_backend}"  # varlen, as flash_attention_2 runs it
 
     batch = pack_sequences(sequences, proc.image_token_id)
     hidden = model(batch)
@@ -82,7 +86,7 @@ def tokenizer_pad(processor) -> int:
     return processor.tokenizer.pad_token_id
 
 
-def test_stage2_loss_and_gradients_equal_ours(model, processor, make_image):
+def test_stage2_loss_and_gradients_equal_ours(model, processor, make_image, attention_backend):
     proc = processor
     queries = [proc.encode(f"{P}Represent the given image with the following question: what is it?\n",
                            [make_image(80, 100)], "q0"),
@@ -93,7 +97,8 @@ def test_stage2_loss_and_gradients_equal_ours(model, processor, make_image):
                  proc.encode("the positive text of the third query, longer than the rest", [], "p2")]
     negatives = [proc.encode(f"negative {i} {'words ' * i}", [], f"n{i}") for i in range(6)]
     temperature = 0.03
-    reference = ReferencePath(to_transformers(model).train(), activation_checkpointing=True)
+    reference = ReferencePath(to_transformers(model).train(), activation_checkpointing=True,
+                              attention_backend=attention_backend)
 
     class Roles:  # what contrastive_loss reads of a ContrastiveBatch
         num_pairs, num_negatives, duplicate_ids = 3, 2, None

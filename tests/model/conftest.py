@@ -8,8 +8,6 @@ from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 from moca_fast.model.loading import make_bidirectional
 from moca_fast.model.tiny import tiny_hf_config
 
-from .varlen_oracle import cpu_varlen_attention
-
 
 def bidirectional_hf_model(config, cls=None):
     """A transformers Qwen2.5-VL with its decoder made non-causal, as ENVIRONMENT.md says it must be done."""
@@ -49,13 +47,3 @@ def mixed_sequences(processor, make_image):
 
 def pack(sequences, processor):
     return pack_sequences(sequences, processor.image_token_id)
-
-
-@pytest.fixture(params=["sdpa", "varlen"])
-def attention_backend(request):
-    """Each CPU-testable attention backend: SDPA, and torch's varlen_attn run through the CPU oracle."""
-    if request.param == "varlen":
-        with cpu_varlen_attention():
-            yield request.param
-    else:
-        yield request.param
