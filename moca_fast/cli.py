@@ -239,7 +239,7 @@ def add_train(subparsers) -> None:
         parser.add_argument("--model", help="override the config's model")
         parser.add_argument("--data", help="override the config's data")
         parser.add_argument("--output-dir", help="override the config's output_dir")
-        parser.add_argument("--max-steps", type=int, help="override the config's max_steps")
+        parser.add_argument("--max-steps", help="override the config's max_steps")
         parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                             help="override any config key, typed by the config (e.g. --set lr=1e-4 --set "
                                  "mask_duplicates=false --set tasks=t2i,vqa); repeatable")
@@ -251,10 +251,8 @@ def run_train(args) -> int:
     from .trainers.run import run
 
     named = {"model": args.model, "data": args.data, "output_dir": args.output_dir, "max_steps": args.max_steps}
-    overrides = {key: value for key, value in named.items() if value is not None} | parse_overrides(args.set)
-    config = load_train_config(args.config, overrides)
-    if config.stage != args.stage:
-        raise ValueError(f"{args.config} is a {config.stage!r} config, not {args.stage!r}")
+    assignments = [f"{key}={value}" for key, value in named.items() if value is not None] + args.set
+    config = load_train_config(args.config, parse_overrides(assignments), stage=args.stage)
     from .trainers.guards import TrainingStopped
 
     try:

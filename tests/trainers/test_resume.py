@@ -18,7 +18,7 @@ from moca_fast.trainers.cpt import ContinualPretraining
 from moca_fast.trainers.guards import TrainingStopped
 from moca_fast.trainers.run import run
 
-from .conftest import cl_config, cpt_config, logged_metrics
+from .conftest import cl_config, cpt_config, logged_metrics, nonfinite_gradients_at
 
 
 def config(output, **overrides):
@@ -145,21 +145,31 @@ def test_other_data_is_refused_on_resume(tmp_path, documents):
         run(config(tmp_path), documents=documents[:40], resume=True)
 
 
-def test_nonfinite_loss_stops_before_the_update_and_saves_nothing(tmp_path, documents):
+def test_nonfinite_loss_stops_before_the_update_and_saves_nothing(tmp_path, documents, monkeypatch):
+    nonfinite_gradients_at(monkeypatch, {2})
     with pytest.raises(TrainingStopped, match=r"step 2: non-finite loss .* on the samples \[doc-\d+, .*nothing from "
                                               r"this step was saved") as stopped:
-        run(config(tmp_path, lr=1e6, checkpoint_every=1), documents=documents)
+        run(config(tmp_path, checkpoint_every=1), documents=documents)
     assert stopped.value.exit_code == 1
     assert steps(logged_metrics(tmp_path)) == [1]
     assert [checkpoint.step_of(p) for p in checkpoint.complete_checkpoints(tmp_path / "checkpoints")] == [1]
     assert not (tmp_path / "final").exists()
 
 
-def test_skip_nonfinite_skips_and_counts_the_updates(tmp_path, documents):
-    records = run(config(tmp_path, lr=1e6, skip_nonfinite=True), documents=documents)
-    assert steps(records) == [1, 2, 3, 4] and records[-1]["skipped_steps"] >= 1
+def test_skip_nonfinite_skips_and_counts_the_updates(tmp_path, documents, monkeypatch):
+    nonfinite_gradients_at(monkeypatch, {2})
+    records = run(config(tmp_path, skip_nonfinite=True, max_skipped_fraction=0.25), documents=documents)
+    assert steps(records) == [1, 2, 3, 4] and records[-1]["skipped_steps"] == 1
     weights = load_pretrained(tmp_path / "final").state_dict()
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_skipping_more_updates_than_max_skipped_fraction_stops_the_run(tmp_path, documents, monkeypatch):
+    nonfinite_gradients_at(monkeypatch, {2, 3, 4})
+    with pytest.raises(TrainingStopped, match=r"step 3: .*2 of the run's 4 updates skipped, more than "
+                                              r"max_skipped_fraction 0.25") as stopped:
+        run(config(tmp_path, skip_nonfinite=True, max_skipped_fraction=0.25), documents=documents)
+    assert stopped.value.exit_code == 1
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
