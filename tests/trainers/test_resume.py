@@ -86,7 +86,8 @@ def cut_after_four(tmp_path_factory, documents):
 
 @pytest.mark.parametrize("name, damage", [("model/model.safetensors", "truncate"), ("optimizer.pt", "truncate"),
                                           ("model/model.safetensors", "garble"), ("trainer_state.pt", "garble"),
-                                          ("extra.pt", "garble")])
+                                          ("extra.pt", "garble"), ("model/model.safetensors", "flip"),
+                                          ("optimizer.pt", "flip"), ("extra.pt", "flip")])
 def test_a_corrupt_file_falls_back_to_the_previous_checkpoint_naming_it(tmp_path, documents, six_steps,
                                                                          cut_after_four, caplog, name, damage):
     out = tmp_path / "cut"
@@ -95,8 +96,12 @@ def test_a_corrupt_file_falls_back_to_the_previous_checkpoint_naming_it(tmp_path
     size = path.stat().st_size
     if damage == "truncate":  # the marker's sizes tell
         os.truncate(path, size // 2)
-    else:  # same size, other bytes: only loading can tell
+    elif damage == "garble":  # same size, other bytes
         path.write_bytes(b"\0" * size)
+    else:  # 64 bytes flipped in the middle: every file still loads, only the marker's checksums tell
+        data = bytearray(path.read_bytes())
+        data[size // 2:size // 2 + 64] = bytes(b ^ 0xFF for b in data[size // 2:size // 2 + 64])
+        path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="moca_fast.trainers.checkpoint"):
         records = run(config(out, max_steps=6), documents=documents, resume=True)
     assert f"step-0000004 is unusable ({path}" in caplog.text
