@@ -97,6 +97,9 @@ def run_embed_or_corpus(args) -> None:
     """A file --output: `run_embed`; a folder: the corpus in parts on every rank torchrun starts (moca_fast.corpus)."""
     if args.output.suffix:
         return run_embed(args)
+    if args.output.exists() and not args.output.is_dir():
+        raise ValueError(f"--output {args.output} is a file without a suffix: a path without a suffix names a folder "
+                         "of parts; name a .npy or .parquet file, or a folder")
     if args.part_size < 1:
         raise ValueError(f"--part-size must be positive, got {args.part_size}")
     from .corpus import embed_corpus
