@@ -38,7 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except (ValueError, FileNotFoundError) as error:  # bad input: the message names it, no traceback needed
-        parser.exit(2, f"moca-fast {args.command}: error: {error}\n")
+        parser.exit(2, f"moca-fast {args.command}: error: {error_line(error)}\n")
+
+
+def error_line(error: Exception) -> str:
+    """A bad input's message as one line; a TrainConfig that a command builds from its own options (the demo's
+    --steps) reports its bad values as a config file's are reported."""
+    if getattr(error, "title", None) == "TrainConfig" and hasattr(error, "errors"):  # pydantic's ValidationError
+        from .config import validation_message
+
+        return validation_message(error, lambda key: "from the command's options")
+    return str(error)
 
 
 # ---------------------------------------------------------------------------------------------- model options

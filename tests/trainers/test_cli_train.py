@@ -135,3 +135,13 @@ def test_the_other_stages_keys_and_bad_yaml_files_are_one_line_errors(capsys, tm
     ]:
         path.write_text(text)
         assert one_line_error(capsys, ["cl", "--config", str(path)]).startswith(f"moca-fast cl: error: {expected}")
+
+
+def test_a_config_a_command_builds_from_its_options_reports_in_one_line():
+    """The demo builds its TrainConfigs from --steps: `demo --steps 0 600` is a one-line error too."""
+    from moca_fast.cli import error_line
+    from moca_fast.config import TrainConfig
+
+    with pytest.raises(ValueError) as info:
+        TrainConfig(stage="cpt", model="tiny", data="x", output_dir="y", max_steps=0)
+    assert error_line(info.value) == "max_steps=0 (from the command's options): out of range, allowed >= 1"
