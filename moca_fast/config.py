@@ -144,7 +144,9 @@ Rate = Field(gt=0, lt=1)
 
 
 # Each field is typed and ranged where it is declared (pydantic checks both when a TrainConfig is made, and refuses
-# inf and nan); a stage's own fields carry CPT or CL.
+# inf and nan); a stage's own fields carry CPT or CL. A new field says it all in its line, e.g.
+#     warmup_tokens: Annotated[int, Count, CPT] = 1000
+# and the YAML files, --set and the one-line errors (allowed range included) follow from it.
 @pydantic_dataclass(config=ConfigDict(allow_inf_nan=False))
 class TrainConfig:
     """One training run of either stage; YAML files in configs/ fill it (see `load_train_config`)."""
@@ -270,7 +272,7 @@ def load_train_config(path: str, overrides: dict[str, Any] | None = None, *, sta
         if "stage" in overrides and overrides["stage"] != stage:
             raise ValueError(f"stage={overrides['stage']} (command line): the stage is the command's, here {stage!r}; "
                              f"run `moca-fast {overrides['stage']}` instead")
-        if values.get("stage", stage) != stage:
+        if values.setdefault("stage", stage) != stage:
             raise ValueError(f"{path} is a {values['stage']!r} config, not {stage!r}")
     values.update(overrides)
     run_stage = values.get("stage")
