@@ -38,7 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except (ValueError, FileNotFoundError) as error:  # bad input: the message names it, no traceback needed
-        parser.exit(2, f"moca-fast {args.command}: error: {error}\n")
+        parser.exit(2, f"moca-fast {args.command}: error: {error_line(error)}\n")
+
+
+def error_line(error: Exception) -> str:
+    """A bad input's message as one line; a TrainConfig that a command builds from its own options (the demo's
+    --steps) reports its bad values as a config file's are reported."""
+    if getattr(error, "title", None) == "TrainConfig" and hasattr(error, "errors"):  # pydantic's ValidationError
+        from .config import validation_message
+
+        return validation_message(error, lambda key: "from the command's options")
+    return str(error)
 
 
 # ---------------------------------------------------------------------------------------------- model options
@@ -97,6 +107,9 @@ def run_embed_or_corpus(args) -> None:
     """A file --output: `run_embed`; a folder: the corpus in parts on every rank torchrun starts (moca_fast.corpus)."""
     if args.output.suffix:
         return run_embed(args)
+    if args.output.exists() and not args.output.is_dir():
+        raise ValueError(f"--output {args.output} is a file without a suffix: a path without a suffix names a folder "
+                         "of parts; name a .npy or .parquet file, or a folder")
     if args.part_size < 1:
         raise ValueError(f"--part-size must be positive, got {args.part_size}")
     from .corpus import embed_corpus
@@ -239,7 +252,7 @@ def add_train(subparsers) -> None:
         parser.add_argument("--model", help="override the config's model")
         parser.add_argument("--data", help="override the config's data")
         parser.add_argument("--output-dir", help="override the config's output_dir")
-        parser.add_argument("--max-steps", type=int, help="override the config's max_steps")
+        parser.add_argument("--max-steps", help="override the config's max_steps")
         parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                             help="override any config key, typed by the config (e.g. --set lr=1e-4 --set "
                                  "mask_duplicates=false --set tasks=t2i,vqa); repeatable")
@@ -251,10 +264,8 @@ def run_train(args) -> int:
     from .trainers.run import run
 
     named = {"model": args.model, "data": args.data, "output_dir": args.output_dir, "max_steps": args.max_steps}
-    overrides = {key: value for key, value in named.items() if value is not None} | parse_overrides(args.set)
-    config = load_train_config(args.config, overrides)
-    if config.stage != args.stage:
-        raise ValueError(f"{args.config} is a {config.stage!r} config, not {args.stage!r}")
+    assignments = [f"{key}={value}" for key, value in named.items() if value is not None] + args.set
+    config = load_train_config(args.config, parse_overrides(assignments), stage=args.stage)
     from .trainers.guards import TrainingStopped
 
     try:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 
 @dataclass(frozen=True)
@@ -125,79 +129,164 @@ class ModelSpec:
         return d
 
 
-@dataclass
+@dataclass(frozen=True)
+class OnlyIn:
+    """Marks a TrainConfig field as one stage's: a config of the other stage that sets it is refused."""
+
+    stage: str
+
+
+CPT, CL = OnlyIn("cpt"), OnlyIn("cl")
+Positive = Field(gt=0)
+Count = Field(ge=1)
+Fraction = Field(ge=0, le=1)
+Rate = Field(gt=0, lt=1)
+
+
+# Each field is typed and ranged where it is declared (pydantic checks both when a TrainConfig is made, and refuses
+# inf and nan); a stage's own fields carry CPT or CL. A new field says it all in its line, e.g.
+#     warmup_tokens: Annotated[int, Count, CPT] = 1000
+# and the YAML files, --set and the one-line errors (allowed range included) follow from it.
+@pydantic_dataclass(config=ConfigDict(allow_inf_nan=False))
 class TrainConfig:
     """One training run of either stage; YAML files in configs/ fill it (see `load_train_config`)."""
 
-    stage: str  # "cpt" (stage 1: MLM + MAE) or "cl" (stage 2: contrastive)
+    stage: Literal["cpt", "cl"]  # "cpt" (stage 1: MLM + MAE) or "cl" (stage 2: contrastive)
     model: str  # a Hugging Face checkpoint directory; "tiny"; or "random:3b" / "random:7b" (reference shapes)
     data: str  # stage 1: a document source (data/documents.py); stage 2: a folder of <task>.jsonl files
     output_dir: str
     tokenizer: str | None = None  # a local tokenizer/processor dir; None: the model dir; "tiny": offline BPE
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = 0
     # optimisation (the reference recipes live in configs/)
-    lr: float = 2e-6
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_ratio: float = 0.1
-    clip_grad_norm: float = 5.0
-    epochs: int = 1
-    max_steps: int | None = None  # stop early (demos, benchmarks); the schedule still spans max_steps
-    grad_accum: int = 4  # micro-batches per optimizer step (stage 1)
-    tokens_per_micro_batch: int = 12800  # the packing budget of one micro-batch
-    max_length: int = 1280
-    min_pixels: int = 256 * 28 * 28
-    max_pixels: int = 1024 * 28 * 28
+    lr: Annotated[float, Field(gt=0, le=1)] = 2e-6  # AdamW moves each weight by about lr per step: above 1 diverges
+    weight_decay: Annotated[float, Fraction] = 0.0
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    warmup_ratio: Annotated[float, Fraction] = 0.1
+    clip_grad_norm: Annotated[float, Positive] = 5.0
+    epochs: Annotated[int, Count] = 1
+    max_steps: Annotated[int | None, Count] = None  # stop early (demos, benchmarks); the schedule still spans max_steps
+    grad_accum: Annotated[int, Count, CPT] = 4  # micro-batches per optimizer step (stage 1)
+    tokens_per_micro_batch: Annotated[int, Count] = 12800  # the packing budget of one micro-batch
+    max_length: Annotated[int, Count] = 1280
+    min_pixels: Annotated[int, Count] = 256 * 28 * 28
+    max_pixels: Annotated[int, Count] = 1024 * 28 * 28
     # precision and speed switches: each state is logged at start
-    dtype: str = "bfloat16"  # parameter/activation dtype on CUDA; CPU runs use float32
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # parameters/activations on CUDA; CPU runs use float32
     compile: bool = False  # torch.compile per decoder layer and vision block
     activation_checkpointing: bool = True
     fp8: bool = False  # torchao float8 for the decoder's linear layers (CUDA, capability >= 8.9)
-    attention_backend: str = "auto"
+    attention_backend: Literal["auto", "flash", "varlen", "sdpa"] = "auto"
     device: str | None = None  # None: CUDA (this process's LOCAL_RANK) when present, else CPU
-    num_workers: int = 2
+    num_workers: Annotated[int, Field(ge=0)] = 2
     # bad data and bad steps
     skip_invalid: bool = False  # skip samples failing validation or decoding (each logged, counted), not stop
     allow_image_paths_outside: bool = False  # let image paths leave the data's image folder ('..', absolute paths)
     skip_nonfinite: bool = False  # skip an update with a non-finite loss or gradient norm (counted), not stop
+    max_skipped_fraction: Annotated[float, Fraction] = 0.05  # skip_nonfinite: stop once more of the run's steps skip
     # stage 1
-    mlm_rate: float = 0.4
-    mae_rate: float = 0.5
-    mae_weight: float = 0.1
+    mlm_rate: Annotated[float, Rate, CPT] = 0.4
+    mae_rate: Annotated[float, Rate, CPT] = 0.5
+    mae_weight: Annotated[float, Field(ge=0), CPT] = 0.1
     # stage 2
-    temperature: float = 0.03
-    pairs_per_rank: int = 24
-    negative_ratio: int = 2
-    grad_cache_tokens: int | None = None  # GradCache chunk budget; None: one packed forward with gradient
-    mask_duplicates: bool = True  # drop in-batch false negatives (identical targets)
-    task_homogeneous: bool = False
-    tasks: tuple[str, ...] | None = None  # train on these <task> files of the data folder only (None: all)
+    temperature: Annotated[float, Positive, CL] = 0.03
+    pairs_per_rank: Annotated[int, Count, CL] = 24
+    negative_ratio: Annotated[int, Field(ge=0), CL] = 2
+    grad_cache_tokens: Annotated[int | None, Count, CL] = None  # GradCache chunk budget; None: one packed forward
+    mask_duplicates: Annotated[bool, CL] = True  # drop in-batch false negatives (identical targets)
+    task_homogeneous: Annotated[bool, CL] = False
+    tasks: Annotated[tuple[str, ...] | None, CL] = None  # train on these <task> files of the data folder (None: all)
     # bookkeeping
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    checkpoint_every: Annotated[int, Count] = 500
+    keep_checkpoints: Annotated[int, Field(ge=0)] = 2  # 0: keep all
     tensorboard: bool = False  # also log the metrics to output_dir/tensorboard (needs the tensorboard package)
 
     def __post_init__(self):
-        if self.stage not in ("cpt", "cl"):
-            raise ValueError(f"stage must be 'cpt' or 'cl', got {self.stage!r}")
         if self.max_length > self.tokens_per_micro_batch:
             raise ValueError(f"max_length {self.max_length} exceeds tokens_per_micro_batch "
                              f"{self.tokens_per_micro_batch}: a full-length sample could never be packed")
-        self.betas = tuple(self.betas)
-        self.tasks = tuple(self.tasks) if self.tasks is not None else None
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
 
 
-def load_train_config(path: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """A TrainConfig from a YAML file, with `overrides` (e.g. from the command line) applied on top."""
+def stage_of_field(name: str) -> str | None:
+    """The stage a TrainConfig field belongs to ("cpt" / "cl"), None for fields of both."""
+    marks = [m for m in TrainConfig.__pydantic_fields__[name].metadata if isinstance(m, OnlyIn)]
+    return marks[0].stage if marks else None
+
+
+def validation_message(error: ValidationError, origin: Callable[[str], str]) -> str:
+    """A pydantic ValidationError of TrainConfig as one line: each bad key with its value, the allowed range and
+    where the value came from (`origin(key)`)."""
+    problems = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:  # a check across fields (__post_init__)
+            problems.append(message)
+            continue
+        key = item["loc"][0]
+        shown = key + "".join(f"[{part}]" for part in item["loc"][1:])
+        if item["type"] in _BOUND_ERRORS and len(item["loc"]) == 1:
+            message = f"out of range, allowed {allowed_range(key)}"
+        problems.append(f"{shown}={item['input']!r} ({origin(key)}): {message.replace('Input should', 'should')}")
+    return "; ".join(problems)
+
+
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def allowed_range(name: str) -> str:
+    """A TrainConfig field's declared bounds in words, e.g. '> 0 and < 1'."""
+    signs = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    return " and ".join(f"{sign} {getattr(mark, bound)}" for mark in TrainConfig.__pydantic_fields__[name].metadata
+                        for bound, sign in signs.items() if getattr(mark, bound, None) is not None)
+
+
+def load_train_config(path: str, overrides: dict[str, Any] | None = None, *, stage: str | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML file, with `overrides` (the command line's, from `parse_overrides`) applied on top.
+    Every problem is a one-line ValueError naming the key, its value and where it came from: a file that is not a
+    YAML mapping, unknown keys, values of the wrong type or out of range, another stage's keys, and (with `stage`,
+    the command's) a config of the other stage."""
     import yaml
 
     with open(path) as f:
-        values = yaml.safe_load(f) or {}
-    values.update(overrides or {})
-    unknown = sorted(set(values) - {f.name for f in TrainConfig.__dataclass_fields__.values()})
+        try:
+            values = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys (key: value lines), got a {type(values).__name__}")
+    overrides = overrides or {}
+
+    def origin(key: str) -> str:
+        return "command line" if key in overrides else path
+
+    unknown = sorted((set(values) | set(overrides)) - {f.name for f in fields(TrainConfig)})
     if unknown:
-        raise ValueError(f"{path}: unknown config keys {unknown}")
-    return TrainConfig(**values)
+        raise ValueError(f"{origin(unknown[0])}: unknown config keys {unknown}")
+
+    if stage is not None:
+        if "stage" in overrides and overrides["stage"] != stage:
+            raise ValueError(f"stage={overrides['stage']} (command line): the stage is the command's, here {stage!r}; "
+                             f"run `moca-fast {overrides['stage']}` instead")
+        if values.setdefault("stage", stage) != stage:
+            raise ValueError(f"{path} is a {values['stage']!r} config, not {stage!r}")
+    values.update(overrides)
+    run_stage = values.get("stage")
+    foreign = sorted(k for k in values if stage_of_field(k) not in (None, run_stage))
+    if run_stage in ("cpt", "cl") and foreign:
+        raise ValueError("; ".join(f"{k} ({origin(k)}) is a {stage_of_field(k)} key: a {run_stage} run does not use it"
+                                   for k in foreign))
+    try:
+        return TrainConfig(**values)
+    except ValidationError as error:
+        missing = [item["loc"][0] for item in error.errors() if item["type"] == "missing"]
+        if missing:
+            raise ValueError(f"{path}: missing config keys {missing}") from None
+        raise ValueError(validation_message(error, origin)) from None
 
 
 _NONE = ("null", "none", "~")
@@ -205,8 +294,9 @@ _BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "
 
 
 def parse_overrides(assignments: list[str] | None) -> dict[str, Any]:
-    """`key=value` strings (the CLI's `--set`) -> TrainConfig values, each typed by its field: numbers, booleans
-    (true/false), `null` for optional fields, comma-separated tuples. Unknown keys and bad values raise."""
+    """`key=value` strings (the CLI's `--set` and its named overrides) -> TrainConfig values, each typed by its
+    field: numbers, booleans (true/false), `null` for optional fields, comma-separated tuples. Unknown keys and
+    values that do not parse raise; ranges are checked when the config is made (`load_train_config`)."""
     hints = typing.get_type_hints(TrainConfig)
     known = [f.name for f in fields(TrainConfig)]
     values = {}
@@ -220,7 +310,7 @@ def parse_overrides(assignments: list[str] | None) -> dict[str, Any]:
         try:
             values[key] = _typed(raw.strip(), hints[key])
         except ValueError as error:
-            raise ValueError(f"--set {key}={raw}: {error}") from None
+            raise ValueError(f"{key}={raw} (command line): {error}") from None
     return values
 
 

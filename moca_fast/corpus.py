@@ -2,14 +2,16 @@
 sharded by cost across the ranks of `torchrun --nproc_per_node N -m moca_fast.cli embed ...` (or one process).
 
 The inputs are cut into parts of `part_size` consecutive inputs; the cut depends only on the input count, so a run
-may resume under another number of ranks. Rank 0 checks DIR/manifest.json (the inputs' digest, the model, its
-dtype and processor settings, the part size; written on the first run) and lists the parts already on disk; the
-ranks cost the remaining inputs in turn (tokens, from text and image headers), gather the costs, and deal the parts
-out greedily, largest first to the least loaded rank. Each part is embedded with MocaEmbedder.encode and written as
-DIR/parts/part-NNNNN.parquet (line, id, embedding) through a temporary file and a rename: a part on disk is complete,
-and a killed run resumes without recomputing it. When all are done, rank 0 writes DIR/index.json, and
-`load_corpus(DIR)` returns the embeddings in input order. The folder must be shared by the ranks (one machine, or a
-shared filesystem).
+may resume under another number of ranks. Rank 0 checks DIR/manifest.json (the inputs' digest, the model and a
+digest of its weights, so that another model put at the same path is refused, its dtype and processor settings, the
+part size; written on the first run) and lists the parts on disk whose bytes match the xxh3-128 checksum written
+with them (DIR/checksums/; a damaged part is embedded again); the ranks cost the remaining inputs in turn (tokens,
+from text and image headers), gather the costs, and deal the parts out greedily, largest first to the least loaded
+rank. Each part is embedded with MocaEmbedder.encode and written as DIR/parts/part-NNNNN.parquet (line, id,
+embedding) through a temporary file and a rename: a part on disk is complete, and a killed run resumes without
+recomputing it. When all are done, rank 0 writes DIR/index.json (each part with its checksum), and
+`load_corpus(DIR)` checks every part's bytes and returns the embeddings in input order. The folder must be shared
+by the ranks (one machine, or a shared filesystem).
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .checksums import file_checksum
 from .embed import EmbedInput, MocaEmbedder
+from .eval.cache import model_key
 
 log = logging.getLogger(__name__)
 
-MANIFEST, INDEX, PARTS = "manifest.json", "index.json", "parts"
+MANIFEST, INDEX, PARTS, CHECKSUMS = "manifest.json", "index.json", "parts", "checksums"
 
 
 def part_ranges(count: int, part_size: int) -> list[range]:
@@ -53,6 +57,29 @@ def part_path(folder: Path, part: int) -> Path:
     return folder / PARTS / f"part-{part:05d}.parquet"
 
 
+def checksum_path(folder: Path, part: int) -> Path:
+    """Where a part's xxh3-128 checksum is kept, written once the part is."""
+    return folder / CHECKSUMS / f"part-{part:05d}.xxh3"
+
+
+def intact_parts(folder: Path, count: int) -> list[int]:
+    """The parts on disk whose bytes match the checksum recorded when they were written; any other part file
+    (truncated, emptied, swapped, changed bytes, or without a checksum) is logged, deleted and embedded again."""
+    intact = []
+    for part in range(count):
+        path, recorded = part_path(folder, part), checksum_path(folder, part)
+        if not path.is_file():
+            continue
+        if recorded.is_file() and file_checksum(path) == recorded.read_text().strip():
+            intact.append(part)
+            continue
+        log.warning("%s: its bytes do not match the checksum written with it (damaged or replaced): embedding it "
+                    "again", path)
+        path.unlink()
+        recorded.unlink(missing_ok=True)
+    return intact
+
+
 def embed_corpus(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], ids: Sequence, folder: Path, *, source: Path,
                  model: str, part_size: int, overwrite: bool = False) -> None:
     """Embed `inputs` (ids kept beside them) into `folder`, resuming what is there; under torchrun every rank calls
@@ -68,9 +95,10 @@ def embed_corpus(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], ids: Sequ
     if rank == 0:
         try:
             manifest = {"inputs": str(source), "inputs_sha256": file_digest(source), "count": len(inputs),
-                        "part_size": part_size, "model": model, **embedder_settings(embedder)}
+                        "part_size": part_size, "model": model, "model_key": model_key(embedder),
+                        **embedder_settings(embedder)}
             check_manifest(folder, manifest, overwrite=overwrite)
-            state[0] = sorted(p for p in range(len(parts)) if part_path(folder, p).is_file())
+            state[0] = intact_parts(folder, len(parts))
         except ValueError as error:
             state[0] = str(error)
     if world > 1:
@@ -125,6 +153,7 @@ def check_manifest(folder: Path, manifest: dict, *, overwrite: bool = False) -> 
     path = folder / MANIFEST
     if path.is_file() and overwrite:
         shutil.rmtree(folder / PARTS, ignore_errors=True)
+        shutil.rmtree(folder / CHECKSUMS, ignore_errors=True)
         for name in (INDEX, MANIFEST):
             (folder / name).unlink(missing_ok=True)
     if path.is_file():
@@ -158,6 +187,10 @@ def write_part(path: Path, lines: range, ids: list, embeddings: np.ndarray) -> N
 
     with written_atomically(path) as tmp:
         pq.write_table(embeddings_table(lines, ids, embeddings), tmp)
+    part = int(path.stem.removeprefix("part-"))
+    checksums = path.parent.parent / CHECKSUMS
+    checksums.mkdir(exist_ok=True)
+    write_atomically(checksum_path(path.parent.parent, part), file_checksum(path).encode())
 
 
 def write_index(folder: Path, parts: list[range], dim: int) -> None:
@@ -165,8 +198,8 @@ def write_index(folder: Path, parts: list[range], dim: int) -> None:
     if missing:
         raise RuntimeError(f"{folder}: parts {missing} are missing after every rank finished")
     index = {"count": sum(map(len, parts)), "dim": dim,
-             "parts": [{"file": str(part_path(folder, p).relative_to(folder)), "first_line": r.start, "rows": len(r)}
-                       for p, r in enumerate(parts)]}
+             "parts": [{"file": str(part_path(folder, p).relative_to(folder)), "first_line": r.start, "rows": len(r),
+                        "xxh3": checksum_path(folder, p).read_text().strip()} for p, r in enumerate(parts)]}
     write_atomically(folder / INDEX, json.dumps(index, indent=2).encode())
     log.info("wrote %d embeddings of dimension %d in %d parts to %s", index["count"], dim, len(parts), folder)
 
@@ -181,6 +214,9 @@ def load_corpus(folder: str | os.PathLike) -> tuple[np.ndarray, list]:
     index = json.loads((folder / INDEX).read_text())
     embeddings, ids = np.empty((index["count"], index["dim"]), dtype=np.float32), []
     for part in index["parts"]:
+        if "xxh3" in part and file_checksum(folder / part["file"]) != part["xxh3"]:
+            raise ValueError(f"{folder / part['file']}: its bytes do not match the checksum in {INDEX} (damaged or "
+                             "replaced): run the embedding again to redo it")
         table = pq.read_table(folder / part["file"])
         lines = table.column("line").to_numpy()
         if len(lines) != part["rows"] or lines[0] != part["first_line"]:

@@ -112,7 +112,8 @@ def test_the_output_is_checked_before_any_work(lines, tmp_path, capsys):
     (tmp_path / "folder.npy").mkdir()
     (tmp_path / "a-file").write_text("")
     for output, message in [("folder.npy", "is a folder"), ("taken.npy", "exists; pass --overwrite"),
-                            ("a-file/out.npy", "cannot create its folder")]:
+                            ("a-file/out.npy", "cannot create its folder"),
+                            ("a-file", "is a file without a suffix: a path without a suffix names a folder of parts")]:
         err = _fails(["embed", str(lines), "--output", str(tmp_path / output), "--model", missing_model], capsys)
         assert message in err, err
     assert (tmp_path / "taken.npy").read_bytes() == b"old"

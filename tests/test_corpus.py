@@ -17,7 +17,7 @@ from moca_fast.cli import main, read_jsonl_inputs
 from moca_fast.corpus import deal_parts, load_corpus, part_ranges
 from moca_fast.embed import MocaEmbedder
 
-from .eval.tiny import PIXELS
+from .eval.tiny import PIXELS, write_tiny_checkpoint
 
 KILL_AFTER_TWO_PARTS = """
 import os, sys
@@ -137,5 +137,43 @@ def test_two_ranks_under_torchrun_equal_one_process(corpus, checkpoint, tmp_path
     dealt = [int(n) for n in re.findall(r"rank \d/2: (\d) of the 5 parts left", run.stderr)]
     assert len(dealt) == 2 and min(dealt) > 0 and sum(dealt) == 5, run.stderr[-3000:]
     got, ids = load_corpus(tmp_path / "out")
+    np.testing.assert_allclose(got, corpus[1], atol=1e-6, rtol=0)
+    assert ids == corpus[2]
+
+
+def test_another_model_at_the_same_path_is_refused_on_rerun(corpus, checkpoint, tokenizer, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint, model)
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_TWO_PARTS, *embed_args(corpus, model, out)],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    shutil.rmtree(model)
+    write_tiny_checkpoint(model, tokenizer, seed=12)  # other weights, same path, same shapes and settings
+    with pytest.raises(SystemExit):
+        main(embed_args(corpus, model, out))
+    assert "holds the embeddings of another run (differing: model_key)" in capsys.readouterr().err
+
+
+def test_damaged_parts_are_caught_by_load_and_embedded_again_on_rerun(corpus, checkpoint, tmp_path, caplog):
+    out = tmp_path / "out"
+    assert main(embed_args(corpus, checkpoint, out)) == 0
+    parts = sorted((out / "parts").glob("part-*.parquet"))
+    data = bytearray(parts[0].read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 64])
+    parts[0].write_bytes(bytes(data))  # flipped bytes, same size
+    os.truncate(parts[1], parts[1].stat().st_size // 2)
+    parts[2].write_bytes(b"")
+    third, fourth = parts[3].read_bytes(), parts[4].read_bytes()
+    parts[3].write_bytes(fourth)
+    parts[4].write_bytes(third)  # swapped
+    with pytest.raises(ValueError, match=re.escape(f"{parts[0]}: its bytes do not match the checksum in index.json")):
+        load_corpus(out)
+    with caplog.at_level("WARNING"):
+        assert main(embed_args(corpus, checkpoint, out)) == 0
+    assert all(f"{p}: its bytes do not match the checksum written with it" in caplog.text for p in parts)
+    got, ids = load_corpus(out)
     np.testing.assert_allclose(got, corpus[1], atol=1e-6, rtol=0)
     assert ids == corpus[2]

@@ -6,16 +6,20 @@ safetensors in the dtype the config declares, loadable by moca_fast, transformer
 the tokenizer and image processor settings beside it), `master/` (the fp32 master weights, only when `model/` holds
 a lower precision, so a resume is exact), `extra.pt` (modules outside the HF model, e.g. the MAE head),
 `optimizer.pt`, `trainer_state.pt` (step, data position, scheduler, RNG) and, written last, `checkpoint.json`: the
-completeness marker and manifest (format, step, run id, stage, config, data fingerprint, and every file's size).
+completeness marker and manifest (format, step, run id, stage, config, data fingerprint, every file's size and
+xxh3-128 checksum).
 Everything is written into `step-NNNNNNN.tmp/` and flushed to disk, then the marker, then the folder is renamed
-into place. A checkpoint counts only when its marker is there and every file has the size the marker records;
-files that still fail to load make resume fall back to the previous complete checkpoint, naming the file. Pruning deletes only this run's older complete checkpoints, each renamed to `*.deleting` first so a kill
+into place. A checkpoint counts only when its marker is there; a file whose size or checksum differs from the
+marker's, or that fails to load, makes resume fall back to the previous complete checkpoint, naming the file. A
+disk that fills up during a write is one clear error (DiskFull); the half-written folder is deleted. Pruning deletes only this run's older complete checkpoints, each renamed to `*.deleting` first so a kill
 mid-delete leaves nothing that looks complete. Sharded (FSDP2) models are gathered to full state dicts on rank 0
 with torch.distributed.checkpoint's state-dict API.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -33,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from moca_fast.checksums import file_checksum
 from moca_fast.model.loading import load_state_dict_into, read_safetensors, save_pretrained
 from moca_fast.model.moca import MocaModel
 
@@ -98,21 +103,73 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model, extra: torch.n
     if rank() == 0:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if save_pretrained(model, tmp / "model", state_dict=model_state) != torch.float32:
-            save_pretrained(model, tmp / "master", state_dict=model_state, dtype=torch.float32)
-        if processor is not None:
-            processor.save_pretrained(tmp / "model")
-        if extra_state is not None:
-            torch.save(extra_state, tmp / "extra.pt")
-        torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
-        write_marker(tmp, {"format": FORMAT, "step": step, **identity, "files": _sync_files(tmp)})
+        with out_of_space_named(tmp, f"checkpoint step {step}"):
+            tmp.mkdir(parents=True)
+            if save_pretrained(model, tmp / "model", state_dict=model_state) != torch.float32:
+                save_pretrained(model, tmp / "master", state_dict=model_state, dtype=torch.float32)
+            if processor is not None:
+                processor.save_pretrained(tmp / "model")
+            if extra_state is not None:
+                torch.save(extra_state, tmp / "extra.pt")
+            torch.save(optim_state, tmp / "optimizer.pt")
+            torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
+            sizes = _sync_files(tmp)
+            checksums = {name: file_checksum(tmp / name) for name in sizes}
+            write_marker(tmp, {"format": FORMAT, "step": step, **identity, "files": sizes, "checksums": checksums})
         publish(tmp, final)
         prune(root, keep, run=identity["run"], upto=step)
     if dist.is_initialized():
         dist.barrier()
     return final
+
+
+class DiskFull(CheckpointError):
+    """A write ran out of space; what was half-written is gone and what was there before is intact."""
+
+
+@contextlib.contextmanager
+def out_of_space_named(tmp: Path, what: str):
+    """Around writing `what` into the new folder `tmp`: when the disk fills up (ENOSPC; torch's zip writer reports
+    it as a RuntimeError, so a write error with under FULL_BYTES left counts too), delete `tmp` and raise DiskFull
+    naming the filesystem and its free space. Any other failure also deletes `tmp`, and propagates."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = _free_bytes(tmp.parent)
+        if getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < FULL_BYTES):
+            raise DiskFull(f"{what} could not be written to {tmp.parent}: the disk is full (ENOSPC, "
+                           f"{(free or 0) / 2**20:.0f} MiB free); nothing written was kept and earlier checkpoints "
+                           "are intact: free space, then continue with --resume") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+FULL_BYTES = 64 << 20
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    """Every file the marker lists has the size, and (markers since checksums) the xxh3-128 checksum, it records;
+    raises CheckpointError naming the first that does not (missing, truncated, replaced or with changed bytes)."""
+    checksums = manifest.get("checksums", {})
+    for name, size in manifest.get("files", {}).items():
+        file = path / name
+        actual = file.stat().st_size if file.is_file() else None
+        if actual != size:
+            raise CheckpointError(f"{file}: {'missing' if actual is None else f'{actual} bytes'}, the marker "
+                                  f"records {size} bytes (truncated or replaced)")
+        if name in checksums and file_checksum(file) != checksums[name]:
+            raise CheckpointError(f"{file}: its checksum differs from the marker's (the bytes changed since it was "
+                                  "written: corrupt)")
 
 
 def write_marker(folder: Path, manifest: dict) -> None:
@@ -188,12 +245,7 @@ def read_checkpoint(path: Path, spec) -> Loaded:
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path / MARKER}: format {manifest.get('format')}, this moca_fast reads format "
                               f"{FORMAT} (written by another version)")
-    for name, size in manifest.get("files", {}).items():
-        file = path / name
-        actual = file.stat().st_size if file.is_file() else None
-        if actual != size:
-            raise CheckpointError(f"{file}: {'missing' if actual is None else f'{actual} bytes'}, the marker "
-                                  f"records {size} bytes (truncated or replaced)")
+    verify_files(path, manifest)
 
     def read(name: str, load):
         try:

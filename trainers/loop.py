@@ -119,6 +119,10 @@ def train(config: TrainConfig, stage: Stage, *, processor=None, device: torch.de
                             raise TrainingStopped(f"{problem}; {NONFINITE_ADVICE}")
                         skipped += 1
                         log.warning("skipped the update (%d so far): %s", skipped, problem)
+                        if skipped > config.max_skipped_fraction * total:
+                            raise TrainingStopped(f"{problem}; {skipped} of the run's {total} updates skipped, more "
+                                                  f"than max_skipped_fraction {config.max_skipped_fraction} allows: "
+                                                  "the run is not training. Lower the learning rate or check the data")
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     step, position = step + 1, position + 1

@@ -34,7 +34,7 @@ RUN_OUTPUTS = ("checkpoints", "final", "final.tmp", "metrics.jsonl")
 # input; a policy that changes the samples changes the data fingerprint): free to change on resume.
 BOOKKEEPING = frozenset({"output_dir", "data", "model", "tokenizer", "device", "num_workers", "checkpoint_every",
                          "keep_checkpoints", "compile", "activation_checkpointing", "attention_backend",
-                         "skip_invalid", "allow_image_paths_outside", "skip_nonfinite"})
+                         "skip_invalid", "allow_image_paths_outside", "skip_nonfinite", "max_skipped_fraction"})
 
 
 def prepare_output(output: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from moca_fast.model.heads import mae_state_from_patch_major, reference_names
 from moca_fast.model.loading import declared_dtype, safetensors_files
 
-from .checkpoint import FORMAT, MARKER, read_marker
+from .checkpoint import FORMAT, MARKER, out_of_space_named, read_marker, verify_files
 
 HEAD_FILE = "model-mae-head.safetensors"
 
@@ -48,6 +48,8 @@ def export_stage1(step: str | os.PathLike, output: str | os.PathLike) -> Path:
     layout = stored_format(step)
     if layout not in (1, FORMAT):
         raise ValueError(f"{step}: format {layout}: written by a newer moca_fast")
+    if (step / MARKER).is_file():
+        verify_files(step, read_marker(step))
     head = torch.load(step / "extra.pt", weights_only=True)
     head = reference_names(mae_state_from_patch_major(head) if layout < 2 else head)
     declared = declared_dtype(json.loads((step / "model" / "config.json").read_text()))
@@ -56,18 +58,19 @@ def export_stage1(step: str | os.PathLike, output: str | os.PathLike) -> Path:
 
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(step / "model", tmp)
-    files = safetensors_files(tmp)
-    if files == ["model.safetensors"]:
-        merged = {**load_file(tmp / "model.safetensors"), **head}
-        save_file(merged, tmp / "merged.safetensors", metadata={"format": "pt"})
-        os.replace(tmp / "merged.safetensors", tmp / "model.safetensors")  # never write over a file being read
-    else:  # sharded: the head is one more shard in the index
-        save_file(head, tmp / HEAD_FILE, metadata={"format": "pt"})
-        index = json.loads((tmp / "model.safetensors.index.json").read_text())
-        index["weight_map"].update(dict.fromkeys(head, HEAD_FILE))
-        index.setdefault("metadata", {})["total_size"] = index.get("metadata", {}).get("total_size", 0) + sum(
-            t.numel() * t.element_size() for t in head.values())
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    os.replace(tmp, output)
+    with out_of_space_named(tmp, f"the export of {step}"):  # no .tmp is left behind, whatever fails
+        shutil.copytree(step / "model", tmp)
+        files = safetensors_files(tmp)
+        if files == ["model.safetensors"]:
+            merged = {**load_file(tmp / "model.safetensors"), **head}
+            save_file(merged, tmp / "merged.safetensors", metadata={"format": "pt"})
+            os.replace(tmp / "merged.safetensors", tmp / "model.safetensors")  # never write over a file being read
+        else:  # sharded: the head is one more shard in the index
+            save_file(head, tmp / HEAD_FILE, metadata={"format": "pt"})
+            index = json.loads((tmp / "model.safetensors.index.json").read_text())
+            index["weight_map"].update(dict.fromkeys(head, HEAD_FILE))
+            index.setdefault("metadata", {})["total_size"] = index.get("metadata", {}).get("total_size", 0) + sum(
+                t.numel() * t.element_size() for t in head.values())
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        os.replace(tmp, output)
     return output

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -102,13 +103,21 @@ class PackCollator:
                               window_size=self.window_size, patch_size=self.patch_size)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's `worker_init_fn`: SIGTERM and SIGINT sent to the whole process group (as SLURM,
+    systemd and Ctrl-C do) reach the workers too; the main process owns the stop (it finishes the step, saves and
+    shuts the workers down), so a worker must not die of them first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def packed_loader(dataset: Dataset, sampler: TokenBudgetSampler, collator: PackCollator, *, num_workers: int = 0,
                   prefetch_factor: int = 4, pin_memory: bool | None = None) -> DataLoader:
     """A DataLoader of PackedBatches; pins memory when CUDA is there (so host-to-device copies overlap)."""
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
                       prefetch_factor=prefetch_factor if num_workers else None, pin_memory=pin,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
 
 
 def one_line_errors(batches: Iterable) -> Iterator:

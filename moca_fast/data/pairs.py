@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..checksums import file_checksum
 from .documents import open_rows, resolve_image_path, source_folder
 from .skips import Skips
 from .tokens import IMAGE_PLACEHOLDER
@@ -147,7 +148,8 @@ class PairDataset(torch.utils.data.Dataset):
     image folder and present): no image is decoded then. Within a task, rows must carry the same number of hard
     negatives (one batch holds one count): rows without any, in a task whose other rows have some, are invalid.
     An invalid row raises a ValueError naming it; with `skip_invalid` it is left out, logged and counted per
-    reason in `skipped`. `negatives_per_task` gives each task's count; `fingerprint` digests the pairs."""
+    reason in `skipped`. `negatives_per_task` gives each task's count; `fingerprint` digests the pairs and the bytes
+    of every image they name (read once, when the dataset opens)."""
 
     def __init__(self, subsets: Mapping[str, str | Path | Sequence[Mapping]], *, split: str = "train",
                  image_dir: str | Path | None = None, negative_ratio: int = NEGATIVE_RATIO, seed: int = 0,
@@ -165,7 +167,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.skipped = Skips(log, "pair")
         self._index: list[tuple[int, int]] = []  # (subset, row) of each kept pair
         self.negatives_per_task: dict[str, int] = {}
-        digest = hashlib.blake2b(digest_size=16)
+        digest, images = hashlib.blake2b(digest_size=16), set()
         for k, (task, source, rows, _) in enumerate(self._subsets):
             kept, counts = [], []
             for r, row in enumerate(rows):
@@ -178,6 +180,7 @@ class PairDataset(torch.utils.data.Dataset):
                 kept.append(r)
                 counts.append(len(pair.negatives))
                 digest.update(repr(pair).encode())
+                images.update(side.image for side in (pair.query, pair.positive, *pair.negatives) if side.image)
             most = max(counts, default=0)
             for r, count in zip(kept, counts):
                 if count == most:
@@ -192,6 +195,8 @@ class PairDataset(torch.utils.data.Dataset):
         if not self._index:
             raise ValueError(f"no valid pairs in {', '.join(str(s) for _, s, _, _ in self._subsets)}")
         self.tasks = [self._subsets[k][0] for k, _ in self._index]
+        for path in sorted(images):  # the pixels too: images rewritten at the same paths are other data
+            digest.update(f"{path}\0{file_checksum(path)}".encode())
         self.fingerprint = digest.hexdigest()
         if self.skipped:
             log.warning("skipped %d invalid pairs of %d: %s", self.skipped.total(),

@@ -2,7 +2,8 @@
 
 Each cached array is `<name>.npy` plus `<name>.json` holding a fingerprint of what was embedded: the model's key
 (`model_key`: a digest of every weight, the model's config, the processor's settings and the tokenizer's vocabulary,
-so retrained weights at the same path never reuse old embeddings) and every input's text and images. The JSON is
+so retrained weights at the same path never reuse old embeddings) and every input's text and images (an image path
+with a checksum of the file's bytes, so images rewritten at the same paths are embedded again). The JSON is
 written last, so its presence means the array is complete; a fingerprint that differs (other weights, other data)
 recomputes. The model id is kept in the JSON for people, not in the key.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checksums import file_checksum
 from ..embed import EmbedInput, MocaEmbedder
 
 log = logging.getLogger(__name__)
@@ -51,12 +53,17 @@ def fingerprint(key: str, inputs: Sequence[EmbedInput]) -> str:
 
 
 def _image_key(image) -> bytes:
-    """Paths by name, encoded images (bytes or {"bytes", "path"} dicts) by content."""
+    """Encoded images (bytes or {"bytes", "path"} dicts) by content; paths by name and content (an image rewritten
+    at its path is embedded again). A path that cannot be read is keyed by name: encoding it reports the problem."""
     if isinstance(image, dict):
         image = image.get("bytes") if image.get("bytes") is not None else image.get("path")
     if isinstance(image, (bytes, bytearray)):
         return hashlib.blake2b(image, digest_size=16).digest()
-    return str(image).encode()
+    try:
+        content = file_checksum(image)
+    except (OSError, TypeError):
+        content = ""
+    return f"{image}\0{content}".encode()
 
 
 def cached_embeddings(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], path: Path | None, *,

@@ -203,3 +203,24 @@ def test_a_missing_image_file_fails_when_the_data_opens(tmp_path):
     source = _rows_file(tmp_path, "t", [row()])
     with pytest.raises(ValueError, match=r"row t#0: the query: image file not found: .*q.png"):
         PairDataset({"t": source})
+
+
+def test_the_fingerprint_covers_the_image_bytes_not_only_the_paths(tmp_path):
+    """Stage 2's data fingerprint (what a resume compares): every image rewritten at its path with other pixels,
+    its size and mtime put back where they can be, is other data."""
+    import os
+
+    from PIL import ImageOps
+
+    from moca_fast.trainers.cl import pair_subsets
+    from moca_fast.data.synthetic import make_pairs, write_pairs
+
+    write_pairs(make_pairs(8, seed=0), tmp_path, seed=0)
+    before = PairDataset(pair_subsets(str(tmp_path))).fingerprint
+    assert PairDataset(pair_subsets(str(tmp_path))).fingerprint == before
+    images = sorted(tmp_path.rglob("*.png"))
+    for image in images:
+        stamp = image.stat()
+        ImageOps.invert(Image.open(image).convert("RGB")).save(image)
+        os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert images and PairDataset(pair_subsets(str(tmp_path))).fingerprint != before

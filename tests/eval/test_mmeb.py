@@ -1,6 +1,7 @@
 """MMEB harness: the benchmark's table, reading rows, end to end on synthetic data, resuming, errors naming rows."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -75,6 +76,15 @@ def test_end_to_end_with_cache_and_resume(embedder, mmeb_data, tmp_path, capsys,
     finally:
         with torch.no_grad():
             weight.copy_(original)  # the embedder is shared by other tests
+    # the key holds the images' bytes: one image rewritten at its path (its old mtime put back) is recomputed
+    from PIL import Image, ImageOps
+
+    image = sorted(mmeb_data.rglob("*.png"))[0]
+    stamp = image.stat()
+    ImageOps.invert(Image.open(image).convert("RGB")).save(image)
+    os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    with pytest.raises(AssertionError, match="cache should have been used"):
+        mmeb.evaluate_mmeb(embedder, mmeb_data, cache_dir=cache, model_id="tiny")
 
 
 def test_corrupt_and_missing_images_name_the_row(embedder, mmeb_data):

@@ -39,3 +39,20 @@ def cl_config(output_dir, data, **overrides) -> TrainConfig:
     values = dict(stage="cl", data=str(data), output_dir=str(output_dir), lr=1e-3, pairs_per_rank=8,
                   tokens_per_micro_batch=4096, temperature=0.05, max_steps=8, **COMMON)
     return TrainConfig(**{**values, **overrides})
+
+
+def nonfinite_gradients_at(monkeypatch, steps) -> None:
+    """Stage 1's optimizer steps numbered `steps` (counting from 1 in this process) end with a NaN gradient, as a
+    diverging run's would; the loop must then stop, or skip the update."""
+    from moca_fast.trainers.cpt import ContinualPretraining
+
+    real, calls = ContinualPretraining.train_step, []
+
+    def train_step(self, micro_batches):
+        values = real(self, micro_batches)
+        calls.append(1)
+        if len(calls) in steps:
+            next(p for p in self.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+        return values
+
+    monkeypatch.setattr(ContinualPretraining, "train_step", train_step)

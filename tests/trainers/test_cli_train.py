@@ -8,6 +8,8 @@ import pytest
 from moca_fast.cli import main
 from moca_fast.data.synthetic import write_documents
 
+from .conftest import nonfinite_gradients_at
+
 CONFIGS = Path(__file__).parents[2] / "configs"
 
 
@@ -66,7 +68,8 @@ def test_set_reaches_the_config_and_bad_keys_stop_the_command(tmp_path, capsys):
     assert "--set temprature: unknown config key" in capsys.readouterr().err
 
 
-def test_a_used_output_dir_needs_resume_or_overwrite_and_a_nan_stops_with_one_line(tmp_path, documents, capsys):
+def test_a_used_output_dir_needs_resume_or_overwrite_and_a_nan_stops_with_one_line(tmp_path, documents, capsys,
+                                                                                    monkeypatch):
     docs = write_documents(documents, tmp_path / "docs", "dataset")
     args = ["cpt", "--config", str(CONFIGS / "tiny-cpt.yaml"), "--data", str(docs), "--output-dir", str(tmp_path / "o"),
             "--max-steps", "2"]
@@ -74,8 +77,71 @@ def test_a_used_output_dir_needs_resume_or_overwrite_and_a_nan_stops_with_one_li
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2 and "already holds a run" in capsys.readouterr().err
-    bad = tmp_path / "exploding.yaml"
-    bad.write_text((CONFIGS / "tiny-cpt.yaml").read_text().replace("lr: 2.0e-3", "lr: 1.0e+6"))
-    assert main(["cpt", "--config", str(bad), *args[3:], "--overwrite"]) == 1
+    nonfinite_gradients_at(monkeypatch, {2})
+    assert main([*args, "--overwrite"]) == 1
     err = capsys.readouterr().err
     assert "moca-fast cpt: stopped: step 2: non-finite loss" in err and "Traceback" not in err
+
+
+def one_line_error(capsys, argv) -> str:
+    """The command's error: exit code 2 and one line on stderr (logging aside), no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("moca-fast")]
+    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("assignment, expected", [
+    ("mlm_rate=1.7", "mlm_rate=1.7 (command line): out of range, allowed > 0 and < 1"),
+    ("mlm_rate=1.5", "mlm_rate=1.5 (command line): out of range, allowed > 0 and < 1"),
+    ("dtype=float64", "dtype='float64' (command line): should be 'bfloat16', 'float16' or 'float32'"),
+    ("lr=-1", "lr=-1.0 (command line): out of range, allowed > 0 and <= 1"),
+    ("lr=1e39", "lr=1e+39 (command line): out of range, allowed > 0 and <= 1"),
+    ("lr=nan", "lr=nan (command line): should be a finite number"),
+    ("grad_accum=0", "grad_accum=0 (command line): out of range, allowed >= 1"),
+    ("clip_grad_norm=-1", "clip_grad_norm=-1.0 (command line): out of range, allowed > 0"),
+    ("checkpoint_every=0", "checkpoint_every=0 (command line): out of range, allowed >= 1"),
+    ("betas=0.9,1.5", "betas[1]=1.5 (command line): should be less than 1"),
+    ("temperature=0.1", "temperature (command line) is a cl key: a cpt run does not use it"),
+    ("stage=cl", "stage=cl (command line): the stage is the command's, here 'cpt'; run `moca-fast cl` instead"),
+])
+def test_bad_config_values_are_one_line_errors_naming_key_value_and_range(capsys, tmp_path, assignment, expected):
+    line = one_line_error(capsys, ["cpt", "--config", str(CONFIGS / "tiny-cpt.yaml"), "--output-dir",
+                                   str(tmp_path / "o"), "--set", assignment])
+    assert line == f"moca-fast cpt: error: {expected}"
+    assert not (tmp_path / "o").exists()  # refused before anything ran
+
+
+def test_named_overrides_take_the_same_path_as_set(capsys, tmp_path):
+    common = ["cpt", "--config", str(CONFIGS / "tiny-cpt.yaml")]
+    named = one_line_error(capsys, [*common, "--max-steps", "0"])
+    assert named == one_line_error(capsys, [*common, "--set", "max_steps=0"])
+    assert named.endswith("max_steps=0 (command line): out of range, allowed >= 1")
+    assert one_line_error(capsys, [*common, "--max-steps", "two"]).endswith(
+        "max_steps=two (command line): expected an integer")
+
+
+def test_the_other_stages_keys_and_bad_yaml_files_are_one_line_errors(capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    for text, expected in [
+        ((CONFIGS / "tiny-cl.yaml").read_text() + "mlm_rate: 0.3\n", f"mlm_rate ({path}) is a cpt key: a cl run"),
+        ((CONFIGS / "tiny-cl.yaml").read_text().replace("temperature: 0.05", "temperature: -1"),
+         f"temperature=-1 ({path}): out of range, allowed > 0"),
+        ("stage: cl\nmodel: [unclosed\n", f"{path}: not valid YAML at line 3, column 1"),
+        ("- stage: cl\n- model: tiny\n", f"{path}: expected a mapping of config keys (key: value lines), got a list"),
+        ("stage: cl\nmodel: tiny\n", f"{path}: missing config keys ['data', 'output_dir']"),
+    ]:
+        path.write_text(text)
+        assert one_line_error(capsys, ["cl", "--config", str(path)]).startswith(f"moca-fast cl: error: {expected}")
+
+
+def test_a_config_a_command_builds_from_its_options_reports_in_one_line():
+    """The demo builds its TrainConfigs from --steps: `demo --steps 0 600` is a one-line error too."""
+    from moca_fast.cli import error_line
+    from moca_fast.config import TrainConfig
+
+    with pytest.raises(ValueError) as info:
+        TrainConfig(stage="cpt", model="tiny", data="x", output_dir="y", max_steps=0)
+    assert error_line(info.value) == "max_steps=0 (from the command's options): out of range, allowed >= 1"

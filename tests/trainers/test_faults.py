@@ -64,20 +64,27 @@ def test_kill_at_each_checkpoint_phase_then_resume(tmp_path, uninterrupted, phas
 
 
 @pytest.mark.slow
-def test_sigterm_from_outside_checkpoints_the_step_and_exits_non_zero(tmp_path):
+@pytest.mark.parametrize("to_group", [False, True], ids=["main-pid", "process-group-with-workers"])
+def test_sigterm_from_outside_checkpoints_the_step_and_exits_non_zero(tmp_path, to_group):
+    """SIGTERM to the main process alone, or (as SLURM and systemd send it) to the whole process group, DataLoader
+    workers included: the workers must not die of it before the main process has saved."""
     data = write_documents(documents(), tmp_path / "docs", "dataset")
     output = tmp_path / "out"
     recipe = ROOT / "configs" / "tiny-cpt.yaml"
     child = subprocess.Popen([sys.executable, "-m", "moca_fast.cli", "cpt", "--config", str(recipe), "--data",
-                              str(data), "--output-dir", str(output), "--max-steps", "10000"],
-                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                              str(data), "--output-dir", str(output), "--max-steps", "10000",
+                              "--set", f"num_workers={2 if to_group else 0}"],
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         metrics = output / "metrics.jsonl"
         while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):  # two whole steps logged
             assert child.poll() is None and time.monotonic() < deadline, "the run ended or never started"
             time.sleep(0.2)
-        child.send_signal(signal.SIGTERM)
+        if to_group:
+            os.killpg(child.pid, signal.SIGTERM)  # the child leads its own session: itself and its workers
+        else:
+            child.send_signal(signal.SIGTERM)
         _, stderr = child.communicate(timeout=120)
     finally:
         child.kill()
@@ -85,3 +92,4 @@ def test_sigterm_from_outside_checkpoints_the_step_and_exits_non_zero(tmp_path):
     last = logged_metrics(output)[-1]["step"]
     assert f"stopped by signal {int(signal.SIGTERM)} after step {last}" in stderr
     assert step_of(complete_checkpoints(output / "checkpoints")[-1]) == last  # nothing since the last step lost
+    assert "Traceback" not in stderr and "killed by signal" not in stderr

@@ -18,7 +18,7 @@ from moca_fast.trainers.cpt import ContinualPretraining
 from moca_fast.trainers.guards import TrainingStopped
 from moca_fast.trainers.run import run
 
-from .conftest import cl_config, cpt_config, logged_metrics
+from .conftest import cl_config, cpt_config, logged_metrics, nonfinite_gradients_at
 
 
 def config(output, **overrides):
@@ -86,7 +86,8 @@ def cut_after_four(tmp_path_factory, documents):
 
 @pytest.mark.parametrize("name, damage", [("model/model.safetensors", "truncate"), ("optimizer.pt", "truncate"),
                                           ("model/model.safetensors", "garble"), ("trainer_state.pt", "garble"),
-                                          ("extra.pt", "garble")])
+                                          ("extra.pt", "garble"), ("model/model.safetensors", "flip"),
+                                          ("optimizer.pt", "flip"), ("extra.pt", "flip")])
 def test_a_corrupt_file_falls_back_to_the_previous_checkpoint_naming_it(tmp_path, documents, six_steps,
                                                                          cut_after_four, caplog, name, damage):
     out = tmp_path / "cut"
@@ -95,8 +96,12 @@ def test_a_corrupt_file_falls_back_to_the_previous_checkpoint_naming_it(tmp_path
     size = path.stat().st_size
     if damage == "truncate":  # the marker's sizes tell
         os.truncate(path, size // 2)
-    else:  # same size, other bytes: only loading can tell
+    elif damage == "garble":  # same size, other bytes
         path.write_bytes(b"\0" * size)
+    else:  # 64 bytes flipped in the middle: every file still loads, only the marker's checksums tell
+        data = bytearray(path.read_bytes())
+        data[size // 2:size // 2 + 64] = bytes(b ^ 0xFF for b in data[size // 2:size // 2 + 64])
+        path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="moca_fast.trainers.checkpoint"):
         records = run(config(out, max_steps=6), documents=documents, resume=True)
     assert f"step-0000004 is unusable ({path}" in caplog.text
@@ -145,21 +150,31 @@ def test_other_data_is_refused_on_resume(tmp_path, documents):
         run(config(tmp_path), documents=documents[:40], resume=True)
 
 
-def test_nonfinite_loss_stops_before_the_update_and_saves_nothing(tmp_path, documents):
+def test_nonfinite_loss_stops_before_the_update_and_saves_nothing(tmp_path, documents, monkeypatch):
+    nonfinite_gradients_at(monkeypatch, {2})
     with pytest.raises(TrainingStopped, match=r"step 2: non-finite loss .* on the samples \[doc-\d+, .*nothing from "
                                               r"this step was saved") as stopped:
-        run(config(tmp_path, lr=1e6, checkpoint_every=1), documents=documents)
+        run(config(tmp_path, checkpoint_every=1), documents=documents)
     assert stopped.value.exit_code == 1
     assert steps(logged_metrics(tmp_path)) == [1]
     assert [checkpoint.step_of(p) for p in checkpoint.complete_checkpoints(tmp_path / "checkpoints")] == [1]
     assert not (tmp_path / "final").exists()
 
 
-def test_skip_nonfinite_skips_and_counts_the_updates(tmp_path, documents):
-    records = run(config(tmp_path, lr=1e6, skip_nonfinite=True), documents=documents)
-    assert steps(records) == [1, 2, 3, 4] and records[-1]["skipped_steps"] >= 1
+def test_skip_nonfinite_skips_and_counts_the_updates(tmp_path, documents, monkeypatch):
+    nonfinite_gradients_at(monkeypatch, {2})
+    records = run(config(tmp_path, skip_nonfinite=True, max_skipped_fraction=0.25), documents=documents)
+    assert steps(records) == [1, 2, 3, 4] and records[-1]["skipped_steps"] == 1
     weights = load_pretrained(tmp_path / "final").state_dict()
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_skipping_more_updates_than_max_skipped_fraction_stops_the_run(tmp_path, documents, monkeypatch):
+    nonfinite_gradients_at(monkeypatch, {2, 3, 4})
+    with pytest.raises(TrainingStopped, match=r"step 3: .*2 of the run's 4 updates skipped, more than "
+                                              r"max_skipped_fraction 0.25") as stopped:
+        run(config(tmp_path, skip_nonfinite=True, max_skipped_fraction=0.25), documents=documents)
+    assert stopped.value.exit_code == 1
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
