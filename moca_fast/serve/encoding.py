@@ -15,7 +15,7 @@ import orjson
 import torch
 
 from ..embed import finish_embeddings, quantize
-from .parsing import ParsedRequest
+from .parsing import ParsedRequest, RequestError
 
 _FLOAT_DTYPES = {"float32": "<f4", "float16": "<f2"}
 
@@ -37,7 +37,11 @@ def pooled_values(raw: torch.Tensor, request: ParsedRequest) -> np.ndarray:
     embeddings = finish_embeddings(raw, request.dimensions).numpy()
     if request.precision in _FLOAT_DTYPES:
         return embeddings.astype(_FLOAT_DTYPES[request.precision])
-    return quantize(embeddings, request.precision)
+    try:
+        return quantize(embeddings, request.precision)
+    except ImportError as error:  # the serve extra leaves sentence-transformers out
+        raise RequestError(400, f"precision: {request.precision!r} is not available on this server ({error})",
+                           "precision") from None
 
 
 def _multi_vector(index: int, block: torch.Tensor, request: ParsedRequest) -> dict:
