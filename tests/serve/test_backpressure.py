@@ -1,5 +1,6 @@
 """A real server under pressure: a full queue answers 429 (and admits again once there is room), remote images are
-fetched only when allowed and never through a redirect, and a graceful shutdown answers every admitted request exactly once."""
+fetched only when allowed and never through a redirect, and a graceful shutdown answers every admitted request
+exactly once."""
 
 import functools
 import http.server
