@@ -344,45 +344,27 @@ def run_export_stage1(args) -> None:
 
 def add_serve(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="an HTTP embedding server (OpenAI's /v1/embeddings)",
-                                   description="POST /v1/embeddings in OpenAI's shape (text, images as data URLs or "
-                                               "base64, image + text), GET /health, /ready, /metrics. Inputs from "
+                                   description="POST /v1/embeddings in OpenAI's shape (text, images as data URLs, "
+                                               "image + text, chat messages), GET /health, /ready, /metrics. Inputs from "
                                                "many requests share packed forwards of --batch-tokens tokens.")
-    parser.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (loopback only)")
-    parser.add_argument("--port", type=int, default=8000, help="default: 8000")
-    parser.add_argument("--served-model-name", help="the name requests give as \"model\" (default: --model)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0,
-                        help="how long a queued input waits for others to fill its forward (default: 5)")
-    parser.add_argument("--max-queue", type=int, default=1024,
-                        help="inputs in flight at once; beyond it requests get 429 (default: 1024)")
-    parser.add_argument("--max-request-inputs", type=int, default=256, help="inputs per request (default: 256)")
-    parser.add_argument("--max-input-tokens", type=int,
-                        help="tokens per input (default: --batch-tokens, so that every input fits one forward)")
-    parser.add_argument("--max-body-mb", type=float, default=32.0, help="request body size (default: 32)")
-    parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request (default: 60)")
-    parser.add_argument("--image-root", type=Path, help="image paths in requests are read from under this folder "
-                        "(default: none; images come as data URLs or base64)")
-    parser.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
-    parser.add_argument("--preprocess-workers", type=int, default=4,
-                        help="threads parsing requests and decoding images (default: 4)")
+    from .serve.settings import add_serve_arguments
+
+    add_serve_arguments(parser)
     add_model_arguments(parser)
     parser.set_defaults(run=run_serve)
 
 
 def run_serve(args) -> None:
+    from .serve.settings import check_serve_arguments, settings_from_args
+
+    check_serve_arguments(args)  # before the model loads: a limit that admits nothing is a one-line error
     try:
         from .serve.app import serve
     except ImportError as error:
         raise SystemExit(f"moca-fast serve: error: {error.name} is missing: pip install 'moca-fast[serve]'") from None
-    from .serve.settings import ServeSettings
-
     embedder = embedder_from_args(args)
-    settings = ServeSettings(model_name=args.served_model_name or args.model,
-                             max_input_tokens=args.max_input_tokens or embedder.batch_tokens,
-                             max_wait_ms=args.max_wait_ms, max_queue_inputs=args.max_queue,
-                             max_request_inputs=args.max_request_inputs, max_body_bytes=int(args.max_body_mb * 2**20),
-                             request_timeout_s=args.request_timeout, image_root=args.image_root,
-                             allow_remote_images=args.allow_remote_images, preprocess_workers=args.preprocess_workers)
-    serve(embedder, settings, host=args.host, port=args.port)
+    serve(embedder, settings_from_args(args, embedder.batch_tokens, embedder.processor.max_length), args.host,
+          args.port)
 
 
 COMMANDS = [add_demo, add_embed, add_eval, add_train, add_plot, add_export_stage1, add_serve]

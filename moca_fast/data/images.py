@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -55,6 +55,9 @@ def open_image(source, sample_id: str) -> Image.Image:
         raise ValueError(f"sample {sample_id}: unsupported image source of type {type(source).__name__}")
     try:
         return Image.open(stream)
+    except UnidentifiedImageError:  # its own message shows the stream object (<_io.BytesIO object at 0x...>)
+        raise ValueError(f"sample {sample_id}: cannot decode {_describe(source)}: not an image format Pillow "
+                         "reads") from None
     except _DECODE_ERRORS as error:
         raise ValueError(f"sample {sample_id}: cannot decode {_describe(source)}: {error}") from error
 

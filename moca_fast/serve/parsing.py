@@ -1,18 +1,18 @@
-"""A /v1/embeddings request body (OpenAI's shape, plus the reference's instructions) -> inputs for the embedder, or a
-RequestError whose message names the field or the item (`input[3]`) and the problem."""
+"""A validated /v1/embeddings request (schemas.EmbeddingRequest) -> inputs for the embedder and what to answer, or a
+RequestError whose message names the field or the item (`input[3]`) and the problem: the checks that need the
+model or the server's settings (the served name, the input count, Matryoshka dimensions, the multi-vector head)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from .. import prompts
-from ..embed import EmbedInput, as_input, with_instructions
+from ..data.tokens import IMAGE_PLACEHOLDER
+from ..embed import EmbedInput, MocaEmbedder, as_input, with_instructions
+from .schemas import EmbeddingRequest, ImagePart
 from .settings import ServeSettings
 
-FIELDS = ("model", "input", "encoding_format", "dimensions", "user", "prompt_name", "prompt", "input_type")
-ENCODINGS = ("float", "base64")
-ROLES = ("query", "document")
+ROLES = ("query", "document")  # also prompt names: the checkpoint's sentence-transformers config names them
 
 
 class RequestError(Exception):
@@ -23,93 +23,107 @@ class RequestError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return error_body(self.status, self.message, self.param, self.code)
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = ("authentication_error" if status == 401 else "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 @dataclass(frozen=True)
-class EmbeddingRequest:
+class ParsedRequest:
     inputs: list[EmbedInput]  # instructions applied; images still the request's strings (inputs.py resolves them)
     encoding_format: str
-    dimensions: int | None
+    precision: str
+    dimensions: int | None  # None: all
+    output: str  # "pooled" or "multi_vector"
+    truncate: bool
 
 
-def parse_request(body: bytes, settings: ServeSettings, dim: int) -> EmbeddingRequest:
-    """Check every field of a request body against the settings and the model's dimension `dim`."""
-    try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestError(400, f"the request body is not valid JSON: {error}") from None
-    if not isinstance(request, dict):
-        raise RequestError(400, "the request body must be a JSON object")
-    unknown = sorted(set(request) - set(FIELDS))
-    if unknown:
-        raise RequestError(400, f"unknown field(s) {unknown}; the fields are {list(FIELDS)}", unknown[0])
-    if not isinstance(request.get("model"), str):
-        raise RequestError(400, "model: required, a string", "model")
-    if request["model"] != settings.model_name:
-        raise RequestError(404, f"model {request['model']!r} is not served here; this server serves "
+def parse_request(request: EmbeddingRequest, settings: ServeSettings, embedder: MocaEmbedder) -> ParsedRequest:
+    """Check a validated request against the settings and the model."""
+    if request.model != settings.model_name:
+        raise RequestError(404, f"model {request.model!r} is not served here; this server serves "
                                 f"{settings.model_name!r}", "model", "model_not_found")
-    encoding = request.get("encoding_format") or "float"
-    if encoding not in ENCODINGS:
-        raise RequestError(400, f"encoding_format: {encoding!r}, expected one of {list(ENCODINGS)}", "encoding_format")
-    dimensions = request.get("dimensions")
-    if dimensions is not None and (type(dimensions) is not int or not 1 <= dimensions <= dim):
-        raise RequestError(400, f"dimensions: {dimensions!r}, expected an integer from 1 to {dim}", "dimensions")
-    raw = request.get("input")
-    items = [raw] if isinstance(raw, str) else raw
-    if not isinstance(items, list) or not items:
-        raise RequestError(400, "input: required, a string or a non-empty list of strings or {\"text\", \"image\"} "
-                                "objects", "input")
-    if len(items) > settings.max_request_inputs:
-        raise RequestError(413, f"input: {len(items)} items, over the limit of {settings.max_request_inputs} per "
-                                "request", "input")
-    inputs = [parse_item(item, f"input[{i}]") for i, item in enumerate(items)]
-    return EmbeddingRequest(with_instructions(inputs, _prompt(request), _role(request)), encoding, dimensions)
+    if request.messages is not None:
+        inputs = [from_messages(request)]
+    else:
+        items = [request.input] if isinstance(request.input, str) else request.input
+        if len(items) > settings.max_request_inputs:
+            raise RequestError(413, f"input: {len(items)} items, over the limit of {settings.max_request_inputs} "
+                                    "per request (--max-request-inputs)", "input")
+        inputs = [as_input(item if isinstance(item, str) else item.model_dump(exclude_none=True), f"input[{i}]")
+                  for i, item in enumerate(items)]
+    if len(inputs) > settings.max_queue_inputs:  # never admitted, however long it waits: not a 429
+        raise RequestError(413, f"input: {len(inputs)} items, more than the server ever holds at once "
+                                f"({settings.max_queue_inputs}, --max-queue)", "input")
+    _check_output(request, embedder)
+    dimensions = _dimensions(request, settings, embedder)
+    prompt, role = _instruction(request)
+    return ParsedRequest(with_instructions(inputs, prompt, role), request.encoding_format, request.precision,
+                         dimensions, request.output, request.truncate or settings.auto_truncate)
 
 
-def parse_item(item, name: str) -> EmbedInput:
-    """One element of `input`: a string, or {"text": ..., "image": ...} with the image as a string."""
-    if isinstance(item, str):
-        if not item:
-            raise RequestError(400, f"{name}: empty string", "input")
-        return EmbedInput(item, (), name)
-    if isinstance(item, dict):
-        image = item.get("image")
-        if image is not None and not isinstance(image, str):
-            raise RequestError(400, f"{name}: 'image' must be a string (a data URL, base64 data, a path or a URL)",
-                               "input")
-        if not item.get("text") and not image:
-            raise RequestError(400, f"{name}: neither 'text' nor 'image'", "input")
-        try:
-            return as_input(item, name)
-        except ValueError as error:
-            raise RequestError(400, str(error), "input") from None
-    if isinstance(item, (int, list)) and not isinstance(item, bool):
-        raise RequestError(400, f"{name}: token-id inputs are not supported; send text", "input")
-    raise RequestError(400, f"{name}: expected a string or an object with 'text' and/or 'image', got "
-                            f"{type(item).__name__}", "input")
+def from_messages(request: EmbeddingRequest) -> EmbedInput:
+    """vLLM's chat-style input: every message's text and image_url parts, in order, as one interleaved input."""
+    text, images = [], []
+    for message in request.messages:
+        parts = [message.content] if isinstance(message.content, str) else message.content
+        for part in parts:
+            if isinstance(part, str):
+                text.append(part)
+            elif isinstance(part, ImagePart):
+                text.append(IMAGE_PLACEHOLDER)
+                images.append(part.image_url.url)
+            else:
+                text.append(part.text)
+    if not images and not "".join(text):
+        raise RequestError(400, "messages: no text and no image", "messages")
+    return EmbedInput("".join(text), tuple(images), "messages")
 
 
-def _prompt(request: dict) -> str | None:
-    """`prompt` (an instruction; "{}" takes the text) or `prompt_name` (one of the reference's), as encode takes."""
-    prompt, name = request.get("prompt"), request.get("prompt_name")
-    if prompt is not None and name is not None:
-        raise RequestError(400, "give prompt or prompt_name, not both", "prompt")
-    if prompt is not None and not isinstance(prompt, str):
-        raise RequestError(400, "prompt: must be a string", "prompt")
+def _check_output(request: EmbeddingRequest, embedder: MocaEmbedder) -> None:
+    if request.output != "multi_vector":
+        return
+    if embedder.multi_vector_dim is None:
+        raise RequestError(400, "output: 'multi_vector' needs a checkpoint with a multi-vector head; this one gives "
+                                "pooled vectors only", "output")
+    if request.precision not in ("float32", "float16"):
+        raise RequestError(400, f"precision: {request.precision!r} quantises pooled vectors; multi-vectors come as "
+                                "float32 or float16", "precision")
+    if request.dimensions is not None:
+        raise RequestError(400, "dimensions: applies to pooled vectors, not to multi-vectors", "dimensions")
+
+
+def _dimensions(request: EmbeddingRequest, settings: ServeSettings, embedder: MocaEmbedder) -> int | None:
+    """The requested dimensions if the checkpoint was trained for them (Matryoshka), as vLLM decides it."""
+    wanted, dim = request.dimensions, embedder.dim
+    if wanted is None or wanted == dim:
+        return None
+    if wanted > dim:
+        raise RequestError(400, f"dimensions: {wanted}, more than the model's {dim}", "dimensions")
+    trained = tuple(embedder.matryoshka_dims)
+    if wanted in trained or settings.allow_truncated_dimensions:
+        return wanted
+    if not trained:
+        raise RequestError(400, f"dimensions: this checkpoint was not trained for Matryoshka truncation, so its "
+                                f"first {wanted} dimensions are not a usable embedding; omit dimensions (the server "
+                                "allows it anyway with --allow-truncated-dimensions)", "dimensions")
+    raise RequestError(400, f"dimensions: {wanted}, not one the checkpoint was trained for; its Matryoshka "
+                            f"dimensions are {sorted(trained, reverse=True)}", "dimensions")
+
+
+def _instruction(request: EmbeddingRequest) -> tuple[str | None, str | None]:
+    """(prompt, role): `prompt` (a template), `prompt_name` (one of the reference's, or a role), or `input_type`."""
+    name, role = request.prompt_name, request.input_type
+    if name in ROLES:
+        if role is not None and role != name:
+            raise RequestError(400, f"prompt_name {name!r} and input_type {role!r} disagree", "prompt_name")
+        return None, name
     if name is None:
-        return prompt
+        return request.prompt, role
     try:
-        return prompts.prompt_named(name)
-    except (ValueError, TypeError) as error:
-        raise RequestError(400, f"prompt_name: {error}", "prompt_name") from None
-
-
-def _role(request: dict) -> str | None:
-    """`input_type`: "query" or "document" gives each input the reference's instruction for its kind, as
-    encode_query / encode_document do."""
-    role = request.get("input_type")
-    if role is not None and role not in ROLES:
-        raise RequestError(400, f"input_type: {role!r}, expected one of {list(ROLES)}", "input_type")
-    return role
+        return prompts.prompt_named(name), role
+    except ValueError as error:
+        raise RequestError(400, f"prompt_name: {error} (or 'query' / 'document')", "prompt_name") from None

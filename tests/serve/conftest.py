@@ -1,5 +1,5 @@
 """The server tests' world: PNG images and real `moca-fast serve` processes on loopback (a free port each, ready
-when /ready answers, always stopped) of tests/conftest.py's tiny checkpoint, whose embedder is their oracle."""
+when /health answers, always stopped) of tests/conftest.py's tiny checkpoint, whose embedder is their oracle."""
 
 import base64
 import io
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import pytest
 from PIL import Image
 
@@ -41,11 +42,11 @@ def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def post(server, body, **kwargs) -> httpx.Response:
+def post(server, body, headers: dict | None = None, **kwargs) -> httpx.Response:
     """POST /v1/embeddings: `body` a dict (sent as JSON) or raw bytes."""
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(server.url + "/v1/embeddings", content=content, timeout=120,
-                      headers={"content-type": "application/json"}, **kwargs)
+                      headers={"content-type": "application/json", **server.headers, **(headers or {})}, **kwargs)
 
 
 def free_port() -> int:
@@ -54,18 +55,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """`python -m moca_fast.cli serve` in a child process, its output in a log file."""
+REPOSITORY = Path(__file__).resolve().parents[2]
 
-    def __init__(self, checkpoint: Path, log_path: Path, *args: str):
+
+class ServerProcess:
+    """`python -m moca_fast.cli serve` (or another `entry` module taking its flags) in a child process, its output in
+    a log file."""
+
+    def __init__(self, checkpoint: Path, log_path: Path, *args: str, entry: tuple[str, ...] = ("moca_fast.cli",
+                                                                                                  "serve")):
         for _ in range(3):  # another process may take the free port between our probe and the server's bind
             self.port = free_port()
             self.url = f"http://127.0.0.1:{self.port}"
             self.log_path = log_path
             with open(log_path, "wb") as log:
                 self.process = subprocess.Popen(
-                    [sys.executable, "-m", "moca_fast.cli", "serve", "--model", str(checkpoint), "--served-model-name",
-                     MODEL, "--port", str(self.port), *PIXELS, *args], stdout=log, stderr=subprocess.STDOUT)
+                    [sys.executable, "-m", *entry, "--model", str(checkpoint), "--served-model-name", MODEL, "--port",
+                     str(self.port), *PIXELS, *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPOSITORY)
+            self.headers = {}  # sent by get() and post(): an API key
             if self._wait_ready():
                 return
             if "address already in use" not in self.output():
@@ -77,7 +84,7 @@ class ServerProcess:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return True
             except httpx.TransportError:
                 pass
@@ -89,7 +96,7 @@ class ServerProcess:
 
     def metric(self, name: str) -> float:
         """One unlabelled sample of /metrics."""
-        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
+        for line in httpx.get(self.url + "/metrics", timeout=10, headers=self.headers).text.splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])
         raise KeyError(name)
@@ -115,13 +122,35 @@ class ServerProcess:
             self.process.wait()
 
 
+MAX_INPUTS, MAX_TOKENS, MAX_BODY_MB = 8, 200, 0.25
+
+
+@pytest.fixture(scope="package")
+def server(checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve")
+    (folder / "images").mkdir()
+    (folder / "secret.png").write_bytes(b"not for clients")
+    (folder / "images" / "link.png").symlink_to(folder / "secret.png")
+    process = ServerProcess(checkpoint, folder / "server.log", "--image-root", str(folder / "images"),
+                            "--max-request-inputs", str(MAX_INPUTS), "--max-input-tokens", str(MAX_TOKENS),
+                            "--max-body-mb", str(MAX_BODY_MB), "--max-wait-ms", "50")
+    process.images = folder / "images"
+    yield process
+    assert process.stop() in GRACEFUL_EXIT, process.output()[-3000:]
+    assert "0 left queued" in process.output()
+
+
+def client(server, api_key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
+
+
 @pytest.fixture
 def start_server(checkpoint, tmp_path):
     """start_server(*args) -> a ready ServerProcess; every one is stopped when the test ends."""
     started = []
 
-    def start(*args: str) -> ServerProcess:
-        started.append(ServerProcess(checkpoint, tmp_path / f"server-{len(started)}.log", *args))
+    def start(*args: str, **kwargs) -> ServerProcess:
+        started.append(ServerProcess(checkpoint, tmp_path / f"server-{len(started)}.log", *args, **kwargs))
         return started[-1]
 
     yield start

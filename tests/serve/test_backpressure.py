@@ -1,5 +1,6 @@
 """A real server under pressure: a full queue answers 429 (and admits again once there is room), remote images are
-fetched only when allowed, and a graceful shutdown answers every admitted request exactly once."""
+fetched only when allowed and never through a redirect, and a graceful shutdown answers every admitted request
+exactly once."""
 
 import functools
 import http.server
@@ -32,6 +33,7 @@ def image_site(tmp_path, pngs):
     """A plain HTTP server on loopback serving one PNG at /a.png."""
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "a.png").write_bytes(pngs[1])
+    (tmp_path / "site" / "folder").mkdir()  # GET /folder answers 301 to /folder/
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
     site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=site.serve_forever, daemon=True).start()
@@ -58,6 +60,9 @@ def test_a_full_queue_answers_429_then_admits_again(start_server, embedder, pngs
                                embedder.encode({"text": "fetched", "image": pngs[1]}), atol=1e-6, rtol=0)
     missing = embed(server, [{"image": f"{image_site}/missing.png"}])
     assert missing.status_code == 400 and "input[0]: cannot fetch" in missing.json()["error"]["message"]
+    redirected = embed(server, [{"image": f"{image_site}/folder"}])  # a redirect could lead anywhere: refused
+    assert redirected.status_code == 400
+    assert "redirects (HTTP 301); redirects are not followed" in redirected.json()["error"]["message"]
     assert server.metric("moca_in_flight_inputs") == 0
 
 

@@ -4,7 +4,6 @@ forever), cancelled inputs are skipped, `stop` drains everything; and the servic
 past the request timeout."""
 
 import asyncio
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -40,8 +39,8 @@ class Recorder:
         return torch.tensor([[float(len(s))] for s in sequences])
 
 
-def results(futures):
-    return [f.result(timeout=30).item() for f in futures]
+def results(tickets):
+    return [t.future.result(timeout=30).item() for t in tickets]
 
 
 def test_inputs_of_several_submits_share_a_forward_within_the_budget():
@@ -88,7 +87,7 @@ def test_cancelled_inputs_are_skipped_and_stop_drains_the_rest():
     batcher.start()
     dropped = batcher.submit([Sequence("dropped", 5)])
     kept = batcher.submit([Sequence("kept", 7)])
-    assert dropped[0].cancel()
+    assert dropped[0].future.cancel()
     batcher.stop()  # without waiting out the minute
     assert results(kept) == [7] and model.forwards == [["kept"]] and batcher.depth == 0
     with pytest.raises(RuntimeError, match="stopping"):
@@ -116,7 +115,7 @@ def test_a_failed_forward_fails_its_requests_and_the_worker_goes_on():
     batcher = Batcher(Flaky(), budget=1000, max_wait_s=0)
     batcher.start()
     with pytest.raises(RuntimeError, match="out of memory"):
-        batcher.submit([Sequence("bad", 5)])[0].result(timeout=30)
+        batcher.submit([Sequence("bad", 5)])[0].future.result(timeout=30)
     assert results(batcher.submit([Sequence("good", 3)])) == [3]
     batcher.stop()
 
@@ -137,7 +136,9 @@ def service(embedder):
 def test_the_service_refuses_while_shutting_down_and_times_out(service):
     from moca_fast.serve.parsing import RequestError
 
-    body = json.dumps({"model": "m", "input": ["a", "b"]}).encode()
+    from moca_fast.serve.schemas import EmbeddingRequest
+
+    body = EmbeddingRequest(model="m", input=["a", "b"])
     draining = service()
     draining.begin_shutdown()
     with pytest.raises(RequestError, match="shutting down") as refused:
