@@ -302,7 +302,7 @@ def _torch_scores(q_tokens, d_tokens, layout: Layout) -> torch.Tensor:
 def _torch_backward(q_tokens, d_tokens, layout: Layout, g: torch.Tensor):
     q32 = q_tokens.float()
     d_q = torch.zeros_like(q32)
-    d_d = torch.empty_like(d_tokens)  # every document token lies in exactly one band: written once
+    d_d = torch.zeros_like(d_tokens)  # each document's rows are written by the one band that holds it
     for q0, q1, d0, d1 in layout.blocks():
         rows = slice(layout.q_offsets[q0], layout.q_offsets[q1])
         query = _query_of_token(layout, q0, q1, q_tokens.device)
