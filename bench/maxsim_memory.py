@@ -80,8 +80,8 @@ def _status_kb(pid: int | str, field: str) -> int | None:
 def child(contender: str, shape: tuple[int, ...], phase: str) -> None:
     """Runs in the measuring process: prints a `ready` line (resident bytes with the inputs), then a `done` line."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from moca_fast.kernels import late_interaction as ops
     from moca_fast.kernels import maxsim_info_nce
-    from moca_fast.kernels import maxsim_info_nce as ops
 
     Q, Lq, N, Ld, D = shape
     q, q_cu, d, d_cu, targets = maxsim_inputs(Q, Lq, N, Ld, D)
@@ -136,8 +136,10 @@ def measure(contender: str, shape: tuple[int, ...], phase: str, time_box_s: floa
         row |= {"status": f"stopped by the {time_box_s:.0f} s time box", "peak_bytes": peak_kb * 1024,
                 "grad_bytes": grad_bytes}
     else:
-        done = json.loads(process.stdout.readline())
-        assert process.returncode == 0, f"{contender} {phase} exited with {process.returncode}"
+        done = process.stdout.readline()
+        if process.returncode != 0 or not done:
+            raise RuntimeError(f"{contender} {phase} at {shape}: the measuring process exited with {process.returncode}")
+        done = json.loads(done)
         row |= {"status": "ok", "peak_bytes": done["peak_bytes"], "grad_bytes": done["grad_bytes"]}
     row["beyond_inputs_and_grads_bytes"] = row["peak_bytes"] - ready["baseline_bytes"] - row["grad_bytes"]
     row["beyond_mib"] = round(row["beyond_inputs_and_grads_bytes"] / 2**20, 1)

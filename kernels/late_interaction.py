@@ -63,14 +63,16 @@ def maxsim_info_nce(
 
     backend: 'auto' (Triton on CUDA, chunked torch otherwise), 'triton' or 'torch'."""
     q_tokens, d_tokens = autocast_operands(q_tokens, d_tokens)
-    layout = Layout.of(q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens, negatives or 0)
-    Q, N = layout.num_queries, layout.num_docs
+    # Only shapes here (no host reads), so torch.compile traces this as one op; the op checks the offsets.
+    Q, N, r = q_cu_seqlens.shape[0] - 1, d_cu_seqlens.shape[0] - 1, negatives or 0
+    if q_tokens.dim() != 2 or d_tokens.dim() != 2 or q_tokens.shape[1] != d_tokens.shape[1]:
+        raise ValueError(f"q_tokens [Tq, D] and d_tokens [Td, D] expected, got {tuple(q_tokens.shape)} and "
+                         f"{tuple(d_tokens.shape)}")
     if targets.shape != (Q,):
-        raise ValueError(f"targets must be [Q] = [{Q}], got {tuple(targets.shape)}")
-    if Q and not bool(((targets >= 0) & (targets < layout.first_negative)).all()):
-        bad = int(((targets < 0) | (targets >= layout.first_negative)).nonzero()[0])
-        raise ValueError(f"query {bad}: target {int(targets[bad])} is not one of the {layout.first_negative} "
-                         "positive documents")
+        raise ValueError(f"targets must be [Q] = [{Q}] (one per query of q_cu_seqlens), got {tuple(targets.shape)}")
+    if r < 0 or N < Q * r:
+        raise ValueError(f"negatives={r} per query needs {Q} x {r} hard negative documents at the end of the {N} "
+                         "documents")
     if duplicate_mask is not None and (duplicate_mask.shape != (Q, N) or duplicate_mask.dtype != torch.bool):
         raise ValueError(f"duplicate_mask must be a bool [Q, N] = [{Q}, {N}] tensor, got {duplicate_mask.dtype} "
                          f"{tuple(duplicate_mask.shape)}")
@@ -78,10 +80,26 @@ def maxsim_info_nce(
     if backend == "triton" and q_tokens.shape[1] > MAX_TRITON_DIM:
         raise ValueError(f"the Triton MaxSim kernels take token vectors of at most {MAX_TRITON_DIM} dims, got "
                          f"{q_tokens.shape[1]}")
-    excluded = layout.excluded(targets, duplicate_mask)
+    excluded = left_out(targets, N, r, duplicate_mask)
     loss, _, _ = _maxsim_info_nce(q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens, targets, excluded,
-                                  float(temperature), layout.negatives, backend)
+                                  float(temperature), r, backend)
     return loss
+
+
+def left_out(targets: torch.Tensor, num_docs: int, negatives: int, duplicate_mask: torch.Tensor | None
+             ) -> torch.Tensor:
+    """[Q, N] bool: the documents left out of each query's softmax: its duplicates and the other queries' hard
+    negatives (the last Q·negatives documents, `negatives` per query), never its target."""
+    Q, device = targets.shape[0], targets.device
+    first = num_docs - Q * negatives
+    excluded = torch.zeros((Q, num_docs), dtype=torch.bool, device=device)
+    if duplicate_mask is not None:
+        excluded |= duplicate_mask.to(device)
+    if negatives:
+        owner = torch.arange(num_docs - first, device=device) // negatives
+        excluded[:, first:] |= owner[None, :] != torch.arange(Q, device=device)[:, None]
+    excluded[torch.arange(Q, device=device), targets] = False
+    return excluded
 
 
 @dataclass(frozen=True)
@@ -105,11 +123,9 @@ class Layout:
         return self.num_docs - self.num_queries * self.negatives
 
     @staticmethod
-    def of(q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens, negatives: int) -> "Layout":
-        """Checks the packed inputs (one line naming the first bad query or document) and reads their offsets."""
-        if q_tokens.dim() != 2 or d_tokens.dim() != 2 or q_tokens.shape[1] != d_tokens.shape[1]:
-            raise ValueError(f"q_tokens [Tq, D] and d_tokens [Td, D] expected, got {tuple(q_tokens.shape)} and "
-                             f"{tuple(d_tokens.shape)}")
+    def of(q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens, negatives: int, targets: torch.Tensor) -> "Layout":
+        """Checks the packed inputs and targets (one line naming the first bad query or document) and reads the
+        offsets."""
         if q_tokens.dtype != d_tokens.dtype:
             raise ValueError(f"q_tokens and d_tokens must share a dtype, got {q_tokens.dtype} and {d_tokens.dtype}")
         offsets = {}
@@ -126,24 +142,11 @@ class Layout:
                     raise ValueError(f"{what} {i} has no tokens ({name}[{i}:{i + 2}] = {start}, {end})")
             offsets[name] = values
         layout = Layout(offsets["q_cu_seqlens"], offsets["d_cu_seqlens"], negatives)
-        if negatives < 0 or layout.first_negative < 0:
-            raise ValueError(f"negatives={negatives} per query needs {layout.num_queries} x {negatives} hard negative "
-                             f"documents at the end of the {layout.num_docs} documents")
+        for i, target in enumerate(targets.tolist()):
+            if not 0 <= target < layout.first_negative:
+                raise ValueError(f"query {i}: target {target} is not one of the {layout.first_negative} positive "
+                                 "documents")
         return layout
-
-    def excluded(self, targets: torch.Tensor, duplicate_mask: torch.Tensor | None) -> torch.Tensor:
-        """[Q, N] bool: the documents left out of each query's softmax: its duplicates and the other queries' hard
-        negatives, never its target."""
-        Q, N, first = self.num_queries, self.num_docs, self.first_negative
-        device = targets.device
-        excluded = torch.zeros((Q, N), dtype=torch.bool, device=device)
-        if duplicate_mask is not None:
-            excluded |= duplicate_mask.to(device)
-        if self.negatives:
-            owner = torch.arange(N - first, device=device) // self.negatives
-            excluded[:, first:] |= owner[None, :] != torch.arange(Q, device=device)[:, None]
-        excluded[torch.arange(Q, device=device), targets] = False
-        return excluded
 
     def blocks(self) -> list[tuple[int, int, int, int]]:
         """(first query, end query, first document, end document) of the pairs that are scored: every query
@@ -171,7 +174,7 @@ def _maxsim_info_nce(
     """(mean loss, scores [Q, N] fp32, argmax [Tq, N] int32 on the Triton path (empty on the torch path, whose
     backward recomputes it)), kept for the backward."""
     q_tokens, d_tokens = q_tokens.contiguous(), d_tokens.contiguous()
-    layout = Layout.of(q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens, negatives)
+    layout = Layout.of(q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens, negatives, targets)
     with autocast_off(q_tokens):
         if backend == "triton":
             scores, argmax = _triton_scores(q_tokens, d_tokens, layout, *_device_offsets(layout, q_tokens.device))
@@ -218,7 +221,7 @@ def _maxsim_info_nce_backward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q_tokens, d_tokens = q_tokens.contiguous(), d_tokens.contiguous()
-    layout = Layout.of(q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens, negatives)
+    layout = Layout(q_cu_seqlens.tolist(), d_cu_seqlens.tolist(), negatives)  # checked by the forward
     with autocast_off(q_tokens):
         g = _score_gradient(grad, scores, targets, excluded, temperature)
         if backend == "triton":
