@@ -1,6 +1,7 @@
 """Kernel benchmarks: moca_fast's fused losses against the reference path and peers at MoCa's shapes (CUDA only).
 
     python bench/fused_kernels.py [--out bench/results/kernels-<device>.json] [--only masked_lm_ce,info_nce] [--dry-run]
+    python bench/fused_kernels.py --cpu-memory [--maxsim-shapes tiny,scaled,goal] [--time-box-s 300]
 
 For every case each contender runs forward + backward from the same starting tensors; we report the median
 time over CUDA events after warm-up, the peak memory the step allocates on top of its inputs, the FLOP/s of
@@ -14,7 +15,12 @@ that carry a loss); `ideal_ms` is that work at the measured peak. Contenders:
 - patch_reconstruction: ours; torch Linear + MSE (the reference path).
 - info_nce: ours; torch matmul + cross-entropy on the gathered similarity matrix (the reference path); a plain
   chunked torch InfoNCE (our torch backend, fp32 chunks).
+- maxsim_info_nce: ours (Triton); colpali-engine's formulation (einsum over query x doc tokens, max, sum, then
+  cross-entropy; bench/maxsim_memory.py) at equal shapes, every query against every document.
 Without CUDA the script stops (no CPU numbers); --dry-run prints the plan and FLOP counts anywhere.
+--cpu-memory measures instead the peak CPU memory of MaxSim InfoNCE beyond its inputs and gradients, ours (the
+chunked torch path) against colpali-engine's formulation (bench/maxsim_memory.py), and writes
+bench/results/maxsim-memory-cpu.json; no times.
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ from typing import Callable
 
 import torch
 
-from report import device_slug, versions
+import maxsim_memory
+from report import device_slug, report, versions, write_report
 
-from moca_fast.kernels import info_nce_loss, info_nce_reference, masked_lm_cross_entropy, patch_reconstruction_loss
+from moca_fast.kernels import (info_nce_loss, info_nce_reference, masked_lm_cross_entropy, maxsim_info_nce,
+                               patch_reconstruction_loss)
 
 DTYPE = torch.bfloat16
 TOKENS_PER_MICRO_BATCH = 12800
@@ -204,10 +212,43 @@ def info_nce_cases() -> list[Case]:
     return cases
 
 
+def maxsim_info_nce_cases() -> list[Case]:
+    cases = []
+    # A ColQwen-style batch (32 query tokens, 1,024 page-image tokens of 128 dims) up to the issue's goal shape,
+    # where colpali-engine's formulation would hold a ~200 GB bf16 similarity tensor.
+    for Q, N in ((64, 192), (256, 768), (1024, 3072)):
+        Lq, Ld, D = 32, 1024, 128
+
+        def inputs(Q=Q, N=N, Lq=Lq, Ld=Ld, D=D):
+            return maxsim_memory.maxsim_inputs(Q, Lq, N, Ld, D, device="cuda", dtype=DTYPE)
+
+        def ours(inputs=inputs):
+            q, q_cu, d, d_cu, targets = inputs()
+            loss = lambda: maxsim_info_nce(q, q_cu, d, d_cu, targets, temperature=maxsim_memory.TEMPERATURE)  # noqa: E731
+            return _step(loss, [q, d])
+
+        def colpali_formulation(inputs=inputs, Q=Q, N=N, Lq=Lq, Ld=Ld):
+            q, _, d, _, targets = inputs()
+            loss = lambda: maxsim_memory.colpali_formulation_loss(q, d, Q, Lq, N, Ld, targets,  # noqa: E731
+                                                                  maxsim_memory.TEMPERATURE)
+            return _step(loss, [q, d])
+
+        dots = 2.0 * Q * Lq * N * Ld * D  # every query token against every document token
+        contenders = [
+            # forward dots, then the backward's Pᵀ @ q dots for the documents (the queries' part is gathers)
+            Contender("moca_fast", "ours", 2 * dots, ours),
+            Contender("colpali_formulation", "peer", 3 * dots, colpali_formulation),  # einsum + its two gradients
+        ]
+        shape = {"queries": Q, "query_tokens": Lq, "documents": N, "doc_tokens": Ld, "dim": D}
+        cases.append(Case("maxsim_info_nce", shape, 3 * dots, contenders))
+    return cases
+
+
 CASES = {
     "masked_lm_ce": masked_lm_cases,
     "patch_reconstruction": patch_reconstruction_cases,
     "info_nce": info_nce_cases,
+    "maxsim_info_nce": maxsim_info_nce_cases,
 }
 
 
@@ -305,7 +346,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=2.0, help="time one contender for about this long")
     parser.add_argument("--dry-run", action="store_true", help="print the cases and their FLOPs, run nothing")
+    parser.add_argument("--cpu-memory", action="store_true",
+                        help="measure MaxSim InfoNCE's peak CPU memory beyond inputs and gradients instead (no times)")
+    parser.add_argument("--maxsim-shapes", default="tiny,scaled,goal",
+                        help=f"with --cpu-memory: comma-separated subset of {', '.join(maxsim_memory.SHAPES)}")
+    parser.add_argument("--time-box-s", type=float, default=300.0,
+                        help="with --cpu-memory: stop a measuring process after this long (its peak so far is kept)")
     args = parser.parse_args(argv)
+    if args.cpu_memory:
+        names = [n for n in args.maxsim_shapes.split(",") if n]
+        if unknown := set(names) - set(maxsim_memory.SHAPES):
+            parser.error(f"unknown MaxSim shapes {sorted(unknown)}; choose from {list(maxsim_memory.SHAPES)}")
+        rows = maxsim_memory.run(names, args.time_box_s)
+        shapes = {name: dict(zip(("queries", "query_tokens", "documents", "doc_tokens", "dim"),
+                                 maxsim_memory.SHAPES[name])) for name in names}
+        write_report(args.out or Path(__file__).parent / "results" / "maxsim-memory-cpu.json",
+                     report("maxsim_info_nce_cpu_memory", "cpu", shapes=shapes, results=rows,
+                            dtype="float32", chunk_elements=maxsim_memory.chunk_elements()))
+        return 0
     kernels = [k for k in args.only.split(",") if k]
     if unknown := set(kernels) - set(CASES):
         parser.error(f"unknown kernels {sorted(unknown)}; choose from {list(CASES)}")

@@ -53,3 +53,37 @@ def info_nce_reference(
     if targets.numel() == 0:
         return logits.sum().float()
     return F.cross_entropy(logits, targets).float()
+
+
+def maxsim_info_nce_reference(
+    q_tokens: torch.Tensor,
+    q_cu_seqlens: torch.Tensor,
+    d_tokens: torch.Tensor,
+    d_cu_seqlens: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    negatives: int | None = None,
+    duplicate_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean late-interaction InfoNCE from the whole query-token x document-token similarity matrix: score(q, d) =
+    Σ over q's tokens (rows q_cu_seqlens[i]:[i+1] of q_tokens) of the max over d's tokens of the dot product; logits
+    = score / fp32 temperature. With negatives=r the last Q·r documents are hard negatives, r per query in query
+    order, each in its own query's softmax only. duplicate_mask [Q, N] leaves documents (never the target) out."""
+    q_bounds, d_bounds = q_cu_seqlens.tolist(), d_cu_seqlens.tolist()
+    similarity = q_tokens @ d_tokens.T
+    token_max = torch.stack([similarity[:, a:b].max(dim=1).values for a, b in zip(d_bounds, d_bounds[1:])], dim=1)
+    scores = torch.stack([token_max[a:b].sum(dim=0) for a, b in zip(q_bounds, q_bounds[1:])])
+    Q, N = scores.shape
+    left_out = torch.zeros((Q, N), dtype=torch.bool)
+    if duplicate_mask is not None:
+        left_out |= duplicate_mask.cpu()
+    if negatives:
+        for i in range(Q):
+            for k in range(N - Q * negatives, N):
+                left_out[i, k] |= (k - (N - Q * negatives)) // negatives != i
+    left_out[torch.arange(Q), targets.cpu()] = False
+    logits = scores.masked_fill(left_out.to(scores.device), float("-inf"))
+    logits = logits / torch.tensor(temperature, dtype=torch.float32).to(logits.dtype)
+    if targets.numel() == 0:
+        return logits.sum().float()
+    return F.cross_entropy(logits, targets).float()

@@ -31,6 +31,8 @@ from triton.runtime.jit import KernelInterface
 SIZES = {"3B": (2048, 151936), "7B": (3584, 152064)}  # hidden size, vocabulary
 MLM_ROWS, MAE_ROWS, PATCH_VALUES = 5120, 12 * 512, 4 * 1176
 PAIRS_PER_RANK, RANKS, NEGATIVES = 24, 8, 2
+# Late interaction at those pairs: 32-token queries against ColQwen-sized 1,024-token pages of 128-dim vectors.
+QUERY_TOKENS, DOC_TOKENS, MULTI_VECTOR_DIM = 32, 1024, 128
 
 
 class HopperWithoutGpu:
@@ -81,6 +83,24 @@ def _compile_launches(record: list, current: dict):
     KernelInterface.__getitem__ = getitem
 
 
+def run_maxsim_launch_code(dtypes: dict[str, list[str]], current: dict) -> None:
+    """MaxSim InfoNCE's forward and backward launch code: a rank's queries against the gathered positives and
+    their own hard negatives (the kernels do not depend on the model size)."""
+    from moca_fast.kernels import late_interaction
+
+    current["loss"] = "maxsim_info_nce"
+    q_t, d_t = dtypes["maxsim_info_nce"][:2]
+    Q, N = PAIRS_PER_RANK, PAIRS_PER_RANK * RANKS + PAIRS_PER_RANK * NEGATIVES
+    layout = late_interaction.Layout(list(range(0, (Q + 1) * QUERY_TOKENS, QUERY_TOKENS)),
+                                     list(range(0, (N + 1) * DOC_TOKENS, DOC_TOKENS)), NEGATIVES)
+    q = torch.empty((Q * QUERY_TOKENS, MULTI_VECTOR_DIM), dtype=getattr(torch, q_t), device="meta")
+    d = torch.empty((N * DOC_TOKENS, MULTI_VECTOR_DIM), dtype=getattr(torch, d_t), device="meta")
+    offsets = late_interaction._device_offsets(layout, q.device)
+    _, argmax = late_interaction._triton_scores(q, d, layout, *offsets)
+    g = torch.empty((Q, N), dtype=torch.float32, device="meta")
+    late_interaction._triton_backward(q, d, layout, g, argmax, *offsets)
+
+
 def run_launch_code(dtypes: dict[str, list[str]], size: str, current: dict) -> None:
     """Call each loss's forward and backward launch code at `size` in the given operand dtypes."""
     from moca_fast.kernels import _linear_ce, info_nce, masked_lm_ce, patch_reconstruction
@@ -115,6 +135,8 @@ def run_launch_code(dtypes: dict[str, list[str]], size: str, current: dict) -> N
         terms = scales.logit_terms(negatives, duplicates)
         lse, _ = _linear_ce.forward(queries, positives, targets, terms, "triton")
         _linear_ce.backward(queries, positives, targets, lse, torch.ones((), **meta), terms, "triton")
+
+    run_maxsim_launch_code(dtypes, current)
 
 
 def main(dtypes: dict[str, list[str]], sizes: list[str]) -> list[dict]:

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from moca_fast.kernels import info_nce_loss, masked_lm_cross_entropy, patch_reconstruction_loss
+import functools
+
+from moca_fast.kernels import info_nce_loss, masked_lm_cross_entropy, maxsim_info_nce, patch_reconstruction_loss
 
 from .conftest import device_for
 
@@ -17,6 +19,11 @@ def _inputs(name, device):
     if name == "patch_reconstruction":
         inputs = [torch.randn(M, H), torch.randn(V, H) / 8, torch.randn(V), torch.randn(M, V)]
         return patch_reconstruction_loss, [x.to(device) for x in inputs]
+    if name == "maxsim_info_nce":  # 4 queries, 3 positives and one hard negative a query, ragged
+        q_tokens, d_tokens = torch.randn(40, H), torch.randn(60, H)
+        q_cu, d_cu = torch.tensor([0, 3, 10, 24, 40]), torch.tensor([0, 1, 20, 35, 41, 50, 55, 60])
+        loss_fn = functools.partial(maxsim_info_nce, temperature=0.05, negatives=1)
+        return loss_fn, [x.to(device) for x in (q_tokens, q_cu, d_tokens, d_cu, torch.tensor([2, 0, 1, 1]))]
     queries, positives, negatives = torch.randn(M, H), torch.randn(40, H), torch.randn(M, 2, H)
     targets, duplicate_ids = torch.randperm(40)[:M], torch.randint(0, 20, (40,))
     tensors = [x.to(device) for x in (queries, positives, negatives, targets)]
@@ -25,7 +32,7 @@ def _inputs(name, device):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("name", ["masked_lm_ce", "patch_reconstruction", "info_nce"])
+@pytest.mark.parametrize("name", ["masked_lm_ce", "patch_reconstruction", "info_nce", "maxsim_info_nce"])
 def test_compiles_to_one_op_with_the_same_loss_and_gradients(name, backend):
     loss_fn, inputs = _inputs(name, device_for(backend))
     graphs = []

@@ -1,5 +1,5 @@
 """Every fused-loss Triton kernel compiles for Hopper (sm_90) through the project's launch code, at the 3B and 7B
-shapes, in the operand dtypes that training passes under bf16 autocast, and the compiled code is what the
+shapes (MaxSim InfoNCE at a rank's ColQwen-sized batch), in the operand dtypes that training passes under bf16 autocast, and the compiled code is what the
 kernels are for: tensor cores (wgmma) in every matmul-shaped kernel, shared memory within the 227 KiB a block may
 use, no register spills; and the forward's column splits fill the waves of resident blocks that its registers
 allow. No GPU is needed: Triton's bundled ptxas compiles for sm_90 (tests/kernels/hopper_codegen.py)."""
@@ -18,7 +18,8 @@ from .test_autocast import training_losses_under_autocast
 from .test_common import _busy
 
 SCRIPT = Path(__file__).with_name("hopper_codegen.py")
-MATMUL_KERNELS = {"_lse_kernel", "_dlogits_kernel", "_mse_kernel"}  # tile GEMMs: tensor cores or nothing
+# tile GEMMs: tensor cores or nothing
+MATMUL_KERNELS = {"_lse_kernel", "_dlogits_kernel", "_mse_kernel", "_maxsim_forward_kernel", "_doc_grad_kernel"}
 SHARED_LIMIT = 227 * 1024
 
 
@@ -46,7 +47,10 @@ def problems(report: dict) -> list[str]:
 
 def training_dtypes(processor, make_image) -> dict[str, list[str]]:
     calls = training_losses_under_autocast(processor, make_image)
-    return {name: [str(d).removeprefix("torch.") for d in dtypes[0] if d is not None] for name, dtypes in calls.items()}
+    dtypes = {name: [str(d).removeprefix("torch.") for d in call[0] if d is not None] for name, call in calls.items()}
+    # The late-interaction loss takes the multi-vector head's token vectors, cast by autocast at its entry like the
+    # others' operands (test_maxsim_info_nce checks that the op receives bf16 under bf16 autocast).
+    return dtypes | {"maxsim_info_nce": ["bfloat16", "bfloat16"]}
 
 
 @pytest.mark.slow
@@ -56,7 +60,9 @@ def test_training_kernels_compile_for_hopper_on_tensor_cores(processor, make_ima
     kernels = {(row["loss"], row["kernel"]) for row in report["kernels"]}
     assert kernels == {("masked_lm_ce", "_lse_kernel"), ("masked_lm_ce", "_dlogits_kernel"),
                        ("patch_reconstruction", "_mse_kernel"), ("info_nce", "_lse_kernel"),
-                       ("info_nce", "_dlogits_kernel"), ("info_nce", "_negatives_backward_kernel")}, kernels
+                       ("info_nce", "_dlogits_kernel"), ("info_nce", "_negatives_backward_kernel"),
+                       ("maxsim_info_nce", "_maxsim_forward_kernel"), ("maxsim_info_nce", "_segment_sum_kernel"),
+                       ("maxsim_info_nce", "_query_grad_kernel"), ("maxsim_info_nce", "_doc_grad_kernel")}, kernels
     assert {row["size"] for row in report["kernels"]} == {"3B", "7B"}
     assert problems(report) == [], (report["triton"], problems(report))
     # The masked-LM forward at 3B: the compiled registers decide how many blocks an SM holds; its column splits
@@ -73,8 +79,10 @@ def test_training_kernels_compile_for_hopper_on_tensor_cores(processor, make_ima
 def test_fp32_operands_fail_the_check():
     """The guard guards: were the losses given fp32 operands (no autocast cast), the matmul kernels compile to
     FMA loops and the check above reports every one of them."""
-    fp32 = {"masked_lm_ce": ["float32"] * 2, "patch_reconstruction": ["float32"] * 3, "info_nce": ["float32"] * 3}
+    fp32 = {"masked_lm_ce": ["float32"] * 2, "patch_reconstruction": ["float32"] * 3, "info_nce": ["float32"] * 3,
+            "maxsim_info_nce": ["float32"] * 2}
     found = problems(compile_for_hopper(fp32, sizes="3B"))
     assert {line.split(":")[0] for line in found if "no wgmma" in line} == {
         "3B masked_lm_ce _lse_kernel", "3B masked_lm_ce _dlogits_kernel", "3B patch_reconstruction _mse_kernel",
-        "3B info_nce _lse_kernel", "3B info_nce _dlogits_kernel"}, found
+        "3B info_nce _lse_kernel", "3B info_nce _dlogits_kernel", "3B maxsim_info_nce _maxsim_forward_kernel",
+        "3B maxsim_info_nce _doc_grad_kernel"}, found

@@ -12,7 +12,8 @@ PROBE = """
 import torch
 from torch._library.custom_ops import OPDEFS
 import moca_fast.kernels as k
-ops = ["moca_fast::masked_lm_ce", "moca_fast::patch_reconstruction", "moca_fast::info_nce"]
+ops = ["moca_fast::masked_lm_ce", "moca_fast::patch_reconstruction", "moca_fast::info_nce",
+       "moca_fast::maxsim_info_nce"]
 before = {{name: OPDEFS[name] for name in ops}}
 import kernels  # the repository root is sys.path[0]: this is the checkout's folder, as transformers imports it
 import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401  (its hub-kernels probe imports `kernels`)
