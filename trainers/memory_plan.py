@@ -1,0 +1,293 @@
+"""Memory-planned recompute: per block kind (decoder layer, vision block, MAE layer) none / selective / full
+activation checkpointing, and stage-1 micro-batch splits, chosen so that a training step fits a device's memory.
+
+The peak is estimated on the CPU without allocating it. The training step (model forward, losses, backward) runs
+on fake tensors (torch's FakeTensorMode) while a dispatch mode sums the bytes of every live storage; the blocks are
+identical, so the step runs on thin copies of the model (one or two blocks of a kind) and the peak is extrapolated
+linearly in depth. Parameters, gradients and AdamW's two moments are counted from the parameter count, divided by
+the world size under FSDP2, plus the blocks FSDP holds gathered.
+
+Selective recompute is torchtitan's op-level policy: a checkpointed block saves the outputs of its matmuls and of
+attention and recomputes everything else (norms, rotary, SwiGLU's product) in the backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import weakref
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "selective", "full")  # ascending recompute, descending memory
+KINDS = ("decoder", "vision", "mae")
+HEADROOM = 0.10  # of the device memory, left to the allocator's fragmentation, NCCL buffers and the CUDA context
+SPLITS = (1, 2, 4, 8)
+# Ops whose outputs selective recompute keeps: the GEMMs and attention (forward ops of every backend).
+SAVED_OPS = frozenset({
+    "aten.mm", "aten.addmm", "aten.bmm", "aten._scaled_mm", "aten.linear",
+    "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
+    "aten._scaled_dot_product_cudnn_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
+    "aten._flash_attention_forward", "aten._efficient_attention_forward", "aten._cudnn_attention_forward",
+    "torch_attn._varlen_attn", "flash_attn._flash_attn_varlen_forward",
+})
+
+
+def selective_policy(ctx, func, *args, **kwargs):
+    """Save matmul and attention outputs; recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    saved = str(getattr(func, "overloadpacket", func)) in SAVED_OPS
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_recompute(block: nn.Module, mode: str) -> None:
+    """Composable activation checkpointing of `block` in `mode` (state-dict keys unchanged)."""
+    if mode not in MODES:
+        raise ValueError(f"activation checkpointing mode {mode!r}; choose one of {MODES} or 'auto'")
+    if mode == "none":
+        return
+    from torch.distributed._composable import checkpoint
+
+    if mode == "full":
+        checkpoint(block)
+    else:
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        checkpoint(block, context_fn=functools.partial(create_selective_checkpoint_contexts, selective_policy))
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of every storage an op creates while it is alive, and their peak (fake tensors included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen = weakref.WeakSet()
+
+    def exclude(self, tensors) -> None:
+        """Storages that exist before the step (parameters, the batch): views of them are not new bytes."""
+        for t in tensors:
+            self._seen.add(t.untyped_storage())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t.untyped_storage())
+        return out
+
+    def _track(self, storage) -> None:
+        if storage in self._seen:
+            return
+        self._seen.add(storage)
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, size)
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a step runs with: a recompute mode per block kind, micro-batch splits (stage 1), the GradCache chunk
+    budget (stage 2, None: off), the estimated peak and the budget, in bytes."""
+
+    modes: dict
+    splits: int
+    grad_cache_tokens: int | None
+    peak: float
+    budget: float
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+    def describe(self) -> str:
+        modes = ", ".join(f"{kind} {mode}" for kind, mode in self.modes.items())
+        split = f"; micro-batches split in {self.splits}" if self.splits > 1 else ""
+        cache = f"; GradCache on ({self.grad_cache_tokens} tokens per chunk)" if self.grad_cache_tokens else ""
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        return (f"memory plan: {modes}{split}{cache}; estimated peak {self.peak / 2**30:.1f} GiB of a "
+                f"{self.budget / 2**30:.1f} GiB budget ({verdict})")
+
+
+@dataclass(frozen=True)
+class Target:
+    """The device a plan is for: its memory in bytes, the world size (FSDP2 shards), the compute dtype and the
+    attention backend its forward runs (its saved tensors differ: 'sdpa' on CPU, 'varlen' stands for flash-attn's
+    memory on CUDA)."""
+
+    memory: float
+    world_size: int = 1
+    dtype: torch.dtype = torch.bfloat16
+    backend: str = "varlen"
+    device_type: str = "cuda"
+
+    @property
+    def budget(self) -> float:
+        return self.memory * (1 - HEADROOM)
+
+
+def device_target(device: torch.device, world_size: int, dtype: str, memory_gb: float | None) -> Target:
+    """The target of a run: `memory_gb` when given, else the CUDA device's total memory."""
+    if memory_gb is None:
+        if device.type != "cuda":
+            raise ValueError("activation_checkpointing: auto needs device_memory_gb on a device other than CUDA")
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = memory_gb * 1e9
+    on_cuda = device.type == "cuda"
+    return Target(memory, world_size, getattr(torch, dtype) if on_cuda else torch.float32,
+                  "varlen" if on_cuda else "sdpa", device.type)
+
+
+def static_bytes(model: nn.Module, extra: nn.Module | None, blocks: list[nn.Module], target: Target) -> float:
+    """Parameters, gradients and AdamW's moments (fp32, sharded over the world under FSDP2), plus what is held
+    unsharded: under FSDP2 the root's parameters and two blocks (the one running and the one prefetched) in the
+    compute dtype, with their gradients; on one CUDA device autocast's cached low-precision weight copies."""
+    params = {id(p): p for m in (model, extra) if m is not None for p in m.parameters()}.values()
+    count = sum(p.numel() for p in params)
+    # fp32 master weights and AdamW's two moments; the gradients too under FSDP2 (on one device the fake step
+    # holds them as they accumulate, so the estimate sees how many exist at the peak)
+    states = 3 + (target.world_size > 1)
+    total = states * 4 * count / target.world_size
+    low = torch.finfo(target.dtype).bits // 8
+    if target.world_size > 1:
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        root = sum(p.numel() for p in params if id(p) not in in_blocks)
+        largest = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+        total += low * root + 2 * 2 * low * largest
+    elif target.device_type == "cuda" and low < 4:
+        total += low * count
+    return total
+
+
+def fake_step_peak(step, batch, spec, depth: dict, modes: dict, target: Target) -> float:
+    """Peak live bytes of `step` on `batch` on fake tensors, for a model of `spec` thinned to `depth` blocks per
+    kind ({'decoder': L, 'vision': V}), parameters and the batch excluded (static_bytes counts the parameters);
+    under FSDP2 gradients are released as they accumulate, as its reduce-scatter does."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moca_fast.data.batch import map_tensors
+    from moca_fast.model.heads import MaeHead
+    from moca_fast.model.moca import MocaModel
+
+    vision = replace(spec.vision, depth=depth["vision"], fullatt_block_indexes=(0,))
+    thin = replace(spec, text=replace(spec.text, num_layers=depth["decoder"]), vision=vision)
+    default_dtype = torch.get_default_dtype()
+    with FakeTensorMode() as fake:
+        torch.set_default_dtype(target.dtype)  # built in the compute dtype (FSDP2 or autocast run it in that)
+        try:
+            model = MocaModel(thin, target.backend)
+            mae = MaeHead(model)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        inputs = []
+        batch = map_tensors(batch, lambda t: inputs.append(fake.from_tensor(t)) or inputs[-1])
+        if target.world_size > 1:  # FSDP2 reduce-scatters each gradient away; static_bytes counts the shards
+            for param in itertools.chain(model.parameters(), mae.parameters()):
+                param.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        for kind, blocks in block_kinds(model, mae).items():
+            for block in blocks:
+                apply_recompute(block, modes[kind])
+        with LiveBytes() as tracker:
+            tracker.exclude([*model.parameters(), *mae.parameters(), *model.buffers(), *inputs])
+            step(model, mae, batch, target.backend)
+    return tracker.peak
+
+
+def block_kinds(model: nn.Module, mae: nn.Module | None) -> dict[str, list[nn.Module]]:
+    kinds = {"decoder": list(model.language_model.layers), "vision": list(model.visual.blocks)}
+    if mae is not None:
+        kinds["mae"] = [mae.layer]
+    return kinds
+
+
+def activation_peak(step, batch, spec, modes: dict, target: Target) -> float:
+    """The step's peak activation bytes at full depth, extrapolated from thin fake runs: one block of each kind,
+    and one more decoder layer / vision block to measure what each adds."""
+    def peak(layers: int, blocks: int) -> float:
+        return fake_step_peak(step, batch, spec, {"decoder": layers, "vision": blocks}, modes, target)
+
+    base = peak(1, 1)
+    per_layer, per_block = peak(2, 1) - base, peak(1, 2) - base
+    return base + (spec.text.num_layers - 1) * per_layer + (spec.vision.depth - 1) * per_block
+
+
+def stage1_step(model, mae, batch, backend: str, mae_weight: float = 0.1) -> None:
+    """The stage-1 step as trainers/cpt.py runs it: forward, MLM + MAE losses, backward."""
+    from moca_fast.model.heads import mlm_loss
+
+    hidden = model(batch)
+    (mlm_loss(model, hidden, batch) + mae_weight * mae(hidden, batch, backend)).backward()
+
+
+def stage2_step(model, mae, batch, backend: str) -> None:
+    """The stage-2 step on one packed forward of queries, positives and negatives: forward, mean-pooled
+    embeddings, a loss over them, backward (InfoNCE itself is ~1e-6 of the step and holds no activation)."""
+    from moca_fast.model.pooling import embed_pool
+
+    embed_pool(model(batch), batch.cu_seqlens).square().sum().backward()
+
+
+def recompute_order(kinds: tuple[str, ...]) -> list[dict]:
+    """Every assignment of modes to `kinds`, cheapest recompute first: fewer fully recomputed blocks, then fewer
+    selective ones (FLOP-wise selective recomputes only element-wise work)."""
+    combos = [dict(zip(kinds, modes)) for modes in itertools.product(MODES, repeat=len(kinds))]
+    return sorted(combos, key=lambda m: (sum(v == "full" for v in m.values()), sum(v == "selective"
+                                                                                   for v in m.values())))
+
+
+def plan_stage1(spec, static: float, batch_for_split, target: Target, max_splits: int) -> MemoryPlan:
+    """The cheapest plan whose stage-1 micro-batch fits: recompute first by fewest recomputed FLOPs, each at the
+    fewest splits (FLOP-neutral) that fit. `batch_for_split(s)` is the planning pack at 1/s of the budget."""
+    best = None
+    for modes in recompute_order(KINDS):
+        for splits in [s for s in SPLITS if s <= max_splits]:
+            peak = static + activation_peak(stage1_step, batch_for_split(splits), spec, modes, target)
+            plan = MemoryPlan(modes, splits, None, peak, target.budget)
+            if plan.fits:
+                return plan
+            best = plan if best is None or plan.peak < best.peak else best
+    return best
+
+
+def plan_stage2(spec, static: float, batch_for_chunk, target: Target, step_tokens: int) -> MemoryPlan:
+    """The cheapest plan whose stage-2 step fits in one packed forward; GradCache only when even full recompute
+    does not fit, with the largest chunk (halving) that fits under full recompute."""
+    kinds = ("decoder", "vision")
+    for modes in recompute_order(kinds):
+        peak = static + activation_peak(stage2_step, batch_for_chunk(None), spec, {**modes, "mae": "none"},
+                                       target)
+        if peak <= target.budget:
+            return MemoryPlan(modes, 1, None, peak, target.budget)
+    full = {kind: "full" for kind in kinds}
+    chunk = step_tokens
+    while True:
+        chunk //= 2
+        peak = static + activation_peak(stage2_step, batch_for_chunk(chunk), spec, {**full, "mae": "none"},
+                                       target)
+        if peak <= target.budget or chunk <= 1:
+            return MemoryPlan(full, 1, chunk, peak, target.budget)
+
+
+def resolved_modes(plan_or_mode, kinds: dict[str, list]) -> list[str]:
+    """One mode per block, in `kinds`' order, from a plan or one mode (or a bool: True full, False none)."""
+    if isinstance(plan_or_mode, MemoryPlan):
+        return [plan_or_mode.modes.get(kind, "full") for kind, blocks in kinds.items() for _ in blocks]
+    mode = {True: "full", False: "none"}.get(plan_or_mode, plan_or_mode)
+    return [mode for blocks in kinds.values() for _ in blocks]
+
+
+def with_modes(plan: MemoryPlan, **changes) -> MemoryPlan:
+    return dataclasses.replace(plan, **changes)
