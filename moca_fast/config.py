@@ -151,11 +151,13 @@ class TrainConfig:
     # precision and speed switches: each state is logged at start
     dtype: str = "bfloat16"  # parameter/activation dtype on CUDA; CPU runs use float32
     compile: bool = False  # torch.compile per decoder layer and vision block
-    activation_checkpointing: bool = True
+    activation_checkpointing: str = "full"  # none | selective | full | auto (planned to fit device memory)
     fp8: bool = False  # torchao float8 for the decoder's linear layers (CUDA, capability >= 8.9)
     attention_backend: str = "auto"
     device: str | None = None  # None: CUDA (this process's LOCAL_RANK) when present, else CPU
     num_workers: int = 2
+    # memory-planned recompute (trainers/memory_plan.py): with activation_checkpointing: auto, the budget
+    device_memory_gb: float | None = None  # None: the CUDA device's total memory
     # bad data and bad steps
     skip_invalid: bool = False  # skip samples failing validation or decoding (each logged, counted), not stop
     allow_image_paths_outside: bool = False  # let image paths leave the data's image folder ('..', absolute paths)
@@ -183,6 +185,11 @@ class TrainConfig:
         if self.max_length > self.tokens_per_micro_batch:
             raise ValueError(f"max_length {self.max_length} exceeds tokens_per_micro_batch "
                              f"{self.tokens_per_micro_batch}: a full-length sample could never be packed")
+        self.activation_checkpointing = {True: "full", False: "none", "true": "full", "false": "none"}.get(
+            self.activation_checkpointing, self.activation_checkpointing)  # booleans as before
+        if self.activation_checkpointing not in ("none", "selective", "full", "auto"):
+            raise ValueError(f"activation_checkpointing must be none, selective, full or auto (or a boolean), "
+                             f"got {self.activation_checkpointing!r}")
         self.betas = tuple(self.betas)
         self.tasks = tuple(self.tasks) if self.tasks is not None else None
 

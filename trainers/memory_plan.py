@@ -248,46 +248,120 @@ def recompute_order(kinds: tuple[str, ...]) -> list[dict]:
                                                                                    for v in m.values())))
 
 
+def cheapest_fit(step, spec, static: float, target: Target, kinds: tuple[str, ...], shapes: dict,
+                 fixed: dict | None = None) -> MemoryPlan | None:
+    """The plan of least recompute (then fewest splits) whose exact estimate fits, over `shapes` ({splits:
+    batch}). Candidates are screened by an additive model (all blocks full, plus what each kind adds in another
+    mode, measured once per shape), so only likely fits pay for an exact estimate."""
+    fixed = fixed or {}
+
+    def exact(modes: dict, batch) -> float:
+        return static + activation_peak(step, batch, spec, {**modes, **fixed}, target)
+
+    first_splits, first = next(iter(shapes.items()))
+    cheapest = dict.fromkeys(kinds, "none")
+    peak = exact(cheapest, first)
+    if peak <= target.budget:  # nothing to recompute, nothing to split
+        return MemoryPlan(cheapest, first_splits, None, peak, target.budget)
+    tables = {}
+
+    def screened(modes: dict, splits: int) -> float:
+        if splits not in tables:
+            full = dict.fromkeys(kinds, "full")
+            base = exact(full, shapes[splits])
+            tables[splits] = (base, {(k, m): exact({**full, k: m}, shapes[splits]) - base
+                                     for k in kinds for m in MODES if m != "full"})
+        base, delta = tables[splits]
+        return base + sum(delta.get((k, m), 0.0) for k, m in modes.items())
+
+    for modes in recompute_order(kinds):
+        for splits, batch in shapes.items():
+            if screened(modes, splits) <= target.budget:
+                peak = exact(modes, batch)
+                if peak <= target.budget:
+                    return MemoryPlan(modes, splits, None, peak, target.budget)
+    return None
+
+
 def plan_stage1(spec, static: float, batch_for_split, target: Target, max_splits: int) -> MemoryPlan:
-    """The cheapest plan whose stage-1 micro-batch fits: recompute first by fewest recomputed FLOPs, each at the
-    fewest splits (FLOP-neutral) that fit. `batch_for_split(s)` is the planning pack at 1/s of the budget."""
-    best = None
-    for modes in recompute_order(KINDS):
-        for splits in [s for s in SPLITS if s <= max_splits]:
-            peak = static + activation_peak(stage1_step, batch_for_split(splits), spec, modes, target)
-            plan = MemoryPlan(modes, splits, None, peak, target.budget)
-            if plan.fits:
-                return plan
-            best = plan if best is None or plan.peak < best.peak else best
-    return best
+    """The cheapest plan whose stage-1 micro-batch fits: least recomputed work first, each at the fewest splits
+    (FLOP-neutral) that fit; `batch_for_split(s)` is the planning pack at 1/s of the budget. When nothing fits,
+    full recompute at the most splits (the smallest peak), marked as not fitting."""
+    shapes = {s: batch_for_split(s) for s in SPLITS if s <= max_splits}
+    plan = cheapest_fit(stage1_step, spec, static, target, KINDS, shapes)
+    if plan is None:
+        splits, batch = list(shapes.items())[-1]
+        full = dict.fromkeys(KINDS, "full")
+        plan = MemoryPlan(full, splits, None, static + activation_peak(stage1_step, batch, spec, full, target),
+                          target.budget)
+    return plan
 
 
 def plan_stage2(spec, static: float, batch_for_chunk, target: Target, step_tokens: int) -> MemoryPlan:
     """The cheapest plan whose stage-2 step fits in one packed forward; GradCache only when even full recompute
-    does not fit, with the largest chunk (halving) that fits under full recompute."""
-    kinds = ("decoder", "vision")
-    for modes in recompute_order(kinds):
-        peak = static + activation_peak(stage2_step, batch_for_chunk(None), spec, {**modes, "mae": "none"},
-                                       target)
-        if peak <= target.budget:
-            return MemoryPlan(modes, 1, None, peak, target.budget)
-    full = {kind: "full" for kind in kinds}
-    chunk = step_tokens
+    does not fit, with the largest chunk (halving the step's tokens) that fits under full recompute."""
+    kinds, mae = ("decoder", "vision"), {"mae": "none"}
+    plan = cheapest_fit(stage2_step, spec, static, target, kinds, {1: batch_for_chunk(None)}, fixed=mae)
+    if plan is not None:
+        return plan
+    full, chunk = dict.fromkeys(kinds, "full"), step_tokens
     while True:
         chunk //= 2
-        peak = static + activation_peak(stage2_step, batch_for_chunk(chunk), spec, {**full, "mae": "none"},
-                                       target)
+        peak = static + activation_peak(stage2_step, batch_for_chunk(chunk), spec, {**full, **mae}, target)
         if peak <= target.budget or chunk <= 1:
             return MemoryPlan(full, 1, chunk, peak, target.budget)
 
 
-def resolved_modes(plan_or_mode, kinds: dict[str, list]) -> list[str]:
-    """One mode per block, in `kinds`' order, from a plan or one mode (or a bool: True full, False none)."""
-    if isinstance(plan_or_mode, MemoryPlan):
-        return [plan_or_mode.modes.get(kind, "full") for kind, blocks in kinds.items() for _ in blocks]
-    mode = {True: "full", False: "none"}.get(plan_or_mode, plan_or_mode)
-    return [mode for blocks in kinds.values() for _ in blocks]
+def planning_pack(processor, tokens: int, *, masked: bool, mlm_rate: float = 0.4, mae_rate: float = 0.5):
+    """The worst case a budget of `tokens` packs: pages at the processor's pixel cap (each image token also costs
+    four vision patches), cut to its max_length, repeated to fill the budget; masked as stage 1 masks."""
+    from PIL import Image
+
+    from moca_fast.data.batch import pack_sequences
+    from moca_fast.data.masking import apply_mae, apply_mlm
+    from moca_fast.data.tokens import IMAGE_PLACEHOLDER
+
+    side = int(processor.max_pixels**0.5)
+    page = processor.encode(f"{IMAGE_PLACEHOLDER} a page", [Image.new("RGB", (side, side), "white")], "planning")
+    sequences = []
+    for i in range(max(1, tokens // page.input_ids.numel())):
+        seq = page
+        if masked:
+            generator = torch.Generator().manual_seed(i)
+            seq = apply_mlm(seq, mask_token_id=processor.mask_token_id, special_ids=processor.special_ids,
+                            rate=mlm_rate, generator=generator)
+            seq = apply_mae(seq, image_token_id=processor.image_token_id, rate=mae_rate, generator=generator,
+                            merge_unit=processor.spatial_merge_size**2)
+        sequences.append(seq)
+    return pack_sequences(sequences, processor.image_token_id)
 
 
-def with_modes(plan: MemoryPlan, **changes) -> MemoryPlan:
-    return dataclasses.replace(plan, **changes)
+def plan_run(config, model: nn.Module, mae: nn.Module | None, processor, device: torch.device,
+             world_size: int) -> MemoryPlan:
+    """The memory plan of a run with `activation_checkpointing: auto`, logged once."""
+    target = device_target(device, world_size, config.dtype, config.device_memory_gb)
+    blocks = [b for bs in block_kinds(model, mae).values() for b in bs]
+    static = static_bytes(model, mae, blocks, target)
+    if config.stage == "cpt":
+        def batch_for_split(splits: int):
+            return planning_pack(processor, config.tokens_per_micro_batch // splits, masked=True,
+                                 mlm_rate=config.mlm_rate, mae_rate=config.mae_rate)
+
+        plan = plan_stage1(model.spec, static, batch_for_split, target,
+                           max_splits=config.tokens_per_micro_batch // config.max_length)
+    else:
+        step_tokens = (2 + config.negative_ratio) * config.pairs_per_rank * config.max_length
+
+        def batch_for_chunk(chunk: int | None):
+            return planning_pack(processor, config.grad_cache_tokens or chunk or step_tokens, masked=False)
+
+        plan = plan_stage2(model.spec, static, batch_for_chunk, target, step_tokens)
+    log.info("%s", plan.describe())
+    if not plan.fits:
+        log.warning("memory plan: no plan fits the budget; running the one with the smallest peak")
+    return plan
+
+
+def block_modes(plan: MemoryPlan, model: nn.Module, mae: nn.Module | None) -> list[str]:
+    """One mode per block in the order the trainers pass blocks to parallelize: decoder, vision, MAE layer."""
+    return [plan.modes[kind] for kind, blocks in block_kinds(model, mae).items() for _ in blocks]

@@ -10,6 +10,8 @@ import logging
 import torch
 from torch import nn
 
+from .memory_plan import apply_recompute
+
 log = logging.getLogger(__name__)
 
 
@@ -64,20 +66,21 @@ def convert_decoder_to_fp8(decoder_layers: nn.ModuleList, device: torch.device) 
 
 
 def parallelize(model: nn.Module, blocks: list[nn.Module], *, extra: nn.Module | None = None, device: torch.device, fp8_layers: nn.ModuleList | None,
-                activation_checkpointing: bool, compile: bool, world_size: int,
+                activation_checkpointing: bool | str | list[str], compile: bool, world_size: int,
                 param_dtype: torch.dtype = torch.bfloat16) -> dict[str, bool]:
     """Apply the training transforms to `model` (and `extra`, trained modules outside it such as the MAE
     head), whose repeated `blocks` (decoder layers, vision blocks, the MAE layer) each become an
-    activation-checkpointing, compile and FSDP unit. Returns what is on."""
-    state = {"fp8": False, "activation_checkpointing": activation_checkpointing, "compile": compile,
+    activation-checkpointing, compile and FSDP unit. `activation_checkpointing`: one recompute mode for every
+    block (True: full, False: none, or 'none' / 'selective' / 'full'), or one per block (a memory plan's).
+    Returns what is on."""
+    modes = activation_checkpointing if isinstance(activation_checkpointing, list) else \
+        [{True: "full", False: "none"}.get(activation_checkpointing, activation_checkpointing)] * len(blocks)
+    state = {"fp8": False, "activation_checkpointing": any(m != "none" for m in modes), "compile": compile,
              "fsdp": world_size > 1}
     if fp8_layers is not None:
         state["fp8"] = convert_decoder_to_fp8(fp8_layers, device)
-    if activation_checkpointing:
-        from torch.distributed._composable import checkpoint
-
-        for block in blocks:
-            checkpoint(block)
+    for block, mode in zip(blocks, modes, strict=True):
+        apply_recompute(block, mode)
     if compile:
         # Token counts change with every pack: every size symbolic from the first call, so a new pack length
         # reuses the compiled code instead of recompiling (past torch._dynamo's recompile limit dynamo would
