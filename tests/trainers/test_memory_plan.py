@@ -97,3 +97,30 @@ def test_recompute_changes_no_loss_and_no_gradient(mode):
     # what each mode recomputes: selective the element-wise work only (SwiGLU's silu), full the matmuls too
     assert ops_r["aten.silu"] > ops["aten.silu"]
     assert (ops_r["aten.mm"] + ops_r["aten.addmm"] > ops["aten.mm"] + ops["aten.addmm"]) == (mode == "full")
+
+
+def test_auto_applies_the_plan_and_logs_it_once(tmp_path, documents, monkeypatch, caplog):
+    """A stage-1 run with `activation_checkpointing: auto` takes the plan's modes per block kind and its splits
+    (half the token budget, twice the accumulation), and logs the plan at start."""
+    from moca_fast.trainers.cpt import ContinualPretraining
+    from moca_fast.trainers.setup import build_model, build_processor, build_tokenizer
+
+    from .conftest import cpt_config
+
+    planned = mp.MemoryPlan({"decoder": "selective", "vision": "full", "mae": "none"}, 2, None, 1.0, 2.0)
+    monkeypatch.setattr(mp, "plan_stage1", lambda *args, **kwargs: planned)
+    config = cpt_config(tmp_path, activation_checkpointing="auto", device_memory_gb=1.0, max_steps=1)
+    tokenizer = build_tokenizer(config)
+    model = build_model(config, tokenizer, torch.device("cpu"))
+    with caplog.at_level("INFO"):
+        stage = ContinualPretraining(config, model, build_processor(config, tokenizer), torch.device("cpu"), 0, 1,
+                                     documents=documents)
+    assert caplog.text.count("memory plan: decoder selective, vision full, mae none; micro-batches split in 2") == 1
+    assert stage.grad_accum == 2 * config.grad_accum
+    assert stage.sampler.budget == config.tokens_per_micro_batch // 2
+    assert stage.state["activation_checkpointing"]
+
+
+def test_auto_needs_a_memory_size_off_cuda():
+    with pytest.raises(ValueError, match="device_memory_gb"):
+        mp.device_target(torch.device("cpu"), 1, "float32", None)
