@@ -263,6 +263,9 @@ def cheapest_fit(step, spec, static: float, target: Target, kinds: tuple[str, ..
     peak = exact(cheapest, first)
     if peak <= target.budget:  # nothing to recompute, nothing to split
         return MemoryPlan(cheapest, first_splits, None, peak, target.budget)
+    last_splits, last = list(shapes.items())[-1]
+    if exact(dict.fromkeys(kinds, "full"), last) > target.budget:  # the least memory there is: nothing fits
+        return None
     tables = {}
 
     def screened(modes: dict, splits: int) -> float:
