@@ -253,10 +253,13 @@ def cheapest_fit(step, spec, static: float, target: Target, kinds: tuple[str, ..
     """The plan of least recompute (then fewest splits) whose exact estimate fits, over `shapes` ({splits:
     batch}). Candidates are screened by an additive model (all blocks full, plus what each kind adds in another
     mode, measured once per shape), so only likely fits pay for an exact estimate."""
-    fixed = fixed or {}
+    fixed, known = fixed or {}, {}
 
     def exact(modes: dict, batch) -> float:
-        return static + activation_peak(step, batch, spec, {**modes, **fixed}, target)
+        key = (id(batch), tuple(sorted(modes.items())))  # the batches live in `shapes` for the whole call
+        if key not in known:
+            known[key] = static + activation_peak(step, batch, spec, {**modes, **fixed}, target)
+        return known[key]
 
     first_splits, first = next(iter(shapes.items()))
     cheapest = dict.fromkeys(kinds, "none")
