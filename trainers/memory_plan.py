@@ -13,7 +13,6 @@ attention and recomputes everything else (norms, rotary, SwiGLU's product) in th
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import logging
