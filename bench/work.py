@@ -34,6 +34,7 @@ from types import SimpleNamespace
 from fused_kernels import linear_ce_flops, patch_reconstruction_flops
 from moca_fast.data.batch import pack_sequences
 from moca_fast.trainers.metrics import attention_pairs, decoder_layer_flops, forward_flops
+from planned_work import planned_columns
 from reference_path import BUCKET_COST, PAD_MULTIPLE, pad_sequences
 from report import RESULTS, report, write_report
 from train import StagePool, stage_pool, train_config
@@ -142,6 +143,7 @@ def stage_work(stage: str, model: str, n_warm: int, n_pool: int, folder: Path) -
             "flops": reference["flops"]["total"] / ours["flops"]["total"],
             **{k: reference["rows"][k] / ours["rows"][k] for k in reference["rows"] if ours["rows"].get(k)},
         },
+        "under_memory_plans": planned_columns(p, {"paths": paths}),  # bench/planned_work.py
     }
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 
@@ -137,6 +137,12 @@ class OnlyIn:
 
 
 CPT, CL = OnlyIn("cpt"), OnlyIn("cl")
+
+
+def _recompute_from_boolean(value):
+    """activation_checkpointing was a boolean: true / false (YAML or --set) still mean full / none."""
+    return {True: "full", False: "none", "true": "full", "false": "none"}.get(value, value)
+
 Positive = Field(gt=0)
 Count = Field(ge=1)
 Fraction = Field(ge=0, le=1)
@@ -173,11 +179,15 @@ class TrainConfig:
     # precision and speed switches: each state is logged at start
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # parameters/activations on CUDA; CPU runs use float32
     compile: bool = False  # torch.compile per decoder layer and vision block
-    activation_checkpointing: bool = True
+    # none | selective | full | auto (planned to fit device memory); true / false mean full / none, as before
+    activation_checkpointing: Annotated[Literal["none", "selective", "full", "auto"],
+                                        BeforeValidator(_recompute_from_boolean)] = "full"
     fp8: bool = False  # torchao float8 for the decoder's linear layers (CUDA, capability >= 8.9)
     attention_backend: Literal["auto", "flash", "varlen", "sdpa"] = "auto"
     device: str | None = None  # None: CUDA (this process's LOCAL_RANK) when present, else CPU
     num_workers: Annotated[int, Field(ge=0)] = 2
+    # memory-planned recompute (trainers/memory_plan.py): with activation_checkpointing: auto, the budget
+    device_memory_gb: Annotated[float | None, Positive] = None  # None: the CUDA device's total memory
     # bad data and bad steps
     skip_invalid: bool = False  # skip samples failing validation or decoding (each logged, counted), not stop
     allow_image_paths_outside: bool = False  # let image paths leave the data's image folder ('..', absolute paths)

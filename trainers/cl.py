@@ -24,6 +24,7 @@ from moca_fast.model.pooling import embed_pool
 
 from .distributed import all_reduce_sum, gather, gather_with_grad, rank, world_size
 from .metrics import forward_flops
+from .memory_plan import block_modes, plan_run
 from .parallelize import parallelize
 from .setup import autocast
 
@@ -60,9 +61,13 @@ class ContrastiveFinetuning:
                  pairs=None):
         self.config, self.device, self.spec = config, device, model.spec
         blocks = [*model.language_model.layers, *model.visual.blocks]
+        recompute, self.grad_cache_tokens = config.activation_checkpointing, config.grad_cache_tokens
+        if recompute == "auto":  # GradCache only where even full recompute does not fit
+            plan = plan_run(config, model, None, processor, device, world)
+            recompute, self.grad_cache_tokens = block_modes(plan, model, None), plan.grad_cache_tokens
         self.state = parallelize(model, blocks, device=device, fp8_layers=model.language_model.layers if config.fp8
-                                 else None, activation_checkpointing=config.activation_checkpointing,
-                                 compile=config.compile, world_size=world)
+                                 else None, activation_checkpointing=recompute, compile=config.compile,
+                                 world_size=world)
         self.model, self.extra = model, None
         pairs = pairs if pairs is not None else PairDataset(
             pair_subsets(config.data, config.tasks), negative_ratio=config.negative_ratio, seed=config.seed,
@@ -73,7 +78,7 @@ class ContrastiveFinetuning:
         self.pairs = pairs
         self.sampler = PairBatchSampler(pairs.tasks, config.pairs_per_rank, seed=config.seed, rank=rank_,
                                         world_size=world, task_homogeneous=config.task_homogeneous)
-        collator = ContrastiveCollator(processor, chunk_tokens=config.grad_cache_tokens)
+        collator = ContrastiveCollator(processor, chunk_tokens=self.grad_cache_tokens)
         self.loader = torch.utils.data.DataLoader(
             EncodedPairs(pairs, processor, skip_invalid=config.skip_invalid), batch_sampler=self.sampler,
             collate_fn=collator, num_workers=config.num_workers, pin_memory=device.type == "cuda",
@@ -99,7 +104,7 @@ class ContrastiveFinetuning:
     def train_step(self, batch: ContrastiveBatch) -> dict[str, float]:
         batch = batch.to(self.device, non_blocking=True)
         loss_of = lambda e: contrastive_loss(e, batch, self.config.temperature, self.config.mask_duplicates)  # noqa: E731
-        if self.config.grad_cache_tokens is None:
+        if self.grad_cache_tokens is None:
             loss = loss_of(torch.cat([self._embed(c) for c in batch.chunks]))
             loss.backward()
         else:
@@ -113,7 +118,7 @@ class ContrastiveFinetuning:
                 if world_size() > 1:
                     self.model.set_requires_gradient_sync(i == len(batch.chunks) - 1)
                 (self._embed(chunk) * grad).sum().backward()
-        passes = 3 if self.config.grad_cache_tokens is None else 4  # GradCache adds a no-grad forward
+        passes = 3 if self.grad_cache_tokens is None else 4  # GradCache adds a no-grad forward
         flops = sum(passes * forward_flops(self.spec, c) for c in batch.chunks)
         mean_loss = gather(loss.detach().reshape(1)).mean()
         # Tokens and FLOPs of the whole step, every rank's (tokens/s and MFU are the job's, not rank 0's).

@@ -27,6 +27,7 @@ from moca_fast.model.loading import read_mae_head
 
 from .distributed import all_reduce_sum, world_size
 from .metrics import forward_flops
+from .memory_plan import block_modes, plan_run
 from .parallelize import parallelize
 from .setup import autocast
 
@@ -56,34 +57,38 @@ class ContinualPretraining:
         self.config, self.device, self.spec = config, device, model.spec
         self.mae = initial_mae_head(model, config.model).to(device)
         blocks = [*model.language_model.layers, *model.visual.blocks, self.mae.layer]
+        recompute, self.splits = config.activation_checkpointing, 1
+        if recompute == "auto":  # splitting a micro-batch in s and accumulating s times as many is FLOP-neutral
+            plan = plan_run(config, model, self.mae, processor, device, world)
+            recompute, self.splits = block_modes(plan, model, self.mae), plan.splits
+        self.grad_accum, budget = config.grad_accum * self.splits, config.tokens_per_micro_batch // self.splits
         self.state = parallelize(model, blocks, extra=self.mae, device=device,
                                  fp8_layers=model.language_model.layers if config.fp8 else None,
-                                 activation_checkpointing=config.activation_checkpointing,
-                                 compile=config.compile, world_size=world)
+                                 activation_checkpointing=recompute, compile=config.compile, world_size=world)
         self.model, self.extra = model, self.mae
         documents = documents if documents is not None else DocumentDataset(
             config.data, skip_invalid=config.skip_invalid, allow_image_paths_outside=config.allow_image_paths_outside)
         self.samples = MaskedDocuments(documents, processor, mlm_rate=config.mlm_rate, mae_rate=config.mae_rate,
                                        seed=config.seed, skip_invalid=config.skip_invalid)
-        self.sampler = TokenBudgetSampler(self.samples.lengths(), config.tokens_per_micro_batch, seed=config.seed,
+        self.sampler = TokenBudgetSampler(self.samples.lengths(), budget, seed=config.seed,
                                           rank=rank, world_size=world, sample_ids=self.samples.sample_ids())
         self.loader = packed_loader(self.samples, self.sampler, PackCollator(processor),
                                     num_workers=config.num_workers)
         self.world = world
 
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.sampler.plan(0)) / self.world / self.config.grad_accum)
+        return math.ceil(len(self.sampler.plan(0)) / self.world / self.grad_accum)
 
     def step_inputs(self, epoch: int, start: int) -> Iterator[list]:
-        """Groups of `grad_accum` micro-batches (the last group of an epoch may be shorter); the sampler's padding
+        """Groups of `grad_accum` micro-batches (times the memory plan's splits) (the last group of an epoch may be shorter); the sampler's padding
         micro-batches (see data/packing.py) come marked, so they add nothing to the loss."""
-        first = start * self.config.grad_accum
+        first = start * self.grad_accum
         self.sampler.set_epoch(epoch, first)
         real = self.sampler.rank_batches(epoch)[1]
         group = []
         for k, batch in enumerate(one_line_errors(self.loader), start=first):
             group.append(batch if k < real else dataclasses.replace(batch, padding=True))
-            if len(group) == self.config.grad_accum:
+            if len(group) == self.grad_accum:
                 yield group
                 group = []
         if group:

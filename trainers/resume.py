@@ -33,8 +33,9 @@ RUN_OUTPUTS = ("checkpoints", "final", "final.tmp", "metrics.jsonl")
 # Where things are, how fast they run, how often to save, what to do with bad input (which changes nothing on good
 # input; a policy that changes the samples changes the data fingerprint): free to change on resume.
 BOOKKEEPING = frozenset({"output_dir", "data", "model", "tokenizer", "device", "num_workers", "checkpoint_every",
-                         "keep_checkpoints", "compile", "activation_checkpointing", "attention_backend",
-                         "skip_invalid", "allow_image_paths_outside", "skip_nonfinite", "max_skipped_fraction"})
+                         "keep_checkpoints", "compile", "activation_checkpointing", "device_memory_gb",
+                         "attention_backend", "skip_invalid", "allow_image_paths_outside", "skip_nonfinite",
+                         "max_skipped_fraction"})
 
 
 def prepare_output(output: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:

@@ -27,13 +27,15 @@ def test_fp8_is_skipped_with_a_logged_reason_on_cpu(model, caplog):
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def test_fp8_converts_only_decoder_linears(model, monkeypatch):
+def test_fp8_converts_only_decoder_linears(tokenizer, monkeypatch):
     pytest.importorskip("torchao.float8")
+    # intermediate 1040: the decoder's gate/up projections are wide enough for float8 to pay
+    model = MocaModel(ModelSpec.from_hf_config(tiny_hf_config(tokenizer, intermediate_size=1040))).init_weights()
     monkeypatch.setattr(parallelize_module, "fp8_supported", lambda device: (True, "forced for the test"))
     assert convert_decoder_to_fp8(model.language_model.layers, torch.device("cpu")) is True
     converted = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear}
     decoder = {name for name, m in model.language_model.layers.named_modules(prefix="language_model.layers")
-               if isinstance(m, nn.Linear)}
+               if isinstance(m, nn.Linear) and m.out_features == 1040}
     assert converted == decoder and converted
     untouched = [model.lm_head, *[m for m in model.visual.modules() if isinstance(m, nn.Linear)]]
     assert all(type(m) is nn.Linear for m in untouched)
