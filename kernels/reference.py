@@ -53,3 +53,57 @@ def info_nce_reference(
     if targets.numel() == 0:
         return logits.sum().float()
     return F.cross_entropy(logits, targets).float()
+
+
+def _padded(tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed tokens [T, D] with bounds cu_seqlens [S+1] -> zero-padded [S, L, D] and its validity mask [S, L]."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    padded = torch.nn.utils.rnn.pad_sequence(list(tokens.split(lengths)), batch_first=True)
+    positions = torch.arange(padded.shape[1], device=tokens.device)
+    valid = positions[None, :] < torch.tensor(lengths, device=tokens.device)[:, None]
+    return padded, valid
+
+
+def maxsim_reference(q: torch.Tensor, q_valid: torch.Tensor, d: torch.Tensor, d_valid: torch.Tensor,
+                     pairs: str) -> torch.Tensor:
+    """MaxSim of padded queries q [Q, Lq, D] against padded documents: every query against every document
+    (d [N, Ld, D], pairs="all" -> [Q, N]) or against its own (d [Q, r, Ld, D], pairs="own" -> [Q, r])."""
+    if pairs == "all":
+        sim = torch.einsum("qid,njd->qnij", q, d).masked_fill(~d_valid[None, :, None, :], float("-inf"))
+        return (sim.amax(dim=-1) * q_valid[:, None, :]).sum(dim=-1)
+    sim = torch.einsum("qid,qrjd->qrij", q, d).masked_fill(~d_valid[:, :, None, :], float("-inf"))
+    return (sim.amax(dim=-1) * q_valid[:, None, :]).sum(dim=-1)
+
+
+def maxsim_info_nce_reference(
+    q_tokens: torch.Tensor,
+    q_cu_seqlens: torch.Tensor,
+    d_tokens: torch.Tensor,
+    d_cu_seqlens: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+    duplicate_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean late-interaction InfoNCE: score(q, d) = sum over q's tokens of the max over d's tokens of their dot
+    product, for the Q packed queries (q_tokens [Tq, D], bounds q_cu_seqlens [Q+1]) against every one of the N
+    packed documents (d_tokens [Td, D], d_cu_seqlens [N+1]) and, with `negatives` = (tokens [Tn, D], bounds
+    [Q*r+1]), against its own r hard negatives (query i's are sequences i*r .. i*r+r-1); query i's positive is
+    document targets[i]; logits = score / temperature; duplicate_mask [Q, N] True drops a document from a query's
+    denominator. Every query-token x document-token similarity is materialised (the oracle)."""
+    q, q_valid = _padded(q_tokens, q_cu_seqlens)
+    d, d_valid = _padded(d_tokens, d_cu_seqlens)
+    logits = maxsim_reference(q, q_valid, d, d_valid, "all")
+    if duplicate_mask is not None:
+        logits = logits.masked_fill(duplicate_mask, float("-inf"))
+    if negatives is not None:
+        n, n_valid = _padded(*negatives)
+        r = n.shape[0] // max(q.shape[0], 1)
+        own = maxsim_reference(q, q_valid, n.reshape(q.shape[0], r, *n.shape[1:]), n_valid.reshape(q.shape[0], r, -1),
+                               "own")
+        logits = torch.cat([logits, own], dim=1)
+    logits = logits / torch.tensor(temperature, dtype=torch.float32).to(logits.dtype)
+    if targets.numel() == 0:
+        return logits.sum().float()
+    return F.cross_entropy(logits, targets).float()

@@ -67,6 +67,10 @@ class ModelSpec:
     vision_start_token_id: int
     vision_end_token_id: int
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # Embedding heads the checkpoint was trained for, declared in its config.json under HEADS_KEY: the multi-vector
+    # projection's size (None: no such head) and the pooled vector's Matryoshka dimensions (empty: none).
+    multi_vector_dim: int | None = None
+    matryoshka_dims: tuple[int, ...] = ()
 
     @classmethod
     def from_hf_config(cls, config) -> "ModelSpec":
@@ -117,12 +121,27 @@ class ModelSpec:
             vision_start_token_id=config.vision_start_token_id,
             vision_end_token_id=config.vision_end_token_id,
             hf_config=config.to_dict(),
+            **declared_heads(getattr(config, HEADS_KEY, None)),
         )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("hf_config")
         return d
+
+
+HEADS_KEY = "moca_fast_heads"  # config.json: {"multi_vector_dim": int | null, "matryoshka_dims": [int, ...]}
+
+
+def declared_heads(declared: dict | None) -> dict[str, Any]:
+    """ModelSpec's head fields from a config's HEADS_KEY entry (absent: no heads)."""
+    declared = declared or {}
+    unknown = sorted(set(declared) - {"multi_vector_dim", "matryoshka_dims"})
+    if unknown:
+        raise ValueError(f"config.json {HEADS_KEY}: unknown keys {unknown}")
+    dim = declared.get("multi_vector_dim")
+    return {"multi_vector_dim": None if dim is None else int(dim),
+            "matryoshka_dims": tuple(int(d) for d in declared.get("matryoshka_dims") or ())}
 
 
 @dataclass
@@ -172,6 +191,16 @@ class TrainConfig:
     mask_duplicates: bool = True  # drop in-batch false negatives (identical targets)
     task_homogeneous: bool = False
     tasks: tuple[str, ...] | None = None  # train on these <task> files of the data folder only (None: all)
+    # stage 2 embedding heads (None: the reference's pooled-only InfoNCE). multi_vector_dim adds a projection of
+    # every final hidden state (L2-normalised per token) trained by a late-interaction (MaxSim) InfoNCE, weighted
+    # by multi_vector_weight, whose logits are MaxSim scores (sums over query tokens, so tens, not cosines) over
+    # multi_vector_temperature (1.0: the raw sums, as ColPali's pairwise loss takes them); matryoshka_dims trains the pooled vector's InfoNCE at each of these leading
+    # dimensions (each prefix normalised again), weighted by matryoshka_weights (None: 1 each), summed.
+    multi_vector_dim: int | None = None
+    multi_vector_weight: float = 1.0
+    multi_vector_temperature: float = 1.0
+    matryoshka_dims: tuple[int, ...] | None = None
+    matryoshka_weights: tuple[float, ...] | None = None
     # bookkeeping
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -185,6 +214,11 @@ class TrainConfig:
                              f"{self.tokens_per_micro_batch}: a full-length sample could never be packed")
         self.betas = tuple(self.betas)
         self.tasks = tuple(self.tasks) if self.tasks is not None else None
+        self.matryoshka_dims = tuple(self.matryoshka_dims) if self.matryoshka_dims is not None else None
+        self.matryoshka_weights = tuple(self.matryoshka_weights) if self.matryoshka_weights is not None else None
+        if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims or ()):
+            raise ValueError(f"matryoshka_weights {self.matryoshka_weights} needs one weight per matryoshka_dims "
+                             f"entry {self.matryoshka_dims}")
 
 
 def load_train_config(path: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
