@@ -89,6 +89,11 @@ def add_embed(subparsers) -> None:
     parser.add_argument("--images", type=Path, help="root of relative image paths (default: the file's folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace an --output file that exists; a folder "
                         "--output otherwise resumes (or refuses another run's folder)")
+    parser.add_argument("--output-kind", choices=("pooled", "multi_vector", "both"), default="pooled",
+                        help="a folder --output: pooled vectors (default), the multi-vector head's token vectors "
+                        "(a list of fp16 vectors per row; the checkpoint needs the head), or both")
+    parser.add_argument("--pool-factor", type=int, help="a multi-vector folder --output: pool each input's token "
+                        "vectors hierarchically to about 1/N of them")
     add_model_arguments(parser)
     parser.set_defaults(run=run_embed_or_corpus)
 
@@ -96,6 +101,8 @@ def add_embed(subparsers) -> None:
 def run_embed_or_corpus(args) -> None:
     """A file --output: `run_embed`; a folder: the corpus in parts on every rank torchrun starts (moca_fast.corpus)."""
     if args.output.suffix:
+        if args.output_kind != "pooled" or args.pool_factor is not None:
+            raise ValueError(f"--output {args.output}: multi-vectors and --pool-factor go to a folder --output")
         return run_embed(args)
     if args.part_size < 1:
         raise ValueError(f"--part-size must be positive, got {args.part_size}")
@@ -105,7 +112,8 @@ def run_embed_or_corpus(args) -> None:
     inputs, ids = read_jsonl_inputs(args.inputs, args.images or args.inputs.parent)
     args.device = str(training_device(args.device))  # under torchrun on CUDA: this rank's GPU
     embed_corpus(embedder_from_args(args), inputs, ids, args.output, source=args.inputs, model=args.model,
-                 part_size=args.part_size, overwrite=args.overwrite)
+                 part_size=args.part_size, overwrite=args.overwrite, output=args.output_kind,
+                 pool_factor=args.pool_factor)
 
 
 def run_embed(args) -> None:
