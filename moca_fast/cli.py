@@ -285,6 +285,8 @@ def add_demo(subparsers) -> None:
                         help="optimizer steps of stage 1 and stage 2 (default: 40 600)")
     parser.add_argument("--device", help="default: cuda when present, else cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--multi-vector", action="store_true", help="stage 2 also trains a multi-vector head and "
+                        "Matryoshka dimensions; the summary scores pooled, Matryoshka and multi-vector (MaxSim)")
     parser.set_defaults(run=run_demo_command)
 
 
@@ -292,7 +294,7 @@ def run_demo_command(args) -> int:
     from .demo import DemoSettings, format_summary, run_demo
 
     summary = run_demo(DemoSettings(out=args.out, cpt_steps=args.steps[0], cl_steps=args.steps[1],
-                                    device=args.device, seed=args.seed))
+                                    device=args.device, seed=args.seed, multi_vector=args.multi_vector))
     print(format_summary(summary))
     return 0
 
