@@ -194,8 +194,9 @@ class TrainConfig:
     # stage 2 embedding heads (None: the reference's pooled-only InfoNCE). multi_vector_dim adds a projection of
     # every final hidden state (L2-normalised per token) trained by a late-interaction (MaxSim) InfoNCE, weighted
     # by multi_vector_weight, whose logits are MaxSim scores (sums over query tokens, so tens, not cosines) over
-    # multi_vector_temperature (1.0: the raw sums, as ColPali's pairwise loss takes them); matryoshka_dims trains the pooled vector's InfoNCE at each of these leading
-    # dimensions (each prefix normalised again), weighted by matryoshka_weights (None: 1 each), summed.
+    # multi_vector_temperature (1.0: the raw sums, as ColPali's pairwise loss takes them); matryoshka_dims trains
+    # the pooled vector's InfoNCE at each of these leading dimensions (each prefix normalised again), weighted by
+    # matryoshka_weights (None: 1 each), summed.
     multi_vector_dim: int | None = None
     multi_vector_weight: float = 1.0
     multi_vector_temperature: float = 1.0

@@ -63,7 +63,8 @@ def test_both_and_token_pooling(corpus, multi_vector_checkpoint, tmp_path):
 
 
 def test_a_file_output_or_a_checkpoint_without_the_head_refuses_multi_vectors(corpus, checkpoint, tmp_path, capsys):
-    for output, message in ((tmp_path / "e.npy", "go to a folder --output"), (tmp_path / "out", "no multi-vector head")):
+    refusals = ((tmp_path / "e.npy", "go to a folder --output"), (tmp_path / "out", "no multi-vector head"))
+    for output, message in refusals:
         with pytest.raises(SystemExit):
             main(["embed", str(corpus[0]), "--output", str(output), "--model", str(checkpoint), *PIXELS,
                   "--output-kind", "multi_vector"])

@@ -79,7 +79,8 @@ def test_maxsim_info_nce_reference_equals_per_query_loops_forward_and_backward()
     ours = maxsim_info_nce_reference(*_packed(queries), *_packed(positives), targets, temperature=0.25,
                                      negatives=_packed([n for row in negatives for n in row]), duplicate_mask=mask)
     ours_grads = torch.autograd.grad(ours, leaves)
-    oracle = late_interaction_oracle(queries, positives, negatives, targets, 0.25, duplicates)  # 0.25: exact in fp32, as the loss takes it
+    # 0.25: exact in fp32, in which the loss takes its temperature
+    oracle = late_interaction_oracle(queries, positives, negatives, targets, 0.25, duplicates)
     oracle_grads = torch.autograd.grad(oracle, leaves)
     assert abs(ours.item() - oracle.item()) <= 1e-6 * oracle.item()
     for a, b in zip(ours_grads, oracle_grads):
