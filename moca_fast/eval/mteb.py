@@ -38,6 +38,7 @@ class MtebEncoder:
     metadata; `similarity` / `similarity_pairwise` as cosines, or MaxSim for a checkpoint with a multi-vector head."""
 
     mteb_model_meta = None  # set by mteb when it loads the model from `model_meta`
+    late_interaction = False  # True for a checkpoint with a multi-vector head (set from the embedder)
 
     def __init__(self, model_name: str | os.PathLike | MocaEmbedder, revision: str | None = None, *,
                  device: str | None = None, checkpoint: str | None = None, **embedder_options):
