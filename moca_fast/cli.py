@@ -99,6 +99,11 @@ def add_embed(subparsers) -> None:
     parser.add_argument("--images", type=Path, help="root of relative image paths (default: the file's folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace an --output file that exists; a folder "
                         "--output otherwise resumes (or refuses another run's folder)")
+    parser.add_argument("--output-kind", choices=("pooled", "multi_vector", "both"), default="pooled",
+                        help="a folder --output: pooled vectors (default), the multi-vector head's token vectors "
+                        "(a list of fp16 vectors per row; the checkpoint needs the head), or both")
+    parser.add_argument("--pool-factor", type=int, help="a multi-vector folder --output: pool each input's token "
+                        "vectors hierarchically to about 1/N of them")
     add_model_arguments(parser)
     parser.set_defaults(run=run_embed_or_corpus)
 
@@ -106,6 +111,8 @@ def add_embed(subparsers) -> None:
 def run_embed_or_corpus(args) -> None:
     """A file --output: `run_embed`; a folder: the corpus in parts on every rank torchrun starts (moca_fast.corpus)."""
     if args.output.suffix:
+        if args.output_kind != "pooled" or args.pool_factor is not None:
+            raise ValueError(f"--output {args.output}: multi-vectors and --pool-factor go to a folder --output")
         return run_embed(args)
     if args.output.exists() and not args.output.is_dir():
         raise ValueError(f"--output {args.output} is a file without a suffix: a path without a suffix names a folder "
@@ -118,7 +125,8 @@ def run_embed_or_corpus(args) -> None:
     inputs, ids = read_jsonl_inputs(args.inputs, args.images or args.inputs.parent)
     args.device = str(training_device(args.device))  # under torchrun on CUDA: this rank's GPU
     embed_corpus(embedder_from_args(args), inputs, ids, args.output, source=args.inputs, model=args.model,
-                 part_size=args.part_size, overwrite=args.overwrite)
+                 part_size=args.part_size, overwrite=args.overwrite, output=args.output_kind,
+                 pool_factor=args.pool_factor)
 
 
 def run_embed(args) -> None:
@@ -288,6 +296,8 @@ def add_demo(subparsers) -> None:
                         help="optimizer steps of stage 1 and stage 2 (default: 40 600)")
     parser.add_argument("--device", help="default: cuda when present, else cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--multi-vector", action="store_true", help="stage 2 also trains a multi-vector head and "
+                        "Matryoshka dimensions; the summary scores pooled, Matryoshka and multi-vector (MaxSim)")
     parser.set_defaults(run=run_demo_command)
 
 
@@ -295,7 +305,7 @@ def run_demo_command(args) -> int:
     from .demo import DemoSettings, format_summary, run_demo
 
     summary = run_demo(DemoSettings(out=args.out, cpt_steps=args.steps[0], cl_steps=args.steps[1],
-                                    device=args.device, seed=args.seed))
+                                    device=args.device, seed=args.seed, multi_vector=args.multi_vector))
     print(format_summary(summary))
     return 0
 

@@ -71,6 +71,10 @@ class ModelSpec:
     vision_start_token_id: int
     vision_end_token_id: int
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # Embedding heads the checkpoint was trained for, declared in its config.json under HEADS_KEY: the multi-vector
+    # projection's size (None: no such head) and the pooled vector's Matryoshka dimensions (empty: none).
+    multi_vector_dim: int | None = None
+    matryoshka_dims: tuple[int, ...] = ()
 
     @classmethod
     def from_hf_config(cls, config) -> "ModelSpec":
@@ -121,12 +125,27 @@ class ModelSpec:
             vision_start_token_id=config.vision_start_token_id,
             vision_end_token_id=config.vision_end_token_id,
             hf_config=config.to_dict(),
+            **declared_heads(getattr(config, HEADS_KEY, None)),
         )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("hf_config")
         return d
+
+
+HEADS_KEY = "moca_fast_heads"  # config.json: {"multi_vector_dim": int | null, "matryoshka_dims": [int, ...]}
+
+
+def declared_heads(declared: dict | None) -> dict[str, Any]:
+    """ModelSpec's head fields from a config's HEADS_KEY entry (absent: no heads)."""
+    declared = declared or {}
+    unknown = sorted(set(declared) - {"multi_vector_dim", "matryoshka_dims"})
+    if unknown:
+        raise ValueError(f"config.json {HEADS_KEY}: unknown keys {unknown}")
+    dim = declared.get("multi_vector_dim")
+    return {"multi_vector_dim": None if dim is None else int(dim),
+            "matryoshka_dims": tuple(int(d) for d in declared.get("matryoshka_dims") or ())}
 
 
 @dataclass(frozen=True)
@@ -205,6 +224,17 @@ class TrainConfig:
     mask_duplicates: Annotated[bool, CL] = True  # drop in-batch false negatives (identical targets)
     task_homogeneous: Annotated[bool, CL] = False
     tasks: Annotated[tuple[str, ...] | None, CL] = None  # train on these <task> files of the data folder (None: all)
+    # stage 2 embedding heads (None: the reference's pooled-only InfoNCE). multi_vector_dim adds a projection of
+    # every final hidden state (L2-normalised per token) trained by a late-interaction (MaxSim) InfoNCE, weighted
+    # by multi_vector_weight, whose logits are MaxSim scores (sums over query tokens, so tens, not cosines) over
+    # multi_vector_temperature (1.0: the raw sums, as ColPali's pairwise loss takes them); matryoshka_dims trains
+    # the pooled vector's InfoNCE at each of these leading dimensions (each prefix normalised again), weighted by
+    # matryoshka_weights (None: 1 each), summed.
+    multi_vector_dim: Annotated[int | None, Count, CL] = None
+    multi_vector_weight: Annotated[float, Field(ge=0), CL] = 1.0
+    multi_vector_temperature: Annotated[float, Positive, CL] = 1.0
+    matryoshka_dims: Annotated[tuple[Annotated[int, Count], ...] | None, CL] = None
+    matryoshka_weights: Annotated[tuple[Annotated[float, Field(ge=0)], ...] | None, CL] = None
     # bookkeeping
     checkpoint_every: Annotated[int, Count] = 500
     keep_checkpoints: Annotated[int, Field(ge=0)] = 2  # 0: keep all
@@ -216,6 +246,9 @@ class TrainConfig:
                              f"{self.tokens_per_micro_batch}: a full-length sample could never be packed")
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
+        if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims or ()):
+            raise ValueError(f"matryoshka_weights {self.matryoshka_weights} needs one weight per matryoshka_dims "
+                             f"entry {self.matryoshka_dims}")
 
 
 def stage_of_field(name: str) -> str | None:

@@ -12,6 +12,11 @@ embedding) through a temporary file and a rename: a part on disk is complete, an
 recomputing it. When all are done, rank 0 writes DIR/index.json (each part with its checksum), and
 `load_corpus(DIR)` checks every part's bytes and returns the embeddings in input order. The folder must be shared
 by the ranks (one machine, or a shared filesystem).
+
+`output` "multi_vector" (a checkpoint with a multi-vector head) writes each input's token vectors instead, as a
+`multi_vector` column holding a list of fp16 vectors per row; "both" writes both columns. `pool_factor` pools each
+row's token vectors hierarchically to about 1/pool_factor of them first (moca_fast/token_pooling.py). The manifest
+and the index record the output kind and the pool factor.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 from .checksums import file_checksum
 from .embed import EmbedInput, MocaEmbedder
 from .eval.cache import model_key
+from .token_pooling import pool_tokens
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +87,18 @@ def intact_parts(folder: Path, count: int) -> list[int]:
 
 
 def embed_corpus(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], ids: Sequence, folder: Path, *, source: Path,
-                 model: str, part_size: int, overwrite: bool = False) -> None:
+                 model: str, part_size: int, overwrite: bool = False, output: str = "pooled",
+                 pool_factor: int | None = None) -> None:
     """Embed `inputs` (ids kept beside them) into `folder`, resuming what is there; under torchrun every rank calls
     it with its own embedder. `source` (the inputs file) and `model` go into the manifest a resumed run must match;
-    `overwrite` starts over in a folder that holds another run's embeddings."""
+    `overwrite` starts over in a folder that holds another run's embeddings. `output`: "pooled", "multi_vector" or
+    "both" (MocaEmbedder.encode's); `pool_factor`: hierarchical pooling of the multi-vectors (None: none)."""
     import torch.distributed as dist
+
+    embedder.check_output(output)
+    if pool_factor is not None and (output == "pooled" or pool_factor < 1):
+        raise ValueError(f"pool_factor {pool_factor}: token pooling takes a positive factor and a multi-vector output "
+                         f"(output={output!r})")
 
     from .trainers.distributed import finish_distributed, init_distributed
 
@@ -96,7 +109,8 @@ def embed_corpus(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], ids: Sequ
         try:
             manifest = {"inputs": str(source), "inputs_sha256": file_digest(source), "count": len(inputs),
                         "part_size": part_size, "model": model, "model_key": model_key(embedder),
-                        **embedder_settings(embedder)}
+                        **embedder_settings(embedder),
+                        **({} if output == "pooled" else {"output": output, "pool_factor": pool_factor})}
             check_manifest(folder, manifest, overwrite=overwrite)
             state[0] = intact_parts(folder, len(parts))
         except ValueError as error:
@@ -116,13 +130,16 @@ def embed_corpus(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], ids: Sequ
     for part in mine:
         start = time.perf_counter()
         lines = parts[part]
-        embeddings = embedder.encode([inputs[i] for i in lines])
+        embeddings = embedder.encode([inputs[i] for i in lines], output=output)
+        if output != "pooled" and pool_factor is not None:
+            pooled = {"multi_vector": [pool_tokens(v, pool_factor) for v in multi_vectors(embeddings)]}
+            embeddings = {**embeddings, **pooled} if output == "both" else pooled["multi_vector"]
         write_part(part_path(folder, part), lines, [ids[i] for i in lines], embeddings)
         log.info("rank %d: part %d (lines %d-%d) in %.1f s", rank, part, lines[0], lines[-1],
                  time.perf_counter() - start)
     finish_distributed()
     if rank == 0:
-        write_index(folder, parts, embedder.dim)
+        write_index(folder, parts, embedder.dim, output, embedder.multi_vector_dim)
 
 
 def part_costs(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], parts: list[range], pending: list[int],
@@ -171,17 +188,33 @@ def check_manifest(folder: Path, manifest: dict, *, overwrite: bool = False) -> 
     write_atomically(path, json.dumps(manifest, indent=2).encode())
 
 
-def embeddings_table(lines: Sequence[int], ids: Sequence, embeddings: np.ndarray):
-    """A pyarrow table (line, id, embedding) of embeddings [N, dim]: the parquet `embed` writes, whole or in parts."""
+def multi_vectors(embeddings) -> list[np.ndarray]:
+    """The multi-vectors of what `encode` returned for output "multi_vector" (a list) or "both" (a dict)."""
+    return embeddings["multi_vector"] if isinstance(embeddings, dict) else embeddings
+
+
+def embeddings_table(lines: Sequence[int], ids: Sequence, embeddings):
+    """A pyarrow table (line, id, embedding) of embeddings [N, dim]: the parquet `embed` writes, whole or in parts.
+    Multi-vectors (a list of [n_i, dim] arrays, or `encode`'s "both" dict) go in a `multi_vector` column: per row a
+    list of fp16 vectors."""
     import pyarrow as pa
 
-    return pa.table({"line": pa.array(lines, type=pa.int64()),
-                     "id": pa.array([None if i is None else str(i) for i in ids], type=pa.string()),
-                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)),
-                                                                    embeddings.shape[1])})
+    columns = {"line": pa.array(lines, type=pa.int64()),
+               "id": pa.array([None if i is None else str(i) for i in ids], type=pa.string())}
+    pooled = embeddings["pooled"] if isinstance(embeddings, dict) else embeddings
+    if isinstance(pooled, np.ndarray):
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(pooled.reshape(-1)), pooled.shape[1])
+    if not isinstance(embeddings, np.ndarray):
+        rows = multi_vectors(embeddings)
+        dim = rows[0].shape[1] if rows else 0
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32)
+        flat = np.concatenate(rows).astype(np.float16) if rows else np.zeros((0, dim), np.float16)
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim)
+        columns["multi_vector"] = pa.ListArray.from_arrays(pa.array(offsets), vectors)
+    return pa.table(columns)
 
 
-def write_part(path: Path, lines: range, ids: list, embeddings: np.ndarray) -> None:
+def write_part(path: Path, lines: range, ids: list, embeddings) -> None:
     """One part as parquet (line, id, embedding), complete or absent."""
     import pyarrow.parquet as pq
 
@@ -193,26 +226,32 @@ def write_part(path: Path, lines: range, ids: list, embeddings: np.ndarray) -> N
     write_atomically(checksum_path(path.parent.parent, part), file_checksum(path).encode())
 
 
-def write_index(folder: Path, parts: list[range], dim: int) -> None:
+def write_index(folder: Path, parts: list[range], dim: int, output: str = "pooled",
+                multi_vector_dim: int | None = None) -> None:
     missing = [p for p in range(len(parts)) if not part_path(folder, p).is_file()]
     if missing:
         raise RuntimeError(f"{folder}: parts {missing} are missing after every rank finished")
-    index = {"count": sum(map(len, parts)), "dim": dim,
+    kind = {} if output == "pooled" else {"output": output, "multi_vector_dim": multi_vector_dim}
+    index = {"count": sum(map(len, parts)), "dim": dim, **kind,
              "parts": [{"file": str(part_path(folder, p).relative_to(folder)), "first_line": r.start, "rows": len(r),
                         "xxh3": checksum_path(folder, p).read_text().strip()} for p, r in enumerate(parts)]}
     write_atomically(folder / INDEX, json.dumps(index, indent=2).encode())
     log.info("wrote %d embeddings of dimension %d in %d parts to %s", index["count"], dim, len(parts), folder)
 
 
-def load_corpus(folder: str | os.PathLike) -> tuple[np.ndarray, list]:
-    """(embeddings [N, dim] float32 in input order, ids) of a finished corpus folder."""
+def load_corpus(folder: str | os.PathLike) -> tuple:
+    """(embeddings, ids) of a finished corpus folder, in input order: embeddings [N, dim] float32; for a
+    multi-vector corpus a list of [n_i, multi_vector_dim] float32 arrays (the fp16 values stored); for "both" a
+    dict {"pooled": ..., "multi_vector": ...}, as MocaEmbedder.encode returns them."""
     import pyarrow.parquet as pq
 
     folder = Path(folder)
     if not (folder / INDEX).is_file():
         raise FileNotFoundError(f"{folder}: no {INDEX}; the run has not finished (run it again to resume)")
     index = json.loads((folder / INDEX).read_text())
+    output = index.get("output", "pooled")
     embeddings, ids = np.empty((index["count"], index["dim"]), dtype=np.float32), []
+    vectors = [None] * index["count"]
     for part in index["parts"]:
         if "xxh3" in part and file_checksum(folder / part["file"]) != part["xxh3"]:
             raise ValueError(f"{folder / part['file']}: its bytes do not match the checksum in {INDEX} (damaged or "
@@ -221,10 +260,19 @@ def load_corpus(folder: str | os.PathLike) -> tuple[np.ndarray, list]:
         lines = table.column("line").to_numpy()
         if len(lines) != part["rows"] or lines[0] != part["first_line"]:
             raise ValueError(f"{folder / part['file']}: does not hold lines {part['first_line']}.. as indexed")
-        values = table.column("embedding").combine_chunks().flatten().to_numpy()
-        embeddings[lines] = values.reshape(len(lines), index["dim"])
+        if output != "multi_vector":
+            values = table.column("embedding").combine_chunks().flatten().to_numpy()
+            embeddings[lines] = values.reshape(len(lines), index["dim"])
+        if output != "pooled":
+            column = table.column("multi_vector").combine_chunks()
+            flat = column.flatten().flatten().to_numpy().astype(np.float32).reshape(-1, index["multi_vector_dim"])
+            offsets = column.offsets.to_numpy() - column.offsets[0].as_py()  # flatten() starts at the first offset
+            for line, start, stop in zip(lines, offsets[:-1], offsets[1:]):
+                vectors[line] = flat[start:stop]
         ids += table.column("id").to_pylist()
-    return embeddings, ids
+    if output == "pooled":
+        return embeddings, ids
+    return (vectors if output == "multi_vector" else {"pooled": embeddings, "multi_vector": vectors}), ids
 
 
 def file_digest(path: Path) -> str:

@@ -2,6 +2,8 @@
 a CPU: stage 1 (MLM + MAE), stage 2 (contrastive), then embedding and evaluation in the MMEB and BEIR formats,
 before and after training, against chance (computed from each task's own candidate counts). Deterministic by
 seed; the summary records the wall time, the machine and the date (bench/demo_section.py puts it in the README).
+With `multi_vector`, stage 2 also trains a multi-vector head and Matryoshka dimensions (full and a quarter of the
+hidden size), and the summary scores the trained model three ways: pooled, Matryoshka-truncated, multi-vector MaxSim.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ IMAGE_PIXELS = 112 * 112  # the world's images at full size: 16 LLM tokens each
 # Stage 2 trains on the scene tasks. Rendered pages are unreadable at 16 tokens per image, so their task only
 # adds batches a tiny model cannot learn; page retrieval is still evaluated (and stays near chance).
 TRAIN_TASKS = ("t2i", "i2t", "vqa")
+# `--multi-vector`: the tiny model's hidden size is 64, so its Matryoshka prefix is a quarter of it (16), as 512 is of
+# the 3B's 2048.
+MATRYOSHKA_DIM = 16
+HEADS = dict(multi_vector_dim=32, matryoshka_dims=(64, MATRYOSHKA_DIM))
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class DemoSettings:
     documents: int = 512
     pairs_per_task: int = 512
     eval_queries: int = 100
+    multi_vector: bool = False  # also train the multi-vector head and Matryoshka dimensions; score all three
 
 
 def stage_configs(s: DemoSettings, world: Path) -> tuple[TrainConfig, TrainConfig]:
@@ -55,7 +62,8 @@ def stage_configs(s: DemoSettings, world: Path) -> tuple[TrainConfig, TrainConfi
                       max_steps=s.cpt_steps, **common)
     cl = TrainConfig(stage="cl", model=str(s.out / "cpt" / "final"), data=str(world / "cl"),
                      output_dir=str(s.out / "cl"), lr=5e-4, pairs_per_rank=32, tokens_per_micro_batch=8192,
-                     temperature=0.05, task_homogeneous=True, tasks=TRAIN_TASKS, max_steps=s.cl_steps, **common)
+                     temperature=0.05, task_homogeneous=True, tasks=TRAIN_TASKS, max_steps=s.cl_steps, **common,
+                     **(HEADS if s.multi_vector else {}))
     return cpt, cl
 
 
@@ -67,6 +75,36 @@ def evaluate(model, config: TrainConfig, world: Path) -> dict:
     beir = evaluate_vidore(embedder, world / "eval" / "beir")
     scores = {name: d["score"] for name, d in mmeb["datasets"].items()}
     scores.update({f"{name} (NDCG@5)": d["ndcg@5"] for name, d in beir["datasets"].items()})
+    return scores
+
+
+def head_scores(model, config: TrainConfig, world: Path) -> dict:
+    """Each task scored with the pooled vector, its first MATRYOSHKA_DIM dimensions (normalised again) and the
+    multi-vector head (MaxSim): {task: {"pooled", "matryoshka", "multi_vector"}} (x100, P@1 or NDCG@5)."""
+    import torch.nn.functional as F
+
+    from .eval import mmeb, vidore
+    from .eval.late_interaction import maxsim_scores
+    from .eval.metrics import ndcg_at_k, precision_at_1
+    from .trainers.setup import build_processor, build_tokenizer
+
+    embedder = MocaEmbedder(model.eval(), build_processor(config, build_tokenizer(config)))
+
+    def similarities(queries, candidates) -> dict:
+        q, c = embedder.encode(queries, output="both"), embedder.encode(candidates, output="both")
+        short = [F.normalize(torch.from_numpy(x["pooled"][:, :MATRYOSHKA_DIM]), dim=-1).numpy() for x in (q, c)]
+        return {"pooled": q["pooled"] @ c["pooled"].T, "matryoshka": short[0] @ short[1].T,
+                "multi_vector": maxsim_scores(q["multi_vector"], c["multi_vector"])}
+
+    scores = {}
+    for name, source in mmeb.find_datasets(world / "eval" / "mmeb").items():
+        data = mmeb.read_dataset(name, source, world / "eval" / "mmeb")
+        scores[name] = {kind: 100 * precision_at_1([row[index] for row, index in zip(matrix, data.candidate_index)])
+                        for kind, matrix in similarities(data.queries, data.candidates).items()}
+    for name, folder in vidore.find_datasets(world / "eval" / "beir").items():
+        data = vidore.read_dataset(name, folder)
+        scores[f"{name} (NDCG@5)"] = {kind: 100 * float(ndcg_at_k(matrix, data.relevance, 5).mean())
+                                      for kind, matrix in similarities(data.queries, data.corpus).items()}
     return scores
 
 
@@ -107,6 +145,8 @@ def run_demo(settings: DemoSettings) -> dict:
         "checkpoint": str(out / "cl" / "final"),
         "loss_curves": str(plot_run(out)) if importlib.util.find_spec("matplotlib") else None,
     }
+    if settings.multi_vector:
+        summary["heads"] = head_scores(load_pretrained(out / "cl" / "final", device=device), cl, world)
     summary["run"] = {"seconds": round(time.perf_counter() - start, 1), "device": machine(device),
                       "load_average": round(os.getloadavg()[1], 2),  # 5 minutes: other work sharing the CPU
                       "torch": torch.__version__, "date": datetime.now(timezone.utc).date().isoformat(),
@@ -132,5 +172,11 @@ def format_summary(summary: dict) -> str:
     for name, s in summary["retrieval"].items():
         metric = name if "NDCG" in name else f"{name} (P@1)"
         lines.append(f"{metric:<24}{summary['chance'][name]:>8.1f}{s['untrained']:>11.1f}{s['trained']:>9.1f}")
+    if "heads" in summary:
+        lines += ["", f"{'trained, scored by (x100)':<26}{'pooled':>8}{f'Matryoshka-{MATRYOSHKA_DIM}':>15}"
+                      f"{'multi-vector':>14}"]
+        for name, s in summary["heads"].items():
+            metric = name if "NDCG" in name else f"{name} (P@1)"
+            lines.append(f"{metric:<26}{s['pooled']:>8.1f}{s['matryoshka']:>15.1f}{s['multi_vector']:>14.1f}")
     lines += ["", f"checkpoint (HF layout): {summary['checkpoint']}", f"loss curves: {summary['loss_curves']}", ""]
     return "\n".join(lines)

@@ -16,6 +16,9 @@ template: "{}" takes the input's text, otherwise the prompt goes before it; an i
 Inputs are costed from their text and image headers (no pixel decoded), sorted by cost, packed into batches of at
 most `batch_tokens` tokens (and `batch_size` inputs, when given; an input longer than the budget runs alone) and
 embedded; results come back in input order.
+`output` chooses what comes back: "pooled" (the mean-pooled vector, the default), "multi_vector" (a checkpoint with a
+multi-vector head: each input's token vectors [n_tokens, multi_vector_dim], L2-normalised per token, every token of
+the sequence kept as colpali-engine's ColQwen2.5 keeps every token of its attention mask) or "both" (a dict).
 Packing has no padding and attention never crosses sequences, so an input's embedding does not depend on what it
 is batched with. Images are decoded, resized and patchified in DataLoader workers while the model runs.
 """
@@ -50,6 +53,7 @@ from .model.pooling import mean_pool
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_TOKENS = 16384
+OUTPUTS = ("pooled", "multi_vector", "both")
 _IMAGE_TYPES = (Image.Image, Path, bytes, bytearray)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -175,6 +179,24 @@ class MocaEmbedder:
     def dim(self) -> int:
         return self.model.spec.text.hidden_size
 
+    @property
+    def matryoshka_dims(self) -> tuple[int, ...]:
+        """The pooled vector's leading dimensions the checkpoint was trained for (empty: not trained for truncation)."""
+        return self.model.spec.matryoshka_dims
+
+    @property
+    def multi_vector_dim(self) -> int | None:
+        """The multi-vector head's size (None: the checkpoint has no multi-vector head)."""
+        return self.model.spec.multi_vector_dim
+
+    def check_output(self, output: str) -> None:
+        """A ValueError unless this checkpoint can give `output` (one of OUTPUTS)."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output={output!r}: choose one of {', '.join(OUTPUTS)}")
+        if output != "pooled" and self.multi_vector_dim is None:
+            raise ValueError(f"output={output!r}: this checkpoint has no multi-vector head (its config.json declares "
+                             "no multi_vector_dim); only output='pooled' is available")
+
     def get_sentence_embedding_dimension(self) -> int:
         """The embedding size (sentence-transformers' name for `dim`)."""
         return self.dim
@@ -227,7 +249,7 @@ class MocaEmbedder:
                show_progress_bar: bool = False, precision: str = "float32", convert_to_numpy: bool = True,
                convert_to_tensor: bool = False, device: str | torch.device | None = None,
                normalize_embeddings: bool = True, truncate_dim: int | None = None, batch_tokens: int | None = None,
-               _role: str | None = None):
+               output: str = "pooled", _role: str | None = None):
         """Embeddings [N, dim] (float32) of a list of inputs, in input order; [dim] for a single input.
 
         A list is always a list of inputs: wrap an interleaved input in its own list (`encode([[text, image]])`).
@@ -235,7 +257,13 @@ class MocaEmbedder:
         packed batch as `batch_tokens` bounds its tokens; `truncate_dim` keeps the first dimensions (normalised
         again); `precision` int8 / uint8 / binary / ubinary quantises with sentence-transformers'
         quantize_embeddings; `device` moves the model there. Returns numpy (default), a tensor
-        (`convert_to_tensor`), or a list of tensors (both conversions off)."""
+        (`convert_to_tensor`), or a list of tensors (both conversions off).
+
+        `output="multi_vector"` returns a list, in input order, of each input's token vectors [n_tokens_i,
+        multi_vector_dim] (float32, L2-normalised per token; numpy arrays, or tensors with either conversion off
+        or `convert_to_tensor`), one array for a single input; `output="both"` a dict {"pooled": ...,
+        "multi_vector": ...}. `truncate_dim`, `normalize_embeddings` and `precision` apply to the pooled vectors."""
+        self.check_output(output)
         single = not isinstance(inputs, (list, tuple))
         items = [as_input(x, f"input {i}") for i, x in enumerate([inputs] if single else inputs)]
         if prompt is None and prompt_name is not None:
@@ -243,14 +271,19 @@ class MocaEmbedder:
         items = with_instructions(items, prompt, _role)
         if device is not None:
             self.model.to(device)
-        out = self._embed(items, batch_tokens or self.batch_tokens, batch_size, show_progress_bar)
+        out, vectors = self._embed(items, batch_tokens or self.batch_tokens, batch_size, show_progress_bar, output)
+        if vectors is not None:
+            vectors = [v.numpy() for v in vectors] if convert_to_numpy and not convert_to_tensor else vectors
+            vectors = vectors[0] if single else vectors
+            if output == "multi_vector":
+                return vectors
         out = finish_embeddings(out, truncate_dim, normalize_embeddings)
         if precision != "float32":
             out = torch.from_numpy(quantize(out.numpy(), precision)) if len(out) else out
         out = out[0] if single else out
-        if convert_to_tensor:
-            return out
-        return out.numpy() if convert_to_numpy else list(out)
+        if not convert_to_tensor:
+            out = out.numpy() if convert_to_numpy else list(out)
+        return out if vectors is None else {"pooled": out, "multi_vector": vectors}
 
     def encode_query(self, inputs, **kwargs):
         """`encode` for queries: without a prompt, each input gets the reference's query instruction for its kind
@@ -269,38 +302,58 @@ class MocaEmbedder:
         a, b = (F.normalize(torch.atleast_2d(x).float(), dim=-1) for x in (a, b))
         return a @ b.T
 
-    def _embed(self, items: list[EmbedInput], budget: int, max_items: int | None, progress: bool) -> torch.Tensor:
-        """Mean-pooled embeddings [N, dim] (float32, not normalised) on the CPU, in input order."""
+    def _embed(self, items: list[EmbedInput], budget: int, max_items: int | None, progress: bool,
+               output: str = "pooled") -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Mean-pooled embeddings [N, dim] (float32, not normalised) on the CPU, in input order, and (unless `output`
+        is "pooled") each input's token vectors, in input order."""
         out = torch.empty(len(items), self.dim, dtype=torch.float32)
+        vectors = None if output == "pooled" else [None] * len(items)
         if not items:
-            return out
+            return out, vectors
         batches = plan_batches([self.cost(item) for item in items], budget, max_items)
         workers = min(self.num_workers, len(batches) - 1)  # one batch: no worker is worth starting
         loader = packed_loader(_Encoded(items, self.processor), batches, self.collator(), num_workers=workers,
                                pin_memory=self.device.type == "cuda")
         with tqdm(total=len(items), disable=not progress, unit="input") as bar:
             for indices, batch in zip(batches, one_line_errors(loader)):
-                out[indices] = self.embed_packed(batch)
+                embedded = self.embed_packed(batch, "both" if vectors is not None else "pooled")
+                if vectors is None:
+                    out[indices] = embedded
+                else:
+                    out[indices] = embedded["pooled"]
+                    for i, tokens in zip(indices, embedded["multi_vector"]):
+                        vectors[i] = tokens
                 bar.update(len(indices))
-        return out
+        return out, vectors
 
     def collator(self) -> PackCollator:
         """Encoded sequences -> one PackedBatch for this model (what `embed_packed` takes)."""
         return PackCollator(self.processor, window_size=self.model.spec.vision.window_size)
 
-    def embed_packed(self, batch: PackedBatch) -> torch.Tensor:
+    def embed_packed(self, batch: PackedBatch, output: str = "pooled"):
         """Mean-pooled embeddings [S, dim] (float32, not normalised, on the CPU) of one packed batch's sequences:
         the forward `encode` runs per batch, for callers that pack themselves (the server's batcher). A non-finite
-        embedding is a ValueError naming its input."""
+        embedding is a ValueError naming its input. `output="multi_vector"`: a list of the sequences' token vectors
+        [n_i, multi_vector_dim] (float32, L2-normalised per token, on the CPU) in the batch's sequence order;
+        "both": {"pooled": ..., "multi_vector": ...}."""
+        self.check_output(output)
+        lengths = batch.cu_seqlens.diff().tolist()
         with torch.inference_mode():
             batch = batch.to(self.device, non_blocking=True)
-            pooled = mean_pool(self.model(batch), batch.cu_seqlens).float().cpu()
+            hidden = self.model(batch)
+            pooled = mean_pool(hidden, batch.cu_seqlens).float().cpu()
+            vectors = None if output == "pooled" else self.model.multi_vectors(hidden).cpu()
         finite = torch.isfinite(pooled).all(dim=-1)
+        if vectors is not None:  # a sequence's token vectors are finite when their sum is
+            finite &= torch.isfinite(mean_pool(vectors, batch.cu_seqlens.cpu())).all(dim=-1)
         if not finite.all():
             first = batch.sample_ids[int((~finite).nonzero()[0])]
             raise ValueError(f"{first}: its embedding is not finite (NaN or inf): the model's weights or its "
                              f"{next(self.model.parameters()).dtype} arithmetic overflow")
-        return pooled
+        if vectors is None:
+            return pooled
+        vectors = list(vectors.split(lengths))
+        return vectors if output == "multi_vector" else {"pooled": pooled, "multi_vector": vectors}
 
     def cost(self, item: EmbedInput) -> int:
         """Tokens the input will take, from its text and image headers alone."""

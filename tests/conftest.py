@@ -8,7 +8,7 @@ from moca_fast.data.processor import Processor
 from moca_fast.data.tokenizer import tiny_tokenizer
 from moca_fast.embed import MocaEmbedder
 
-from .eval.tiny import SMALL_PIXELS, write_tiny_checkpoint
+from .eval.tiny import SMALL_PIXELS, write_tiny_checkpoint, write_tiny_multi_vector_checkpoint
 from .model.varlen_oracle import cpu_varlen_attention
 
 SMALL_MIN_PIXELS = 4 * 28 * 28  # 4..64 LLM tokens per image keeps CPU tests fast
@@ -34,6 +34,17 @@ def checkpoint(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def embedder(checkpoint):
     return MocaEmbedder.from_pretrained(checkpoint, **SMALL_PIXELS)
+
+
+@pytest.fixture(scope="session")
+def multi_vector_checkpoint(tmp_path_factory, tokenizer):
+    """The tiny checkpoint with a multi-vector head (16 dims) and Matryoshka dims (32, 16) declared."""
+    return write_tiny_multi_vector_checkpoint(tmp_path_factory.mktemp("tiny-moca-heads"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def multi_vector_embedder(multi_vector_checkpoint):
+    return MocaEmbedder.from_pretrained(multi_vector_checkpoint, **SMALL_PIXELS)
 
 
 @pytest.fixture

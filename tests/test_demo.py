@@ -38,3 +38,18 @@ def test_default_demo_learns_retrieval(tmp_path):
         assert scores["trained"] >= scores["untrained"] + 10, (name, scores)
     for stage in summary["stages"].values():
         assert stage["loss_last"] < stage["loss_first"]
+
+
+def test_shortened_demo_with_the_multi_vector_head(tmp_path, capsys):
+    """`--multi-vector`: stage 2 trains both heads, the checkpoint declares them, the summary scores every task
+    pooled, Matryoshka-16 and multi-vector."""
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2", "3", "--device", "cpu", "--multi-vector"]) == 0
+    printed = capsys.readouterr().out
+    assert "Matryoshka-16" in printed and "multi-vector" in printed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["heads"]) == set(summary["retrieval"])
+    assert all(set(s) == {"pooled", "matryoshka", "multi_vector"} for s in summary["heads"].values())
+    model = load_pretrained(tmp_path / "cl" / "final")
+    assert (model.spec.multi_vector_dim, model.spec.matryoshka_dims) == (32, (64, 16))
+    records = [json.loads(line) for line in (tmp_path / "cl" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_multi_vector"] > 0 and r["loss_pooled"] > 0 for r in records)

@@ -6,6 +6,12 @@ against all gathered positives plus its own hard negatives by the fused InfoNCE 
 target masked. With `grad_cache_tokens`, GradCache makes the batch size independent of memory: a no-grad
 forward of every chunk, the loss and its gradient w.r.t. the embeddings, then a re-forward of each chunk that
 backpropagates the cached gradient — the same gradient as the direct computation.
+
+With `matryoshka_dims` the pooled InfoNCE is taken at each of those leading dimensions (each prefix normalised
+again) and summed with `matryoshka_weights`; with `multi_vector_dim` a late-interaction InfoNCE (MaxSim scores of
+the multi-vector head's token vectors) over the same queries, gathered positives and hard negatives, with the same
+duplicate masking, is added with weight `multi_vector_weight`. Token vectors are gathered across ranks with an exact
+gradient as the pooled positives are (ranks hold different token counts).
 """
 
 from __future__ import annotations
@@ -19,10 +25,10 @@ from moca_fast.config import TrainConfig
 from moca_fast.data.contrastive import ContrastiveBatch, ContrastiveCollator, EncodedPairs, PairBatchSampler
 from moca_fast.data.loader import ignore_stop_signals, one_line_errors
 from moca_fast.data.pairs import PairDataset
-from moca_fast.kernels import info_nce_loss
-from moca_fast.model.pooling import embed_pool
+from moca_fast.kernels import info_nce_loss, maxsim_info_nce
+from moca_fast.model.pooling import embed_pool, matryoshka_prefix
 
-from .distributed import all_reduce_sum, gather, gather_with_grad, rank, world_size
+from .distributed import all_reduce_sum, gather, gather_varlen_with_grad, gather_with_grad, rank, world_size
 from .metrics import forward_flops
 from .memory_plan import block_modes, plan_run
 from .parallelize import parallelize
@@ -54,11 +60,50 @@ def contrastive_loss(embeddings: torch.Tensor, batch: ContrastiveBatch, temperat
                          temperature=temperature, normalize=False, duplicate_ids=duplicates)
 
 
+def pooled_loss(embeddings: torch.Tensor, batch: ContrastiveBatch, config: TrainConfig) -> torch.Tensor:
+    """The pooled vector's InfoNCE: at full size, or summed over the Matryoshka prefixes with their weights."""
+    if config.matryoshka_dims is None:
+        return contrastive_loss(embeddings, batch, config.temperature, config.mask_duplicates)
+    weights = config.matryoshka_weights or (1.0,) * len(config.matryoshka_dims)
+    return sum(weight * contrastive_loss(matryoshka_prefix(embeddings, dim), batch, config.temperature,
+                                         config.mask_duplicates)
+               for dim, weight in zip(config.matryoshka_dims, weights))
+
+
+def cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
+    """Sequence lengths [S] -> int32 bounds [S+1]."""
+    return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int()
+
+
+def late_interaction_loss(tokens: torch.Tensor, lengths: torch.Tensor, batch: ContrastiveBatch, temperature: float,
+                          mask_duplicates: bool) -> torch.Tensor:
+    """Late-interaction InfoNCE of one rank's token vectors [T, D] of its [queries; positives; negatives]
+    sequences (lengths [S] on the host): each query's MaxSim against every rank's positives and its own hard
+    negatives, the positives' duplicates of its target masked as in `contrastive_loss`."""
+    b, r = batch.num_pairs, batch.num_negatives
+    q_end, p_end = int(lengths[:b].sum()), int(lengths[:2 * b].sum())
+    device = tokens.device
+    lengths = lengths.to(device)
+    all_positives, _ = gather_varlen_with_grad(tokens[q_end:p_end])
+    targets = rank() * b + torch.arange(b, device=device)
+    # The documents: every rank's positives, then this rank's hard negatives (r per query, in query order).
+    documents = torch.cat([all_positives, tokens[p_end:]])
+    document_lengths = torch.cat([gather(lengths[b:2 * b]), lengths[2 * b:]])
+    duplicate_mask = None
+    if mask_duplicates:
+        ids = gather(batch.duplicate_ids)
+        duplicate_mask = torch.zeros((b, document_lengths.numel()), dtype=torch.bool, device=device)
+        duplicate_mask[:, :ids.numel()] = ids[None, :] == ids[targets][:, None]
+    return maxsim_info_nce(tokens[:q_end], cu_seqlens(lengths[:b]), documents, cu_seqlens(document_lengths), targets,
+                           temperature=temperature, negatives=r or None, duplicate_mask=duplicate_mask)
+
+
 class ContrastiveFinetuning:
     """The Stage of trainers/loop.py for stage 2."""
 
     def __init__(self, config: TrainConfig, model, processor, device: torch.device, rank_: int, world: int,
                  pairs=None):
+        model.set_heads(config.multi_vector_dim, config.matryoshka_dims or ())
         self.config, self.device, self.spec = config, device, model.spec
         blocks = [*model.language_model.layers, *model.visual.blocks]
         recompute, self.grad_cache_tokens = config.activation_checkpointing, config.grad_cache_tokens
@@ -97,31 +142,50 @@ class ContrastiveFinetuning:
     def data_fingerprint(self) -> str:
         return self.pairs.fingerprint
 
-    def _embed(self, chunk) -> torch.Tensor:
+    def _embed(self, chunk) -> list[torch.Tensor]:
+        """[pooled embeddings [S, H]] of a chunk, and its token vectors [T, D] when the multi-vector head trains."""
         with autocast(self.config, self.device, world_size()):
-            return embed_pool(self.model(chunk), chunk.cu_seqlens)
+            hidden = self.model(chunk)
+            pooled = embed_pool(hidden, chunk.cu_seqlens)
+            return [pooled, self.model.multi_vectors(hidden)] if self.config.multi_vector_dim else [pooled]
+
+    def _embed_all(self, chunks) -> list[torch.Tensor]:
+        return [torch.cat(parts) for parts in zip(*(self._embed(c) for c in chunks))]
+
+    def losses(self, outputs: list[torch.Tensor], batch: ContrastiveBatch, lengths: torch.Tensor):
+        """(total loss, its parts) of one rank's [pooled] or [pooled, token vectors]."""
+        pooled = pooled_loss(outputs[0], batch, self.config)
+        if len(outputs) == 1:
+            return pooled, {}
+        late = late_interaction_loss(outputs[1], lengths, batch, self.config.multi_vector_temperature,
+                                     self.config.mask_duplicates)
+        return pooled + self.config.multi_vector_weight * late, {"loss_pooled": pooled, "loss_multi_vector": late}
 
     def train_step(self, batch: ContrastiveBatch) -> dict[str, float]:
+        lengths = torch.cat([c.cu_seqlens.diff() for c in batch.chunks])  # on the host, before the copy
         batch = batch.to(self.device, non_blocking=True)
-        loss_of = lambda e: contrastive_loss(e, batch, self.config.temperature, self.config.mask_duplicates)  # noqa: E731
         if self.grad_cache_tokens is None:
-            loss = loss_of(torch.cat([self._embed(c) for c in batch.chunks]))
+            loss, parts = self.losses(self._embed_all(batch.chunks), batch, lengths)
             loss.backward()
         else:
             with torch.no_grad():
-                cached = torch.cat([self._embed(c) for c in batch.chunks])
-            cached.requires_grad_(True)
-            loss = loss_of(cached)
+                cached = self._embed_all(batch.chunks)
+            for output in cached:
+                output.requires_grad_(True)
+            loss, parts = self.losses(cached, batch, lengths)
             loss.backward()
-            grads = cached.grad.split([c.num_sequences for c in batch.chunks])
-            for i, (chunk, grad) in enumerate(zip(batch.chunks, grads)):
+            grads = [cached[0].grad.split([c.num_sequences for c in batch.chunks])]
+            if len(cached) > 1:
+                grads.append(cached[1].grad.split([c.num_tokens for c in batch.chunks]))
+            for i, chunk in enumerate(batch.chunks):
                 if world_size() > 1:
                     self.model.set_requires_gradient_sync(i == len(batch.chunks) - 1)
-                (self._embed(chunk) * grad).sum().backward()
+                sum((output * grad[i]).sum() for output, grad in zip(self._embed(chunk), grads)).backward()
         passes = 3 if self.grad_cache_tokens is None else 4  # GradCache adds a no-grad forward
         flops = sum(passes * forward_flops(self.spec, c) for c in batch.chunks)
-        mean_loss = gather(loss.detach().reshape(1)).mean()
+        losses = torch.stack([loss.detach(), *(part.detach() for part in parts.values())]).float()
+        mean_losses = gather(losses[None]).mean(0).tolist()
         # Tokens and FLOPs of the whole step, every rank's (tokens/s and MFU are the job's, not rank 0's).
         tokens, flops = all_reduce_sum(torch.tensor([batch.num_tokens, flops], dtype=torch.float64,
                                                     device=self.device)).tolist()
-        return {"loss": float(mean_loss), "tokens": tokens, "flops": flops}
+        return {"loss": mean_losses[0], **dict(zip(parts, mean_losses[1:])), "tokens": tokens, "flops": flops}

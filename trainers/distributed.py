@@ -71,3 +71,33 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+class _GatherVarlenWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 of tensors whose first dimension differs across ranks (padded to the longest for the
+    collective, unpadded after); backward as _GatherWithGrad: every rank's gradient summed, this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x, sizes: list[int]):
+        longest = max(sizes)
+        padded = x.new_zeros(longest, *x.shape[1:])
+        padded[:x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.start, ctx.stop = sum(sizes[:rank()]), sum(sizes[:rank() + 1])
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.start:ctx.stop], None
+
+
+def gather_varlen_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate every rank's x along dim 0, differentiably, where ranks hold different numbers of rows (the
+    packed token vectors of their sequences); also returns each rank's row count (one host sync)."""
+    if world_size() == 1:
+        return x, [x.shape[0]]
+    sizes = gather(torch.tensor([x.shape[0]], device=x.device)).tolist()
+    return _GatherVarlenWithGrad.apply(x, sizes), sizes

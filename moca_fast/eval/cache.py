@@ -5,7 +5,8 @@ Each cached array is `<name>.npy` plus `<name>.json` holding a fingerprint of wh
 so retrained weights at the same path never reuse old embeddings) and every input's text and images (an image path
 with a checksum of the file's bytes, so images rewritten at the same paths are embedded again). The JSON is
 written last, so its presence means the array is complete; a fingerprint that differs (other weights, other data)
-recomputes. The model id is kept in the JSON for people, not in the key.
+recomputes. The model id is kept in the JSON for people, not in the key. Multi-vector embeddings (`output=
+"multi_vector"`) are cached as `<name>.npz`: every input's token vectors concatenated, and their counts.
 """
 
 from __future__ import annotations
@@ -68,21 +69,34 @@ def _image_key(image) -> bytes:
 
 def cached_embeddings(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], path: Path | None, *,
                       model_key: str | None, model_id: str = "", batch_tokens: int | None = None,
-                      progress: bool = False) -> np.ndarray:
+                      progress: bool = False, output: str = "pooled"):
     """Embeddings [N, dim] of `inputs`, from `path` (.npy) when an earlier run of the same model (`model_key` of
-    the embedder) on the same inputs left them there, else computed and written there. `path=None`: no cache."""
+    the embedder) on the same inputs left them there, else computed and written there. `path=None`: no cache.
+    `output="multi_vector"`: a list of each input's token vectors, cached in `path` with the suffix .npz."""
+    def encode():
+        return embedder.encode(list(inputs), batch_tokens=batch_tokens, show_progress_bar=progress, output=output)
+
     if path is None:
-        return embedder.encode(list(inputs), batch_tokens=batch_tokens, show_progress_bar=progress)
+        return encode()
+    multi = output == "multi_vector"
+    path = path.with_suffix(".npz") if multi else path
     meta = path.with_suffix(".json")
-    key = fingerprint(model_key, inputs)
+    key = fingerprint(f"{model_key}|{output}" if multi else model_key, inputs)
     if meta.is_file() and path.is_file() and json.loads(meta.read_text()).get("fingerprint") == key:
         log.info("%s: %d cached embeddings", path, len(inputs))
-        return np.load(path)
-    embeddings = embedder.encode(list(inputs), batch_tokens=batch_tokens, show_progress_bar=progress)
+        if not multi:
+            return np.load(path)
+        with np.load(path) as stored:
+            return np.split(stored["vectors"], np.cumsum(stored["lengths"])[:-1])
+    embeddings = encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     meta.unlink(missing_ok=True)
-    partial = path.with_suffix(".partial.npy")
-    np.save(partial, embeddings)
+    partial = path.with_suffix(".partial" + path.suffix)
+    if multi:
+        np.savez(partial, vectors=np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32),
+                 lengths=np.array([len(e) for e in embeddings], dtype=np.int64))
+    else:
+        np.save(partial, embeddings)
     partial.replace(path)
     meta.write_text(json.dumps({"fingerprint": key, "model": model_id, "count": len(inputs)}))
     return embeddings

@@ -11,6 +11,8 @@ Queries without a relevant document in the qrels are left out (counted, logged),
 cosines over the whole corpus. Queries that carry a `language` (the hub's multilingual sets) are also scored per
 language: mteb, hence the public leaderboard, scores each language as its own subset and averages them, so the
 report gives both the pooled NDCG@5 and the mean over languages (`*_language_mean`).
+A checkpoint with a multi-vector head (its config declares one) is scored by MaxSim over its token vectors
+(moca_fast/eval/late_interaction.py) instead of cosines; each dataset's report says which (`scoring`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..data.documents import open_rows
 from ..embed import EmbedInput, MocaEmbedder
 from ..prompts import document_page
 from .cache import cached_embeddings, model_key
+from .late_interaction import maxsim_scores
 from .metrics import ndcg_at_k, recall_at_k
 from .selection import select_datasets
 from .table import format_table
@@ -165,18 +168,20 @@ def evaluate_vidore(embedder: MocaEmbedder, data: str | Path, *, split: str = "t
     """Score every BEIR dataset under `data` (or those named); returns the report `summarize` makes."""
     results = {}
     key = model_key(embedder) if cache_dir is not None else None  # once: it reads every weight
+    output = "pooled" if embedder.multi_vector_dim is None else "multi_vector"  # the checkpoint decides
     for name, folder in find_datasets(Path(data), datasets).items():
         dataset = read_dataset(name, folder, split)
         cache = Path(cache_dir) / name if cache_dir is not None else None
-        embed = dict(model_key=key, model_id=model_id, batch_tokens=batch_tokens, progress=progress)
+        embed = dict(model_key=key, model_id=model_id, batch_tokens=batch_tokens, progress=progress, output=output)
         queries = cached_embeddings(embedder, dataset.queries, cache and cache / "queries.npy", **embed)
         corpus = cached_embeddings(embedder, dataset.corpus, cache and cache / "corpus.npy", **embed)
-        scores = queries @ corpus.T
+        scores = queries @ corpus.T if output == "pooled" else maxsim_scores(queries, corpus)
         ndcg5 = ndcg_at_k(scores, dataset.relevance, 5)
         metrics = {"ndcg@5": 100 * float(ndcg5.mean()), "ndcg@10": 100 * float(ndcg_at_k(scores, dataset.relevance,
                                                                                             10).mean())}
         metrics |= {f"recall@{k}": 100 * float(recall_at_k(scores, dataset.relevance, k).mean()) for k in CUTOFFS}
-        results[name] = metrics | {"queries": len(dataset.queries), "corpus": len(dataset.corpus)}
+        results[name] = metrics | {"queries": len(dataset.queries), "corpus": len(dataset.corpus),
+                                   "scoring": "cosine" if output == "pooled" else "MaxSim"}
         if any(language is not None for language in dataset.languages):
             languages = np.array([str(language) for language in dataset.languages])
             per_language = {str(language): {"ndcg@5": 100 * float(ndcg5[languages == language].mean()),

@@ -17,18 +17,21 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config import ModelSpec
+from ..config import HEADS_KEY, ModelSpec
 from ..integrations import write_sentence_transformers_config
 from .moca import MocaModel
 
+# The multi-vector head sits beside the backbone under colpali-engine's name in every layout.
+MULTI_VECTOR_HEAD = ("custom_text_proj.", "custom_text_proj.")
 # (checkpoint prefix, our prefix), first match wins.
 KEY_LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
     # transformers 4.x Qwen2_5_VLForConditionalGeneration: the published MoCa checkpoints.
-    "flat": (("visual.", "visual."), ("model.", "language_model."), ("lm_head.", "lm_head.")),
+    "flat": (MULTI_VECTOR_HEAD, ("visual.", "visual."), ("model.", "language_model."), ("lm_head.", "lm_head.")),
     # transformers >= 4.52 / 5.x Qwen2_5_VLForConditionalGeneration.
-    "nested": (("model.visual.", "visual."), ("model.language_model.", "language_model."), ("lm_head.", "lm_head.")),
+    "nested": (MULTI_VECTOR_HEAD, ("model.visual.", "visual."), ("model.language_model.", "language_model."),
+               ("lm_head.", "lm_head.")),
     # a bare Qwen2_5_VLModel (no LM head).
-    "base": (("visual.", "visual."), ("language_model.", "language_model.")),
+    "base": (MULTI_VECTOR_HEAD, ("visual.", "visual."), ("language_model.", "language_model.")),
 }
 
 SHARD_BYTES = 5 * 1024**3
@@ -153,7 +156,8 @@ def to_transformers(model: MocaModel):
         hf_model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=param.dtype)
     state = {}
     for name, tensor in model.state_dict().items():
-        state[convert_key(name, "nested", to_ours=False)] = tensor.detach().clone()
+        if not name.startswith(MULTI_VECTOR_HEAD[1]):  # not part of transformers' model
+            state[convert_key(name, "nested", to_ours=False)] = tensor.detach().clone()
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (model.spec.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -166,7 +170,9 @@ def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict 
     """Write config.json and safetensors shards in the transformers 4.x flat layout (readable by 4.x and 5.x), in
     `dtype` (default: the dtype the model's config declares, e.g. Qwen's bfloat16; else the weights' own), which
     config.json then states. The text config says `is_causal: false`, so transformers loads it bidirectional;
-    the sentence-transformers files name moca_fast's module. Returns the dtype written.
+    the sentence-transformers files name moca_fast's module. The embedding heads the model was trained for (its
+    multi-vector head's size, its Matryoshka dimensions) are declared under `moca_fast_heads`, the head's weights
+    saved as `custom_text_proj.*`. Returns the dtype written.
 
     `state_dict`: the full state dict to write instead of `model.state_dict()` (a sharded model gathers it)."""
     from transformers import Qwen2_5_VLConfig
@@ -179,6 +185,11 @@ def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict 
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     config.dtype = dtype
     config.text_config.is_causal = False
+    if model.spec.multi_vector_dim is not None or model.spec.matryoshka_dims:
+        setattr(config, HEADS_KEY, {"multi_vector_dim": model.spec.multi_vector_dim,
+                                    "matryoshka_dims": list(model.spec.matryoshka_dims)})
+    elif hasattr(config, HEADS_KEY):
+        delattr(config, HEADS_KEY)
     config.save_pretrained(path)
     write_sentence_transformers_config(path)
     state = {}

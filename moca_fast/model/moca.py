@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -9,7 +11,7 @@ from ..config import ModelSpec
 from ..data.batch import PackedBatch, map_tensors
 from ..data.positions import vision_layout
 from .attention import Segments, backend_for
-from .pooling import embed_pool
+from .pooling import embed_pool, token_vectors
 from .text import TextDecoder
 from .vision import VisionTower
 
@@ -25,6 +27,9 @@ class MocaModel(nn.Module):
         self.visual = VisionTower(spec.vision)
         self.language_model = TextDecoder(spec.text)
         self.lm_head = nn.Linear(spec.text.hidden_size, spec.text.vocab_size, bias=False)
+        # The multi-vector head (colpali-engine's name and shape): hidden -> multi_vector_dim, on every token.
+        self.custom_text_proj = (nn.Linear(spec.text.hidden_size, spec.multi_vector_dim)
+                                 if spec.multi_vector_dim is not None else None)
         self.tie_weights()
 
     @torch.no_grad()
@@ -68,3 +73,31 @@ class MocaModel(nn.Module):
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """L2-normalised mean-pooled embeddings [S, H] (fp32), one per packed sequence."""
         return embed_pool(self(batch), batch.cu_seqlens)
+
+    def multi_vectors(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The multi-vector head on final hidden states [T, H]: L2-normalised token vectors [T, multi_vector_dim]."""
+        if self.custom_text_proj is None:
+            raise ValueError("this model has no multi-vector head (its config declares no multi_vector_dim)")
+        return token_vectors(hidden, self.custom_text_proj)
+
+    @torch.no_grad()
+    def set_heads(self, multi_vector_dim: int | None, matryoshka_dims: tuple[int, ...] = ()) -> "MocaModel":
+        """Declare the embedding heads this model is trained for (`spec` says them, so checkpoints declare them):
+        a fresh multi-vector head (normal(0, 0.02) weights, zero bias) when it has none yet; an existing one must
+        have `multi_vector_dim` outputs. None keeps the head a checkpoint brought (it is then not trained)."""
+        hidden = self.spec.text.hidden_size
+        bad = [d for d in matryoshka_dims if not 0 < d <= hidden]
+        if bad:
+            raise ValueError(f"matryoshka_dims {bad} outside 1..{hidden} (the pooled vector's size)")
+        if multi_vector_dim is not None:
+            if self.custom_text_proj is None:
+                param = next(self.parameters())
+                self.custom_text_proj = nn.Linear(hidden, multi_vector_dim, device=param.device, dtype=param.dtype)
+                nn.init.normal_(self.custom_text_proj.weight, std=0.02)
+                nn.init.zeros_(self.custom_text_proj.bias)
+            elif self.custom_text_proj.out_features != multi_vector_dim:
+                raise ValueError(f"multi_vector_dim {multi_vector_dim}: the checkpoint's multi-vector head has "
+                                 f"{self.custom_text_proj.out_features} outputs")
+        self.spec = dataclasses.replace(self.spec, multi_vector_dim=self.spec.multi_vector_dim or multi_vector_dim,
+                                        matryoshka_dims=tuple(matryoshka_dims))
+        return self

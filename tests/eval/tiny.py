@@ -15,3 +15,17 @@ def write_tiny_checkpoint(path, tokenizer, seed: int = 11):
     Qwen2_5_VLForConditionalGeneration(tiny_hf_config(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_tiny_multi_vector_checkpoint(path, tokenizer, seed: int = 13):
+    """The tiny checkpoint with a random 16-dimensional multi-vector head, declared trained for Matryoshka 32 and 16,
+    saved by moca_fast."""
+    from moca_fast.model.loading import load_pretrained, save_pretrained
+
+    write_tiny_checkpoint(path / "base", tokenizer, seed)
+    torch.manual_seed(seed)
+    model = load_pretrained(path / "base").set_heads(16, (32, 16))
+    torch.nn.init.normal_(model.custom_text_proj.weight, std=0.3)  # well spread token vectors
+    save_pretrained(model, path / "headed")
+    tokenizer.save_pretrained(path / "headed")
+    return path / "headed"

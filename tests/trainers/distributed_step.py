@@ -1,7 +1,7 @@
 """One optimizer step's loss and gradients, single-process or as one rank under torchrun (used by
 test_distributed.py): the same global batch either way, so the two must agree. `reference`: the stage-2 loss of
 bench/reference_path.py, whose per-rank gradients (through the local slice only) must sum to the single-process
-ones."""
+ones. `cl_heads`: stage 2 with the multi-vector head and Matryoshka dimensions (token vectors gathered across ranks)."""
 
 import sys
 from pathlib import Path
@@ -31,11 +31,12 @@ def full_gradients(modules) -> dict[str, torch.Tensor]:
 
 
 def main(stage_name: str, out: str, workdir: str) -> None:
-    stage_of_config = "cl" if stage_name == "reference" else stage_name
+    stage_of_config = "cpt" if stage_name == "cpt" else "cl"
+    heads = dict(multi_vector_dim=16, matryoshka_dims=(64, 16)) if stage_name == "cl_heads" else {}
     config = TrainConfig(stage=stage_of_config, model="tiny", data=workdir, output_dir=workdir, grad_accum=2,
                          tokens_per_micro_batch=512, max_length=256, min_pixels=3136, max_pixels=3136,
                          dtype="float32", activation_checkpointing=False, num_workers=0, pairs_per_rank=4,
-                         grad_cache_tokens=None)
+                         grad_cache_tokens=None, **heads)
     device, rank, world = start(config)
     tokenizer = build_tokenizer(config)
     processor = build_processor(config, tokenizer)

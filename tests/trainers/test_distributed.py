@@ -24,7 +24,7 @@ def _run(args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["cpt", "cl", "reference"])
+@pytest.mark.parametrize("stage", ["cpt", "cl", "cl_heads", "reference"])
 def test_two_processes_equal_one(workdir, stage):
     single, dist = workdir / f"{stage}-single.pt", workdir / f"{stage}-dist.pt"
     _run([sys.executable, WORKER, stage, str(single), str(workdir)])
