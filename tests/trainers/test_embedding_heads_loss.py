@@ -73,11 +73,13 @@ def test_maxsim_info_nce_reference_equals_per_query_loops_forward_and_backward()
     positives = [unit(n).requires_grad_() for n in (4, 7, 1, 6)]  # 4 documents: one gathered from "another rank"
     negatives = [[unit(n).requires_grad_() for n in sizes] for sizes in ((2, 3), (5, 1), (4, 4))]
     targets, duplicates = torch.tensor([1, 0, 3]), torch.tensor([7, 8, 9, 8])  # documents 1 and 3 are the same
-    mask = duplicates[None, :] == duplicates[targets][:, None]
+    flat_negatives = [n for row in negatives for n in row]
+    mask = torch.zeros(3, len(positives) + len(flat_negatives), dtype=torch.bool)  # documents: positives, negatives
+    mask[:, :len(positives)] = duplicates[None, :] == duplicates[targets][:, None]
     mask[torch.arange(3), targets] = False
-    leaves = [*queries, *positives, *(n for row in negatives for n in row)]
-    ours = maxsim_info_nce_reference(*_packed(queries), *_packed(positives), targets, temperature=0.25,
-                                     negatives=_packed([n for row in negatives for n in row]), duplicate_mask=mask)
+    leaves = [*queries, *positives, *flat_negatives]
+    ours = maxsim_info_nce_reference(*_packed(queries), *_packed(positives + flat_negatives), targets,
+                                     temperature=0.25, negatives=2, duplicate_mask=mask)
     ours_grads = torch.autograd.grad(ours, leaves)
     # 0.25: exact in fp32, in which the loss takes its temperature
     oracle = late_interaction_oracle(queries, positives, negatives, targets, 0.25, duplicates)
