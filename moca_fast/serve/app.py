@@ -11,9 +11,10 @@ a validation error is a 400. With --api-key every route but /health wants "Autho
 with --cors-allow-origin, browsers from those origins may call it (preflight included). A request body is bounded
 by FastAPI's max_body_size (413), validated, then prepared in a thread pool, then admitted only if the inputs in
 flight stay within --max-queue (else 429; a request that could never fit is a 413 at parsing; 503 while shutting
-down); it gets 504 past --request-timeout. Answers carry TEI's timing headers (milliseconds): x-tokenization-time
-(images decoded and inputs encoded), x-queue-time (until its first forward began), x-compute-time (first forward
-begun to last one done), x-total-time (the route's whole time), plus x-compute-tokens. On SIGTERM or SIGINT the
+down); it gets 504 past --request-timeout. Answers carry TEI's headers, times in whole milliseconds:
+x-tokenization-time (images decoded and inputs encoded), x-queue-time (until its first forward began),
+x-inference-time (first forward begun to last one done), x-total-time and x-compute-time (both the route's whole
+time, as TEI sends them), x-compute-tokens and x-compute-characters. On SIGTERM or SIGINT the
 server stops admitting, answers every admitted request, drains the batcher and exits.
 """
 
@@ -101,8 +102,10 @@ class EmbeddingService:
             self.in_flight -= count
         tokens = sum(len(s) for s in sequences)
         started, finished = min(t.started for t in tickets), max(t.finished for t in tickets)
+        characters = sum(len(item.text) for item in parsed.inputs)
         headers = {"x-tokenization-time": _ms(submitted - prepared), "x-queue-time": _ms(started - submitted),
-                   "x-compute-time": _ms(finished - started), "x-compute-tokens": str(tokens)}
+                   "x-inference-time": _ms(finished - started), "x-compute-tokens": str(tokens),
+                   "x-compute-characters": str(characters)}
         body = await loop.run_in_executor(self.pool, self._response, parsed, rows, tokens)
         return body, headers
 
@@ -223,7 +226,7 @@ def create_app(service: EmbeddingService) -> FastAPI:
     if settings.cors_allow_origins:  # added last: outermost, so preflights and 401s get CORS headers
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_allow_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-total-time", "x-tokenization-time",
-                                                                "x-queue-time", "x-compute-time"])
+                                                                "x-queue-time", "x-inference-time", "x-compute-time"])
     Instrumentator(registry=service.metrics.registry, excluded_handlers=["/metrics"]).instrument(app)
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
@@ -239,7 +242,7 @@ def create_app(service: EmbeddingService) -> FastAPI:
             log.exception("an embedding request failed")
             response = _error(500, f"internal error: {type(error).__name__}")
         service.answered += 1
-        response.headers["x-total-time"] = _ms(time.perf_counter() - start)
+        response.headers["x-total-time"] = response.headers["x-compute-time"] = _ms(time.perf_counter() - start)
         service.metrics.requests.labels(str(response.status_code)).inc()
         service.metrics.latency.observe(time.perf_counter() - start)
         return response

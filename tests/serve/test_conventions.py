@@ -101,10 +101,12 @@ def test_prompt_names_query_and_document_are_the_roles(server, embedder, pngs):
 def test_tei_timing_headers(server):
     response = post(server, {"model": MODEL, "input": ["time me", "and me"]})
     assert response.status_code == 200
-    times = {name: int(response.headers[name]) for name in ("x-total-time", "x-tokenization-time", "x-queue-time",
-                                                              "x-compute-time")}
-    assert all(value >= 0 for value in times.values()) and times["x-total-time"] >= times["x-compute-time"]
+    times = {name: int(response.headers[name]) for name in ("x-total-time", "x-compute-time", "x-tokenization-time",
+                                                              "x-queue-time", "x-inference-time")}
+    assert all(value >= 0 for value in times.values()) and times["x-total-time"] == times["x-compute-time"]
+    assert times["x-total-time"] >= times["x-inference-time"]
     assert int(response.headers["x-compute-tokens"]) == response.json()["usage"]["total_tokens"]
+    assert int(response.headers["x-compute-characters"]) == len("time me") + len("and me")
 
 
 @pytest.mark.parametrize("precision, dtype", [("float32", "<f4"), ("float16", "<f2"), ("int8", "i1"),
