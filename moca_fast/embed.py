@@ -161,8 +161,6 @@ def encode_input(processor: Processor, item: EmbedInput) -> EncodedSequence:
 class MocaEmbedder:
     """Embeds text, images and interleaved inputs with a MocaModel: mean pooling over every token, L2-normalised."""
 
-    matryoshka_dims: tuple[int, ...] = ()  # pooled dimensions the checkpoint was trained to truncate to (none)
-    multi_vector_dim: int | None = None  # per-token (late-interaction) vector size, None without that head
 
     def __init__(self, model: MocaModel, processor: Processor, *, num_workers: int = 0,
                  batch_tokens: int = DEFAULT_BATCH_TOKENS):
