@@ -15,8 +15,9 @@ from moca_fast.model.loading import make_bidirectional
 
 @pytest.fixture(scope="module")
 def inputs(make_image_module):
-    return [prompts.text_to_image_query("two red circles"), make_image_module(100, 150),
-            {"text": "What is shown?", "image": make_image_module(64, 90)}, "a plain text document", "x"]
+    # Not in cost order ("x" is the cheapest): packing reorders them, and the outputs must come back in this order.
+    return ["x", prompts.text_to_image_query("two red circles"), make_image_module(100, 150),
+            {"text": "What is shown?", "image": make_image_module(64, 90)}, "a plain text document"]
 
 
 @pytest.fixture(scope="module")
