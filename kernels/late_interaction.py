@@ -98,7 +98,8 @@ def left_out(targets: torch.Tensor, num_docs: int, negatives: int, duplicate_mas
     if negatives:
         owner = torch.arange(num_docs - first, device=device) // negatives
         excluded[:, first:] |= owner[None, :] != torch.arange(Q, device=device)[:, None]
-    excluded[torch.arange(Q, device=device), targets] = False
+    if num_docs:  # (a target out of range is the op's one-line error, not an IndexError here)
+        excluded[torch.arange(Q, device=device), targets.clamp(0, num_docs - 1)] = False
     return excluded
 
 
@@ -285,7 +286,8 @@ def _band_max(q32: torch.Tensor, d_tokens: torch.Tensor, layout: Layout, d0: int
 
 
 def _query_of_token(layout: Layout, q0: int, q1: int, device) -> torch.Tensor:
-    lengths = torch.tensor(layout.q_offsets[q0 + 1:q1 + 1]) - torch.tensor(layout.q_offsets[q0:q1])
+    lengths = torch.tensor(layout.q_offsets[q0 + 1:q1 + 1], dtype=torch.long) - torch.tensor(layout.q_offsets[q0:q1],
+                                                                                               dtype=torch.long)
     return torch.repeat_interleave(torch.arange(q1 - q0), lengths).to(device)
 
 

@@ -55,6 +55,15 @@ def info_nce_reference(
     return F.cross_entropy(logits, targets).float()
 
 
+def maxsim_scores_reference(q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens) -> torch.Tensor:
+    """[Q, N] in the inputs' dtype: Σ over query i's tokens (rows q_cu_seqlens[i]:[i+1]) of the max over document
+    j's tokens of the dot product, from the whole [Tq, Td] similarity matrix."""
+    q_bounds, d_bounds = q_cu_seqlens.tolist(), d_cu_seqlens.tolist()
+    similarity = q_tokens @ d_tokens.T
+    token_max = torch.stack([similarity[:, a:b].max(dim=1).values for a, b in zip(d_bounds, d_bounds[1:])], dim=1)
+    return torch.stack([token_max[a:b].sum(dim=0) for a, b in zip(q_bounds, q_bounds[1:])])
+
+
 def maxsim_info_nce_reference(
     q_tokens: torch.Tensor,
     q_cu_seqlens: torch.Tensor,
@@ -65,14 +74,9 @@ def maxsim_info_nce_reference(
     negatives: int | None = None,
     duplicate_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean late-interaction InfoNCE from the whole query-token x document-token similarity matrix: score(q, d) =
-    Σ over q's tokens (rows q_cu_seqlens[i]:[i+1] of q_tokens) of the max over d's tokens of the dot product; logits
-    = score / fp32 temperature. With negatives=r the last Q·r documents are hard negatives, r per query in query
+    """Mean late-interaction InfoNCE over maxsim_scores_reference's scores; logits = score / fp32 temperature. With negatives=r the last Q·r documents are hard negatives, r per query in query
     order, each in its own query's softmax only. duplicate_mask [Q, N] leaves documents (never the target) out."""
-    q_bounds, d_bounds = q_cu_seqlens.tolist(), d_cu_seqlens.tolist()
-    similarity = q_tokens @ d_tokens.T
-    token_max = torch.stack([similarity[:, a:b].max(dim=1).values for a, b in zip(d_bounds, d_bounds[1:])], dim=1)
-    scores = torch.stack([token_max[a:b].sum(dim=0) for a, b in zip(q_bounds, q_bounds[1:])])
+    scores = maxsim_scores_reference(q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens)
     Q, N = scores.shape
     left_out = torch.zeros((Q, N), dtype=torch.bool)
     if duplicate_mask is not None:
