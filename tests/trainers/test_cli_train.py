@@ -79,3 +79,38 @@ def test_a_used_output_dir_needs_resume_or_overwrite_and_a_nan_stops_with_one_li
     assert main(["cpt", "--config", str(bad), *args[3:], "--overwrite"]) == 1
     err = capsys.readouterr().err
     assert "moca-fast cpt: stopped: step 2: non-finite loss" in err and "Traceback" not in err
+
+
+def test_stage2_recipe_takes_the_tokenizer_of_its_model(checkpoint):
+    """The README's stage-2 recipe, verbatim but for --model: the tokenizer (with its <|mask|> id) comes from the
+    model directory, as stage 1's final/ carries it; the recipe names no placeholder path."""
+    from moca_fast.config import load_train_config
+    from moca_fast.data.tokenizer import load_tokenizer
+    from moca_fast.trainers.setup import build_tokenizer
+
+    for recipe in ("qwen25vl-3b-cl.yaml", "qwen25vl-7b-cl.yaml"):
+        config = load_train_config(str(CONFIGS / recipe), {"model": str(checkpoint)})
+        assert build_tokenizer(config).get_vocab() == load_tokenizer(checkpoint).get_vocab()
+
+
+def test_a_wrong_model_or_tokenizer_is_a_one_line_error(tmp_path, capsys, checkpoint):
+    missing = tmp_path / "runs" / "qwen25vl-3b-cpt" / "final"
+    with pytest.raises(SystemExit) as stop:
+        main(["cl", "--config", str(CONFIGS / "qwen25vl-3b-cl.yaml"), "--model", str(missing), "--data",
+              str(tmp_path)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"moca-fast cl: error: model {missing}: no such directory (expected a local Qwen2.5-VL checkpoint directory)"]
+
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    (weights_only / "config.json").write_bytes((Path(checkpoint) / "config.json").read_bytes())
+    from moca_fast.config import load_train_config
+    from moca_fast.trainers.setup import build_tokenizer
+
+    config = load_train_config(str(CONFIGS / "qwen25vl-3b-cl.yaml"), {"model": str(weights_only)})
+    with pytest.raises(FileNotFoundError, match=r"weights-only: no tokenizer files .*name a tokenizer directory"):
+        build_tokenizer(config)
+    with pytest.raises(FileNotFoundError, match=r"^tokenizer /nowhere: no such directory$"):
+        build_tokenizer(load_train_config(str(CONFIGS / "qwen25vl-3b-cl.yaml"),
+                                          {"model": str(weights_only), "tokenizer": "/nowhere"}))
