@@ -8,9 +8,9 @@ current transformers (mteb's own MoCa entry needs transformers < 4.53):
     results = mteb.evaluate(meta.load_model(), mteb.get_tasks(tasks=["Vidore2ESGReportsRetrieval"]))
 
 `model_meta` declares what mteb checks before it runs a task (image and text modalities, the embedding size,
-cosine similarity); `MtebEncoder(name, revision, device=...)` is the loader mteb calls with it. mteb is imported
-only by `model_meta`. Batches are embedded as mteb's loader yields them, so at most one of them (with its decoded
-images) is held at a time. Instructions follow the reference by input kind and role (moca_fast.prompts):
+cosine similarity); `MtebEncoder(name, revision, device=...)` is the loader mteb calls with it, and built directly
+(on a path or a MocaEmbedder) it carries the same meta. mteb is imported only where a meta is built. Batches are
+embedded as mteb's loader yields them, so at most one of them (with its decoded images) is held at a time. Instructions follow the reference by input kind and role (moca_fast.prompts):
 `prompt_type` document or query, and document pages in mteb's document-understanding tasks (ViDoRe).
 """
 
@@ -30,7 +30,7 @@ class MtebEncoder:
     """mteb's encoder protocol: `encode` over mteb's batches ({"text": [...], "image": [...]}) with the task's
     metadata; `similarity` / `similarity_pairwise` as cosines."""
 
-    mteb_model_meta = None  # set by mteb when it loads the model from `model_meta`
+    mteb_model_meta = None  # mteb's record of the model; checked before it runs a task
 
     def __init__(self, model_name: str | os.PathLike | MocaEmbedder, revision: str | None = None, *,
                  device: str | None = None, checkpoint: str | None = None, **embedder_options):
@@ -39,8 +39,13 @@ class MtebEncoder:
         `embedder_options` go to MocaEmbedder.from_pretrained."""
         if isinstance(model_name, MocaEmbedder):
             self.embedder = model_name
+            name, loader_kwargs = f"moca-fast/{type(model_name).__name__}", None  # no path to load it again from
         else:
             self.embedder = MocaEmbedder.from_pretrained(checkpoint or model_name, device=device, **embedder_options)
+            name, loader_kwargs = str(model_name), {"checkpoint": str(checkpoint or model_name), **embedder_options}
+        # Built directly, the wrapper describes itself (mteb refuses image tasks to a model without a meta);
+        # `meta.load_model()` replaces this with the meta it was loaded from.
+        self.mteb_model_meta = _meta(name, revision, self.embedder.dim, loader_kwargs)
 
     def encode(self, inputs, *, task_metadata, hf_split: str = "", hf_subset: str = "", prompt_type=None,
                **kwargs) -> np.ndarray:
@@ -78,18 +83,25 @@ def model_meta(path_or_hub_id: str | os.PathLike, *, name: str | None = None, re
     import json
     from pathlib import Path
 
-    from mteb.models import ModelMeta
-
     config = Path(path_or_hub_id) / "config.json"
     hidden = None
     if config.is_file():
         text = json.loads(config.read_text())
         hidden = (text.get("text_config") or {}).get("hidden_size") or text.get("hidden_size")
+    return _meta(name or str(path_or_hub_id), revision, hidden,
+                 {"checkpoint": str(path_or_hub_id), **embedder_options})
+
+
+def _meta(name: str, revision: str | None, embed_dim: int | None, loader_kwargs: dict | None):
+    """The mteb ModelMeta of a MoCa encoder: image and text, cosine, instructions; loaded by MtebEncoder with
+    `loader_kwargs` (None: the encoder cannot be loaded again, e.g. one built on an embedder in memory)."""
+    from mteb.models import ModelMeta
+
     return ModelMeta(
-        loader=MtebEncoder, loader_kwargs={"checkpoint": str(path_or_hub_id), **embedder_options},
-        name=name or str(path_or_hub_id), revision=revision,
+        loader=MtebEncoder if loader_kwargs is not None else None, loader_kwargs=loader_kwargs or {},
+        name=name, revision=revision,
         release_date=None, languages=None, n_parameters=None, memory_usage_mb=None, max_tokens=None,
-        embed_dim=hidden, license=None, open_weights=True, public_training_code=None, public_training_data=None,
+        embed_dim=embed_dim, license=None, open_weights=True, public_training_code=None, public_training_data=None,
         framework=["PyTorch"], similarity_fn_name="cosine", use_instructions=True, training_datasets=None,
         modalities=["image", "text"])
 
