@@ -10,8 +10,9 @@ current transformers (mteb's own MoCa entry needs transformers < 4.53):
 `model_meta` declares what mteb checks before it runs a task (image and text modalities, the embedding size,
 cosine similarity); `MtebEncoder(name, revision, device=...)` is the loader mteb calls with it, and built directly
 (on a path or a MocaEmbedder) it carries the same meta. mteb is imported only where a meta is built. Batches are
-embedded as mteb's loader yields them, so at most one of them (with its decoded images) is held at a time. Instructions follow the reference by input kind and role (moca_fast.prompts):
-`prompt_type` document or query, and document pages in mteb's document-understanding tasks (ViDoRe).
+embedded as mteb's loader yields them, so at most one of them (with its decoded images) is held at a time.
+Instructions follow the reference by input kind and role (moca_fast.prompts): `prompt_type` document or query,
+and document pages in mteb's document-understanding tasks (ViDoRe).
 """
 
 from __future__ import annotations
