@@ -298,14 +298,22 @@ def add_demo(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--multi-vector", action="store_true", help="stage 2 also trains a multi-vector head and "
                         "Matryoshka dimensions; the summary scores pooled, Matryoshka and multi-vector (MaxSim)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stopped demo in --out from its last checkpoints (same --steps and --seed)")
     parser.set_defaults(run=run_demo_command)
 
 
 def run_demo_command(args) -> int:
     from .demo import DemoSettings, format_summary, run_demo
+    from .trainers.guards import TrainingStopped
 
-    summary = run_demo(DemoSettings(out=args.out, cpt_steps=args.steps[0], cl_steps=args.steps[1],
-                                    device=args.device, seed=args.seed, multi_vector=args.multi_vector))
+    try:
+        summary = run_demo(DemoSettings(out=args.out, cpt_steps=args.steps[0], cl_steps=args.steps[1],
+                                        device=args.device, seed=args.seed, multi_vector=args.multi_vector),
+                           resume=args.resume)
+    except TrainingStopped as stop:
+        print(f"moca-fast demo: stopped: {stop}", file=sys.stderr)
+        return stop.exit_code
     print(format_summary(summary))
     return 0
 

@@ -121,8 +121,11 @@ def chance_scores(world: Path, names: list[str]) -> dict:
     return {name: ndcg if "NDCG" in name else chance[name] for name in names}
 
 
-def run_demo(settings: DemoSettings) -> dict:
-    """Run everything; returns (and writes to out/summary.json) the summary that `format_summary` prints."""
+def run_demo(settings: DemoSettings, *, resume: bool = False) -> dict:
+    """Run everything; returns (and writes to out/summary.json) the summary that `format_summary` prints. With
+    `resume`, each stage continues from its last checkpoint in `out` (a stage that had finished is not rerun);
+    without, a rerun starts over. A stop signal checkpoints the current step and raises TrainingStopped."""
+    from .plots import read_metrics
     from .trainers.run import run
     from .trainers.setup import build_model, build_tokenizer
 
@@ -135,7 +138,9 @@ def run_demo(settings: DemoSettings) -> dict:
     cpt, cl = stage_configs(settings, world)
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     before = evaluate(build_model(cpt, build_tokenizer(cpt), device), cpt, world)  # stage 1's starting point
-    records = {"cpt": run(cpt, overwrite=True), "cl": run(cl, overwrite=True)}  # a demo rerun starts over
+    for config in (cpt, cl):
+        run(config, resume=resume, overwrite=not resume)
+    records = {name: read_metrics(Path(c.output_dir) / "metrics.jsonl") for name, c in (("cpt", cpt), ("cl", cl))}
     after = evaluate(load_pretrained(out / "cl" / "final", device=device), cl, world)
     summary = {
         "stages": {name: {"steps": len(r), "tokens_per_s": statistics.median(x["tokens_per_s"] for x in r),

@@ -53,3 +53,39 @@ def test_shortened_demo_with_the_multi_vector_head(tmp_path, capsys):
     assert (model.spec.multi_vector_dim, model.spec.matryoshka_dims) == (32, (64, 16))
     records = [json.loads(line) for line in (tmp_path / "cl" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss_multi_vector"] > 0 and r["loss_pooled"] > 0 for r in records)
+
+
+@pytest.mark.slow
+def test_a_stopped_demo_says_so_in_one_line_and_resumes(tmp_path):
+    """SIGTERM during stage 1 (as a scheduler or Ctrl-C sends it): exit 128+15 with one line on stderr and the step
+    checkpointed; `demo --resume` continues both stages to the end, each step logged once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    command = [sys.executable, "-m", "moca_fast.cli", "demo", "--out", str(tmp_path), "--steps", "6", "2",
+               "--device", "cpu"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)
+    try:
+        metrics, deadline = tmp_path / "cpt" / "metrics.jsonl", time.monotonic() + 400
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+            assert child.poll() is None and time.monotonic() < deadline, "the demo ended or never reached stage 1"
+            time.sleep(0.2)
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=300)
+    finally:
+        child.kill()
+    assert child.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("moca-fast demo: stopped: stopped by signal 15 after step ") and "--resume" in last
+    stopped_at = json.loads(metrics.read_text().splitlines()[-1])["step"]
+
+    assert main(["demo", "--out", str(tmp_path), "--steps", "6", "2", "--device", "cpu", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 7)) and stopped_at < 6  # continued from the checkpoint, nothing repeated
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stages"]["cpt"]["steps"] == 6 and summary["stages"]["cl"]["steps"] == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -30,11 +31,31 @@ def training_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
 def build_tokenizer(config: TrainConfig):
+    """The model directory's tokenizer when it carries one (stage 1's final/ does, with the `<|mask|>` id its
+    embeddings were trained with), else `config.tokenizer` (a local directory, or "tiny"). A directory that does
+    not exist is a one-line error naming the key: training loads nothing from a hub."""
     generated = config.model == TINY or config.model.startswith(RANDOM)
+    if not generated:
+        model = Path(config.model)
+        if not model.is_dir():
+            raise FileNotFoundError(f"model {config.model}: no such directory (expected a local Qwen2.5-VL "
+                                    "checkpoint directory)")
+        if any((model / name).is_file() for name in TOKENIZER_FILES):
+            if config.tokenizer is not None and Path(config.tokenizer) != model:
+                log.info("tokenizer: the model directory's (%s), not %s", model, config.tokenizer)
+            return load_tokenizer(model)
     if config.tokenizer == TINY or (config.tokenizer is None and generated):
         return tiny_tokenizer()
-    return load_tokenizer(config.tokenizer or config.model)
+    if config.tokenizer is None:
+        raise FileNotFoundError(f"model {config.model}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                                "name a tokenizer directory with `tokenizer:`")
+    if not Path(config.tokenizer).is_dir():
+        raise FileNotFoundError(f"tokenizer {config.tokenizer}: no such directory")
+    return load_tokenizer(config.tokenizer)
 
 
 def build_processor(config: TrainConfig, tokenizer) -> Processor:

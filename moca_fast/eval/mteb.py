@@ -8,10 +8,11 @@ current transformers (mteb's own MoCa entry needs transformers < 4.53):
     results = mteb.evaluate(meta.load_model(), mteb.get_tasks(tasks=["Vidore2ESGReportsRetrieval"]))
 
 `model_meta` declares what mteb checks before it runs a task (image and text modalities, the embedding size,
-cosine similarity); `MtebEncoder(name, revision, device=...)` is the loader mteb calls with it. mteb is imported
-only by `model_meta`. Batches are embedded as mteb's loader yields them, so at most one of them (with its decoded
-images) is held at a time. Instructions follow the reference by input kind and role (moca_fast.prompts):
-`prompt_type` document or query, and document pages in mteb's document-understanding tasks (ViDoRe).
+cosine similarity); `MtebEncoder(name, revision, device=...)` is the loader mteb calls with it, and built directly
+(on a path or a MocaEmbedder) it carries the same meta. mteb is imported only where a meta is built. Batches are
+embedded as mteb's loader yields them, so at most one of them (with its decoded images) is held at a time.
+Instructions follow the reference by input kind and role (moca_fast.prompts): `prompt_type` document or query,
+and document pages in mteb's document-understanding tasks (ViDoRe).
 
 A checkpoint with a multi-vector head (its config.json declares one) is a late-interaction model, as mteb models
 ColPali: `model_meta` says so (model_type "late-interaction", similarity "MaxSim", embed_dim the head's size),
@@ -37,7 +38,7 @@ class MtebEncoder:
     """mteb's encoder protocol: `encode` over mteb's batches ({"text": [...], "image": [...]}) with the task's
     metadata; `similarity` / `similarity_pairwise` as cosines, or MaxSim for a checkpoint with a multi-vector head."""
 
-    mteb_model_meta = None  # set by mteb when it loads the model from `model_meta`
+    mteb_model_meta = None  # mteb's record of the model; checked before it runs a task
     late_interaction = False  # True for a checkpoint with a multi-vector head (set from the embedder)
 
     def __init__(self, model_name: str | os.PathLike | MocaEmbedder, revision: str | None = None, *,
@@ -47,9 +48,14 @@ class MtebEncoder:
         `embedder_options` go to MocaEmbedder.from_pretrained."""
         if isinstance(model_name, MocaEmbedder):
             self.embedder = model_name
+            name, loader_kwargs = f"moca-fast/{type(model_name).__name__}", None  # no path to load it again from
         else:
             self.embedder = MocaEmbedder.from_pretrained(checkpoint or model_name, device=device, **embedder_options)
+            name, loader_kwargs = str(model_name), {"checkpoint": str(checkpoint or model_name), **embedder_options}
         self.late_interaction = self.embedder.multi_vector_dim is not None  # the checkpoint decides
+        # Built directly, the wrapper describes itself (mteb refuses image tasks to a model without a meta);
+        # `meta.load_model()` replaces this with the meta it was loaded from.
+        self.mteb_model_meta = _meta(name, revision, self.embedder.dim, self.embedder.multi_vector_dim, loader_kwargs)
 
     @staticmethod
     def padded(vectors: list[np.ndarray]) -> np.ndarray:
@@ -106,18 +112,27 @@ def model_meta(path_or_hub_id: str | os.PathLike, *, name: str | None = None, re
     import json
     from pathlib import Path
 
-    from mteb.models import ModelMeta
-
     config = Path(path_or_hub_id) / "config.json"
     hidden, multi_vector_dim = None, None
     if config.is_file():
         text = json.loads(config.read_text())
         hidden = (text.get("text_config") or {}).get("hidden_size") or text.get("hidden_size")
         multi_vector_dim = declared_heads(text.get(HEADS_KEY))["multi_vector_dim"]
+    return _meta(name or str(path_or_hub_id), revision, hidden, multi_vector_dim,
+                 {"checkpoint": str(path_or_hub_id), **embedder_options})
+
+
+def _meta(name: str, revision: str | None, hidden: int | None, multi_vector_dim: int | None,
+          loader_kwargs: dict | None):
+    """The mteb ModelMeta of a MoCa encoder: image and text, instructions, cosine over the pooled vector or MaxSim over
+    the multi-vector head's token vectors; loaded by MtebEncoder with `loader_kwargs` (None: the encoder cannot be
+    loaded again, e.g. one built on an embedder in memory)."""
+    from mteb.models import ModelMeta
+
     late = multi_vector_dim is not None
     return ModelMeta(
-        loader=MtebEncoder, loader_kwargs={"checkpoint": str(path_or_hub_id), **embedder_options},
-        name=name or str(path_or_hub_id), revision=revision,
+        loader=MtebEncoder if loader_kwargs is not None else None, loader_kwargs=loader_kwargs or {},
+        name=name, revision=revision,
         release_date=None, languages=None, n_parameters=None, memory_usage_mb=None, max_tokens=None,
         embed_dim=multi_vector_dim if late else hidden, license=None, open_weights=True, public_training_code=None,
         public_training_data=None, framework=["PyTorch"], similarity_fn_name="MaxSim" if late else "cosine",

@@ -137,3 +137,20 @@ def test_mteb_runs_the_wrapper_on_image_and_text_tasks_with_our_scores(embedder,
     similarity = embedder.encode(ours["queries"]) @ embedder.encode(ours["corpus"]).T
     expected = ndcg_at_k(similarity, ours["relevance"], 5).mean()
     assert scores["SynSceneQuestionsMteb"]["ndcg_at_5"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_directly_built_wrapper_runs_image_tasks(embedder, beir_data):
+    """`MtebEncoder(embedder)` carries its own mteb meta (image and text), so mteb runs image tasks through it."""
+    mteb = pytest.importorskip("mteb")
+    encoder = MtebEncoder(embedder)
+    meta = encoder.mteb_model_meta
+    assert meta.modalities == ["image", "text"] and meta.embed_dim == embedder.dim
+    assert meta.similarity_fn_name == "cosine" and meta.use_instructions
+    scenes, ours = _scene_question_task()
+    results = mteb.evaluate(encoder, [_pages_task(beir_data), scenes], cache=None, show_progress_bar=False)
+    scores = {r.task_name: r.scores["test"][0] for r in results.task_results}
+    vidore = evaluate_vidore(embedder, beir_data)["datasets"]["SynPages"]
+    assert scores["SynPagesMteb"]["ndcg_at_5"] * 100 == pytest.approx(vidore["ndcg@5"], abs=1e-3)
+    similarity = embedder.encode(ours["queries"]) @ embedder.encode(ours["corpus"]).T
+    assert scores["SynSceneQuestionsMteb"]["ndcg_at_5"] == pytest.approx(
+        ndcg_at_k(similarity, ours["relevance"], 5).mean(), abs=1e-5)

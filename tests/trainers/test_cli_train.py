@@ -145,3 +145,38 @@ def test_a_config_a_command_builds_from_its_options_reports_in_one_line():
     with pytest.raises(ValueError) as info:
         TrainConfig(stage="cpt", model="tiny", data="x", output_dir="y", max_steps=0)
     assert error_line(info.value) == "max_steps=0 (from the command's options): out of range, allowed >= 1"
+
+
+def test_stage2_recipe_takes_the_tokenizer_of_its_model(checkpoint):
+    """The README's stage-2 recipe, verbatim but for --model: the tokenizer (with its <|mask|> id) comes from the
+    model directory, as stage 1's final/ carries it; the recipe names no placeholder path."""
+    from moca_fast.config import load_train_config
+    from moca_fast.data.tokenizer import load_tokenizer
+    from moca_fast.trainers.setup import build_tokenizer
+
+    for recipe in ("qwen25vl-3b-cl.yaml", "qwen25vl-7b-cl.yaml"):
+        config = load_train_config(str(CONFIGS / recipe), {"model": str(checkpoint)})
+        assert build_tokenizer(config).get_vocab() == load_tokenizer(checkpoint).get_vocab()
+
+
+def test_a_wrong_model_or_tokenizer_is_a_one_line_error(tmp_path, capsys, checkpoint):
+    missing = tmp_path / "runs" / "qwen25vl-3b-cpt" / "final"
+    with pytest.raises(SystemExit) as stop:
+        main(["cl", "--config", str(CONFIGS / "qwen25vl-3b-cl.yaml"), "--model", str(missing), "--data",
+              str(tmp_path)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"moca-fast cl: error: model {missing}: no such directory (expected a local Qwen2.5-VL checkpoint directory)"]
+
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    (weights_only / "config.json").write_bytes((Path(checkpoint) / "config.json").read_bytes())
+    from moca_fast.config import load_train_config
+    from moca_fast.trainers.setup import build_tokenizer
+
+    config = load_train_config(str(CONFIGS / "qwen25vl-3b-cl.yaml"), {"model": str(weights_only)})
+    with pytest.raises(FileNotFoundError, match=r"weights-only: no tokenizer files .*name a tokenizer directory"):
+        build_tokenizer(config)
+    with pytest.raises(FileNotFoundError, match=r"^tokenizer /nowhere: no such directory$"):
+        build_tokenizer(load_train_config(str(CONFIGS / "qwen25vl-3b-cl.yaml"),
+                                          {"model": str(weights_only), "tokenizer": "/nowhere"}))
