@@ -176,6 +176,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     tensorboard: bool = False  # also log the metrics to output_dir/tensorboard (needs the tensorboard package)
+    # stage-1 micro-batches: what tokens_per_micro_batch counts. "reference_cost": the reference's cost units
+    # (text tokens + 4 x image tokens + 2 per image, capped at max_length), its buckets cut as it cuts them, so
+    # a micro-batch and a step hold the reference's samples; "tokens": packed tokens, cut first-fit (fuller).
+    micro_batch_budget: str = "reference_cost"
 
     def __post_init__(self):
         if self.stage not in ("cpt", "cl"):
@@ -183,6 +187,8 @@ class TrainConfig:
         if self.max_length > self.tokens_per_micro_batch:
             raise ValueError(f"max_length {self.max_length} exceeds tokens_per_micro_batch "
                              f"{self.tokens_per_micro_batch}: a full-length sample could never be packed")
+        if self.micro_batch_budget not in ("reference_cost", "tokens"):
+            raise ValueError(f"micro_batch_budget must be 'reference_cost' or 'tokens', got {self.micro_batch_budget!r}")
         self.betas = tuple(self.betas)
         self.tasks = tuple(self.tasks) if self.tasks is not None else None
 
