@@ -38,14 +38,15 @@ def step_flops(spec, batch) -> float:
     return 3 * forward_flops(spec, batch) + 6 * batch.mlm_index.numel() * spec.text.hidden_size * spec.text.vocab_size
 
 
-def micro_batch_sampler(samples: MaskedDocuments, config: TrainConfig, *, rank: int = 0,
-                        world_size: int = 1) -> TokenBudgetSampler:
-    """Stage-1 micro-batches of `tokens_per_micro_batch` in the units `micro_batch_budget` names: the reference's
-    costs cut into its buckets (a step holds its samples), or packed tokens cut first-fit."""
+def micro_batch_sampler(config: TrainConfig, lengths: list[int], costs: list[int], *, rank: int = 0,
+                        world_size: int = 1, sample_ids: list[str] | None = None) -> TokenBudgetSampler:
+    """Stage-1 micro-batches of `tokens_per_micro_batch` in the units `micro_batch_budget` names: the samples'
+    reference costs cut into the reference's buckets (a step holds its samples), or their lengths in tokens
+    packed first-fit."""
     by_cost = config.micro_batch_budget == "reference_cost"
-    return TokenBudgetSampler(samples.reference_costs() if by_cost else samples.lengths(),
-                              config.tokens_per_micro_batch, seed=config.seed, rank=rank, world_size=world_size,
-                              sample_ids=samples.sample_ids(), cut="sorted" if by_cost else "first_fit")
+    return TokenBudgetSampler(costs if by_cost else lengths, config.tokens_per_micro_batch, seed=config.seed,
+                              rank=rank, world_size=world_size, sample_ids=sample_ids,
+                              cut="sorted" if by_cost else "first_fit")
 
 
 def initial_mae_head(model, checkpoint: str) -> MaeHead:
@@ -75,7 +76,8 @@ class ContinualPretraining:
             config.data, skip_invalid=config.skip_invalid, allow_image_paths_outside=config.allow_image_paths_outside)
         self.samples = MaskedDocuments(documents, processor, mlm_rate=config.mlm_rate, mae_rate=config.mae_rate,
                                        seed=config.seed, skip_invalid=config.skip_invalid)
-        self.sampler = micro_batch_sampler(self.samples, config, rank=rank, world_size=world)
+        self.sampler = micro_batch_sampler(config, self.samples.lengths(), self.samples.reference_costs(), rank=rank,
+                                           world_size=world, sample_ids=self.samples.sample_ids())
         self.loader = packed_loader(self.samples, self.sampler, PackCollator(processor),
                                     num_workers=config.num_workers)
         self.world = world

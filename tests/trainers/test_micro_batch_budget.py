@@ -41,7 +41,7 @@ def _per_step(batches: list[list[int]]) -> list[int]:
 def test_cost_units_give_the_references_micro_batches(documents):
     samples, costs = documents
     assert samples.reference_costs() == costs  # measured from headers = counted on the encoded sequences
-    ours = micro_batch_sampler(samples, _config("reference_cost")).plan(0)
+    ours = micro_batch_sampler(_config("reference_cost"), samples.lengths(), samples.reference_costs()).plan(0)
     reference = cost_buckets(costs, BUCKET_COST)
     # The same micro-batches up to samples of equal cost (the order among ties is the shuffle's).
     def cost_groups(batches):
@@ -58,8 +58,8 @@ def test_cost_units_give_the_references_micro_batches(documents):
 
 def test_token_budgets_pack_more_samples_per_step(documents):
     samples, costs = documents
-    by_cost = micro_batch_sampler(samples, _config("reference_cost")).plan(0)
-    by_tokens = micro_batch_sampler(samples, _config("tokens")).plan(0)
+    by_cost = micro_batch_sampler(_config("reference_cost"), samples.lengths(), samples.reference_costs()).plan(0)
+    by_tokens = micro_batch_sampler(_config("tokens"), samples.lengths(), samples.reference_costs()).plan(0)
     lengths = samples.lengths()
     assert all(sum(lengths[i] for i in b) <= BUCKET_COST for b in by_tokens)
     assert all(sum(costs[i] for i in b) <= BUCKET_COST for b in by_cost)
