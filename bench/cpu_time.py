@@ -2,7 +2,7 @@
 
 What packing, the fused heads and one contrastive forward save in time where it can be measured without a GPU:
 the tiny model (moca_fast/model/tiny.py) trains through a small realistic pool (moca_fast/data/realistic.py) at
-the reference's pixel budget, max_len and step shape, each path grouping the samples its own way (bench/train.py's
+the reference's pixel budget, max_len and stage-1 budget (stage 2: one step of as many pairs), each path grouping the samples its own way (bench/train.py's
 trainers, without compile). One thread, CPU seconds of the process (time.process_time), the median of 5 passes
 over the pool after one warm-up step. CPU figures of a toy model: its widths make element-wise work and Python
 count for more than on a GPU at 3B, so the ratio is not a GPU speed-up; bench/work.py reports it beside the
@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from train import OursTrainer, ReferenceTrainer, StagePool, stage_pool
+from train import OursTrainer, ReferenceTrainer, StagePool, stage_pool, train_config
 
 REPEATS = 5
 
 
 def cpu_pool(stage: str, n: int, folder: Path) -> StagePool:
-    """`n` realistic samples (stage 1) or pairs (stage 2) for the tiny model at the reference's shapes; a warm-up
-    of one micro-batch or step of pairs."""
-    warm = 24 if stage == "cl" else 8
-    return stage_pool(stage, "tiny", warm, n, folder, "realistic", reference_shapes=True)
+    """`n` realistic samples (stage 1), or one step of `n` pairs (stage 2), for the tiny model at the reference's
+    pixel budget, max_len and stage-1 budget; the warm-up is as large."""
+    config = replace(train_config(stage, "tiny", "in memory", reference_shapes=True), pairs_per_rank=n)
+    return stage_pool(stage, "tiny", n, n, folder, "realistic", config)
 
 
 def cpu_seconds(p: StagePool, path: str, repeats: int = REPEATS) -> list[float]:

@@ -168,7 +168,7 @@ def work_rows(data: dict) -> list[str]:
         lines += ["", "CPU time, not GPU (bench/cpu_time.py: the tiny model, one thread, median of "
                       f"{next(iter(cpu.values()))['repeats']} passes, realistic pool at the reference's shapes): "
                       + "; ".join(f"{stage} reference / ours {c['reference_over_ours']:.2f}x CPU time "
-                                  f"({_num(c['median_cpu_seconds']['ours'], 2)} s against "
+                                  f"(ours {_num(c['median_cpu_seconds']['ours'], 2)} s, reference "
                                   f"{_num(c['median_cpu_seconds']['reference'], 2)} s), "
                                   f"{c['flops_reference_over_ours']:.2f}x FLOPs on the same samples"
                                   for stage, c in cpu.items()) + "."]

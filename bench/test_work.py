@@ -11,7 +11,7 @@ from fused_kernels import LM_HEAD_GEMMS
 @pytest.fixture(scope="module")
 def counted(tmp_path_factory):
     out = tmp_path_factory.mktemp("work")
-    work.main(["--sizes", "tiny", "--warm", "4", "--pool", "12", "--cpu-pool", "24", "--cpu-repeats", "2",
+    work.main(["--sizes", "tiny", "--warm", "4", "--pool", "12", "--cpu-pool", "4", "--cpu-repeats", "2",
                "--out-dir", str(out)])
     return json.loads((out / "work-tiny.json").read_text())
 

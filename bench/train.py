@@ -283,11 +283,12 @@ def pool_data(stage: str, pool: str, n: int, folder: Path, config: TrainConfig):
 
 
 def stage_pool(stage: str, model: str, n_warm: int, n_pool: int, folder: Path, pool: str = "realistic",
-               reference_shapes: bool | None = None) -> StagePool:
+               config: TrainConfig | None = None) -> StagePool:
     """`n_warm` warm-up and `n_pool` timed samples (stage 1) or pairs (stage 2) of `pool` (POOLS) at the
     reference's pixel budget, held in memory (stage-2 images are written under `folder`). The realistic pool's
-    pairs come in a seeded random order, its subsets mixed in every step as in the reference's training."""
-    config = train_config(stage, model, "in memory", reference_shapes=reference_shapes)
+    pairs come in a seeded random order, its subsets mixed in every step as in the reference's training. `config`
+    replaces train_config's step shape."""
+    config = config or train_config(stage, model, "in memory")
     tokenizer = build_tokenizer(config)
     processor = build_processor(config, tokenizer)
     data = pool_data(stage, pool, n_warm + n_pool, folder / f"{pool}-pairs", config)

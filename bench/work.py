@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="tiny: the tests' model and pixel budget (a quick check of this script)")
     parser.add_argument("--warm", type=int, default=48, help="bench/train.py's warm-up samples / pairs (not counted)")
     parser.add_argument("--pool", type=int, default=240, help="bench/train.py's timed samples / pairs (counted)")
-    parser.add_argument("--cpu-pool", type=int, default=48,
-                        help="realistic samples / pairs the tiny model's CPU-time ratio steps through")
+    parser.add_argument("--cpu-pool", type=int, default=8,
+                        help="realistic samples (stage 1) / pairs (one stage-2 step) the tiny model's CPU time covers")
     parser.add_argument("--cpu-repeats", type=int, default=REPEATS, help="passes over it (the median is reported)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="writes work-<size>.json here")
     args = parser.parse_args(argv)

@@ -7,8 +7,8 @@ What matters to speed is shape, not content: how many tokens each image becomes 
 1-8 tokens, captions 10-40, web documents up to max_len 1280), how many images a sample holds, and in what mix.
 Images are plain synthetic pictures (a coloured ground and a rectangle, cheap to draw; JPEG) stored at the
 size the reference's processor resizes their drawn native size to (multiples of 28 px, at most 1024 * 28 * 28
-pixels): a larger file would only cost decoding. Texts are words that are one token each in the offline
-tokenizer (and in Qwen's), so a text of n words is about n tokens.
+pixels): a larger file would only cost decoding. Texts are words that, each after a space, are one token in the
+offline tokenizer (and in Qwen's), so a text of n words is n tokens.
 
   realistic_documents(n, seed)              stage-1 documents, the seven sources in equal shares
   realistic_pair_rows(n, folder, seed)      stage-2 rows in the reference columns, the 30 subsets in equal
@@ -112,7 +112,8 @@ def jpeg_bytes(image: Image.Image) -> bytes:
 
 
 def words(n: int, rng: random.Random) -> str:
-    return " ".join(rng.choices(WORDS, k=n))
+    """n words, each after a space: n tokens (a word at the start of a text, without its space, may split)."""
+    return "".join(" " + word for word in rng.choices(WORDS, k=n))
 
 
 # --------------------------------------------------------------------------------------------------- stage 1

@@ -11,6 +11,7 @@ import pytest
 from moca_fast.config import TrainConfig
 from moca_fast.data.loader import MaskedDocuments
 from moca_fast.data.processor import Processor
+from moca_fast.data.realistic import realistic_documents
 from moca_fast.data.synthetic import make_documents
 from moca_fast.trainers.cpt import micro_batch_sampler
 
@@ -29,7 +30,8 @@ def _config(budget: str) -> TrainConfig:
 def documents(tokenizer):
     """Documents at the reference's pixel budget and max_len, each encoded as the reference path sees it."""
     processor = Processor(tokenizer, min_pixels=256 * 28 * 28, max_pixels=1024 * 28 * 28, max_length=MAX_COST)
-    samples = MaskedDocuments(make_documents(160, seed=11), processor, seed=0)
+    documents = realistic_documents(60, seed=11) + make_documents(60, seed=11)  # pages at the cap, text, photos
+    samples = MaskedDocuments(documents, processor, seed=0)
     encoded = [samples[(0, i)] for i in range(len(samples))]
     return samples, [sample_cost(s, processor.image_token_id) for s in encoded]
 
