@@ -104,7 +104,8 @@ def test_the_gpu_run_s_steps_summaries_and_table_with_stand_in_measurements(monk
     reference = types.SimpleNamespace(path=types.SimpleNamespace(attention="sdpa"))
     monkeypatch.setattr(gpu_quick.embed, "embedders",
                         lambda *a, **k: (types.SimpleNamespace(batch_tokens=16384), reference))
-    monkeypatch.setattr(gpu_quick.embed, "workloads", lambda *a, **k: {w: ([], []) for w in ("text", "image", "page",
+    monkeypatch.setattr(gpu_quick.embed, "workloads", lambda *a, **k: {w: ([], []) for w in ("realistic", "text",
+                                                                                             "image", "page",
                                                                                              "interleaved")})
     monkeypatch.setattr(gpu_quick.embed, "bench_embedding", bench_embedding)
     args = types.SimpleNamespace(tiny=False, budget_s=60.0, out=tmp_path / "quick-3b-h100.json")

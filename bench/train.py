@@ -274,10 +274,11 @@ class StagePool:
 
 def pool_data(stage: str, pool: str, n: int, folder: Path, config: TrainConfig):
     """`n` documents (stage 1) or a PairDataset of about `n` pairs (stage 2, images written under `folder`) of
-    `pool`."""
+    `pool`; realistic images are stored at the size the config's pixel budget gives."""
+    pixels = (config.min_pixels, config.max_pixels)
     if stage == "cpt":
-        return realistic_documents(n, seed=0) if pool == "realistic" else make_documents(n, seed=0)
-    rows = (realistic_pair_rows(n, folder, seed=0) if pool == "realistic"
+        return realistic_documents(n, seed=0, pixels=pixels) if pool == "realistic" else make_documents(n, seed=0)
+    rows = (realistic_pair_rows(n, folder, seed=0, pixels=pixels) if pool == "realistic"
             else pair_rows(make_pairs(-(-n // len(TASKS)), seed=0), folder, seed=0))
     return PairDataset(dict(sorted(rows.items())), image_dir=folder, negative_ratio=config.negative_ratio, seed=0)
 

@@ -85,10 +85,16 @@ IMAGE_KINDS = {
 }
 
 
-def stored_size(kind: str, rng: random.Random) -> tuple[int, int]:
-    """(width, height) of an image of `kind` as the reference's processor resizes it (multiples of 28)."""
-    width, height = IMAGE_KINDS[kind](rng)
-    h, w = resized_size(max(28, round(width)), max(28, round(height)), 28, MIN_PIXELS, MAX_PIXELS)
+REFERENCE_PIXELS = (MIN_PIXELS, MAX_PIXELS)
+
+
+def stored_size(kind: str, rng: random.Random, pixels: tuple[int, int] = REFERENCE_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image of `kind` as a processor with `pixels` (min, max) resizes it (multiples of 28)."""
+    return resized(IMAGE_KINDS[kind](rng), pixels)
+
+
+def resized(size: tuple[float, float], pixels: tuple[int, int]) -> tuple[int, int]:
+    h, w = resized_size(max(28, round(size[0])), max(28, round(size[1])), 28, *pixels)
     return w, h
 
 
@@ -141,14 +147,16 @@ STAGE1_SOURCES = (  # 500k samples each in the paper: equal shares
 )
 
 
-def realistic_documents(n: int, seed: int) -> list[Document]:
+def realistic_documents(n: int, seed: int, pixels: tuple[int, int] = REFERENCE_PIXELS) -> list[Document]:
     """`n` stage-1 documents, each from a source drawn in equal shares: its images, each followed by a share of
-    its text (text-only sources: the text alone)."""
+    its text (text-only sources: the text alone), cut to fit max_len at the reference's budget. `pixels` (a
+    smaller budget, e.g. the tests') stores the images smaller: the same distributions, another draw."""
     rng = random.Random(f"realistic-documents:{seed}")
     documents = []
     for k in range(n):
         source = rng.choice(STAGE1_SOURCES)
-        sizes = [stored_size(rng.choice(source.kinds), rng) for _ in range(rng.choice(source.images))]
+        native = [IMAGE_KINDS[rng.choice(source.kinds)](rng) for _ in range(rng.choice(source.images))]
+        sizes = [resized(s, REFERENCE_PIXELS) for s in native]
         while sum(image_tokens(s) + 2 for s in sizes) > MAX_LENGTH:  # a second image that does not fit goes
             sizes.pop()
         room = MAX_LENGTH - sum(image_tokens(s) + 2 for s in sizes)
@@ -160,7 +168,7 @@ def realistic_documents(n: int, seed: int) -> list[Document]:
         pieces = [b - a for a, b in zip([0, *cuts], [*cuts, n_words])]
         text = "".join(IMAGE_PLACEHOLDER + words(m, rng) for m in pieces)
         documents.append(Document(f"{source.name}-{k:06d}", text,
-                                  [jpeg_bytes(draw_image(s, rng)) for s in sizes]))
+                                  [jpeg_bytes(draw_image(resized(s, pixels), rng)) for s in native[:len(sizes)]]))
     return documents
 
 
@@ -248,12 +256,12 @@ def _side_text(side: Side, rng: random.Random) -> str:
     return side.prompt.replace("{}", words(side.text.draw(rng), rng), 1)
 
 
-def _side_image(side: Side, folder: Path, relative: str, rng: random.Random) -> str:
+def _side_image(side: Side, folder: Path, relative: str, rng: random.Random, pixels: tuple[int, int]) -> str:
     """Draw `side`'s image to folder/relative and return `relative`; "" when the side has none."""
     if side.kind is None:
         return ""
     (folder / relative).parent.mkdir(parents=True, exist_ok=True)
-    draw_image(stored_size(side.kind, rng), rng).save(folder / relative, quality=50)
+    draw_image(stored_size(side.kind, rng, pixels), rng).save(folder / relative, quality=50)
     return relative
 
 
@@ -269,10 +277,11 @@ def realistic_inputs(n: int, seed: int) -> list[tuple[str, list[Image.Image]]]:
     return inputs
 
 
-def realistic_pair_rows(n: int, folder: str | Path, seed: int) -> dict[str, list[dict]]:
+def realistic_pair_rows(n: int, folder: str | Path, seed: int,
+                        pixels: tuple[int, int] = REFERENCE_PIXELS) -> dict[str, list[dict]]:
     """`n` stage-2 pairs, each from a subset drawn in equal shares, with NEGATIVE_RATIO hard negatives shaped
     like its positive: {subset: rows in the reference columns}, images under folder/images/<subset>/ (paths
-    relative to `folder`)."""
+    relative to `folder`); `pixels` as in realistic_documents."""
     folder, rng = Path(folder), random.Random(f"realistic-pairs:{seed}")
     names = sorted(STAGE2_SUBSETS)
     rows = defaultdict(list)
@@ -280,11 +289,11 @@ def realistic_pair_rows(n: int, folder: str | Path, seed: int) -> dict[str, list
         name = rng.choice(names)
         query, positive = STAGE2_SUBSETS[name]
         stem = f"images/{name}/{k:06d}"
-        negatives = [(_side_text(positive, rng), _side_image(positive, folder, f"{stem}-n{j}.jpg", rng))
+        negatives = [(_side_text(positive, rng), _side_image(positive, folder, f"{stem}-n{j}.jpg", rng, pixels))
                      for j in range(NEGATIVE_RATIO)]
         rows[name].append({
-            "qry": _side_text(query, rng), "qry_image_path": _side_image(query, folder, f"{stem}-q.jpg", rng),
-            "pos_text": _side_text(positive, rng), "pos_image_path": _side_image(positive, folder, f"{stem}-p.jpg", rng),
+            "qry": _side_text(query, rng), "qry_image_path": _side_image(query, folder, f"{stem}-q.jpg", rng, pixels),
+            "pos_text": _side_text(positive, rng), "pos_image_path": _side_image(positive, folder, f"{stem}-p.jpg", rng, pixels),
             "neg_text": repr([text for text, _ in negatives]), "neg_image_path": repr([path for _, path in negatives]),
         })
     return dict(rows)
