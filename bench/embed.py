@@ -1,7 +1,9 @@
 """Embedding throughput, ours (MocaEmbedder) against the reference path, with the cosine between the two.
 
-Four workloads in the reference's prompts: text queries, 448 x 448 images, document pages (1240 x 1754, i.e.
-the 1,024-token cap) and interleaved text-image-text-image inputs, at the real 3B / 7B shapes with random
+Five workloads in the reference's prompts: realistic inputs (the queries and positives of the reference's 30
+stage-2 subsets in their mix, moca_fast/data/realistic.py: pages at the 1,024-token cap, photos, labels and
+captions; the first), text queries, 448 x 448 images, document pages (1240 x 1754, i.e. the 1,024-token cap) and
+interleaved text-image-text-image inputs, at the real 3B / 7B shapes with random
 weights, bf16. Both paths embed the same inputs end to end (raw text and PIL images in, normalised vectors out):
 ours packs by token budget with worker-side preprocessing; the reference path (bench/reference_path.py) runs
 transformers' image processor and a right-padded batch of `--reference-batch` inputs in input order, as the
@@ -26,6 +28,7 @@ from PIL import Image
 from moca_fast import prompts
 from moca_fast.data.image_patches import MAX_PIXELS, MIN_PIXELS
 from moca_fast.data.processor import Processor
+from moca_fast.data.realistic import realistic_inputs
 from moca_fast.data.synthetic import random_pages, random_scene, render
 from moca_fast.data.tokenizer import tiny_tokenizer
 from moca_fast.embed import MocaEmbedder
@@ -52,7 +55,10 @@ def workloads(n: int, seed: int, image_side: int = IMAGE_SIDE, page_size: tuple[
     def page() -> Image.Image:
         return render(random_pages(1, rng)[0], rng.getrandbits(32)).resize(page_size)
 
-    out = {"text": ([], []), "image": ([], []), "page": ([], []), "interleaved": ([], [])}
+    out = {"realistic": ([], []), "text": ([], []), "image": ([], []), "page": ([], []), "interleaved": ([], [])}
+    for text, images in realistic_inputs(n, seed):
+        out["realistic"][0].append({"text": text, "image": images[0]} if images else text)
+        out["realistic"][1].append((text, images))
     for _ in range(n):
         caption = random_scene(rng).caption
         out["text"][0].append(prompts.text_to_image_query(caption))

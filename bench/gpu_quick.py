@@ -243,7 +243,7 @@ class QuickRun:
                                          self.device)[name]
 
         self.run("embed", [("models", build)] + [(w, functools.partial(workload, w))
-                                                  for w in ("text", "image", "page", "interleaved")])
+                                                  for w in ("realistic", "text", "image", "page", "interleaved")])
         models.clear()
 
 

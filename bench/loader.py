@@ -18,6 +18,7 @@ from moca_fast.data.image_patches import MAX_PIXELS, MIN_PIXELS
 from moca_fast.data.loader import MaskedDocuments, PackCollator, packed_loader
 from moca_fast.data.packing import TokenBudgetSampler
 from moca_fast.data.processor import Processor
+from moca_fast.data.realistic import realistic_documents
 from moca_fast.data.synthetic import make_documents, write_documents
 from moca_fast.data.tokenizer import tiny_tokenizer
 from report import report, write_report
@@ -45,17 +46,22 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--reference-pixels", action="store_true",
                         help="the reference's 256..1024 tokens per image (default: the demo's small budget)")
+    parser.add_argument("--data", choices=["realistic", "uniform"], default="realistic",
+                        help="realistic: the reference's stage-1 sources' shapes (moca_fast/data/realistic.py); "
+                             "uniform: the synthetic world")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 
     processor = Processor(tiny_tokenizer(), min_pixels=MIN_PIXELS if args.reference_pixels else 4 * 28 * 28,
                           max_pixels=MAX_PIXELS if args.reference_pixels else 64 * 28 * 28)
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_documents(make_documents(args.documents, seed=0), os.path.join(tmp, "docs"), "dataset")
+        documents = (realistic_documents(args.documents, seed=0) if args.data == "realistic"
+                     else make_documents(args.documents, seed=0))
+        path = write_documents(documents, os.path.join(tmp, "docs"), "dataset")
         samples = MaskedDocuments(DocumentDataset(path), processor)
         results = [measure(samples, processor, args.budget, w) for w in args.workers]
-    data = report("stage-1 loader (synthetic documents, saved-dataset format)", "cpu",
-                  shapes={"documents": args.documents, "token_budget": args.budget,
+    data = report(f"stage-1 loader (synthetic documents, {args.data} pool, saved-dataset format)", "cpu",
+                  shapes={"documents": args.documents, "data": args.data, "token_budget": args.budget,
                           "pixels_per_image": [processor.min_pixels, processor.max_pixels]},
                   results=results)
     print(json.dumps(data, indent=2))

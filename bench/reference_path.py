@@ -20,6 +20,8 @@ transformers' own tokenizer call and image processor, as the reference's evaluat
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -115,7 +117,11 @@ def processor_batch(tokenizer, image_processor, cases: list[tuple[str, list]], *
 
 
 def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Liger's fused linear cross-entropy over every row, mean over the non-ignored ones."""
+    """Liger's fused linear cross-entropy over every row, mean over the non-ignored ones. On a CPU without Triton's
+    interpreter (Liger's kernels are Triton only), the same sums in torch: the logits of every row, then
+    cross-entropy (bench/cpu_time.py times this, not the interpreter)."""
+    if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return F.cross_entropy(F.linear(hidden, weight.to(hidden.dtype)).float(), labels, ignore_index=IGNORE)
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     # Under autocast the hidden states are bf16 and the master weight fp32: the head runs in the hidden dtype.
@@ -192,6 +198,9 @@ class ReferencePath(nn.Module):
         predicted = self.mae_proj(mae_hidden.reshape(-1, hidden.shape[-1])[batch.mae_rows])
         # The reference's "b (d p) -> (b p) d": output d * 4 + p of a token is value d of its patch p.
         k, patch_dim = predicted.shape[0], batch.mae_targets.shape[-1]
+        if k == 0:  # a text-only micro-batch: no image token to reconstruct, no MAE term
+            mae = predicted.float().sum()
+            return mlm + mae_weight * mae, mlm, mae
         predicted = predicted.reshape(k, patch_dim, -1).transpose(1, 2).reshape(-1, patch_dim)
         mae = F.mse_loss(predicted.float(), batch.mae_targets.float())
         return mlm + mae_weight * mae, mlm, mae

@@ -6,7 +6,8 @@ The server runs in a child process (moca_fast.serve.app.serve, as `moca-fast ser
 batcher at work, not how fast a GPU embeds); `--size 3b`, the reference shape in bf16, needs a GPU. Closed-loop
 clients (httpx) each send one request after another, alternating a text query (the text-to-image prompt) and an
 image (a synthetic scene as a PNG data URL, the image-target prompt), one input per request, as a search front end
-would; the server packs what is queued into forwards of --batch-tokens tokens. Inputs per forward come from the
+would (by default `--data realistic`: the queries and positives of the reference's 30 stage-2 subsets in their
+mix, moca_fast/data/realistic.py); the server packs what is queued into forwards of --batch-tokens tokens. Inputs per forward come from the
 server's /metrics.
 
     python bench/serve.py --size tiny --out bench/results/serve-cpu.json     # CPU figures (the committed ones)
@@ -37,7 +38,9 @@ import torch
 
 from moca_fast.data.image_patches import MAX_PIXELS, MIN_PIXELS
 from moca_fast.data.processor import Processor
+from moca_fast.data.realistic import realistic_inputs
 from moca_fast.data.synthetic import random_scene, render
+from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 from moca_fast.data.tokenizer import tiny_tokenizer
 from moca_fast.embed import MocaEmbedder
 from moca_fast.trainers.setup import build_model
@@ -70,7 +73,23 @@ def run_server(size: str, device: str, batch_tokens: int, max_wait_ms: float, po
                                   max_queue_inputs=4096), port=port)
 
 
-def request_bodies(size: str, n: int, seed: int = 0) -> list[bytes]:
+def realistic_bodies(n: int, seed: int = 0) -> list[bytes]:
+    """One input per request: the queries and positives of the reference's 30 stage-2 subsets in their mix
+    (moca_fast/data/realistic.py), images as JPEG data URLs."""
+    bodies = []
+    for text, images in realistic_inputs(n, seed):
+        item = {"text": text.replace(IMAGE_PLACEHOLDER, "")}
+        if images:
+            jpeg = io.BytesIO()
+            images[0].save(jpeg, format="JPEG", quality=50)
+            item["image"] = "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode()
+        bodies.append(json.dumps({"model": MODEL, "input": [item if images else item["text"]]}).encode())
+    return bodies
+
+
+def request_bodies(size: str, n: int, seed: int = 0, data: str = "realistic") -> list[bytes]:
+    if data == "realistic":
+        return realistic_bodies(n, seed)
     rng = random.Random(seed)
     bodies = []
     for i in range(n):
@@ -153,13 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=30, help="seconds per point (at most)")
     parser.add_argument("--warmup", type=int, default=16, help="requests before each server's first point")
     parser.add_argument("--batch-tokens", type=int, default=16384)
+    parser.add_argument("--data", choices=["realistic", "uniform"], default="realistic",
+                        help="realistic: the reference's stage-2 inputs in their mix; uniform: text / scene, alternating")
     parser.add_argument("--out", help="JSON path (default bench/results/serve-cpu.json, or serve-3b-<gpu>.json)")
     args = parser.parse_args(argv)
     if args.size == "tiny":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
         device = str(require_cuda("serving at the 3B shape"))
-    bodies = request_bodies(args.size, 64)
+    bodies = request_bodies(args.size, 64, data=args.data)
     results = []
     for max_wait in args.max_wait_ms:
         port = free_port()
@@ -188,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     write_report(out, report(
         f"moca-fast serve on loopback, random-weight {args.size} model ({label})", device,
         shapes={"size": args.size, "dtype": "bfloat16" if args.size != "tiny" else "float32",
-                "image_side": IMAGE_SIDE[args.size], "inputs_per_request": 1, "mix": "text query / image, alternating",
+                "image_side": IMAGE_SIDE[args.size], "inputs_per_request": 1,
+                "mix": "the reference's stage-2 inputs" if args.data == "realistic" else "text query / image, alternating",
                 "batch_tokens": args.batch_tokens, "requests_per_point": args.requests,
                 "seconds_per_point": args.seconds},
         load_average=os.getloadavg()[1], results=results))

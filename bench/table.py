@@ -110,7 +110,7 @@ def quick_rows(data: dict) -> list[str]:
 
     training("cpt", "ours-eager", "stage 1", "cpt")
     training("cl", "ours-eager", "stage 2", "cl")
-    for workload in ("text", "image", "page", "interleaved"):
+    for workload in ("realistic", "text", "image", "page", "interleaved"):
         run = part("embed", workload)
         if ok(run):
             row("embed", f"{workload}, inputs/s", _num(run["ours_per_s"], 1), _num(run["reference_per_s"], 1),
@@ -130,27 +130,50 @@ WORK_ROWS = {"decoder_tokens": "decoder tokens (padding included)", "lm_head_row
 
 
 def work_rows(data: dict) -> list[str]:
-    lines = ["| stage | count | ours | reference | reference / ours |", "|---|---|---:|---:|---:|"]
+    pools = data["results"]  # {pool: {stage: summary}}, the realistic pool first
+    if "cpt" in pools or "cl" in pools:  # written before bench/work.py counted two pools: the uniform one
+        pools = {"uniform": pools}
+    lines = ["| stage | count | " + " | ".join(f"{pool}: ours | reference | reference / ours" for pool in pools) + " |",
+             "|---|---|" + "---:|---:|---:|" * len(pools)]
 
-    def row(stage: str, label: str, ours, reference, digits: int = 0) -> None:
+    def cells(ours, reference, digits: int) -> str:
         ratio = f"{reference / ours:.2f}x" if ours else "-"
-        lines.append(f"| {stage} | {label} | {_num(ours, digits)} | {_num(reference, digits)} | {ratio} |")
+        return f"{_num(ours, digits)} | {_num(reference, digits)} | {ratio}"
 
-    for stage, summary in data["results"].items():
-        ours, reference = summary["paths"]["ours"], summary["paths"]["reference"]
+    first = next(iter(pools.values()))
+    for stage in first:
+        def each(get, digits: int = 0) -> str:
+            return " | ".join(cells(get(s[stage]["paths"]["ours"]), get(s[stage]["paths"]["reference"]), digits)
+                              for s in pools.values())
+
+        ours = first[stage]["paths"]["ours"]
         for key, label in WORK_FLOPS.items():
             if key in ours["flops"]:
-                row(stage, label, ours["flops"][key] / 1e12, reference["flops"][key] / 1e12, 1)
+                lines.append(f"| {stage} | {label} | {each(lambda p: p['flops'][key] / 1e12, 1)} |")
         for key, label in WORK_ROWS.items():
             if key in ours["rows"]:
-                row(stage, label, ours["rows"][key], reference["rows"][key])
-        row(stage, "forwards", ours["forwards"], reference["forwards"])
-    for stage, summary in data["results"].items():
-        pool = summary["pool"]
-        lines += ["", f"{stage}: {pool['sequences']:,} sequences ({pool['text_only']:,} text-only, "
-                      f"{pool['single_image']:,} with one image, {pool['several_images']:,} with several), "
-                      f"{pool['tokens']:,} tokens of which {pool['image_tokens']:,} image tokens; useful work "
-                      f"{_num(summary['useful_flops'] / 1e12, 1)} TFLOP (the MFU numerator)."]
+                lines.append(f"| {stage} | {label} | {each(lambda p: p['rows'][key])} |")
+        lines.append(f"| {stage} | forwards | {each(lambda p: p['forwards'])} |")
+    lines += ["", "Ours / reference FLOPs: " + "; ".join(
+        f"{pool} pool {stage} {1 / s['reference_over_ours']['flops']:.2f}x" for pool, stages in pools.items()
+        for stage, s in stages.items()) + "."]
+    for pool, stages in pools.items():
+        for stage, summary in stages.items():
+            composition = summary["pool"]
+            lines += ["", f"{pool} {stage}: {composition['sequences']:,} sequences ({composition['text_only']:,} "
+                          f"text-only, {composition['single_image']:,} with one image, {composition['several_images']:,} "
+                          f"with several), {composition['tokens']:,} tokens of which {composition['image_tokens']:,} "
+                          f"image tokens; useful work {_num(summary['useful_flops'] / 1e12, 1)} TFLOP (the MFU "
+                          "numerator)."]
+    cpu = data.get("cpu_time")
+    if cpu:
+        lines += ["", "CPU time, not GPU (bench/cpu_time.py: the tiny model, one thread, median of "
+                      f"{next(iter(cpu.values()))['repeats']} passes, realistic pool at the reference's shapes): "
+                      + "; ".join(f"{stage} reference / ours {c['reference_over_ours']:.2f}x CPU time "
+                                  f"(ours {_num(c['median_cpu_seconds']['ours'], 2)} s, reference "
+                                  f"{_num(c['median_cpu_seconds']['reference'], 2)} s), "
+                                  f"{c['flops_reference_over_ours']:.2f}x FLOPs on the same samples"
+                                  for stage, c in cpu.items()) + "."]
     return lines + ["", "Attention is counted over each sequence's real tokens on both sides (flash-attn's way); the "
                         "InfoNCE loss and element-wise work are left out. bench/work.py says what each path runs."]
 

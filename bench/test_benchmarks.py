@@ -29,7 +29,7 @@ def _stage_inputs(stage: str, model: str, folder):
     if stage == "cpt":
         documents = train.make_documents(64 if model != "tiny" else 8, seed=0)
         samples = train.stage1_samples(documents, processor, config)
-        return config, tokenizer, processor, documents, train.packed_groups(samples, config.tokens_per_micro_batch)[0]
+        return config, tokenizer, processor, documents, train.packed_groups(samples, config, processor.image_token_id)[0]
     rows = train.pair_rows(train.make_pairs(-(-config.pairs_per_rank // 4), seed=0), folder / "pairs", seed=0)
     pairs = train.PairDataset(rows, image_dir=folder / "pairs", negative_ratio=2, seed=0)
     return config, tokenizer, processor, pairs, train.stage2_samples(pairs, processor)[:config.pairs_per_rank]
@@ -80,7 +80,7 @@ def embedders(request):
     return ours, reference, embed.workloads(4 if tiny else 64, seed=1, **sizes), 0.99999 if tiny else 0.999
 
 
-@pytest.mark.parametrize("workload", ["text", "image", "page", "interleaved"])
+@pytest.mark.parametrize("workload", ["realistic", "text", "image", "page", "interleaved"])
 @pytest.mark.parametrize("path", ["ours", "reference"])
 def test_embed(benchmark, embedders, workload, path):
     ours, reference, loads, min_cosine = embedders

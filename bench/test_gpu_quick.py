@@ -108,7 +108,8 @@ def stand_ins(monkeypatch):
     monkeypatch.setattr(gpu_quick.embed, "embedders",
                         lambda *a, **k: (types.SimpleNamespace(batch_tokens=16384), reference))
     monkeypatch.setattr(gpu_quick.embed, "our_attention", lambda ours: "varlen")
-    monkeypatch.setattr(gpu_quick.embed, "workloads", lambda *a, **k: {w: ([], []) for w in ("text", "image", "page",
+    monkeypatch.setattr(gpu_quick.embed, "workloads", lambda *a, **k: {w: ([], []) for w in ("realistic", "text",
+                                                                                             "image", "page",
                                                                                              "interleaved")})
     monkeypatch.setattr(gpu_quick.embed, "bench_embedding", bench_embedding)
     return overrun

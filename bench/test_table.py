@@ -65,11 +65,14 @@ def test_work_counts_become_rows_and_keep_the_gpu_note(tmp_path):
              for path, forwards, total, tokens in (("ours", 2, 100.0, 1000), ("reference", 6, 128.0, 1390))}
     pool = {"sequences": 8, "text_only": 2, "single_image": 5, "several_images": 1, "tokens": 1000,
             "image_tokens": 800}
-    work = report("work", "cpu", shapes={}, results={"cl": {"pool": pool, "useful_flops": 9e13, "paths": paths}})
+    work = report("work", "cpu", shapes={}, results={"realistic": {"cl": {"pool": pool, "useful_flops": 9e13, "paths": paths,
+                                                                   "reference_over_ours": {"flops": 1.28}}}})
     (tmp_path / "work-3b.json").write_text(json.dumps(work))
     text = table.render(tmp_path)
     assert "GPU figures are pending" in text  # a count is no GPU figure
     assert "| cl | TFLOP, total | 100.0 | 128.0 | 1.28x |" in text
     assert "| cl | decoder tokens (padding included) | 1,000 | 1,390 | 1.39x |" in text
     assert "| cl | forwards | 2 | 6 | 3.00x |" in text
-    assert "8 sequences (2 text-only, 5 with one image, 1 with several), 1,000 tokens of which 800 image" in text
+    assert "realistic cl: 8 sequences (2 text-only, 5 with one image, 1 with several), 1,000 tokens of which 800 " \
+        "image" in text
+    assert "Ours / reference FLOPs: realistic pool cl 0.78x." in text

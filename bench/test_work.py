@@ -11,13 +11,25 @@ from fused_kernels import LM_HEAD_GEMMS
 @pytest.fixture(scope="module")
 def counted(tmp_path_factory):
     out = tmp_path_factory.mktemp("work")
-    work.main(["--sizes", "tiny", "--warm", "4", "--pool", "12", "--out-dir", str(out)])
+    work.main(["--sizes", "tiny", "--warm", "4", "--pool", "12", "--cpu-pool", "4", "--cpu-repeats", "2",
+               "--out-dir", str(out)])
     return json.loads((out / "work-tiny.json").read_text())
+
+
+def test_both_pools_are_counted_and_cpu_time_beside(counted):
+    assert list(counted["results"]) == ["realistic", "uniform"]
+    realistic, uniform = (counted["results"][pool]["cpt"]["pool"] for pool in ("realistic", "uniform"))
+    assert realistic["tokens"] != uniform["tokens"]  # other samples, not the same pool twice
+    for stage, c in counted["cpu_time"].items():
+        assert c["threads"] == 1 and c["model"] == "tiny" and len(c["cpu_seconds"]["ours"]) == 2
+        assert c["reference_over_ours"] == pytest.approx(c["median_cpu_seconds"]["reference"] /
+                                                         c["median_cpu_seconds"]["ours"])
+        assert c["flops_reference_over_ours"] > 1, stage
 
 
 def test_the_same_samples_cost_the_reference_more(counted):
     assert counted["device"].startswith("cpu") and counted["shapes"]["pool"] == 12
-    for stage, summary in counted["results"].items():
+    for stage, summary in [(s, r) for pool in counted["results"].values() for s, r in pool.items()]:
         ours, reference = summary["paths"]["ours"], summary["paths"]["reference"]
         for key in ("real_tokens", "vision_patches"):  # the same samples on both sides
             assert ours["rows"][key] == reference["rows"][key] > 0, (stage, key)
@@ -30,8 +42,9 @@ def test_the_same_samples_cost_the_reference_more(counted):
             reference["flops"]["total"] / ours["flops"]["total"])
 
 
-def test_stage1_heads_run_where_each_path_runs_them(counted):
-    summary = counted["results"]["cpt"]
+@pytest.mark.parametrize("pool", ["realistic", "uniform"])
+def test_stage1_heads_run_where_each_path_runs_them(counted, pool):
+    summary = counted["results"][pool]["cpt"]
     ours, reference = summary["paths"]["ours"], summary["paths"]["reference"]
     assert reference["rows"]["lm_head_rows"] == reference["rows"]["mae_layer_queries"] == \
         reference["rows"]["decoder_tokens"]  # Liger and the MAE layer over every padded position
@@ -45,8 +58,9 @@ def test_stage1_heads_run_where_each_path_runs_them(counted):
     assert 0 < ours["flops"]["recompute"] < ours["flops"]["backbone"] / 3  # blocks only, once
 
 
-def test_stage2_is_one_packed_forward_against_three_padded(counted):
-    summary = counted["results"]["cl"]
+@pytest.mark.parametrize("pool", ["realistic", "uniform"])
+def test_stage2_is_one_packed_forward_against_three_padded(counted, pool):
+    summary = counted["results"][pool]["cl"]
     ours, reference = summary["paths"]["ours"], summary["paths"]["reference"]
     assert ours["forwards"] == ours["steps"] and reference["forwards"] == 3 * reference["steps"]
     # Packing keeps every sequence's attention to itself: our forward + backward is exactly the useful work,
@@ -59,7 +73,8 @@ def test_the_readme_table_renders_the_counts(counted, tmp_path):
 
     (tmp_path / "work-tiny.json").write_text(json.dumps(counted))
     text = table.render(tmp_path)
-    rows = counted["results"]["cpt"]["paths"]
+    rows = counted["results"]["realistic"]["cpt"]["paths"]
     expected = (f"| cpt | LM-head rows | {rows['ours']['rows']['lm_head_rows']:,} | "
                 f"{rows['reference']['rows']['lm_head_rows']:,} |")
     assert expected in text and "| cl | forwards |" in text and "work-tiny.json" in text
+    assert "CPU time, not GPU" in text and "realistic: ours" in text and "uniform: ours" in text

@@ -1,10 +1,13 @@
 """Training steps of both stages, ours against the reference path, on the same samples: tokens/s, MFU, memory, loss.
 
-At the real Qwen2.5-VL-3B / 7B shapes with random weights (no download) and synthetic interleaved data at the
-reference's pixel budget. Each path starts from the same weights, trains on the same pool of samples with the
+At the real Qwen2.5-VL-3B / 7B shapes with random weights (no download) and synthetic data at the reference's
+pixel budget: by default the realistic pool (moca_fast/data/realistic.py: the image sizes, text lengths and task
+mixes of the reference's stage-1 sources and 30 stage-2 subsets), `--pool uniform` the synthetic world (every
+image 256 tokens). Each path starts from the same weights, trains on the same pool of samples with the
 same optimizer (AdamW, clipping 5.0, bf16 autocast over fp32 master weights, activation checkpointing) and
-groups them its own way: ours packs up to 12,800 tokens per micro-batch; the reference (bench/reference_path.py)
-buckets by cost and pads to a multiple of 32. Measured: the time to train through the pool after a warm-up pool
+groups them its own way: ours takes the reference's stage-1 micro-batches (its cost buckets of 12,800 units,
+`micro_batch_budget: reference_cost`) and packs each without padding; the reference (bench/reference_path.py)
+pads each to a multiple of 32. Measured: the time to train through the pool after a warm-up pool
 (CUDA-synchronised; samples are encoded and collated beforehand, for both), real (unpadded) tokens/s, MFU from
 the useful FLOPs of the pool (vision tower, attention and the LM head on masked rows counted; the same work for
 every path, so MFU ratios equal speed ratios), peak memory, and each path's loss on the same first batch, which
@@ -22,7 +25,7 @@ import argparse
 import gc
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,20 +34,22 @@ from moca_fast.config import ModelSpec, TrainConfig
 from moca_fast.data.batch import pack_sequences
 from moca_fast.data.contrastive import ContrastiveCollator, EncodedPair, EncodedPairs
 from moca_fast.data.loader import MaskedDocuments, PackCollator
-from moca_fast.data.packing import TokenBudgetSampler
+from moca_fast.data.packing import reference_cost
 from moca_fast.data.pairs import PairDataset
 from moca_fast.data.processor import EncodedSequence
+from moca_fast.data.realistic import realistic_documents, realistic_pair_rows
 from moca_fast.data.synthetic import TASKS, make_documents, make_pairs, pair_rows
 from moca_fast.model.attention import backend_for
 from moca_fast.model.heads import MaeHead
 from moca_fast.model.loading import to_transformers
-from moca_fast.trainers.cpt import step_flops
+from moca_fast.trainers.cpt import micro_batch_sampler, step_flops
 from moca_fast.trainers.metrics import device_peak_flops, forward_flops
 from moca_fast.trainers.optim import adamw
 from moca_fast.trainers.setup import autocast, build_model, build_processor, build_tokenizer, generated_hf_config
 from reference_path import BUCKET_COST, PAD_MULTIPLE, ReferencePath, cost_buckets, pad_sequences, sample_cost
 from report import RESULTS, device_slug, report, require_cuda, write_report
 
+POOLS = ("realistic", "uniform")  # the reference data's shapes; the synthetic world (every image 256 tokens)
 OURS_VARIANTS = {  # name -> (compile, fp8, padded)
     "ours": (True, False, False),
     "ours-eager": (False, False, False),
@@ -53,9 +58,11 @@ OURS_VARIANTS = {  # name -> (compile, fp8, padded)
 }
 
 
-def train_config(stage: str, model: str, data: str, *, compile: bool = False, fp8: bool = False) -> TrainConfig:
-    """The reference recipe's step shape: 12,800 tokens per stage-1 micro-batch, 24 pairs x 2 negatives."""
-    tiny = model == "tiny"
+def train_config(stage: str, model: str, data: str, *, compile: bool = False, fp8: bool = False,
+                 reference_shapes: bool | None = None) -> TrainConfig:
+    """The reference recipe's step shape: 12,800 cost units per stage-1 micro-batch, 24 pairs x 2 negatives, its
+    pixel budget and max_len; the tiny model gets a smaller one unless `reference_shapes`."""
+    tiny = model == "tiny" if reference_shapes is None else not reference_shapes
     return TrainConfig(stage=stage, model=model, data=data, output_dir="unused", tokenizer="tiny", lr=1e-5,
                        grad_accum=1, tokens_per_micro_batch=1024 if tiny else 12800, max_length=512 if tiny else 1280,
                        min_pixels=4 * 28 * 28 if tiny else 256 * 28 * 28, max_pixels=64 * 28 * 28 if tiny else 1024 * 28 * 28,
@@ -76,9 +83,12 @@ def stage2_samples(pairs: PairDataset, processor) -> list[EncodedPair]:
     return [encoded[(0, i)] for i in range(len(encoded))]
 
 
-def packed_groups(samples: list[EncodedSequence], budget: int) -> list[list[EncodedSequence]]:
-    """Ours: micro-batches of up to `budget` tokens, no padding."""
-    return [[samples[i] for i in group] for group in TokenBudgetSampler([len(s) for s in samples], budget).plan(0)]
+def packed_groups(samples: list[EncodedSequence], config: TrainConfig, image_token_id: int) -> list[list[EncodedSequence]]:
+    """Ours: the trainer's stage-1 micro-batches (config.micro_batch_budget), packed without padding."""
+    costs = [reference_cost(len(s), int((s.input_ids == image_token_id).sum()), s.image_grid_thw.shape[0],
+                            config.max_length) for s in samples]
+    plan = micro_batch_sampler(config, [len(s) for s in samples], costs).plan(0)
+    return [[samples[i] for i in group] for group in plan]
 
 
 def bucketed_groups(samples: list[EncodedSequence], image_token_id: int) -> list[list[EncodedSequence]]:
@@ -101,15 +111,15 @@ def with_padding_rows(group: list[EncodedSequence], pad_id: int) -> list[Encoded
     return out
 
 
-def stage1_micro_batches(path: str, samples: list[EncodedSequence], budget: int, image_token_id: int,
+def stage1_micro_batches(path: str, samples: list[EncodedSequence], config: TrainConfig, image_token_id: int,
                          pad_id: int) -> list[list[EncodedSequence]]:
     """How each path groups stage-1 samples: the reference and ours-padded by cost buckets (ours-padded paying
-    for the padding), ours by token-budget packing."""
+    for the padding), ours as its trainer does (config.micro_batch_budget), packed."""
     if path == "reference":
         return bucketed_groups(samples, image_token_id)
     if OURS_VARIANTS[path][2]:
         return [with_padding_rows(g, pad_id) for g in bucketed_groups(samples, image_token_id)]
-    return packed_groups(samples, budget)
+    return packed_groups(samples, config, image_token_id)
 
 
 def pair_groups(pairs: list[EncodedPair], size: int) -> list[list[EncodedPair]]:
@@ -254,32 +264,52 @@ class StagePool:
         """How `path` groups stage-1 samples (stage 2: the groups as they are)."""
         if self.stage != "cpt":
             return samples
-        return stage1_micro_batches(path, samples, self.config.tokens_per_micro_batch, self.processor.image_token_id,
+        return stage1_micro_batches(path, samples, self.config, self.processor.image_token_id,
                                     self.tokenizer.pad_token_id)
 
+    def with_model(self, model: str) -> "StagePool":
+        """The same samples at another model's shape (`random:3b` / `random:7b`: the same tokenizer and pixels)."""
+        spec = ModelSpec.from_hf_config(generated_hf_config(model, self.tokenizer))
+        ours = self.micro_batches("ours", self.pool)
+        return replace(self, config=replace(self.config, model=model), spec=spec,
+                       useful_flops=useful_flops(self.stage, spec, ours, self.processor.image_token_id))
 
-def stage_pool(stage: str, model: str, n_warm: int, n_pool: int, folder: Path) -> StagePool:
-    """`n_warm` warm-up and `n_pool` timed samples (stage 1) or pairs (stage 2) of the synthetic world at the
-    reference's pixel budget, held in memory (stage-2 images are written under `folder`)."""
-    config = train_config(stage, model, "in memory")
+
+def pool_data(stage: str, pool: str, n: int, folder: Path, config: TrainConfig):
+    """`n` documents (stage 1) or a PairDataset of about `n` pairs (stage 2, images written under `folder`) of
+    `pool`; realistic images are stored at the size the config's pixel budget gives."""
+    pixels = (config.min_pixels, config.max_pixels)
+    if stage == "cpt":
+        return realistic_documents(n, seed=0, pixels=pixels) if pool == "realistic" else make_documents(n, seed=0)
+    rows = (realistic_pair_rows(n, folder, seed=0, pixels=pixels) if pool == "realistic"
+            else pair_rows(make_pairs(-(-n // len(TASKS)), seed=0), folder, seed=0))
+    return PairDataset(dict(sorted(rows.items())), image_dir=folder, negative_ratio=config.negative_ratio, seed=0)
+
+
+def stage_pool(stage: str, model: str, n_warm: int, n_pool: int, folder: Path, pool: str = "realistic",
+               config: TrainConfig | None = None) -> StagePool:
+    """`n_warm` warm-up and `n_pool` timed samples (stage 1) or pairs (stage 2) of `pool` (POOLS) at the
+    reference's pixel budget, held in memory (stage-2 images are written under `folder`). The realistic pool's
+    pairs come in a seeded random order, its subsets mixed in every step as in the reference's training. `config`
+    replaces train_config's step shape."""
+    config = config or train_config(stage, model, "in memory")
     tokenizer = build_tokenizer(config)
     processor = build_processor(config, tokenizer)
+    data = pool_data(stage, pool, n_warm + n_pool, folder / f"{pool}-pairs", config)
     if stage == "cpt":
-        data = make_documents(n_warm + n_pool, seed=0)
         samples = stage1_samples(data, processor, config)
-        warm, pool = samples[:n_warm], samples[n_warm:]
-        check = packed_groups(warm, config.tokens_per_micro_batch)[0]
+        warm, samples_pool = samples[:n_warm], samples[n_warm:]
+        check = packed_groups(warm, config, processor.image_token_id)[0]
     else:
-        rows = pair_rows(make_pairs(-(-(n_warm + n_pool) // len(TASKS)), seed=0), folder / "pairs", seed=0)
-        data = PairDataset(dict(sorted(rows.items())), image_dir=folder / "pairs",
-                           negative_ratio=config.negative_ratio, seed=0)
         samples = stage2_samples(data, processor)
+        if pool == "realistic":
+            samples = [samples[i] for i in torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))]
         size = config.pairs_per_rank
-        warm, pool = pair_groups(samples[:n_warm], size), pair_groups(samples[n_warm:], size)
+        warm, samples_pool = pair_groups(samples[:n_warm], size), pair_groups(samples[n_warm:], size)
         check = warm[0]
     spec = ModelSpec.from_hf_config(generated_hf_config(model, tokenizer))
-    ours_pool = packed_groups(pool, config.tokens_per_micro_batch) if stage == "cpt" else pool
-    return StagePool(stage, config, tokenizer, processor, data, spec, check, warm, pool,
+    ours_pool = packed_groups(samples_pool, config, processor.image_token_id) if stage == "cpt" else samples_pool
+    return StagePool(stage, config, tokenizer, processor, data, spec, check, warm, samples_pool,
                      tokens_of([s for g in ours_pool for s in g]),
                      useful_flops(stage, spec, ours_pool, processor.image_token_id))
 
@@ -297,7 +327,7 @@ def bench_path(name: str, p: StagePool, device: torch.device) -> dict:
             trainer = ReferenceTrainer(config, p.tokenizer, p.processor, device)
         else:
             compile, fp8, _ = OURS_VARIANTS[name]
-            trainer = OursTrainer(train_config(p.stage, config.model, config.data, compile=compile, fp8=fp8), p.data,
+            trainer = OursTrainer(replace(config, compile=compile, fp8=fp8), p.data,
                                   p.tokenizer, p.processor, device)
         if p.stage == "cpt":
             padded = name != "reference" and OURS_VARIANTS[name][2]
@@ -332,10 +362,10 @@ def summarize(p: StagePool, results: dict) -> dict:
 
 
 def bench_stage(stage: str, model: str, variants: list[str], n_warm: int, n_pool: int, folder: Path,
-                device: torch.device) -> dict:
+                device: torch.device, data: str = "realistic") -> dict:
     """Every path of `variants` on one stage: the check batch, `n_warm` warm-up and `n_pool` timed samples (stage
-    1) or pairs (stage 2)."""
-    p = stage_pool(stage, model, n_warm, n_pool, folder)
+    1) or pairs (stage 2) of `data` (POOLS)."""
+    p = stage_pool(stage, model, n_warm, n_pool, folder, data)
     return summarize(p, {name: bench_path(name, p, device) for name in variants if applies(name, stage)})
 
 
@@ -347,19 +377,23 @@ def main() -> None:
                         default=[*OURS_VARIANTS, "reference"])
     parser.add_argument("--warm", type=int, default=48, help="samples (stage 1) or pairs (stage 2) to warm up on")
     parser.add_argument("--pool", type=int, default=240, help="samples (stage 1) or pairs (stage 2) timed")
+    parser.add_argument("--data", choices=POOLS, default="realistic",
+                        help="realistic: the reference data's shapes; uniform: the synthetic world (every image 256 tokens)")
     parser.add_argument("--out", help="JSON path (default bench/results/train-<size>-<device>.json)")
     args = parser.parse_args()
     device = require_cuda("training throughput")
     stages = {}
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:
-            stages[stage] = bench_stage(stage, f"random:{args.size}", args.variants, args.warm, args.pool, Path(tmp), device)
+            stages[stage] = bench_stage(stage, f"random:{args.size}", args.variants, args.warm, args.pool, Path(tmp), device,
+                                        args.data)
             print(stage, {k: round(v["tokens_per_s"]) for k, v in stages[stage]["paths"].items()}, flush=True)
     out = args.out or RESULTS / f"train-{args.size}-{device_slug(torch.cuda.get_device_name())}.json"
     write_report(out, report(
-        f"training steps, random-weight Qwen2.5-VL-{args.size.upper()}, synthetic interleaved data", device,
+        f"training steps, random-weight Qwen2.5-VL-{args.size.upper()}, synthetic data ({args.data} pool)", device,
         shapes={"size": args.size, "tokens_per_micro_batch": 12800, "pairs_per_step": 24, "negatives_per_query": 2,
-                "pixels": "256..1024 tokens per image", "warm": args.warm, "pool": args.pool},
+                "pixels": "256..1024 tokens per image", "data": args.data, "warm": args.warm,
+                "pool": args.pool},
         results=stages))
 
 

@@ -1,11 +1,14 @@
 """Work accounting, ours against the reference path on the same samples: FLOPs and processed tokens (counts, not times).
 
 The pools bench/train.py times (its defaults: 48 warm-up + 240 timed stage-1 documents, the same number of stage-2
-pairs; the synthetic world at the reference's pixel budget, i.e. 256..1024 tokens per image, with its mix of
-text-only documents, single images and interleaved image-text documents), grouped as each path groups them, at
-the Qwen2.5-VL-3B / 7B shapes (random:3b / random:7b: only the spec is needed, no weights). Per path:
+pairs at the reference's pixel budget), both of them: `realistic` (moca_fast/data/realistic.py: the image sizes,
+text lengths and task mixes of the reference's stage-1 sources and 30 stage-2 subsets; bench/train.py's default)
+and `uniform` (the synthetic world: every image 256 tokens, text-only documents, single images and interleaved
+ones), grouped as each path groups them, at the Qwen2.5-VL-3B / 7B shapes (random:3b / random:7b: only the spec
+is needed, no weights). Per path:
 
-- ours: token-budget packing (12,800 tokens per stage-1 micro-batch, no padding); the masked-LM kernel on the
+- ours: the trainer's stage-1 micro-batches (the reference's cost buckets, `micro_batch_budget: reference_cost`),
+  each packed without padding; the masked-LM kernel on the
   masked rows (4 logit-sized GEMMs: log-sum-exp, recompute, two gradients); the MAE layer's queries on the masked
   image rows only, keys and values over the packed tokens; one packed forward per contrastive step.
 - reference (bench/reference_path.py): cost buckets of 12,800 units right-padded to a multiple of 32 (the very
@@ -20,12 +23,16 @@ element-wise work are not counted. `useful` is what bench/train.py divides by fo
 the backbone's forward + backward on real tokens and the LM head on masked rows; stage 2: three times each
 sequence's forward).
 
+Beside the FLOP ratios, bench/cpu_time.py's CPU-time ratio of the two paths on the realistic pool (the tiny
+model, one thread, median of 5; labelled CPU: it says what packing saves in time on a CPU, not on a GPU).
+
     python bench/work.py                      # 3B and 7B -> bench/results/work-3b.json, work-7b.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +44,8 @@ from moca_fast.trainers.metrics import attention_pairs, decoder_layer_flops, for
 from planned_work import planned_columns
 from reference_path import BUCKET_COST, PAD_MULTIPLE, pad_sequences
 from report import RESULTS, report, write_report
-from train import StagePool, stage_pool, train_config
+from cpu_time import REPEATS, cpu_pool, cpu_time_ratio
+from train import POOLS, StagePool, stage_pool, train_config
 
 STAGES = ("cpt", "cl")
 
@@ -129,9 +137,19 @@ def pool_composition(p: StagePool) -> dict:
     return composition
 
 
-def stage_work(stage: str, model: str, n_warm: int, n_pool: int, folder: Path) -> dict:
+@functools.cache
+def drawn_pool(stage: str, model: str, n_warm: int, n_pool: int, folder: Path, data: str) -> StagePool:
+    """One pool's samples, drawn and encoded once for both reference sizes (the same tokenizer and pixels)."""
+    if model == "tiny":
+        return stage_pool(stage, model, n_warm, n_pool, folder / "tiny", data)
+    return drawn_pool(stage, "random:3b", n_warm, n_pool, folder, data) if model != "random:3b" else \
+        stage_pool(stage, model, n_warm, n_pool, folder / "reference-pixels", data)
+
+
+def stage_work(stage: str, model: str, n_warm: int, n_pool: int, folder: Path, data: str = "realistic") -> dict:
     """Both paths' work on one stage's pool, and the reference's work over ours."""
-    p = stage_pool(stage, model, n_warm, n_pool, folder)
+    p = drawn_pool(stage, model, n_warm, n_pool, folder, data)
+    p = p if model == p.config.model else p.with_model(model)
     count = stage1_work if stage == "cpt" else stage2_work
     paths = {path: count(p, path) for path in ("ours", "reference")}
     ours, reference = paths["ours"], paths["reference"]
@@ -147,31 +165,56 @@ def stage_work(stage: str, model: str, n_warm: int, n_pool: int, folder: Path) -
     }
 
 
+def cpu_time(n: int, repeats: int, folder: Path) -> dict:
+    """bench/cpu_time.py's CPU-time ratio on `n` realistic samples / pairs (tiny model, one thread), with the FLOP
+    ratio of the same samples beside it."""
+    out = {}
+    for stage in STAGES:
+        p = cpu_pool(stage, n, folder / "cpu")
+        count = stage1_work if stage == "cpt" else stage2_work
+        flops = {path: count(p, path)["flops"]["total"] for path in ("ours", "reference")}
+        out[stage] = {**cpu_time_ratio(p, repeats), "flops_reference_over_ours": flops["reference"] / flops["ours"]}
+        print(f"tiny {stage} on one CPU thread: reference / ours = {out[stage]['reference_over_ours']:.2f}x CPU time, "
+              f"{out[stage]['flops_reference_over_ours']:.2f}x FLOPs", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", choices=["3b", "7b", "tiny"], default=["3b", "7b"],
                         help="tiny: the tests' model and pixel budget (a quick check of this script)")
     parser.add_argument("--warm", type=int, default=48, help="bench/train.py's warm-up samples / pairs (not counted)")
     parser.add_argument("--pool", type=int, default=240, help="bench/train.py's timed samples / pairs (counted)")
+    parser.add_argument("--cpu-pool", type=int, default=8,
+                        help="realistic samples (stage 1) / pairs (one stage-2 step) the tiny model's CPU time covers")
+    parser.add_argument("--cpu-repeats", type=int, default=REPEATS, help="passes over it (the median is reported)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="writes work-<size>.json here")
     args = parser.parse_args(argv)
-    for size in args.sizes:
-        model = "tiny" if size == "tiny" else f"random:{size}"
-        with tempfile.TemporaryDirectory() as tmp:
-            results = {stage: stage_work(stage, model, args.warm, args.pool, Path(tmp)) for stage in STAGES}
-        for stage, r in results.items():
-            print(f"{size} {stage}: reference / ours = {r['reference_over_ours']['flops']:.2f}x FLOPs, "
-                  f"{r['reference_over_ours']['decoder_tokens']:.2f}x decoder tokens", flush=True)
-        name = "Qwen2.5-VL-" + size.upper() if size != "tiny" else "the tiny test model"
-        config = train_config("cl", model, "unused")
-        write_report(args.out_dir / f"work-{size}.json", report(
-            f"work per pool (FLOPs, rows), {name}, synthetic documents and pairs at the reference's pixel budget",
-            "cpu", shapes={"size": size, "tokens_per_micro_batch": config.tokens_per_micro_batch,
-                           "bucket_cost": BUCKET_COST, "pad_multiple": PAD_MULTIPLE,
-                           "pairs_per_step": config.pairs_per_rank, "negatives_per_query": config.negative_ratio,
-                           "pixels_per_image": [config.min_pixels, config.max_pixels], "warm": args.warm,
-                           "pool": args.pool},
-            counted="FLOPs and rows, not times: the same on any machine", results=results))
+    with tempfile.TemporaryDirectory() as tmp:
+        cpu = cpu_time(args.cpu_pool, args.cpu_repeats, Path(tmp))
+        for size in args.sizes:
+            model = "tiny" if size == "tiny" else f"random:{size}"
+            results = {data: {stage: stage_work(stage, model, args.warm, args.pool, Path(tmp), data) for stage in STAGES}
+                       for data in POOLS}
+            for data, stage, r in [(d, s, r) for d, stages in results.items() for s, r in stages.items()]:
+                print(f"{size} {data} {stage}: reference / ours = {r['reference_over_ours']['flops']:.2f}x FLOPs, "
+                      f"{r['reference_over_ours']['decoder_tokens']:.2f}x decoder tokens", flush=True)
+            write_work(args, size, model, results, cpu)
+
+
+def write_work(args, size: str, model: str, results: dict, cpu: dict) -> None:
+    name = "Qwen2.5-VL-" + size.upper() if size != "tiny" else "the tiny test model"
+    config = train_config("cl", model, "unused")
+    write_report(args.out_dir / f"work-{size}.json", report(
+        f"work per pool (FLOPs, rows), {name}, synthetic documents and pairs at the reference's pixel budget",
+        "cpu", shapes={"size": size, "tokens_per_micro_batch": config.tokens_per_micro_batch,
+                       "micro_batch_budget": config.micro_batch_budget,
+                       "bucket_cost": BUCKET_COST, "pad_multiple": PAD_MULTIPLE,
+                       "pairs_per_step": config.pairs_per_rank, "negatives_per_query": config.negative_ratio,
+                       "pixels_per_image": [config.min_pixels, config.max_pixels], "warm": args.warm,
+                       "pool": args.pool, "pools": list(POOLS)},
+        counted="FLOPs and rows, not times: the same on any machine; cpu_time: CPU seconds of the tiny model",
+        results=results, cpu_time=cpu))
 
 
 if __name__ == "__main__":

@@ -239,6 +239,10 @@ class TrainConfig:
     checkpoint_every: Annotated[int, Count] = 500
     keep_checkpoints: Annotated[int, Field(ge=0)] = 2  # 0: keep all
     tensorboard: bool = False  # also log the metrics to output_dir/tensorboard (needs the tensorboard package)
+    # stage-1 micro-batches: what tokens_per_micro_batch counts. "reference_cost": the reference's cost units
+    # (text tokens + 4 x image tokens + 2 per image, capped at max_length), its buckets cut as it cuts them, so
+    # a micro-batch and a step hold the reference's samples; "tokens": packed tokens, cut first-fit (fuller).
+    micro_batch_budget: Annotated[Literal["reference_cost", "tokens"], CPT] = "reference_cost"
 
     def __post_init__(self):
         if self.max_length > self.tokens_per_micro_batch:

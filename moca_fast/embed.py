@@ -43,6 +43,7 @@ from .data.batch import PackedBatch
 from .data.image_patches import MAX_PIXELS, MIN_PIXELS
 from .data.images import image_size, load_image
 from .data.loader import PackCollator, one_line_errors, packed_loader
+from .data.packing import plan_batches
 from .data.processor import EncodedSequence, Processor, saved_settings
 from .data.tokenizer import load_tokenizer
 from .data.tokens import IMAGE_PLACEHOLDER
@@ -121,23 +122,6 @@ def with_instructions(items: list[EmbedInput], prompt: str | None = None, role: 
         return items
     return [apply_prompt(item, p) if (p := prompts.role_prompt(role, item.text, len(item.images), document_pages))
             else item for item in items]
-
-
-def plan_batches(costs: Sequence[int], budget: int, max_items: int | None = None) -> list[list[int]]:
-    """Indices sorted by decreasing cost, cut into consecutive batches of at most `budget` tokens (and `max_items`
-    inputs, when given).
-
-    Simpler than training's TokenBudgetSampler on purpose: no epochs, ranks or resume, and an input over the
-    budget is not an error here but a batch of its own."""
-    order = sorted(range(len(costs)), key=lambda i: -costs[i])
-    batches, current, used = [], [], 0
-    for i in order:
-        if current and (used + costs[i] > budget or len(current) == max_items):
-            batches.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += costs[i]
-    return batches + [current] if current else batches
 
 
 class _Encoded(Dataset):

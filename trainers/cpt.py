@@ -39,6 +39,19 @@ def step_flops(spec, batch) -> float:
     return 3 * forward_flops(spec, batch) + 6 * batch.mlm_index.numel() * spec.text.hidden_size * spec.text.vocab_size
 
 
+def micro_batch_sampler(config: TrainConfig, lengths: list[int], costs: list[int], *, rank: int = 0,
+                        world_size: int = 1, sample_ids: list[str] | None = None,
+                        budget: int | None = None) -> TokenBudgetSampler:
+    """Stage-1 micro-batches of `budget` (default `tokens_per_micro_batch`; a memory plan's split divides it) in
+    the units `micro_batch_budget` names: the samples' reference costs cut into the reference's buckets (a step
+    holds its samples), or their lengths in tokens packed first-fit."""
+    by_cost = config.micro_batch_budget == "reference_cost"
+    budget = config.tokens_per_micro_batch if budget is None else budget
+    return TokenBudgetSampler(costs if by_cost else lengths, budget, seed=config.seed,
+                              rank=rank, world_size=world_size, sample_ids=sample_ids,
+                              cut="sorted" if by_cost else "first_fit")
+
+
 def initial_mae_head(model, checkpoint: str) -> MaeHead:
     """The MAE head a stage-1 checkpoint (the reference's, with `mae_decoder.*` / `mae_proj.*`) holds, to continue
     it; else the reference's initialisation from the middle decoder layer."""
@@ -70,8 +83,8 @@ class ContinualPretraining:
             config.data, skip_invalid=config.skip_invalid, allow_image_paths_outside=config.allow_image_paths_outside)
         self.samples = MaskedDocuments(documents, processor, mlm_rate=config.mlm_rate, mae_rate=config.mae_rate,
                                        seed=config.seed, skip_invalid=config.skip_invalid)
-        self.sampler = TokenBudgetSampler(self.samples.lengths(), budget, seed=config.seed,
-                                          rank=rank, world_size=world, sample_ids=self.samples.sample_ids())
+        self.sampler = micro_batch_sampler(config, self.samples.lengths(), self.samples.reference_costs(), rank=rank,
+                                           world_size=world, sample_ids=self.samples.sample_ids(), budget=budget)
         self.loader = packed_loader(self.samples, self.sampler, PackCollator(processor),
                                     num_workers=config.num_workers)
         self.world = world

@@ -19,7 +19,7 @@ from .batch import PackedBatch, pack_sequences
 from .documents import Document
 from .images import image_size
 from .masking import apply_mae, apply_mlm
-from .packing import TokenBudgetSampler
+from .packing import TokenBudgetSampler, reference_cost
 from .processor import EncodedSequence, Processor
 from .skips import Skips, after, load_or_stand_in
 
@@ -47,19 +47,20 @@ class MaskedDocuments(Dataset):
         self.mlm_rate, self.mae_rate, self.seed = mlm_rate, mae_rate, seed
         self.skip_invalid = skip_invalid
         self.skipped = Skips(log, "document")
-        self._index, self._lengths, self._ids = [], [], []
+        self._index, self._lengths, self._ids, self._sizes = [], [], [], []
         for i in range(len(documents)):
             try:
                 doc = documents[i]
-                length = processor.count_tokens(doc.text, [image_size(im, doc.id) for im in doc.images], doc.id)
+                size = processor.measure(doc.text, [image_size(im, doc.id) for im in doc.images], doc.id)
             except ValueError as error:
                 if not skip_invalid:
                     raise
                 self.skipped.add("unreadable", str(error))
                 continue
             self._index.append(i)
-            self._lengths.append(length)
+            self._lengths.append(size.tokens)
             self._ids.append(doc.id)
+            self._sizes.append(size)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -67,6 +68,11 @@ class MaskedDocuments(Dataset):
     def lengths(self) -> list[int]:
         """Each document's encoded length, from its text and image headers (no pixel is decoded)."""
         return list(self._lengths)
+
+    def reference_costs(self) -> list[int]:
+        """Each document's bucketing cost in the reference's units (packing.reference_cost, capped at the
+        processor's max_length when set), from its text and image headers."""
+        return [reference_cost(s.tokens, s.image_tokens, s.images, self.processor.max_length) for s in self._sizes]
 
     def sample_ids(self) -> list[str]:
         return list(self._ids)

@@ -50,6 +50,15 @@ class EncodedSequence:
         return self.input_ids.numel()
 
 
+@dataclass(frozen=True)
+class SequenceSize:
+    """An encoded sequence's size: all its tokens, the image tokens among them, and its images."""
+
+    tokens: int
+    image_tokens: int
+    images: int
+
+
 class Processor:
     """Tokenizer + Qwen2.5-VL image preprocessing with the reference's pixel budget (256..1024 tokens/image)."""
 
@@ -129,10 +138,15 @@ class Processor:
 
     def count_tokens(self, text: str, image_sizes: list[tuple[int, int]], sample_id: str = "?") -> int:
         """The length `encode` will produce, from image (width, height) sizes alone: no pixel is decoded."""
+        return self.measure(text, image_sizes, sample_id).tokens
+
+    def measure(self, text: str, image_sizes: list[tuple[int, int]], sample_id: str = "?") -> "SequenceSize":
+        """What `encode` will produce, from image (width, height) sizes alone: its length, image tokens and images."""
         pieces, image_tokens = self._layout(text, image_sizes, sample_id)
         kept = self._images_kept(pieces, image_tokens)
         length = len(pieces[0]) + sum(2 + image_tokens[i] + len(pieces[i + 1]) for i in range(kept))
-        return length if self.max_length is None else min(length, self.max_length)
+        length = length if self.max_length is None else min(length, self.max_length)
+        return SequenceSize(length, sum(image_tokens[:kept]), kept)
 
     @property
     def _patch_dim(self) -> int:
