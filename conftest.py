@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
-# Not on the lent GPU machine (ENVIRONMENT.md): `datasets` and what it needs. Only reading data files may need them.
+# Not on the lent GPU machine (its image has torch, triton and transformers): `datasets` and what it needs. Only reading data files may need them.
 NOT_ON_THE_GPU_MACHINE = ("datasets", "dill", "multiprocess", "pandas", "xxhash")
 
 

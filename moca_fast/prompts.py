@@ -1,4 +1,4 @@
-"""The reference's instruction prompts (REFERENCE.md, exact strings), and helpers that build embedder inputs.
+"""The reference's instruction prompts (exact strings of the public MoCa code, arXiv 2506.23115), and helpers that build embedder inputs.
 
 The image sits at the start of every prompt that has one; the instruction text follows it. Each `*_INSTRUCTION`
 is the text after the image, with `{}` where the question or caption goes. ViDoRe queries and plain text

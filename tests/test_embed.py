@@ -56,7 +56,7 @@ def test_drop_in_parity_with_transformers(checkpoint, tokenizer, embedder, image
         ["first words ", d, " then more words ", e, " and the end"],
         a,
     ]
-    reference_cases = [  # the reference's prompts spelled out (REFERENCE.md), not built by our helpers
+    reference_cases = [  # the reference's prompts spelled out (the public MoCa code's), not built by our helpers
         ("Find me an everyday image that matches the given caption: two red circles in the top left\n", []),
         ("a plain text target carries no instruction", []),
         (f"{V}Represent the given image.\n", [a]),

@@ -16,7 +16,7 @@ from .images import to_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MIN_PIXELS = 256 * 28 * 28  # REFERENCE.md: 256..1024 LLM tokens per image
+MIN_PIXELS = 256 * 28 * 28  # the reference's budget: 256..1024 LLM tokens per image
 MAX_PIXELS = 1024 * 28 * 28
 MAX_ASPECT_RATIO = 200
 
@@ -44,7 +44,7 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MI
 def resized_size(width: int, height: int, factor: int = 28, min_pixels: int = MIN_PIXELS,
                  max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """(height, width) an image of this size is resized to; a side under `factor` is first raised to it
-    (REFERENCE.md), then smart-resize applies."""
+    (as the reference's processor does), then smart-resize applies."""
     return smart_resize(max(height, factor), max(width, factor), factor, min_pixels, max_pixels)
 
 

@@ -14,7 +14,7 @@ from the target in exactly one attribute (one fact, for pages):
   i2t   scene image + "What does the image show?" -> caption
   vqa   scene image + a question on one attribute -> its answer; the negatives change that attribute
   page  question on one fact                      -> page image (document prompt); the negatives change that fact
-Prompts are REFERENCE.md's, with `<|image_1|>` marking the image as in MMEB data (the readers turn it into the
+Prompts are the reference's (moca_fast/prompts.py), with `<|image_1|>` marking the image as in MMEB data (the readers turn it into the
 placeholder triple). Evaluation re-draws scenes with other seeds; MMEB candidates are the gold target, three
 one-attribute variants and random scenes (chance 1/8 for t2i and i2t).
 

@@ -37,7 +37,7 @@ from .table import format_table
 
 log = logging.getLogger(__name__)
 
-# The seven ViDoRe-v2 columns (REFERENCE.md): dataset folder names (the hub's current and earlier repository
+# The seven ViDoRe-v2 columns of the paper's table: dataset folder names (the hub's current and earlier repository
 # names) -> column.
 VIDORE_V2_COLUMNS: dict[str, str] = {
     "esg_reports_human_labeled_v2": "ESG human", "restaurant_esg_reports_beir": "ESG human",

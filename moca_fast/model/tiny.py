@@ -1,5 +1,5 @@
 """Qwen2.5-VL configurations built without downloads: the tiny model of tests and the demo, and the real 3B / 7B
-shapes (REFERENCE.md) for random-weight benchmarks. Special-token ids are always the given tokenizer's."""
+shapes (Qwen2.5-VL-3B/7B's published configs) for random-weight benchmarks. Special-token ids are always the given tokenizer's."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ def test_patches_equal_transformers_image_processor(make_image, size):
 
 
 def test_reference_pixel_budget():
-    # REFERENCE.md: 256..1024 LLM tokens per image (4 patches each), sides in 28-multiples.
+    # the reference's budget: 256..1024 LLM tokens per image (4 patches each), sides in 28-multiples.
     for h, w in [(10, 10), (4000, 3000), (224, 224), (1000, 30)]:
         hb, wb = smart_resize(max(h, 28), max(w, 28))
         assert hb % 28 == 0 and wb % 28 == 0

@@ -15,7 +15,7 @@ from moca_fast.data.synthetic import (ATTRIBUTES, COLOUR_RGB, IMAGE_SIZE, N_CAND
                                       make_documents, make_pairs, pair_rows, pair_sides, render, write_world)
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 
-# REFERENCE.md's exact prompts, once the MMEB image marker becomes the placeholder triple.
+# The reference's exact prompts, once the MMEB image marker becomes the placeholder triple.
 T2I = "Find me an everyday image that matches the given caption: {}\n"
 IMAGE_QUESTION = IMAGE_PLACEHOLDER + "Represent the given image with the following question: {}\n"
 IMAGE_TARGET = IMAGE_PLACEHOLDER + "Represent the given image.\n"

@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import KernelInterface
 
-# The reference recipe's shapes (REFERENCE.md): 12,800 tokens per micro-batch with 40% masked text rows, twelve
+# The reference recipe's shapes: 12,800 tokens per micro-batch with 40% masked text rows, twelve
 # 1,024-token images with half their tokens masked, 24 pairs per GPU x 8 GPUs with 2 hard negatives each.
 SIZES = {"3B": (2048, 151936), "7B": (3584, 152064)}  # hidden size, vocabulary
 MLM_ROWS, MAE_ROWS, PATCH_VALUES = 5120, 12 * 512, 4 * 1176

@@ -10,7 +10,8 @@ from moca_fast.model.tiny import tiny_hf_config
 
 
 def bidirectional_hf_model(config, cls=None):
-    """A transformers Qwen2.5-VL with its decoder made non-causal, as ENVIRONMENT.md says it must be done."""
+    """A transformers Qwen2.5-VL with its decoder made non-causal, as transformers 5.x needs it: text_config.is_causal
+    False and each decoder layer's self_attn.is_causal False (the layer flag alone turns causal with a padding mask)."""
     from transformers import Qwen2_5_VLModel
 
     return make_bidirectional((cls or Qwen2_5_VLModel)(config).eval())
