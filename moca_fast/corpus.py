@@ -4,7 +4,7 @@ sharded by cost across the ranks of `torchrun --nproc_per_node N -m moca_fast.cl
 The inputs are cut into parts of `part_size` consecutive inputs; the cut depends only on the input count, so a run
 may resume under another number of ranks. Rank 0 checks DIR/manifest.json (the inputs' digest, the model and a
 digest of its weights, so that another model put at the same path is refused, its dtype and processor settings, the
-part size; written on the first run) and lists the parts on disk whose bytes match the xxh3-128 checksum written
+part size; written on the first run) and lists the parts on disk whose bytes match the BLAKE2b-128 checksum written
 with them (DIR/checksums/; a damaged part is embedded again); the ranks cost the remaining inputs in turn (tokens,
 from text and image headers), gather the costs, and deal the parts out greedily, largest first to the least loaded
 rank. Each part is embedded with MocaEmbedder.encode and written as DIR/parts/part-NNNNN.parquet (line, id,
@@ -64,8 +64,8 @@ def part_path(folder: Path, part: int) -> Path:
 
 
 def checksum_path(folder: Path, part: int) -> Path:
-    """Where a part's xxh3-128 checksum is kept, written once the part is."""
-    return folder / CHECKSUMS / f"part-{part:05d}.xxh3"
+    """Where a part's BLAKE2b-128 checksum is kept, written once the part is."""
+    return folder / CHECKSUMS / f"part-{part:05d}.b2"
 
 
 def intact_parts(folder: Path, count: int) -> list[int]:
@@ -234,7 +234,7 @@ def write_index(folder: Path, parts: list[range], dim: int, output: str = "poole
     kind = {} if output == "pooled" else {"output": output, "multi_vector_dim": multi_vector_dim}
     index = {"count": sum(map(len, parts)), "dim": dim, **kind,
              "parts": [{"file": str(part_path(folder, p).relative_to(folder)), "first_line": r.start, "rows": len(r),
-                        "xxh3": checksum_path(folder, p).read_text().strip()} for p, r in enumerate(parts)]}
+                        "blake2b": checksum_path(folder, p).read_text().strip()} for p, r in enumerate(parts)]}
     write_atomically(folder / INDEX, json.dumps(index, indent=2).encode())
     log.info("wrote %d embeddings of dimension %d in %d parts to %s", index["count"], dim, len(parts), folder)
 
@@ -253,7 +253,7 @@ def load_corpus(folder: str | os.PathLike) -> tuple:
     embeddings, ids = np.empty((index["count"], index["dim"]), dtype=np.float32), []
     vectors = [None] * index["count"]
     for part in index["parts"]:
-        if "xxh3" in part and file_checksum(folder / part["file"]) != part["xxh3"]:
+        if "blake2b" in part and file_checksum(folder / part["file"]) != part["blake2b"]:
             raise ValueError(f"{folder / part['file']}: its bytes do not match the checksum in {INDEX} (damaged or "
                              "replaced): run the embedding again to redo it")
         table = pq.read_table(folder / part["file"])

@@ -7,7 +7,7 @@ the tokenizer and image processor settings beside it), `master/` (the fp32 maste
 a lower precision, so a resume is exact), `extra.pt` (modules outside the HF model, e.g. the MAE head),
 `optimizer.pt`, `trainer_state.pt` (step, data position, scheduler, RNG) and, written last, `checkpoint.json`: the
 completeness marker and manifest (format, step, run id, stage, config, data fingerprint, every file's size and
-xxh3-128 checksum).
+BLAKE2b-128 checksum).
 Everything is written into `step-NNNNNNN.tmp/` and flushed to disk, then the marker, then the folder is renamed
 into place. A checkpoint counts only when its marker is there; a file whose size or checksum differs from the
 marker's, or that fails to load, makes resume fall back to the previous complete checkpoint, naming the file. A
@@ -158,7 +158,7 @@ def _free_bytes(folder: Path) -> int | None:
 
 
 def verify_files(path: Path, manifest: dict) -> None:
-    """Every file the marker lists has the size, and (markers since checksums) the xxh3-128 checksum, it records;
+    """Every file the marker lists has the size, and (markers since checksums) the BLAKE2b-128 checksum, it records;
     raises CheckpointError naming the first that does not (missing, truncated, replaced or with changed bytes)."""
     checksums = manifest.get("checksums", {})
     for name, size in manifest.get("files", {}).items():

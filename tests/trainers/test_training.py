@@ -24,7 +24,9 @@ def test_stage1_learns_and_exports_an_hf_checkpoint(tmp_path, documents):
     records = run(cpt_config(tmp_path, max_steps=24, lr=3e-3), documents=documents)
     losses = _losses(records)
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
-    assert all(r["mlm"] > 0 and r["mae"] > 0 and r["tokens"] > 0 for r in records)
+    assert all(r["mlm"] > 0 and r["tokens"] > 0 for r in records)
+    # The reference's cost buckets put text-only documents together: such a step has no MAE term, the others do.
+    assert sum(r["mae"] > 0 for r in records) >= len(records) // 2
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(1, 25)) and "tokens_per_s" in logged[0]
     model = load_pretrained(tmp_path / "final")  # the HF layout, MAE head left out
@@ -63,7 +65,8 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, document
     with pytest.raises(KeyboardInterrupt):
         run(cpt_config(tmp_path, max_steps=4, checkpoint_every=2), documents=documents, resume=True)
     monkeypatch.undo()
-    assert (tmp_path / "checkpoints" / "step-0000004.tmp").is_dir()  # the half-written one
+    # An exception in the write (unlike a kill, tests/trainers/test_faults.py) removes the half-written folder.
+    assert not (tmp_path / "checkpoints" / "step-0000004.tmp").exists()
     assert checkpoint.latest_checkpoint(tmp_path / "checkpoints").name == "step-0000002"
     records = run(cpt_config(tmp_path, max_steps=4, checkpoint_every=2), documents=documents, resume=True)
     assert [r["step"] for r in records] == [3, 4]
