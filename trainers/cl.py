@@ -23,7 +23,7 @@ import torch
 
 from moca_fast.config import TrainConfig
 from moca_fast.data.contrastive import ContrastiveBatch, ContrastiveCollator, EncodedPairs, PairBatchSampler
-from moca_fast.data.loader import ignore_stop_signals, one_line_errors
+from moca_fast.data.loader import one_line_errors, stop_owned_by_main
 from moca_fast.data.pairs import PairDataset
 from moca_fast.kernels import info_nce_loss, maxsim_info_nce
 from moca_fast.model.pooling import embed_pool, matryoshka_prefix
@@ -127,7 +127,7 @@ class ContrastiveFinetuning:
         self.loader = torch.utils.data.DataLoader(
             EncodedPairs(pairs, processor, skip_invalid=config.skip_invalid), batch_sampler=self.sampler,
             collate_fn=collator, num_workers=config.num_workers, pin_memory=device.type == "cuda",
-            persistent_workers=config.num_workers > 0, worker_init_fn=ignore_stop_signals)
+            persistent_workers=config.num_workers > 0, worker_init_fn=stop_owned_by_main())
 
     def steps_per_epoch(self) -> int:
         return len(self.sampler.plan(0))

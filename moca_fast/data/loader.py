@@ -7,6 +7,7 @@ resumed run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import signal
@@ -109,6 +110,26 @@ class PackCollator:
                               window_size=self.window_size, patch_size=self.patch_size)
 
 
+def _kill_daemonic_children() -> None:
+    """At exit, multiprocessing terminates its daemonic children (DataLoader workers) with SIGTERM and joins them;
+    workers that ignore SIGTERM (below) would make that join, and so the process's exit, wait forever. Registered
+    after multiprocessing's own exit handler, so it runs first (atexit is last-in, first-out)."""
+    import multiprocessing
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the killed workers as failures
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+def stop_owned_by_main():
+    """The `worker_init_fn` of DataLoaders whose workers leave SIGTERM/SIGINT to the main process; called in the
+    main process as the loader is built, it registers the exit handler above once, after multiprocessing's."""
+    atexit.unregister(_kill_daemonic_children)
+    atexit.register(_kill_daemonic_children)
+    return ignore_stop_signals
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """A DataLoader worker's `worker_init_fn`: SIGTERM and SIGINT sent to the whole process group (as SLURM,
     systemd and Ctrl-C do) reach the workers too; the main process owns the stop (it finishes the step, saves and
@@ -123,7 +144,7 @@ def packed_loader(dataset: Dataset, sampler: TokenBudgetSampler, collator: PackC
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
                       prefetch_factor=prefetch_factor if num_workers else None, pin_memory=pin,
-                      persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
+                      persistent_workers=num_workers > 0, worker_init_fn=stop_owned_by_main())
 
 
 def one_line_errors(batches: Iterable) -> Iterator:
