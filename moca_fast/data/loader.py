@@ -125,6 +125,8 @@ def _kill_daemonic_children() -> None:
 def stop_owned_by_main():
     """The `worker_init_fn` of DataLoaders whose workers leave SIGTERM/SIGINT to the main process; called in the
     main process as the loader is built, it registers the exit handler above once, after multiprocessing's."""
+    import multiprocessing.util  # noqa: F401  (registers multiprocessing's own exit handler first)
+
     atexit.unregister(_kill_daemonic_children)
     atexit.register(_kill_daemonic_children)
     return ignore_stop_signals
