@@ -1,4 +1,7 @@
-"""Bidirectional attention over packed variable-length sequences, dispatched to the best available backend.
+"""Attention over packed variable-length sequences, dispatched to the best available backend.
+
+Bidirectional (MoCa) unless a `Segments` is causal (a causally trained checkpoint such as colpali-engine's ColQwen2.5:
+each token attends to itself and the tokens before it in its own sequence).
 
 On CUDA in half precision: flash-attn's varlen kernel when it is installed, else torch's own variable-length
 FlashAttention (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10). Both take the packed tokens and the
@@ -84,25 +87,35 @@ class Segments:
     q: Bounds
     k: Bounds
     backend: str
+    causal: bool = False
     _prepared: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int, total: int, backend: str,
-              q_bounds: Bounds | None = None) -> "Segments":
-        """Self-attention within segments; with `q_bounds`, queries have their own bounds per segment."""
+              q_bounds: Bounds | None = None, causal: bool = False) -> "Segments":
+        """Self-attention within segments (`causal`: each token attends to its own segment's tokens up to itself);
+        with `q_bounds`, queries have their own bounds per segment (never causal)."""
+        if causal and q_bounds is not None:
+            raise ValueError("causal attention is self-attention: queries cannot have their own bounds")
         k = Bounds(cu_seqlens.to(torch.int32), int(max_seqlen), int(total))
         if q_bounds is not None:
             q_bounds = Bounds(q_bounds.cu_seqlens.to(torch.int32), int(q_bounds.max_seqlen), int(q_bounds.total))
-        seg = cls(q_bounds or k, k, backend)
+        seg = cls(q_bounds or k, k, backend, causal)
         if backend == "sdpa":
             seg._prepared["q"] = _padded_indices(seg.q)
             seg._prepared["k"] = seg._prepared["q"] if q_bounds is None else _padded_indices(seg.k)
+            valid = seg._prepared["k"][1][:, None, None, :]  # [S, 1, 1, L]: the key slots that hold a token
+            if causal:
+                slots = torch.arange(valid.shape[-1], device=valid.device)
+                valid = valid & (slots[None, :] <= slots[:, None])  # [S, 1, L, L]: keys up to the query's slot
+            seg._prepared["mask"] = valid
         return seg
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, scale: float
                      ) -> torch.Tensor:
-    """Non-causal attention within each segment. q [Tq, Hq, D], k/v [Tk, Hkv, D] (Hq a multiple of Hkv)."""
+    """Attention within each segment, causal if `segments` is. q [Tq, Hq, D], k/v [Tk, Hkv, D] (Hq a multiple of
+    Hkv)."""
     if q.shape[0] == 0:  # no queries (a pack without masked image rows for the MAE layer): an empty output, which
         # k and v still enter with weight zero, so every parameter takes part in the backward (FSDP needs it)
         return q + 0.0 * (k.sum() + v.sum())
@@ -112,37 +125,44 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments
         from flash_attn import flash_attn_varlen_func
 
         return flash_attn_varlen_func(q, k, v, qb.cu_seqlens, kb.cu_seqlens, qb.max_seqlen, kb.max_seqlen,
-                                      softmax_scale=scale, causal=False)
+                                      softmax_scale=scale, causal=segments.causal)
     if segments.backend == "varlen":
-        return torch_varlen_attention(q, k, v, qb, kb, scale)
-    (q_gather, _, q_unpad), (k_gather, k_valid, _) = segments._prepared["q"], segments._prepared["k"]
+        return torch_varlen_attention(q, k, v, qb, kb, scale, segments.causal)
+    (q_gather, _, q_unpad), (k_gather, _, _) = segments._prepared["q"], segments._prepared["k"]
     # [S, L, H, D] -> [S, H, L, D]; padded query rows attend to their segment's keys and are dropped after.
     out = F.scaled_dot_product_attention(q[q_gather].transpose(1, 2), k[k_gather].transpose(1, 2),
-                                         v[k_gather].transpose(1, 2), attn_mask=k_valid[:, None, None, :],
+                                         v[k_gather].transpose(1, 2), attn_mask=segments._prepared["mask"],
                                          scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2).flatten(0, 1)[q_unpad]
 
 
 @functools.cache
-def _varlen_options() -> tuple[dict, bool]:
-    """The keyword arguments that make the installed torch's varlen_attn bidirectional, and whether it takes
-    grouped-query K/V itself. torch 2.10 has `is_causal`; 2.11+ `window_size` ((-1, -1) = full, the default);
-    `enable_gqa` arrived later (detected, not assumed)."""
+def _varlen_options(causal: bool) -> tuple[dict, bool]:
+    """The keyword arguments that make the installed torch's varlen_attn bidirectional (or causal), and whether it
+    takes grouped-query K/V itself. torch 2.10 has `is_causal`; 2.11+ `window_size` ((-1, -1) = full, the default;
+    (-1, 0) = causal); `enable_gqa` arrived later (detected, not assumed)."""
     from torch.nn.attention.varlen import varlen_attn
 
     parameters = inspect.signature(varlen_attn).parameters
-    options = {"is_causal": False} if "is_causal" in parameters else {}
     if "window_size" in parameters:
-        options["window_size"] = (-1, -1)
+        options = {"window_size": (-1, 0) if causal else (-1, -1)}
+    elif "is_causal" in parameters:
+        options = {"is_causal": causal}
+    elif causal:
+        raise RuntimeError("this torch's varlen_attn takes neither window_size nor is_causal: it cannot run causally")
+    else:
+        options = {}
     return options, "enable_gqa" in parameters
 
 
-def torch_varlen_attention(q, k, v, q_bounds: Bounds, k_bounds: Bounds, scale: float) -> torch.Tensor:
-    """torch.nn.attention.varlen.varlen_attn over packed q [Tq, Hq, D] and k/v [Tk, Hkv, D]; where the installed
-    torch takes no grouped K/V, each K/V head is repeated for its group of query heads."""
+def torch_varlen_attention(q, k, v, q_bounds: Bounds, k_bounds: Bounds, scale: float, causal: bool = False
+                           ) -> torch.Tensor:
+    """torch.nn.attention.varlen.varlen_attn over packed q [Tq, Hq, D] and k/v [Tk, Hkv, D] (`causal`: each query
+    attends to the keys up to its own position); where the installed torch takes no grouped K/V, each K/V head is
+    repeated for its group of query heads."""
     from torch.nn.attention.varlen import varlen_attn
 
-    options, takes_gqa = _varlen_options()
+    options, takes_gqa = _varlen_options(causal)
     if q.shape[1] != k.shape[1]:
         if takes_gqa:
             options = {**options, "enable_gqa": True}

@@ -18,12 +18,14 @@ from .vision import VisionTower
 
 class MocaModel(nn.Module):
     """Qwen2.5-VL with a bidirectional decoder on packed tokens. Plain modules only: parallelism, compile and
-    FP8 are applied from outside (trainers/parallelize.py)."""
+    FP8 are applied from outside (trainers/parallelize.py). `causal` runs the decoder causally, as a causally
+    trained checkpoint needs it (colpali-engine's ColQwen2.5; model/colqwen.py)."""
 
-    def __init__(self, spec: ModelSpec, attention_backend: str = "auto"):
+    def __init__(self, spec: ModelSpec, attention_backend: str = "auto", causal: bool = False):
         super().__init__()
         self.spec = spec
         self.attention_backend = attention_backend
+        self.causal = causal
         self.visual = VisionTower(spec.vision)
         self.language_model = TextDecoder(spec.text)
         self.lm_head = nn.Linear(spec.text.hidden_size, spec.text.vocab_size, bias=False)
@@ -59,7 +61,7 @@ class MocaModel(nn.Module):
             # A text-only batch still runs the vision tower (FSDP's collectives need every module on every
             # rank): one all-zero 4x4-patch image whose output enters with weight zero.
             embeds = embeds + 0.0 * self._idle_vision(embeds, backend)
-        segments = Segments.build(batch.cu_seqlens, batch.max_seqlen, batch.num_tokens, backend)
+        segments = Segments.build(batch.cu_seqlens, batch.max_seqlen, batch.num_tokens, backend, causal=self.causal)
         return self.language_model(embeds, batch.position_ids, segments)
 
     def _idle_vision(self, like: torch.Tensor, backend: str) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Attention dispatch on packed segments: every backend equals a per-segment softmax loop, forward and backward,
-for documents, vision windows and MAE queries with their own bounds; the CUDA choice without a GPU."""
+for documents, vision windows and MAE queries with their own bounds, bidirectional and causal; the CUDA choice
+without a GPU."""
 
 import pytest
 import torch
@@ -15,14 +16,17 @@ def _bounds(lengths: list[int]) -> Bounds:
     return Bounds(cu, max(lengths), sum(lengths))
 
 
-def _per_segment(q, k, v, q_bounds: Bounds, k_bounds: Bounds, scale: float) -> torch.Tensor:
+def _per_segment(q, k, v, q_bounds: Bounds, k_bounds: Bounds, scale: float, causal: bool = False) -> torch.Tensor:
     group = q.shape[1] // k.shape[1]
     out = []
     cq, ck = q_bounds.cu_seqlens.tolist(), k_bounds.cu_seqlens.tolist()
     for s in range(len(cq) - 1):
         qs = q[cq[s]:cq[s + 1]].double()
         ks, vs = (x[ck[s]:ck[s + 1]].double().repeat_interleave(group, 1) for x in (k, v))
-        weights = (torch.einsum("qhd,khd->hqk", qs, ks) * scale).softmax(-1)
+        scores = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        if causal:  # query i sees keys 0..i of its segment
+            scores = scores.masked_fill(torch.ones(scores.shape[1:], dtype=torch.bool).triu(1), float("-inf"))
+        weights = scores.softmax(-1)
         out.append(torch.einsum("hqk,khd->qhd", weights, vs))
     return torch.cat(out)
 
@@ -35,27 +39,32 @@ LAYOUTS = {  # name -> (query segment lengths or None for self-attention, key se
 }
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+CAUSAL_LAYOUTS = ("documents", "vision-windows")  # causal attention is self-attention
+
+
+@pytest.mark.parametrize("layout,causal", [(name, False) for name in LAYOUTS] + [(name, True) for name in CAUSAL_LAYOUTS],
+                         ids=list(LAYOUTS) + [f"{name}-causal" for name in CAUSAL_LAYOUTS])
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("backend,takes_gqa", [("sdpa", True), ("varlen", True), ("varlen", False)],
                          ids=["sdpa", "varlen", "varlen-expanding-kv"])
-def test_backends_equal_a_per_segment_loop(monkeypatch, layout, kv_heads, backend, takes_gqa):
+def test_backends_equal_a_per_segment_loop(monkeypatch, layout, causal, kv_heads, backend, takes_gqa):
     if not takes_gqa:  # a torch whose varlen_attn has no enable_gqa: K/V heads are repeated for their groups
-        options, _ = attention._varlen_options()
-        monkeypatch.setattr(attention, "_varlen_options", lambda: (options, False))
+        options, _ = attention._varlen_options(causal)
+        monkeypatch.setattr(attention, "_varlen_options", lambda causal: (options, False))
     q_lengths, k_lengths = LAYOUTS[layout]
     k_bounds = _bounds(k_lengths)
     q_bounds = _bounds(q_lengths) if q_lengths else None
     tq = q_bounds.total if q_bounds else k_bounds.total
     q = torch.randn(tq, 4, 8, requires_grad=True)
     k, v = (torch.randn(k_bounds.total, kv_heads, 8, requires_grad=True) for _ in range(2))
-    segments = Segments.build(k_bounds.cu_seqlens, k_bounds.max_seqlen, k_bounds.total, backend, q_bounds=q_bounds)
+    segments = Segments.build(k_bounds.cu_seqlens, k_bounds.max_seqlen, k_bounds.total, backend, q_bounds=q_bounds,
+                              causal=causal)
     with cpu_varlen_attention():
         out = varlen_attention(q, k, v, segments, scale=0.3)
         grad = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v), grad)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    expected = _per_segment(q64, k64, v64, q_bounds or k_bounds, k_bounds, 0.3)
+    expected = _per_segment(q64, k64, v64, q_bounds or k_bounds, k_bounds, 0.3, causal)
     expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad.double())
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
     if not tq:
@@ -84,7 +93,10 @@ def test_the_installed_varlen_attn_takes_our_arguments():
 
     from torch.nn.attention.varlen import varlen_attn
 
-    options, takes_gqa = attention._varlen_options()
+    options, takes_gqa = attention._varlen_options(False)
     assert options and options.get("window_size", (-1, -1)) == (-1, -1) and not options.get("is_causal", False)
     extra = {"enable_gqa": True} if takes_gqa else {}
     inspect.signature(varlen_attn).bind(*[None] * 5, 1, 1, scale=0.1, **options, **extra)
+    causal, _ = attention._varlen_options(True)  # causal: window (-1, 0) on 2.11+, is_causal on 2.10
+    assert causal.get("window_size") == (-1, 0) or causal.get("is_causal") is True
+    inspect.signature(varlen_attn).bind(*[None] * 5, 1, 1, scale=0.1, **causal, **extra)
