@@ -47,6 +47,9 @@ from .data.packing import plan_batches
 from .data.processor import EncodedSequence, Processor, saved_settings
 from .data.tokenizer import load_tokenizer
 from .data.tokens import IMAGE_PLACEHOLDER
+from .model.colqwen import is_colqwen_checkpoint, load_colqwen
+from .model.colqwen import processor_settings as colqwen_settings
+from .model.colqwen import role_prompt as colqwen_role_prompt
 from .model.loading import load_pretrained
 from .model.moca import MocaModel
 from .model.pooling import mean_pool
@@ -108,19 +111,22 @@ def apply_prompt(item: EmbedInput, prompt: str) -> EmbedInput:
         return prompt.replace("{}", text, 1) if "{}" in prompt else prompt + text
 
     if len(item.images) == 1 and item.text.startswith(IMAGE_PLACEHOLDER):
-        return EmbedInput(IMAGE_PLACEHOLDER + fill(item.text[len(IMAGE_PLACEHOLDER):]), item.images, item.id)
+        rest = fill(item.text[len(IMAGE_PLACEHOLDER):])
+        # A prompt holding IMAGE_PLACEHOLDER places the image itself (ColQwen2.5's visual prompt).
+        return EmbedInput(rest if IMAGE_PLACEHOLDER in prompt else IMAGE_PLACEHOLDER + rest, item.images, item.id)
     return EmbedInput(fill(item.text), item.images, item.id)
 
 
 def with_instructions(items: list[EmbedInput], prompt: str | None = None, role: str | None = None,
-                      document_pages: bool = False) -> list[EmbedInput]:
-    """`prompt` applied to every input; without one, each gets the reference's instruction for its kind as a query
-    or a document (`role`; moca_fast.prompts.role_prompt), or none when `role` is None too."""
+                      document_pages: bool = False, role_prompt=prompts.role_prompt) -> list[EmbedInput]:
+    """`prompt` applied to every input; without one, each gets the instruction for its kind as a query or a document
+    (`role`; `role_prompt`: the reference's, moca_fast.prompts.role_prompt, or a checkpoint's own, as
+    MocaEmbedder.role_prompt), or none when `role` is None too."""
     if prompt:
         return [apply_prompt(item, prompt) for item in items]
     if role is None:
         return items
-    return [apply_prompt(item, p) if (p := prompts.role_prompt(role, item.text, len(item.images), document_pages))
+    return [apply_prompt(item, p) if (p := role_prompt(role, item.text, len(item.images), document_pages))
             else item for item in items]
 
 
@@ -147,11 +153,12 @@ class MocaEmbedder:
 
 
     def __init__(self, model: MocaModel, processor: Processor, *, num_workers: int = 0,
-                 batch_tokens: int = DEFAULT_BATCH_TOKENS):
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS, role_prompt=prompts.role_prompt):
         self.model = model.eval()
         self.processor = processor
         self.num_workers = num_workers
         self.batch_tokens = batch_tokens
+        self.role_prompt = role_prompt  # the instructions of queries and documents (a ColQwen2.5 brings its own)
 
     @property
     def device(self) -> torch.device:
@@ -198,7 +205,10 @@ class MocaEmbedder:
         pixel budget (256..1024 tokens per image) and no length limit; image preprocessing in min(8, cores - 1)
         workers on CUDA, in the main process on CPU (where the forward, not decoding, is the bottleneck).
         `compile` compiles each decoder layer; `fp8` converts the decoder's linear layers to torchao float8 where
-        the GPU supports it (a logged reason otherwise); both through the trainers' shared `parallelize`."""
+        the GPU supports it (a logged reason otherwise); both through the trainers' shared `parallelize`.
+        A colpali-engine ColQwen2.5 checkpoint (a peft LoRA adapter folder, or a config.json naming ColQwen2_5) loads
+        through model/colqwen.py: LoRA merged, causal decoder, its processor's prompts (encode_query /
+        encode_document) and pixel budget."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         path = local_checkpoint(path_or_hub_id)
@@ -206,7 +216,9 @@ class MocaEmbedder:
         if not any((tokenizer_dir / name).is_file() for name in _TOKENIZER_FILES):
             raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer; pass processor_path (for the published MoCa "
                                     "checkpoints: a copy of Qwen/Qwen2.5-VL-3B-Instruct or -7B-Instruct)")
-        model = load_pretrained(path, dtype=dtype, device=device, attention_backend=attention_backend)
+        colqwen = is_colqwen_checkpoint(path)
+        model = (load_colqwen(path, dtype, device, attention_backend, locate=local_checkpoint) if colqwen
+                 else load_pretrained(path, dtype=dtype, device=device, attention_backend=attention_backend))
         broken = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
         if broken:
             raise ValueError(f"{path}: {len(broken)} weight tensors hold NaN or inf (first: {broken[0]}); "
@@ -217,7 +229,7 @@ class MocaEmbedder:
             parallelize(model, list(model.language_model.layers), device=device,
                         fp8_layers=model.language_model.layers if fp8 else None,
                         activation_checkpointing=False, compile=compile, world_size=1)
-        saved = saved_settings(path)
+        saved = colqwen_settings(path) if colqwen else saved_settings(path)
         settings = dict(min_pixels=min_pixels or saved.get("min_pixels", MIN_PIXELS),
                         max_pixels=max_pixels or saved.get("max_pixels", MAX_PIXELS),
                         max_length=max_length or saved.get("max_length"))
@@ -225,7 +237,8 @@ class MocaEmbedder:
         processor = Processor(load_tokenizer(tokenizer_dir), **settings)
         if num_workers is None:
             num_workers = min(8, max((os.cpu_count() or 1) - 1, 0)) if device.type == "cuda" else 0
-        return cls(model, processor, num_workers=num_workers, batch_tokens=batch_tokens)
+        return cls(model, processor, num_workers=num_workers, batch_tokens=batch_tokens,
+                   role_prompt=colqwen_role_prompt if colqwen else prompts.role_prompt)
 
     def encode(self, inputs, prompt_name: str | None = None, prompt: str | None = None, batch_size: int | None = None,
                show_progress_bar: bool = False, precision: str = "float32", convert_to_numpy: bool = True,
@@ -250,7 +263,7 @@ class MocaEmbedder:
         items = [as_input(x, f"input {i}") for i, x in enumerate([inputs] if single else inputs)]
         if prompt is None and prompt_name is not None:
             prompt = prompts.prompt_named(prompt_name)
-        items = with_instructions(items, prompt, _role)
+        items = with_instructions(items, prompt, _role, role_prompt=self.role_prompt)
         if device is not None:
             self.model.to(device)
         out, vectors = self._embed(items, batch_tokens or self.batch_tokens, batch_size, show_progress_bar, output)

@@ -71,8 +71,8 @@ class MtebEncoder:
         pages = getattr(task_metadata, "type", None) in DOCUMENT_TASK_TYPES
         role = "document" if str(getattr(prompt_type, "value", prompt_type)) == "document" else "query"
         output = "multi_vector" if self.late_interaction else "pooled"
-        embeddings = [self.embedder.encode(with_instructions(batch_inputs(batch), role=role, document_pages=pages),
-                                           output=output)
+        embeddings = [self.embedder.encode(with_instructions(batch_inputs(batch), role=role, document_pages=pages,
+                                                             role_prompt=self.embedder.role_prompt), output=output)
                       for batch in inputs]
         if self.late_interaction:
             return self.padded([v for batch in embeddings for v in batch])

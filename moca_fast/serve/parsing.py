@@ -61,8 +61,9 @@ def parse_request(request: EmbeddingRequest, settings: ServeSettings, embedder: 
     _check_output(request, embedder)
     dimensions = _dimensions(request, settings, embedder)
     prompt, role = _instruction(request)
-    return ParsedRequest(with_instructions(inputs, prompt, role), request.encoding_format, request.precision,
-                         dimensions, request.output, request.truncate or settings.auto_truncate)
+    inputs = with_instructions(inputs, prompt, role, role_prompt=embedder.role_prompt)
+    return ParsedRequest(inputs, request.encoding_format, request.precision, dimensions, request.output,
+                         request.truncate or settings.auto_truncate)
 
 
 def from_messages(request: EmbeddingRequest) -> EmbedInput:
