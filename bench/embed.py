@@ -13,6 +13,14 @@ GPU only (without CUDA the script says so and exits); the embedders below also r
 bench/test_benchmarks.py.
 
     python bench/embed.py --size 3b --out bench/results/embed-3b-<device>.json
+
+`--colqwen` instead measures multi-vector embedding of a tiny random ColQwen2.5 (colpali-engine's, with a random
+LoRA adapter; bench/colpali_path.py) on the CPU: ours (MocaEmbedder loading the saved checkpoint, LoRA merged)
+against colpali-engine's own processor and forward (its adapter merged too, so LoRA costs neither path anything) in
+batches of `--colpali-batch`, on text queries and 448 x 448 images at up to 256 image tokens, in one process with the
+same threads; the vectors of the two paths must agree to 1e-4.
+
+    python bench/embed.py --colqwen --out bench/results/embed-colqwen-tiny-cpu.json
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +40,12 @@ from moca_fast.data.processor import Processor
 from moca_fast.data.realistic import realistic_inputs
 from moca_fast.data.synthetic import random_pages, random_scene, render
 from moca_fast.data.tokenizer import tiny_tokenizer
-from moca_fast.embed import MocaEmbedder
+from moca_fast.embed import DEFAULT_BATCH_TOKENS, MocaEmbedder
 from moca_fast.model.attention import backend_for
 from moca_fast.model.loading import to_transformers
 from moca_fast.trainers.setup import build_model
 from reference_path import ReferencePath, processor_batch
-from report import RESULTS, device_slug, report, require_cuda, write_report
+from report import RESULTS, device_slug, package_version, report, require_cuda, write_report
 from train import train_config
 
 V = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -136,8 +145,82 @@ def bench_embedding(ours: MocaEmbedder, reference: ReferenceEmbedder, loads: dic
     return results
 
 
+COLQWEN_PIXELS = dict(min_pixels=4 * 28 * 28, max_pixels=256 * 28 * 28)
+
+
+def colqwen_workloads(n: int, seed: int, image_side: int = IMAGE_SIDE) -> dict[str, list]:
+    """Text queries (captions of the synthetic world) and images, `n` of each."""
+    rng = random.Random(seed)
+    return {"query": [random_scene(rng).caption for _ in range(n)],
+            "image": [render(random_scene(rng), rng.getrandbits(32)).resize((image_side, image_side))
+                      for _ in range(n)]}
+
+
+def colpali_multi_vectors(model, processor, kind: str, inputs: list, batch_size: int) -> list[torch.Tensor]:
+    """colpali-engine's multi-vectors of `inputs` ("query" texts or "image"s), batches of `batch_size` in order."""
+    from colpali_path import unpadded_vectors
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(inputs), batch_size):
+            chunk = inputs[i:i + batch_size]
+            batch = processor.process_queries(chunk) if kind == "query" else processor.process_images(chunk)
+            out += unpadded_vectors(model(**batch), batch["attention_mask"])
+    return out
+
+
+def bench_colqwen(folder, n: int, warm: int, colpali_batch: int, image_side: int = IMAGE_SIDE) -> dict:
+    """Inputs per second of ours and colpali-engine's multi-vector embedding of a tiny ColQwen2.5 saved in
+    `folder`, per workload, with their ratio and the largest difference between the two paths' vectors."""
+    from colpali_path import write_tiny_colqwen
+
+    model, processor, adapter = write_tiny_colqwen(Path(folder), tiny_tokenizer(), **COLQWEN_PIXELS)
+    model = model.merge_and_unload().eval()
+    ours = MocaEmbedder.from_pretrained(adapter, device="cpu")
+    results = {}
+    for kind, inputs in colqwen_workloads(n, seed=0, image_side=image_side).items():
+        encode = ours.encode_query if kind == "query" else ours.encode_document
+
+        def mine(items):
+            return encode(items, output="multi_vector", convert_to_tensor=True)
+
+        def theirs(items):
+            return colpali_multi_vectors(model, processor, kind, items, colpali_batch)
+
+        mine(inputs[:warm]), theirs(inputs[:warm])
+        ours_vectors, ours_s = timed(lambda: mine(inputs), torch.device("cpu"))
+        colpali_vectors, colpali_s = timed(lambda: theirs(inputs), torch.device("cpu"))
+        error = max((a - b).abs().max().item() for a, b in zip(ours_vectors, colpali_vectors))
+        if error > 1e-4:
+            raise AssertionError(f"{kind}: our multi-vectors differ from colpali-engine's by {error:.2e}")
+        results[kind] = {"inputs": n, "tokens": sum(len(v) for v in ours_vectors), "ours_per_s": n / ours_s,
+                         "colpali_per_s": n / colpali_s, "ratio_ours_to_colpali": colpali_s / ours_s,
+                         "max_abs_difference": error}
+    return results
+
+
+def colqwen_main(args) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        results = bench_colqwen(folder, args.inputs, args.warm, args.colpali_batch)
+    for name, r in results.items():
+        print(f"{name:6s} ours {r['ours_per_s']:8.1f}/s colpali-engine {r['colpali_per_s']:8.1f}/s "
+              f"x{r['ratio_ours_to_colpali']:.2f} max abs {r['max_abs_difference']:.1e}", flush=True)
+    write_report(args.out or RESULTS / "embed-colqwen-tiny-cpu.json", report(
+        "multi-vector embedding, tiny random ColQwen2.5 (LoRA merged), fp32, CPU: ours vs colpali-engine", "cpu",
+        shapes={"inputs_per_workload": args.inputs, "image_side": IMAGE_SIDE,
+                "pixels": [COLQWEN_PIXELS["min_pixels"], COLQWEN_PIXELS["max_pixels"]],
+                "colpali_batch": args.colpali_batch, "our_batch_tokens": DEFAULT_BATCH_TOKENS,
+                "threads": torch.get_num_threads()},
+        results=results, colpali_engine=package_version("colpali-engine")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--colqwen", action="store_true",
+                        help="tiny ColQwen2.5 multi-vectors on the CPU, ours vs colpali-engine (see above)")
+    parser.add_argument("--colpali-batch", type=int, default=16, help="--colqwen: colpali-engine's batch size")
     parser.add_argument("--size", choices=["3b", "7b"], default="3b")
     parser.add_argument("--inputs", type=int, default=256, help="inputs per workload")
     parser.add_argument("--warm", type=int, default=16)
@@ -145,6 +228,8 @@ def main() -> None:
     parser.add_argument("--reference-batch", type=int, default=16)
     parser.add_argument("--out", help="JSON path (default bench/results/embed-<size>-<device>.json)")
     args = parser.parse_args()
+    if args.colqwen:
+        return colqwen_main(args)
     device = require_cuda("embedding throughput")
     ours, reference = embedders(f"random:{args.size}", device, torch.bfloat16, workers=args.workers,
                                 reference_batch=args.reference_batch, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)

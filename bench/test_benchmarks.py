@@ -95,6 +95,16 @@ def test_embed(benchmark, embedders, workload, path):
     assert cosine.min() >= min_cosine, cosine
 
 
+def test_colqwen_benchmark_runs_and_both_paths_agree(tmp_path):
+    """bench/embed.py --colqwen's measurement at two inputs per workload: every field, vectors equal (it raises
+    otherwise)."""
+    results = embed.bench_colqwen(tmp_path, n=2, warm=1, colpali_batch=2, image_side=112)
+    assert set(results) == {"query", "image"}
+    for r in results.values():
+        assert r["ours_per_s"] > 0 and r["colpali_per_s"] > 0 and r["ratio_ours_to_colpali"] > 0
+        assert r["max_abs_difference"] <= 1e-4 and r["tokens"] > 0
+
+
 def test_padding_rows_cost_compute_but_leave_the_loss_alone(world):
     """ours-padded: every row topped up to the batch's multiple of 32 by pad-only segments, same stage-1 loss."""
     config, tokenizer, processor, documents, group = _stage_inputs("cpt", "tiny", world / "padding")
