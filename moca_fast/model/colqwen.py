@@ -4,9 +4,9 @@ prompts and pixel budget.
 A ColQwen2.5 checkpoint (colpali-engine 0.3, peft) is a folder holding peft's adapter_config.json and
 adapter_model.safetensors (a LoRA adapter; tensors it stores whole, such as modules_to_save, replace the base's), the
 tokenizer and the image processor's settings; adapter_config.json's base_model_name_or_path names the base, a
-Qwen2.5-VL saved by transformers from colpali-engine's ColQwen2_5 (config.json's architectures say so): the
-Qwen2_5_VLModel plus `custom_text_proj`, Linear(hidden, 128) with a bias, the multi-vector head. A folder whose own
-config.json names ColQwen2_5 (a merged model, or the base itself) loads without an adapter.
+Qwen2.5-VL saved by transformers from colpali-engine's ColQwen2_5: the Qwen2_5_VLModel plus `custom_text_proj`,
+Linear(hidden, 128) with a bias, the multi-vector head (a base without it is refused). A folder whose own config.json
+names ColQwen2_5 in its architectures (a merged model, or the base itself) loads without an adapter.
 
 What loading does: each LoRA pair (A [r, in], B [out, r]) is merged into its weight in fp32, W + (alpha / r) B @ A
 (alpha / sqrt(r) with rsLoRA, r being A's rank, so peft's rank_pattern needs nothing more); the decoder runs causally,
@@ -52,7 +52,8 @@ DEFAULT_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280}
 
 
 def is_colqwen_checkpoint(path: Path) -> bool:
-    """Whether `path` holds a peft adapter (ColQwen2.5's form) or a config.json naming ColQwen2_5."""
+    """Whether `path` holds a peft adapter (ColQwen2.5's form; `load_colqwen` checks that its base has the head) or a
+    config.json naming ColQwen2_5."""
     return (path / ADAPTER_CONFIG).is_file() or _names_colqwen(path)
 
 
@@ -101,14 +102,12 @@ def load_colqwen(path: Path, dtype: torch.dtype = torch.float32, device: str | t
     adapter = (path / ADAPTER_CONFIG).is_file()
     base = base_checkpoint(path, locate) if adapter else path
     check_hf_config(base / "config.json")
-    if not _names_colqwen(base):
-        raise ValueError(f"{base}: config.json's architectures do not name {ARCHITECTURE}: not a ColQwen2.5 base "
-                         "(only colpali-engine's ColQwen2.5 checkpoints load as causal late-interaction models)")
     state = ours(read_safetensors(base, "cpu"), str(base))
+    if HEAD not in state:
+        raise ValueError(f"{base}: no {HEAD} in its weights: not a ColQwen2.5 (colpali-engine's ColQwen2_5 carries "
+                         "its multi-vector head; a peft adapter on another model does not load as one)")
     if adapter:
         state = merge_adapter(state, path)
-    if HEAD not in state:
-        raise ValueError(f"{base}: no {HEAD}: a ColQwen2.5 checkpoint carries its multi-vector head")
     spec = ModelSpec.from_hf_config(Qwen2_5_VLConfig.from_pretrained(base, local_files_only=True))
     spec = dataclasses.replace(spec, multi_vector_dim=state[HEAD].shape[0])
     if not spec.tie_word_embeddings and "lm_head.weight" not in state:
@@ -151,9 +150,9 @@ def read_adapter_config(path: Path) -> dict:
     return config
 
 
-def ours(state: dict[str, torch.Tensor], source: str, layout: str | None = None) -> dict[str, torch.Tensor]:
-    """A Hugging Face state dict (any layout; `layout` detected unless given) under our module names."""
-    layout = layout or detect_layout(state)
+def ours(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """A Hugging Face state dict (any layout) under our module names."""
+    layout = detect_layout(state)
     renamed = {}
     for key, tensor in state.items():
         name = convert_key(key, layout)

@@ -86,7 +86,19 @@ def test_prompts_are_the_processors(colqwen_checkpoint, images):
     assert page.text == processor.visual_prompt_prefix
 
 
-def test_unsupported_adapters_are_refused(colqwen_checkpoint, tmp_path):
+def test_an_untied_colqwen_without_lm_head_loads(tmp_path, tokenizer):
+    """ColQwen2_5 is a Qwen2_5_VLModel: an untied checkpoint has no LM head, which embedding does not need."""
+    model, processor, adapter = write_tiny_colqwen(tmp_path, tokenizer, tie_word_embeddings=False, seed=3, **PIXELS)
+    batch = processor.process_queries(QUERIES[:2])
+    with torch.no_grad():
+        wanted = unpadded_vectors(model(**batch), batch["attention_mask"])
+    mine = MocaEmbedder.from_pretrained(adapter).encode_query(QUERIES[:2], output="multi_vector",
+                                                              convert_to_tensor=True)
+    for ours, theirs in zip(mine, wanted):
+        assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= 1e-5
+
+
+def test_unsupported_adapters_are_refused(colqwen_checkpoint, tmp_path, checkpoint):
     import json
     import shutil
 
@@ -95,4 +107,8 @@ def test_unsupported_adapters_are_refused(colqwen_checkpoint, tmp_path):
     config = json.loads((copy / "adapter_config.json").read_text())
     (copy / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora set: only plain LoRA"):
+        MocaEmbedder.from_pretrained(copy)
+    # an adapter whose base has no multi-vector head (a plain Qwen2.5-VL) is not a ColQwen2.5
+    (copy / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(checkpoint)}))
+    with pytest.raises(ValueError, match="no custom_text_proj.weight in its weights: not a ColQwen2.5"):
         MocaEmbedder.from_pretrained(copy)
