@@ -75,6 +75,34 @@ def test_the_adapter_and_causal_attention_matter(colqwen_checkpoint, theirs):
     assert (bidirectional - wanted).abs().max() > 1e-2 and (unadapted - wanted).abs().max() > 1e-2
 
 
+def test_the_server_serves_colpali_engines_multi_vectors(colqwen_checkpoint, theirs, images):
+    """/v1/embeddings (in process) with input_type query / document: the processor's prompts, colpali's vectors."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from moca_fast.serve.app import EmbeddingService, create_app
+    from moca_fast.serve.settings import ServeSettings
+
+    def data_url(image) -> str:
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+
+    embedder = MocaEmbedder.from_pretrained(colqwen_checkpoint[2])
+    service = EmbeddingService(embedder, ServeSettings(model_name="colqwen", max_input_tokens=4096))
+    with TestClient(create_app(service)) as client:
+        for kind, role, wire in (("queries", "query", QUERIES), ("images", "document",
+                                                                 [{"image": data_url(im)} for im in images])):
+            response = client.post("/v1/embeddings", json={"model": "colqwen", "input": wire, "input_type": role,
+                                                           "output": "multi_vector"})
+            assert response.status_code == 200, response.text
+            for got, wanted in zip(response.json()["data"], theirs[kind]):
+                assert got["shape"] == list(wanted.shape), f"{kind}: {got['shape']} vs {list(wanted.shape)}"
+                np.testing.assert_allclose(np.array(got["embedding"]), wanted.numpy(), atol=1e-5, rtol=0)
+
+
 def test_prompts_are_the_processors(colqwen_checkpoint, images):
     _, processor, adapter = colqwen_checkpoint
     embedder = MocaEmbedder.from_pretrained(adapter)
