@@ -79,7 +79,8 @@ def role_prompt(role: str, text: str, images: int, document_pages: bool = False)
 
 
 def processor_settings(path: Path) -> dict:
-    """min_pixels and max_pixels of the image processor saved with the checkpoint (transformers' files)."""
+    """min_pixels and max_pixels of the image processor saved with the checkpoint (transformers' files, any version;
+    transformers' Qwen2-VL defaults where it saved none)."""
     image = None
     if (path / "preprocessor_config.json").is_file():
         image = json.loads((path / "preprocessor_config.json").read_text(encoding="utf-8"))
@@ -88,9 +89,12 @@ def processor_settings(path: Path) -> dict:
     if not image:
         log.info("%s: no saved image processor settings; transformers' Qwen2-VL defaults %s", path, DEFAULT_PIXELS)
         return dict(DEFAULT_PIXELS)
-    size = image.get("size") or {}
-    return {"min_pixels": int(size.get("shortest_edge") or image.get("min_pixels") or DEFAULT_PIXELS["min_pixels"]),
-            "max_pixels": int(size.get("longest_edge") or image.get("max_pixels") or DEFAULT_PIXELS["max_pixels"])}
+    size = image.get("size") or {}  # {"shortest_edge", "longest_edge"}; {"min_pixels", "max_pixels"} before 4.50
+
+    def pixels(edge: str, key: str) -> int:
+        return int(size.get(edge) or size.get(key) or image.get(key) or DEFAULT_PIXELS[key])
+
+    return {"min_pixels": pixels("shortest_edge", "min_pixels"), "max_pixels": pixels("longest_edge", "max_pixels")}
 
 
 def load_colqwen(path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

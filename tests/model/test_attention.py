@@ -42,7 +42,8 @@ LAYOUTS = {  # name -> (query segment lengths or None for self-attention, key se
 CAUSAL_LAYOUTS = ("documents", "vision-windows")  # causal attention is self-attention
 
 
-@pytest.mark.parametrize("layout,causal", [(name, False) for name in LAYOUTS] + [(name, True) for name in CAUSAL_LAYOUTS],
+@pytest.mark.parametrize("layout,causal",
+                         [(name, False) for name in LAYOUTS] + [(name, True) for name in CAUSAL_LAYOUTS],
                          ids=list(LAYOUTS) + [f"{name}-causal" for name in CAUSAL_LAYOUTS])
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("backend,takes_gqa", [("sdpa", True), ("varlen", True), ("varlen", False)],

@@ -28,7 +28,8 @@ def images():
     rng = np.random.default_rng(5)
     from PIL import Image
 
-    return [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for h, w in [(100, 150), (60, 84), (140, 90)]]
+    sizes = [(100, 150), (60, 84), (140, 90)]
+    return [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for h, w in sizes]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,8 @@ def theirs(colqwen_checkpoint, images):
     model, processor, _ = colqwen_checkpoint
     out = {}
     with torch.no_grad():
-        for name, batch in (("queries", processor.process_queries(QUERIES)), ("images", processor.process_images(images))):
+        for name, batch in (("queries", processor.process_queries(QUERIES)),
+                            ("images", processor.process_images(images))):
             out[name] = unpadded_vectors(model(**batch), batch["attention_mask"])
     return out
 
@@ -140,3 +142,15 @@ def test_unsupported_adapters_are_refused(colqwen_checkpoint, tmp_path, checkpoi
     (copy / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(checkpoint)}))
     with pytest.raises(ValueError, match="no custom_text_proj.weight in its weights: not a ColQwen2.5"):
         MocaEmbedder.from_pretrained(copy)
+
+
+@pytest.mark.parametrize("saved", [
+    {"size": {"shortest_edge": 3136, "longest_edge": 802816}},  # transformers >= 4.50
+    {"size": {"min_pixels": 3136, "max_pixels": 802816}, "min_pixels": 3136, "max_pixels": 802816},  # older
+], ids=["edges", "pixels"])
+def test_the_pixel_budget_of_an_older_preprocessor_config(tmp_path, saved):
+    import json
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "Qwen2VLImageProcessor",
+                                                                   **saved}))
+    assert colqwen.processor_settings(tmp_path) == {"min_pixels": 3136, "max_pixels": 802816}

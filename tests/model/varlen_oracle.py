@@ -3,8 +3,8 @@
 `cpu_varlen_attention()` registers, for CPU tensors, the forward and backward of `torch_attn::_varlen_attn` (the
 op behind torch.nn.attention.varlen.varlen_attn) as a per-segment fp64 softmax attention with the gradient written
 out by hand, and checks the arguments a caller passes as the flash kernel would need them: int32 bounds, maxima
-that equal the longest segments, full or causal (window (-1, 0)) attention, grouped K/V only with enable_gqa. So the model's
-varlen path runs on the CPU through torch's own public function, its custom op and its autograd formula.
+that equal the longest segments, full or causal (window (-1, 0)) attention, grouped K/V only with enable_gqa. So the
+model's varlen path runs on the CPU through torch's own public function, its custom op and its autograd formula.
 """
 
 from __future__ import annotations
