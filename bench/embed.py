@@ -26,6 +26,7 @@ same threads; the vectors of the two paths must agree to 1e-4.
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import time
 from pathlib import Path
@@ -178,18 +179,14 @@ def bench_colqwen(folder, n: int, warm: int, colpali_batch: int, image_side: int
     model = model.merge_and_unload().eval()
     ours = MocaEmbedder.from_pretrained(adapter, device="cpu")
     results = {}
+    cpu = torch.device("cpu")
     for kind, inputs in colqwen_workloads(n, seed=0, image_side=image_side).items():
-        encode = ours.encode_query if kind == "query" else ours.encode_document
-
-        def mine(items):
-            return encode(items, output="multi_vector", convert_to_tensor=True)
-
-        def theirs(items):
-            return colpali_multi_vectors(model, processor, kind, items, colpali_batch)
-
+        mine = functools.partial(ours.encode_query if kind == "query" else ours.encode_document,
+                                 output="multi_vector", convert_to_tensor=True)
+        theirs = functools.partial(colpali_multi_vectors, model, processor, kind, batch_size=colpali_batch)
         mine(inputs[:warm]), theirs(inputs[:warm])
-        ours_vectors, ours_s = timed(lambda: mine(inputs), torch.device("cpu"))
-        colpali_vectors, colpali_s = timed(lambda: theirs(inputs), torch.device("cpu"))
+        ours_vectors, ours_s = timed(functools.partial(mine, inputs), cpu)
+        colpali_vectors, colpali_s = timed(functools.partial(theirs, inputs), cpu)
         error = max((a - b).abs().max().item() for a, b in zip(ours_vectors, colpali_vectors))
         if error > 1e-4:
             raise AssertionError(f"{kind}: our multi-vectors differ from colpali-engine's by {error:.2e}")
