@@ -139,7 +139,7 @@ def run_embed(args) -> None:
 
 def read_jsonl_inputs(path: Path, image_root: Path):
     """(inputs, ids) from a JSON-lines file; blank lines are skipped; a bad line raises naming it."""
-    from .embed import as_input
+    from .inputs import as_input
 
     inputs, ids = [], []
     with open(path, "rb") as stream:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from moca_fast import prompts
-from moca_fast.embed import as_input, encode_input
+from moca_fast.inputs import as_input, encode_input
 from moca_fast.model.loading import make_bidirectional
 
 

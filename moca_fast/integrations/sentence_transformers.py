@@ -16,7 +16,8 @@ from typing import Any
 
 from sentence_transformers.base.modules.input_module import InputModule
 
-from ..embed import MocaEmbedder, as_input, with_instructions
+from ..embed import MocaEmbedder
+from ..inputs import as_input, with_instructions
 from ..model.loading import save_pretrained
 
 _INPUTS = "moca_inputs"
