@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from moca_fast import prompts
 from moca_fast.inputs import as_input, encode_input
-from moca_fast.model.loading import make_bidirectional
+from moca_fast.integrations.transformers import make_bidirectional
 
 
 @pytest.fixture(scope="module")
