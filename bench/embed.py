@@ -42,8 +42,8 @@ from moca_fast.data.realistic import realistic_inputs
 from moca_fast.data.synthetic import random_pages, random_scene, render
 from moca_fast.data.tokenizer import tiny_tokenizer
 from moca_fast.embed import DEFAULT_BATCH_TOKENS, MocaEmbedder
+from moca_fast.integrations.transformers import to_transformers
 from moca_fast.model.attention import backend_for
-from moca_fast.model.loading import to_transformers
 from moca_fast.trainers.setup import build_model
 from reference_path import ReferencePath, processor_batch
 from report import RESULTS, device_slug, package_version, report, require_cuda, write_report

@@ -39,9 +39,9 @@ from moca_fast.data.pairs import PairDataset
 from moca_fast.data.processor import EncodedSequence
 from moca_fast.data.realistic import realistic_documents, realistic_pair_rows
 from moca_fast.data.synthetic import TASKS, make_documents, make_pairs, pair_rows
+from moca_fast.integrations.transformers import to_transformers
 from moca_fast.model.attention import backend_for
 from moca_fast.model.heads import MaeHead
-from moca_fast.model.loading import to_transformers
 from moca_fast.trainers.cpt import micro_batch_sampler, step_flops
 from moca_fast.trainers.metrics import device_peak_flops, forward_flops
 from moca_fast.trainers.optim import adamw

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -105,104 +104,26 @@ def add_embed(subparsers) -> None:
     parser.add_argument("--pool-factor", type=int, help="a multi-vector folder --output: pool each input's token "
                         "vectors hierarchically to about 1/N of them")
     add_model_arguments(parser)
-    parser.set_defaults(run=run_embed_or_corpus)
-
-
-def run_embed_or_corpus(args) -> None:
-    """A file --output: `run_embed`; a folder: the corpus in parts on every rank torchrun starts (moca_fast.corpus)."""
-    if args.output.suffix:
-        if args.output_kind != "pooled" or args.pool_factor is not None:
-            raise ValueError(f"--output {args.output}: multi-vectors and --pool-factor go to a folder --output")
-        return run_embed(args)
-    if args.output.exists() and not args.output.is_dir():
-        raise ValueError(f"--output {args.output} is a file without a suffix: a path without a suffix names a folder "
-                         "of parts; name a .npy or .parquet file, or a folder")
-    if args.part_size < 1:
-        raise ValueError(f"--part-size must be positive, got {args.part_size}")
-    from .corpus import embed_corpus
-    from .trainers.setup import training_device
-
-    inputs, ids = read_jsonl_inputs(args.inputs, args.images or args.inputs.parent)
-    args.device = str(training_device(args.device))  # under torchrun on CUDA: this rank's GPU
-    embed_corpus(embedder_from_args(args), inputs, ids, args.output, source=args.inputs, model=args.model,
-                 part_size=args.part_size, overwrite=args.overwrite, output=args.output_kind,
-                 pool_factor=args.pool_factor)
+    parser.set_defaults(run=run_embed)
 
 
 def run_embed(args) -> None:
-    check_output(args.output, (".npy", ".parquet"), overwrite=args.overwrite)
-    inputs, ids = read_jsonl_inputs(args.inputs, args.images or args.inputs.parent)
-    embeddings = embedder_from_args(args).encode(inputs, show_progress_bar=True)
-    write_embeddings(args.output, embeddings, ids)
-    log.info("wrote %d embeddings of dimension %d to %s", *embeddings.shape, args.output)
+    """One --output file, or a folder of parts on every rank torchrun starts (moca_fast.embed_io.output_is_folder)."""
+    from .embed_io import embed_to_file, embed_to_folder, output_is_folder
 
+    image_root = args.images or args.inputs.parent
+    options = dict(overwrite=args.overwrite, output_kind=args.output_kind, pool_factor=args.pool_factor)
+    if not output_is_folder(args.output):
+        return embed_to_file(lambda: embedder_from_args(args), args.inputs, args.output, image_root, **options)
 
-def read_jsonl_inputs(path: Path, image_root: Path):
-    """(inputs, ids) from a JSON-lines file; blank lines are skipped; a bad line raises naming it."""
-    from .embed import as_input
+    def this_ranks_embedder():
+        from .trainers.setup import training_device
 
-    inputs, ids = [], []
-    with open(path, "rb") as stream:
-        for number, raw in enumerate(stream, start=1):
-            where = f"{path} line {number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise ValueError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON: {error}") from error
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected an object with \"text\" and/or \"image\"")
-            ids.append(record.pop("id", None))
-            if not isinstance(record.get("text", ""), str) or not isinstance(record.get("image", ""), str):
-                raise ValueError(f"{where}: \"text\" and \"image\" must be strings")
-            if not record.get("text") and not record.get("image"):
-                raise ValueError(f"{where}: neither \"text\" nor \"image\"")
-            if record.get("image"):
-                record["image"] = str(image_root / record["image"])
-            inputs.append(as_input(record, where))
-    if not inputs:
-        raise ValueError(f"{path}: no inputs")
-    return inputs, ids
+        args.device = str(training_device(args.device))  # under torchrun on CUDA: this rank's GPU
+        return embedder_from_args(args)
 
-
-def check_output(path: Path, suffixes: tuple[str, ...], *, overwrite: bool) -> None:
-    """Before any work: `path` has one of `suffixes`, is not a folder, does not exist unless `overwrite`, and its
-    folder can be written (created if missing)."""
-    if path.suffix not in suffixes:
-        raise ValueError(f"--output must end in {' or '.join(suffixes)}, got {path}")
-    if path.is_dir():
-        raise ValueError(f"--output {path} is a folder; name a file")
-    if path.exists() and not overwrite:
-        raise ValueError(f"--output {path} exists; pass --overwrite to replace it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"--output {path}: cannot create its folder: {error.strerror}") from None
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--output {path}: its folder {path.parent} is not writable")
-
-
-def write_embeddings(path: Path, embeddings, ids: list) -> None:
-    """Write to a temporary file beside `path`, then rename: an interrupted write leaves no partial output. Parquet
-    holds (line, id, embedding) as the parts of a folder --output do, without the id column when no line has one."""
-    import numpy as np
-
-    from .corpus import embeddings_table, written_atomically
-
-    with written_atomically(path) as tmp:
-        if path.suffix == ".npy":
-            with open(tmp, "wb") as f:
-                np.save(f, embeddings)
-        else:
-            import pyarrow.parquet as pq
-
-            table = embeddings_table(range(len(embeddings)), ids, embeddings)
-            pq.write_table(table if any(i is not None for i in ids) else table.drop_columns(["id"]), tmp)
+    embed_to_folder(this_ranks_embedder, args.inputs, args.output, image_root, model=args.model,
+                    part_size=args.part_size, **options)
 
 
 # ---------------------------------------------------------------------------------------------- eval

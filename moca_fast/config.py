@@ -158,6 +158,20 @@ class OnlyIn:
 CPT, CL = OnlyIn("cpt"), OnlyIn("cl")
 
 
+@dataclass(frozen=True)
+class OnResume:
+    """Marks a TrainConfig field's resume policy (each field has one). `free`: the field says where things are, how
+    fast they run, how often to save or what to do with bad input (which changes nothing on good input; a policy
+    that changes the samples changes the data fingerprint), so it may differ from the checkpoint's. Otherwise the
+    field is part of what the run computes: a resume with another value is refused unless the changes are allowed
+    explicitly (trainers/resume.py)."""
+
+    free: bool
+
+
+Free, Compared = OnResume(free=True), OnResume(free=False)
+
+
 def _recompute_from_boolean(value):
     """activation_checkpointing was a boolean: true / false (YAML or --set) still mean full / none."""
     return {True: "full", False: "none", "true": "full", "false": "none"}.get(value, value)
@@ -169,80 +183,95 @@ Rate = Field(gt=0, lt=1)
 
 
 # Each field is typed and ranged where it is declared (pydantic checks both when a TrainConfig is made, and refuses
-# inf and nan); a stage's own fields carry CPT or CL. A new field says it all in its line, e.g.
-#     warmup_tokens: Annotated[int, Count, CPT] = 1000
-# and the YAML files, --set and the one-line errors (allowed range included) follow from it.
+# inf and nan); a stage's own fields carry CPT or CL; every field carries its resume policy, Free or Compared
+# (OnResume). A new field says it all in its line, e.g.
+#     warmup_tokens: Annotated[int, Count, CPT, Compared] = 1000
+# and the YAML files, --set, the one-line errors (allowed range included) and resume's checks follow from it.
 @pydantic_dataclass(config=ConfigDict(allow_inf_nan=False))
 class TrainConfig:
     """One training run of either stage; YAML files in configs/ fill it (see `load_train_config`)."""
 
-    stage: Literal["cpt", "cl"]  # "cpt" (stage 1: MLM + MAE) or "cl" (stage 2: contrastive)
-    model: str  # a Hugging Face checkpoint directory; "tiny"; or "random:3b" / "random:7b" (reference shapes)
-    data: str  # stage 1: a document source (data/documents.py); stage 2: a folder of <task>.jsonl files
-    output_dir: str
-    tokenizer: str | None = None  # a local tokenizer/processor dir; None: the model dir; "tiny": offline BPE
-    seed: Annotated[int, Field(ge=0)] = 0
+    stage: Annotated[Literal["cpt", "cl"], Compared]  # "cpt" (stage 1: MLM + MAE) or "cl" (stage 2: contrastive)
+    # a Hugging Face checkpoint directory; "tiny"; or "random:3b" / "random:7b" (reference shapes)
+    model: Annotated[str, Free]
+    # stage 1: a document source (data/documents.py); stage 2: a folder of <task>.jsonl files
+    data: Annotated[str, Free]
+    output_dir: Annotated[str, Free]
+    # a local tokenizer/processor dir; None: the model dir; "tiny": offline BPE
+    tokenizer: Annotated[str | None, Free] = None
+    seed: Annotated[int, Field(ge=0), Compared] = 0
     # optimisation (the reference recipes live in configs/)
-    lr: Annotated[float, Field(gt=0, le=1)] = 2e-6  # AdamW moves each weight by about lr per step: above 1 diverges
-    weight_decay: Annotated[float, Fraction] = 0.0
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
-    warmup_ratio: Annotated[float, Fraction] = 0.1
-    clip_grad_norm: Annotated[float, Positive] = 5.0
-    epochs: Annotated[int, Count] = 1
-    max_steps: Annotated[int | None, Count] = None  # stop early (demos, benchmarks); the schedule still spans max_steps
-    grad_accum: Annotated[int, Count, CPT] = 4  # micro-batches per optimizer step (stage 1)
-    tokens_per_micro_batch: Annotated[int, Count] = 12800  # the packing budget of one micro-batch
-    max_length: Annotated[int, Count] = 1280
-    min_pixels: Annotated[int, Count] = 256 * 28 * 28
-    max_pixels: Annotated[int, Count] = 1024 * 28 * 28
+    # AdamW moves each weight by about lr per step: above 1 diverges
+    lr: Annotated[float, Field(gt=0, le=1), Compared] = 2e-6
+    weight_decay: Annotated[float, Fraction, Compared] = 0.0
+    betas: Annotated[tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]],
+                     Compared] = (0.9, 0.999)
+    warmup_ratio: Annotated[float, Fraction, Compared] = 0.1
+    clip_grad_norm: Annotated[float, Positive, Compared] = 5.0
+    epochs: Annotated[int, Count, Compared] = 1
+    # stop early (demos, benchmarks); the schedule still spans max_steps
+    max_steps: Annotated[int | None, Count, Compared] = None
+    grad_accum: Annotated[int, Count, CPT, Compared] = 4  # micro-batches per optimizer step (stage 1)
+    tokens_per_micro_batch: Annotated[int, Count, Compared] = 12800  # the packing budget of one micro-batch
+    max_length: Annotated[int, Count, Compared] = 1280
+    min_pixels: Annotated[int, Count, Compared] = 256 * 28 * 28
+    max_pixels: Annotated[int, Count, Compared] = 1024 * 28 * 28
     # precision and speed switches: each state is logged at start
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # parameters/activations on CUDA; CPU runs use float32
-    compile: bool = False  # torch.compile per decoder layer and vision block
+    # parameters/activations on CUDA; CPU runs use float32
+    dtype: Annotated[Literal["bfloat16", "float16", "float32"], Compared] = "bfloat16"
+    compile: Annotated[bool, Free] = False  # torch.compile per decoder layer and vision block
     # none | selective | full | auto (planned to fit device memory); true / false mean full / none, as before
     activation_checkpointing: Annotated[Literal["none", "selective", "full", "auto"],
-                                        BeforeValidator(_recompute_from_boolean)] = "full"
-    fp8: bool = False  # torchao float8 for the decoder's linear layers (CUDA, capability >= 8.9)
-    attention_backend: Literal["auto", "flash", "varlen", "sdpa"] = "auto"
-    device: str | None = None  # None: CUDA (this process's LOCAL_RANK) when present, else CPU
-    num_workers: Annotated[int, Field(ge=0)] = 2
+                                        BeforeValidator(_recompute_from_boolean), Free] = "full"
+    fp8: Annotated[bool, Compared] = False  # torchao float8 for the decoder's linear layers (CUDA, capability >= 8.9)
+    attention_backend: Annotated[Literal["auto", "flash", "varlen", "sdpa"], Free] = "auto"
+    device: Annotated[str | None, Free] = None  # None: CUDA (this process's LOCAL_RANK) when present, else CPU
+    num_workers: Annotated[int, Field(ge=0), Free] = 2
     # memory-planned recompute (trainers/memory_plan.py): with activation_checkpointing: auto, the budget
-    device_memory_gb: Annotated[float | None, Positive] = None  # None: the CUDA device's total memory
+    device_memory_gb: Annotated[float | None, Positive, Free] = None  # None: the CUDA device's total memory
     # bad data and bad steps
-    skip_invalid: bool = False  # skip samples failing validation or decoding (each logged, counted), not stop
-    allow_image_paths_outside: bool = False  # let image paths leave the data's image folder ('..', absolute paths)
-    skip_nonfinite: bool = False  # skip an update with a non-finite loss or gradient norm (counted), not stop
-    max_skipped_fraction: Annotated[float, Fraction] = 0.05  # skip_nonfinite: stop once more of the run's steps skip
+    # skip samples failing validation or decoding (each logged, counted), not stop
+    skip_invalid: Annotated[bool, Free] = False
+    # let image paths leave the data's image folder ('..', absolute paths)
+    allow_image_paths_outside: Annotated[bool, Free] = False
+    # skip an update with a non-finite loss or gradient norm (counted), not stop
+    skip_nonfinite: Annotated[bool, Free] = False
+    # skip_nonfinite: stop once more of the run's steps skip
+    max_skipped_fraction: Annotated[float, Fraction, Free] = 0.05
     # stage 1
-    mlm_rate: Annotated[float, Rate, CPT] = 0.4
-    mae_rate: Annotated[float, Rate, CPT] = 0.5
-    mae_weight: Annotated[float, Field(ge=0), CPT] = 0.1
+    mlm_rate: Annotated[float, Rate, CPT, Compared] = 0.4
+    mae_rate: Annotated[float, Rate, CPT, Compared] = 0.5
+    mae_weight: Annotated[float, Field(ge=0), CPT, Compared] = 0.1
     # stage 2
-    temperature: Annotated[float, Positive, CL] = 0.03
-    pairs_per_rank: Annotated[int, Count, CL] = 24
-    negative_ratio: Annotated[int, Field(ge=0), CL] = 2
-    grad_cache_tokens: Annotated[int | None, Count, CL] = None  # GradCache chunk budget; None: one packed forward
-    mask_duplicates: Annotated[bool, CL] = True  # drop in-batch false negatives (identical targets)
-    task_homogeneous: Annotated[bool, CL] = False
-    tasks: Annotated[tuple[str, ...] | None, CL] = None  # train on these <task> files of the data folder (None: all)
+    temperature: Annotated[float, Positive, CL, Compared] = 0.03
+    pairs_per_rank: Annotated[int, Count, CL, Compared] = 24
+    negative_ratio: Annotated[int, Field(ge=0), CL, Compared] = 2
+    # GradCache chunk budget; None: one packed forward
+    grad_cache_tokens: Annotated[int | None, Count, CL, Compared] = None
+    mask_duplicates: Annotated[bool, CL, Compared] = True  # drop in-batch false negatives (identical targets)
+    task_homogeneous: Annotated[bool, CL, Compared] = False
+    # train on these <task> files of the data folder (None: all)
+    tasks: Annotated[tuple[str, ...] | None, CL, Compared] = None
     # stage 2 embedding heads (None: the reference's pooled-only InfoNCE). multi_vector_dim adds a projection of
     # every final hidden state (L2-normalised per token) trained by a late-interaction (MaxSim) InfoNCE, weighted
     # by multi_vector_weight, whose logits are MaxSim scores (sums over query tokens, so tens, not cosines) over
     # multi_vector_temperature (1.0: the raw sums, as ColPali's pairwise loss takes them); matryoshka_dims trains
     # the pooled vector's InfoNCE at each of these leading dimensions (each prefix normalised again), weighted by
     # matryoshka_weights (None: 1 each), summed.
-    multi_vector_dim: Annotated[int | None, Count, CL] = None
-    multi_vector_weight: Annotated[float, Field(ge=0), CL] = 1.0
-    multi_vector_temperature: Annotated[float, Positive, CL] = 1.0
-    matryoshka_dims: Annotated[tuple[Annotated[int, Count], ...] | None, CL] = None
-    matryoshka_weights: Annotated[tuple[Annotated[float, Field(ge=0)], ...] | None, CL] = None
+    multi_vector_dim: Annotated[int | None, Count, CL, Compared] = None
+    multi_vector_weight: Annotated[float, Field(ge=0), CL, Compared] = 1.0
+    multi_vector_temperature: Annotated[float, Positive, CL, Compared] = 1.0
+    matryoshka_dims: Annotated[tuple[Annotated[int, Count], ...] | None, CL, Compared] = None
+    matryoshka_weights: Annotated[tuple[Annotated[float, Field(ge=0)], ...] | None, CL, Compared] = None
     # bookkeeping
-    checkpoint_every: Annotated[int, Count] = 500
-    keep_checkpoints: Annotated[int, Field(ge=0)] = 2  # 0: keep all
-    tensorboard: bool = False  # also log the metrics to output_dir/tensorboard (needs the tensorboard package)
+    checkpoint_every: Annotated[int, Count, Free] = 500
+    keep_checkpoints: Annotated[int, Field(ge=0), Free] = 2  # 0: keep all
+    # also log the metrics to output_dir/tensorboard (needs the tensorboard package)
+    tensorboard: Annotated[bool, Compared] = False
     # stage-1 micro-batches: what tokens_per_micro_batch counts. "reference_cost": the reference's cost units
     # (text tokens + 4 x image tokens + 2 per image, capped at max_length), its buckets cut as it cuts them, so
     # a micro-batch and a step hold the reference's samples; "tokens": packed tokens, cut first-fit (fuller).
-    micro_batch_budget: Annotated[Literal["reference_cost", "tokens"], CPT] = "reference_cost"
+    micro_batch_budget: Annotated[Literal["reference_cost", "tokens"], CPT, Compared] = "reference_cost"
 
     def __post_init__(self):
         if self.max_length > self.tokens_per_micro_batch:
@@ -253,6 +282,14 @@ class TrainConfig:
         if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims or ()):
             raise ValueError(f"matryoshka_weights {self.matryoshka_weights} needs one weight per matryoshka_dims "
                              f"entry {self.matryoshka_dims}")
+
+
+def free_on_resume(name: str) -> bool:
+    """Whether a TrainConfig field may differ from the checkpoint's when a run resumes (its OnResume mark)."""
+    marks = [m for m in TrainConfig.__pydantic_fields__[name].metadata if isinstance(m, OnResume)]
+    if len(marks) != 1:
+        raise TypeError(f"TrainConfig.{name} needs exactly one resume policy (Free or Compared), has {len(marks)}")
+    return marks[0].free
 
 
 def stage_of_field(name: str) -> str | None:

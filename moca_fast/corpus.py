@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from .checksums import file_checksum
-from .embed import EmbedInput, MocaEmbedder
+from .embed import MocaEmbedder
 from .eval.cache import model_key
+from .inputs import EmbedInput
 from .token_pooling import pool_tokens
 
 log = logging.getLogger(__name__)

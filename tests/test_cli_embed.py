@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from moca_fast.cli import main
 from moca_fast.data.synthetic import png_bytes
 from moca_fast.embed import MocaEmbedder
+from moca_fast.embed_io import output_is_folder
 
 from .eval.tiny import PIXELS, SMALL_PIXELS
 
@@ -117,6 +118,15 @@ def test_the_output_is_checked_before_any_work(lines, tmp_path, capsys):
         err = _fails(["embed", str(lines), "--output", str(tmp_path / output), "--model", missing_model], capsys)
         assert message in err, err
     assert (tmp_path / "taken.npy").read_bytes() == b"old"
+
+
+def test_an_output_without_a_suffix_names_a_folder_of_parts(tmp_path):
+    (tmp_path / "made").mkdir()
+    (tmp_path / "a-file").write_text("")
+    names = ["parts", "made", "runs.v2/parts", "out.npy", "out.parquet", "made.d.npy"]
+    assert [output_is_folder(tmp_path / name) for name in names] == [True, True, True, False, False, False]
+    with pytest.raises(ValueError, match="a-file is a file without a suffix"):
+        output_is_folder(tmp_path / "a-file")
 
 
 def test_overwrite_replaces_an_existing_output(checkpoint, lines, tmp_path):

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moca_fast.cli import main, read_jsonl_inputs
+from moca_fast.cli import main
 from moca_fast.corpus import deal_parts, load_corpus, part_ranges
 from moca_fast.embed import MocaEmbedder
+from moca_fast.embed_io import read_jsonl_inputs
 
 from .eval.tiny import PIXELS, write_tiny_checkpoint
 

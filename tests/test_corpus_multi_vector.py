@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from moca_fast.cli import main, read_jsonl_inputs
+from moca_fast.cli import main
 from moca_fast.corpus import load_corpus
+from moca_fast.embed_io import read_jsonl_inputs
 from moca_fast.token_pooling import pool_tokens
 
 from .eval.tiny import PIXELS

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from reference_path import ReferencePath, processor_batch
 
 from moca_fast import prompts
-from moca_fast.embed import EmbedInput, MocaEmbedder, as_input, local_checkpoint, plan_batches
-from moca_fast.model.loading import make_bidirectional
+from moca_fast.embed import MocaEmbedder, local_checkpoint, plan_batches
+from moca_fast.inputs import EmbedInput, as_input
+from moca_fast.integrations.transformers import make_bidirectional
 
 from .conftest import SMALL_MAX_PIXELS, SMALL_MIN_PIXELS
 

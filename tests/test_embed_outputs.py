@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from moca_fast import prompts
-from moca_fast.embed import as_input, encode_input
-from moca_fast.model.loading import make_bidirectional
+from moca_fast.inputs import as_input, encode_input
+from moca_fast.integrations.transformers import make_bidirectional
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 import reference_attention
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER as P
-from moca_fast.model.loading import make_bidirectional
+from moca_fast.integrations.transformers import make_bidirectional
 from moca_fast.model.tiny import tiny_hf_config
 from reference_attention import use_varlen_attention, varlen_attention_forward
 from reference_path import pad_sequences

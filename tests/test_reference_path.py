@@ -12,8 +12,9 @@ from moca_fast.config import ModelSpec
 from moca_fast.data.batch import pack_sequences
 from moca_fast.data.masking import apply_mae, apply_mlm
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER as P
+from moca_fast.integrations.transformers import to_transformers
 from moca_fast.model.heads import MaeHead, mlm_loss
-from moca_fast.model.loading import convert_key, to_transformers
+from moca_fast.model.loading import convert_key
 from moca_fast.model.moca import MocaModel
 from moca_fast.model.pooling import embed_pool
 from moca_fast.model.tiny import tiny_hf_config

@@ -9,6 +9,7 @@ from moca_fast import prompts
 from moca_fast.config import ModelSpec
 from moca_fast.data.processor import Processor
 from moca_fast.embed import MocaEmbedder
+from moca_fast.integrations import write_sentence_transformers_config
 from moca_fast.model.loading import save_pretrained
 from moca_fast.model.moca import MocaModel
 from moca_fast.model.tiny import tiny_hf_config
@@ -24,6 +25,7 @@ def saved(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("st")
     torch.manual_seed(4)
     save_pretrained(MocaModel(ModelSpec.from_hf_config(tiny_hf_config(tokenizer))).init_weights(), path)
+    write_sentence_transformers_config(path)
     Processor(tokenizer, min_pixels=SMALL_MIN_PIXELS, max_pixels=SMALL_MAX_PIXELS).save_pretrained(path)
     return path
 

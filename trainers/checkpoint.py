@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from moca_fast.checksums import file_checksum
+from moca_fast.integrations import write_sentence_transformers_config
 from moca_fast.model.loading import load_state_dict_into, read_safetensors, save_pretrained
 from moca_fast.model.moca import MocaModel
 
@@ -105,7 +106,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model, extra: torch.n
         shutil.rmtree(tmp, ignore_errors=True)
         with out_of_space_named(tmp, f"checkpoint step {step}"):
             tmp.mkdir(parents=True)
-            if save_pretrained(model, tmp / "model", state_dict=model_state) != torch.float32:
+            dtype = save_pretrained(model, tmp / "model", state_dict=model_state)
+            write_sentence_transformers_config(tmp / "model")
+            if dtype != torch.float32:
                 save_pretrained(model, tmp / "master", state_dict=model_state, dtype=torch.float32)
             if processor is not None:
                 processor.save_pretrained(tmp / "model")

@@ -3,10 +3,10 @@ fingerprint, world size) checked against the checkpoint's, explicit config chang
 
 - A run refuses an output folder that already holds a run (checkpoints, final model, metrics) unless it resumes
   it or is told to overwrite it; overwriting deletes only those outputs.
-- Fields that change how a run is carried out but not what it computes (BOOKKEEPING) may differ on resume. Any
-  other difference, or other data, is refused unless the changes are allowed explicitly; then each is logged and
-  applied (optimizer settings into the restored optimizer, the schedule from the new length). A checkpoint of the
-  other stage is always refused.
+- Fields that change how a run is carried out but not what it computes (BOOKKEEPING: those TrainConfig declares
+  Free on resume, moca_fast/config.py) may differ on resume. Any other difference, or other data, is refused unless
+  the changes are allowed explicitly; then each is logged and applied (optimizer settings into the restored
+  optimizer, the schedule from the new length). A checkpoint of the other stage is always refused.
 """
 
 from __future__ import annotations
@@ -18,24 +18,20 @@ import math
 import os
 import shutil
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch.distributed as dist
 
-from moca_fast.config import TrainConfig
+from moca_fast.config import TrainConfig, free_on_resume
 
 from .checkpoint import remove_leftovers
 
 log = logging.getLogger(__name__)
 
 RUN_OUTPUTS = ("checkpoints", "final", "final.tmp", "metrics.jsonl")
-# Where things are, how fast they run, how often to save, what to do with bad input (which changes nothing on good
-# input; a policy that changes the samples changes the data fingerprint): free to change on resume.
-BOOKKEEPING = frozenset({"output_dir", "data", "model", "tokenizer", "device", "num_workers", "checkpoint_every",
-                         "keep_checkpoints", "compile", "activation_checkpointing", "device_memory_gb",
-                         "attention_backend", "skip_invalid", "allow_image_paths_outside", "skip_nonfinite",
-                         "max_skipped_fraction"})
+# The config fields free to change on resume, as each declares (OnResume in moca_fast/config.py).
+BOOKKEEPING = frozenset(f.name for f in fields(TrainConfig) if free_on_resume(f.name))
 
 
 def prepare_output(output: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:

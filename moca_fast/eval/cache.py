@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..checksums import file_checksum
-from ..embed import EmbedInput, MocaEmbedder
+from ..embed import MocaEmbedder
+from ..inputs import EmbedInput
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from ..data.documents import open_rows
 from ..data.pairs import mmeb_text
-from ..embed import EmbedInput, MocaEmbedder
+from ..embed import MocaEmbedder
+from ..inputs import EmbedInput
 from .cache import cached_embeddings, model_key
 from .metrics import precision_at_1
 from .selection import select_datasets

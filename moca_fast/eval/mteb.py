@@ -28,7 +28,8 @@ import numpy as np
 
 from ..config import HEADS_KEY, declared_heads
 from ..data.tokens import IMAGE_PLACEHOLDER
-from ..embed import EmbedInput, MocaEmbedder, with_instructions
+from ..embed import MocaEmbedder
+from ..inputs import EmbedInput, with_instructions
 from .late_interaction import maxsim_scores, unpadded
 
 DOCUMENT_TASK_TYPES = ("DocumentUnderstanding",)  # mteb's task type of ViDoRe's page retrieval

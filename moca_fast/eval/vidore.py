@@ -27,7 +27,8 @@ from statistics import mean
 import numpy as np
 
 from ..data.documents import open_rows
-from ..embed import EmbedInput, MocaEmbedder
+from ..embed import MocaEmbedder
+from ..inputs import EmbedInput
 from ..prompts import document_page
 from .cache import cached_embeddings, model_key
 from .late_interaction import maxsim_scores

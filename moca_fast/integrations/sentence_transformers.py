@@ -16,7 +16,9 @@ from typing import Any
 
 from sentence_transformers.base.modules.input_module import InputModule
 
-from ..embed import MocaEmbedder, as_input, with_instructions
+from . import write_sentence_transformers_config
+from ..embed import MocaEmbedder
+from ..inputs import as_input, with_instructions
 from ..model.loading import save_pretrained
 
 _INPUTS = "moca_inputs"
@@ -52,6 +54,7 @@ class MocaModule(InputModule):
     def save(self, output_path: str, *args, **kwargs) -> None:
         """What a moca_fast checkpoint holds: weights and config (with these modules files), tokenizer, processor."""
         save_pretrained(self.model, output_path)
+        write_sentence_transformers_config(output_path)
         self.embedder.processor.save_pretrained(output_path)
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Checkpoint I/O in the Hugging Face layouts: a key table for both transformers layouts, load and save.
+"""Checkpoint I/O in the Hugging Face layouts: a key table for both transformers layouts, load and save (the
+bridges to transformers' model objects are in moca_fast.integrations.transformers).
 
 Our module names equal transformers' below the top-level prefix, so the table maps prefixes, one line per
 sub-model and layout, and works in both directions. Saving writes the transformers 4.x flat layout that the
@@ -18,7 +19,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import HEADS_KEY, ModelSpec
-from ..integrations import write_sentence_transformers_config
 from .moca import MocaModel
 
 # The multi-vector head sits beside the backbone under colpali-engine's name in every layout.
@@ -122,57 +122,14 @@ def check_hf_config(file: Path) -> None:
         raise ValueError(f"{file}: {kind} has no vision_config: not a Qwen2.5-VL checkpoint (a text-only model?)")
 
 
-def from_transformers(hf_model, attention_backend: str = "auto") -> MocaModel:
-    """A MocaModel holding copies of a transformers Qwen2_5_VLModel / ForConditionalGeneration's weights."""
-    spec = ModelSpec.from_hf_config(hf_model.config)
-    state = hf_model.state_dict()
-    param = next(iter(state.values()))
-    with torch.device("meta"):
-        model = MocaModel(spec, attention_backend=attention_backend)
-    model.to(dtype=param.dtype)
-    load_state_dict_into(model, {k: v.detach().clone() for k, v in state.items()}, source=type(hf_model).__name__)
-    return model.to(param.device)
-
-
-def make_bidirectional(hf_model):
-    """Make a transformers Qwen2.5-VL's decoder non-causal, as the reference runs it: the config flag (or a padding
-    mask brings the causal mask back) and each attention layer's flag. Returns the model."""
-    hf_model.config.text_config.is_causal = False
-    for name, module in hf_model.named_modules():
-        if name.endswith("language_model.layers"):
-            for layer in module:
-                layer.self_attn.is_causal = False
-    return hf_model
-
-
-def to_transformers(model: MocaModel):
-    """A bidirectional transformers Qwen2_5_VLForConditionalGeneration holding copies of `model`'s weights, on
-    its device and in its dtype (the inverse of `from_transformers`)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    param = next(model.parameters())
-    config = Qwen2_5_VLConfig.from_dict(model.spec.hf_config)
-    with torch.device(param.device):
-        hf_model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=param.dtype)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if not name.startswith(MULTI_VECTOR_HEAD[1]):  # not part of transformers' model
-            state[convert_key(name, "nested", to_ours=False)] = tensor.detach().clone()
-    missing, unexpected = hf_model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (model.spec.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"to_transformers: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return make_bidirectional(hf_model.train(model.training))
-
-
 def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict | None = None,
                     dtype: torch.dtype | None = None) -> torch.dtype:
     """Write config.json and safetensors shards in the transformers 4.x flat layout (readable by 4.x and 5.x), in
     `dtype` (default: the dtype the model's config declares, e.g. Qwen's bfloat16; else the weights' own), which
-    config.json then states. The text config says `is_causal: false`, so transformers loads it bidirectional;
-    the sentence-transformers files name moca_fast's module. The embedding heads the model was trained for (its
-    multi-vector head's size, its Matryoshka dimensions) are declared under `moca_fast_heads`, the head's weights
-    saved as `custom_text_proj.*`. Returns the dtype written.
+    config.json then states. The text config says `is_causal: false`, so transformers loads it bidirectional.
+    The embedding heads the model was trained for (its multi-vector head's size, its Matryoshka dimensions) are
+    declared under `moca_fast_heads`, the head's weights saved as `custom_text_proj.*`. Returns the dtype written.
+    (The files that let sentence-transformers load the folder: moca_fast.integrations.)
 
     `state_dict`: the full state dict to write instead of `model.state_dict()` (a sharded model gathers it)."""
     from transformers import Qwen2_5_VLConfig
@@ -191,7 +148,6 @@ def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict 
     elif hasattr(config, HEADS_KEY):
         delattr(config, HEADS_KEY)
     config.save_pretrained(path)
-    write_sentence_transformers_config(path)
     state = {}
     for name, tensor in weights.items():
         if model.spec.tie_word_embeddings and name == "lm_head.weight":

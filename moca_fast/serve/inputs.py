@@ -22,7 +22,7 @@ import httpx
 from ..data.images import open_image
 from ..data.processor import EncodedSequence, Processor
 from ..data.tokens import IMAGE_PLACEHOLDER
-from ..embed import EmbedInput, encode_input
+from ..inputs import EmbedInput, encode_input
 from .parsing import RequestError
 from .settings import ServeSettings
 

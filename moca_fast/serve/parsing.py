@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from .. import prompts
 from ..data.tokens import IMAGE_PLACEHOLDER
-from ..embed import EmbedInput, MocaEmbedder, as_input, with_instructions
+from ..embed import MocaEmbedder
+from ..inputs import EmbedInput, as_input, with_instructions
 from .schemas import EmbeddingRequest, ImagePart
 from .settings import ServeSettings
 

@@ -5,7 +5,7 @@ import torch
 
 from moca_fast.data.batch import pack_sequences
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER
-from moca_fast.model.loading import make_bidirectional
+from moca_fast.integrations.transformers import make_bidirectional
 from moca_fast.model.tiny import tiny_hf_config
 
 

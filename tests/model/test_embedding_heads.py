@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from moca_fast.model.loading import from_transformers, load_pretrained, save_pretrained, to_transformers
+from moca_fast.integrations.transformers import from_transformers, to_transformers
+from moca_fast.model.loading import load_pretrained, save_pretrained
 from moca_fast.model.pooling import matryoshka_prefix
 
 from .conftest import hf_hidden, pack

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from moca_fast.data.masking import apply_mae, apply_mlm
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER
+from moca_fast.integrations.transformers import from_transformers
 from moca_fast.model.attention import Segments
 from moca_fast.model.heads import MaeHead, mlm_loss
-from moca_fast.model.loading import from_transformers
 from moca_fast.model.text import text_rotary
 
 from .conftest import pack

@@ -1,13 +1,15 @@
 """Checkpoint loading in both transformers key layouts (tied and untied heads) and saving in the HF layout."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moca_fast.model.loading import (KEY_LAYOUTS, convert_key, detect_layout, load_pretrained, make_bidirectional,
-                                     save_pretrained)
+from moca_fast.integrations.transformers import make_bidirectional
+from moca_fast.model.loading import KEY_LAYOUTS, convert_key, detect_layout, load_pretrained, save_pretrained
 from moca_fast.model.tiny import tiny_hf_config
 
 from .conftest import bidirectional_hf_model, hf_hidden, pack
@@ -189,3 +191,11 @@ def test_auto_processor_loads_a_saved_checkpoint(tmp_path, tokenizer):
     Processor(tokenizer, min_pixels=4 * 784, max_pixels=16 * 784).save_pretrained(tmp_path / "ours")
     processor = AutoProcessor.from_pretrained(tmp_path / "ours")
     assert processor.image_processor.size.longest_edge == 16 * 784
+
+
+def test_loading_and_saving_need_no_integration():
+    """model/ sits below integrations/: loading and saving a checkpoint import nothing of moca_fast.integrations."""
+    code = ("import sys, moca_fast.model.loading; "
+            "print(sorted(m for m in sys.modules if m.startswith('moca_fast.integrations')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

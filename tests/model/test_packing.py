@@ -3,7 +3,7 @@
 import torch
 
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER
-from moca_fast.model.loading import from_transformers
+from moca_fast.integrations.transformers import from_transformers
 
 from .conftest import pack
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moca_fast.model.loading import from_transformers
+from moca_fast.integrations.transformers import from_transformers
 from moca_fast.model.pooling import embed_pool
 
 from .conftest import hf_hidden, pack

@@ -10,7 +10,8 @@ import numpy as np
 import openai
 import pytest
 
-from moca_fast.embed import MocaEmbedder, as_input
+from moca_fast.embed import MocaEmbedder
+from moca_fast.inputs import as_input
 
 from ..eval.tiny import SMALL_PIXELS
 from .conftest import MAX_TOKENS, MODEL, ServerProcess, client, data_url, post

@@ -9,7 +9,7 @@ import numpy as np
 import openai
 import pytest
 
-from moca_fast.embed import as_input
+from moca_fast.inputs import as_input
 
 from .conftest import MAX_BODY_MB, MAX_INPUTS, MAX_TOKENS, MODEL, client, data_url, post
 

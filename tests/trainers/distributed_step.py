@@ -56,7 +56,7 @@ def main(stage_name: str, out: str, workdir: str) -> None:
         from reference_path import ReferencePath, pad_sequences
 
         from moca_fast.data.pairs import PairDataset
-        from moca_fast.model.loading import to_transformers
+        from moca_fast.integrations.transformers import to_transformers
         from moca_fast.trainers.cl import pair_subsets
 
         encoded = EncodedPairs(PairDataset(pair_subsets(workdir), negative_ratio=2), processor)

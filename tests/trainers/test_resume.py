@@ -12,8 +12,9 @@ import signal
 import pytest
 import torch
 
+from moca_fast.config import TrainConfig, free_on_resume
 from moca_fast.model.loading import load_pretrained
-from moca_fast.trainers import checkpoint
+from moca_fast.trainers import checkpoint, resume
 from moca_fast.trainers.cpt import ContinualPretraining
 from moca_fast.trainers.guards import TrainingStopped
 from moca_fast.trainers.run import run
@@ -142,6 +143,16 @@ def test_a_changed_config_is_refused_or_applied_explicitly(tmp_path, documents, 
     assert "(applied; the run no longer equals an uninterrupted one): lr: 0.002 -> 0.01" in caplog.text
     warmup = math.ceil(6 * 0.1)
     assert [r["lr"] for r in records] == pytest.approx([1e-2 * (6 - s) / (6 - warmup) for s in range(2, 6)])
+
+
+def test_every_config_field_declares_its_resume_policy(tmp_path):
+    """Each TrainConfig field carries exactly one resume policy (Free or Compared), so none is left out of resume's
+    checks by accident; the run's identity compares exactly the Compared ones."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    compared = {name for name in names if not free_on_resume(name)}  # raises for a field without exactly one
+    assert set(resume.identity(config(tmp_path), 1, "data")["config"]) == compared | {"world_size"}
+    assert resume.BOOKKEEPING == set(names) - compared
+    assert {"lr", "seed", "max_steps", "stage"} <= compared and {"output_dir", "num_workers"} <= resume.BOOKKEEPING
 
 
 def test_other_data_is_refused_on_resume(tmp_path, documents):
