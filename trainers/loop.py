@@ -27,6 +27,7 @@ from .guards import NONFINITE_ADVICE, StopSignals, TrainingStopped, nonfinite_pr
 from .metrics import MetricsLogger, device_peak_flops
 from .optim import adamw, warmup_linear_decay
 from .resume import apply_optimizer_settings, check_resume, identity, new_run_id, prepare_output, truncate_metrics
+from .setup import fix_cpu_threads
 from .tensorboard import TensorBoardWriter
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ def train(config: TrainConfig, stage: Stage, *, processor=None, device: torch.de
         if changes:
             apply_optimizer_settings(optimizer, scheduler, config)
         step, epoch, position, skipped = state["step"], state["epoch"], state["position"], state.get("skipped", 0)
+        if device.type == "cpu" and state.get("cpu_threads", torch.get_num_threads()) != torch.get_num_threads():
+            fix_cpu_threads(state["cpu_threads"])  # the count the run's steps so far were computed with
         run["run"] = loaded.manifest["run"]
         log.info("resumed from %s at step %d (epoch %d, position %d)", loaded.path, step, epoch, position)
     else:
@@ -99,7 +102,8 @@ def train(config: TrainConfig, stage: Stage, *, processor=None, device: torch.de
         saved = save_checkpoint(output / "checkpoints", step, model=stage.model, extra=stage.extra,
                                 optimizer=optimizer, processor=processor, keep=config.keep_checkpoints, identity=run,
                                 trainer_state={"step": step, "epoch": epoch, "position": position, "skipped": skipped,
-                                               "scheduler": scheduler.state_dict()})
+                                               "scheduler": scheduler.state_dict(),
+                                               "cpu_threads": torch.get_num_threads()})
         if step == total and rank() == 0:  # finished: the model alone, in the HF layout
             export_final(saved, output)
         return saved
