@@ -4,7 +4,8 @@
     python bench/demo_section.py --check                                     # exit 1 if README.md differs (CI)
 
 The summary is kept as bench/results/demo-cpu.json (what `moca-fast demo` wrote: scores, chance from each task's
-candidate counts, the wall time, machine, torch version and date); the section shows it as the demo prints it.
+candidate counts, the wall time, machine, torch version, date and the settings that ran); the section names the
+command that ran and shows the summary as the demo prints it.
 """
 
 from __future__ import annotations
@@ -14,24 +15,47 @@ import json
 import shutil
 import sys
 import textwrap
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from report import RESULTS, write_section
 
-from moca_fast.demo import format_summary
+from moca_fast.demo import DemoSettings, format_summary
 
 SUMMARY = RESULTS / "demo-cpu.json"
 BEGIN, END = "<!-- demo:begin (bench/demo_section.py writes this) -->", "<!-- demo:end -->"
+
+
+def demo_command(settings: dict) -> str:
+    """The `moca-fast demo` command line that ran, from the settings its summary recorded; settings that no option
+    sets (changed in code) follow as key=value. Summaries written before a setting existed lack it: its default."""
+    defaults = {f.name: f.default for f in fields(DemoSettings) if f.default is not MISSING}
+    ran = {**defaults, **{k: v for k, v in settings.items() if k in defaults}}
+    words = ["moca-fast demo"]
+    if settings.get("out", "runs/demo") != "runs/demo":
+        words.append(f"--out {settings['out']}")
+    if (ran["cpt_steps"], ran["cl_steps"]) != (defaults["cpt_steps"], defaults["cl_steps"]):
+        words.append(f"--steps {ran['cpt_steps']} {ran['cl_steps']}")
+    if ran["device"] is not None:
+        words.append(f"--device {ran['device']}")
+    if ran["seed"] != defaults["seed"]:
+        words.append(f"--seed {ran['seed']}")
+    if ran["multi_vector"]:
+        words.append("--multi-vector")
+    optioned = {"cpt_steps", "cl_steps", "device", "seed", "multi_vector"}
+    changed = [f"{k}={v}" for k, v in ran.items() if k not in optioned and v != defaults[k]]
+    return " ".join(words) + (f" (in code: {', '.join(changed)})" if changed else "")
 
 
 def render(summary_path: Path = SUMMARY) -> str:
     summary = json.loads(summary_path.read_text())
     run, settings = summary["run"], summary["run"]["settings"]
     minutes, seconds = divmod(round(run["seconds"]), 60)
+    heads = ", stage 2 with the multi-vector head and Matryoshka dimensions" if settings.get("multi_vector") else ""
     text = textwrap.fill(
         f"Measured on {run['device']}, {run['date']}, torch {run['torch']}, 5-minute load average "
-        f"{run['load_average']} at the end: the whole demo took {minutes} min {seconds} s with its defaults "
-        f"({settings['cpt_steps']} stage-1 and {settings['cl_steps']} stage-2 steps, seed {settings['seed']}). "
+        f"{run['load_average']} at the end: `{demo_command(settings)}` took {minutes} min {seconds} s "
+        f"({settings['cpt_steps']} stage-1 and {settings['cl_steps']} stage-2 steps, seed {settings['seed']}{heads}). "
         "Chance is the expected score of a random ranking, from each task's own candidate counts. Kept in "
         f"`bench/{SUMMARY.relative_to(RESULTS.parent)}`.", width=116)
     return "\n".join([

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, load_train_config
 from .data.synthetic import write_world
 from .embed import MocaEmbedder
 from .eval.mmeb import evaluate_mmeb, find_datasets, read_dataset
@@ -29,10 +29,10 @@ from .eval.vidore import evaluate_vidore
 from .model.loading import load_pretrained
 from .plots import plot_run
 
-IMAGE_PIXELS = 112 * 112  # the world's images at full size: 16 LLM tokens each
-# Stage 2 trains on the scene tasks. Rendered pages are unreadable at 16 tokens per image, so their task only
-# adds batches a tiny model cannot learn; page retrieval is still evaluated (and stays near chance).
-TRAIN_TASKS = ("t2i", "i2t", "vqa")
+# The two stages' recipes: the demo runs these files with its paths, seed, device and step counts set on top, so a
+# user can rerun either stage with `moca-fast cpt|cl --config` after a demo. They live in the repository's configs/.
+RECIPES = Path(__file__).resolve().parents[1] / "configs"
+CPT_RECIPE, CL_RECIPE = RECIPES / "tiny-cpt.yaml", RECIPES / "tiny-cl.yaml"
 # `--multi-vector`: the tiny model's hidden size is 64, so its Matryoshka prefix is a quarter of it (16), as 512 is of
 # the 3B's 2048.
 MATRYOSHKA_DIM = 16
@@ -53,17 +53,18 @@ class DemoSettings:
 
 
 def stage_configs(s: DemoSettings, world: Path) -> tuple[TrainConfig, TrainConfig]:
+    """configs/tiny-cpt.yaml and tiny-cl.yaml with the demo's folders, seed, device and steps (bfloat16 on CUDA)."""
+    for recipe in (CPT_RECIPE, CL_RECIPE):
+        if not recipe.is_file():
+            raise FileNotFoundError(f"{recipe}: the demo's recipe is missing (the demo runs from a clone of the "
+                                    "repository: pip install -e .)")
     cuda = (s.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    common = dict(tokenizer="tiny", max_length=256, min_pixels=IMAGE_PIXELS, max_pixels=IMAGE_PIXELS, seed=s.seed,
-                  dtype="bfloat16" if cuda else "float32", activation_checkpointing=False, num_workers=0,
-                  device=s.device, checkpoint_every=10**9, warmup_ratio=0.05)
-    cpt = TrainConfig(stage="cpt", model="tiny", data=str(world / "cpt" / "documents"),
-                      output_dir=str(s.out / "cpt"), lr=3e-4, grad_accum=1, tokens_per_micro_batch=4096,
-                      max_steps=s.cpt_steps, **common)
-    cl = TrainConfig(stage="cl", model=str(s.out / "cpt" / "final"), data=str(world / "cl"),
-                     output_dir=str(s.out / "cl"), lr=5e-4, pairs_per_rank=32, tokens_per_micro_batch=8192,
-                     temperature=0.05, task_homogeneous=True, tasks=TRAIN_TASKS, max_steps=s.cl_steps, **common,
-                     **(HEADS if s.multi_vector else {}))
+    common = dict(seed=s.seed, device=s.device, **({"dtype": "bfloat16"} if cuda else {}))
+    cpt = load_train_config(str(CPT_RECIPE), dict(data=str(world / "cpt" / "documents"), output_dir=str(s.out / "cpt"),
+                                                 max_steps=s.cpt_steps, **common), stage="cpt")
+    cl = load_train_config(str(CL_RECIPE), dict(model=str(s.out / "cpt" / "final"), data=str(world / "cl"),
+                                               output_dir=str(s.out / "cl"), max_steps=s.cl_steps, **common,
+                                               **(HEADS if s.multi_vector else {})), stage="cl")
     return cpt, cl
 
 

@@ -2,6 +2,7 @@
 chance and the untrained model) guarded as a test."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -9,12 +10,18 @@ import pytest
 from moca_fast.cli import main
 from moca_fast.demo import DemoSettings, format_summary, run_demo
 from moca_fast.model.loading import load_pretrained
+from moca_fast.plots import read_metrics
 
 SCENE_TASKS = ("SynI2T", "SynT2I", "SynVQA")
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-def test_shortened_demo_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "2", "3", "--device", "cpu"]) == 0
+def test_shortened_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    """The demo's default --out, then its recipes (configs/tiny-*.yaml) run verbatim: the demo ran those files."""
+    monkeypatch.chdir(tmp_path)  # the recipes' paths are relative: runs/demo/world, runs/tiny-cpt, ...
+    assert main(["demo", "--steps", "2", "3", "--device", "cpu"]) == 0
+    recipes_after_the_demo(tmp_path)
+    tmp_path = tmp_path / "runs" / "demo"
     printed = capsys.readouterr().out
     assert "moca-fast demo: summary" in printed and "SynT2I (P@1)" in printed and "SynPages (NDCG@5)" in printed
     assert (tmp_path / "losses.png").stat().st_size > 1000
@@ -26,6 +33,18 @@ def test_shortened_demo_end_to_end(tmp_path, capsys):
     assert summary["chance"]["SynVQA"] == pytest.approx(expected)
     assert summary["chance"]["SynT2I"] == pytest.approx(12.5) and summary["chance"]["SynVQA"] > 12.5
     load_pretrained(tmp_path / "cl" / "final")  # the trained model, in the HF layout
+
+
+def recipes_after_the_demo(cwd: Path) -> None:
+    """`moca-fast cpt --config configs/tiny-cpt.yaml`, then the cl one, as a user types them after a demo (two
+    steps each): stage 1 reads the demo's world and repeats the demo's stage 1 bit for bit, stage 2 starts from it."""
+    for stage in ("cpt", "cl"):
+        assert main([stage, "--config", str(CONFIGS / f"tiny-{stage}.yaml"), "--max-steps", "2"]) == 0
+        ours, demo = (read_metrics(cwd / "runs" / run / "metrics.jsonl") for run in (f"tiny-{stage}", f"demo/{stage}"))
+        assert [r["step"] for r in ours] == [1, 2]
+        if stage == "cpt":  # same recipe, data, seed and steps as the demo's stage 1
+            assert [(r["loss"], r["grad_norm"]) for r in ours] == [(r["loss"], r["grad_norm"]) for r in demo]
+    assert (cwd / "runs" / "tiny-cl" / "final" / "config.json").is_file()
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ from .guards import NONFINITE_ADVICE, StopSignals, TrainingStopped, nonfinite_pr
 from .metrics import MetricsLogger, device_peak_flops
 from .optim import adamw, warmup_linear_decay
 from .resume import apply_optimizer_settings, check_resume, identity, new_run_id, prepare_output, truncate_metrics
+from .setup import fix_cpu_threads
 from .tensorboard import TensorBoardWriter
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ def train(config: TrainConfig, stage: Stage, *, processor=None, device: torch.de
     prepare_output(output, resume=resume, overwrite=overwrite, is_main=rank() == 0)
     training = Training(config, stage, processor, output)
     loaded = training.restore(resume, allow_config_change)
+    threads = loaded.trainer_state.get("cpu_threads") if loaded is not None else None
+    if device.type == "cpu" and threads is not None and threads != torch.get_num_threads():
+        fix_cpu_threads(threads)  # the count the run's steps so far were computed with
     if rank() == 0:
         truncate_metrics(output / "metrics.jsonl", training.progress.step)
     if loaded is not None and training.progress.step >= training.total:
@@ -220,7 +224,8 @@ class Training:
         saved = save_checkpoint(self.output / "checkpoints", self.progress.step, model=self.stage.model,
                                 extra=self.stage.extra, optimizer=self.optimizer, processor=self.processor,
                                 keep=self.config.keep_checkpoints, identity=self.identity,
-                                trainer_state={**asdict(self.progress), "scheduler": self.scheduler.state_dict()})
+                                trainer_state={**asdict(self.progress), "scheduler": self.scheduler.state_dict(),
+                                               "cpu_threads": torch.get_num_threads()})
         if self.progress.step == self.total and rank() == 0:  # finished: the model alone, in the HF layout
             export_final(saved, self.output)
         return saved

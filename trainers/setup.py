@@ -97,4 +97,16 @@ def start(config: TrainConfig) -> tuple[torch.device, int, int]:
     device = training_device(config.device)
     rank, world = init_distributed(device.type)
     torch.manual_seed(config.seed)
+    if device.type == "cpu":
+        fix_cpu_threads(torch.get_num_threads())
     return device, rank, world
+
+
+def fix_cpu_threads(threads: int) -> None:
+    """Run the CPU ops with exactly `threads` threads: torch.set_num_threads sets OpenMP's and MKL's counts and turns
+    MKL's dynamic choice of thread counts off (MKL_DYNAMIC, on by default: until a process calls it, MKL may run a
+    product on fewer threads than asked). Reductions split across threads add in another order with another
+    count, so the same step in two processes is bitwise the same only with the same fixed count; the loop records
+    it in each checkpoint and a resume takes it back."""
+    torch.set_num_threads(threads)
+    log.info("CPU threads: %d (fixed: a run and its resumes compute with the same count)", threads)

@@ -93,14 +93,17 @@ class Processor:
             config = json.loads((path / "tokenizer_config.json").read_text())
             (path / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": self.max_length},
                                                                    indent=2))
-        image = {"image_processor_type": "Qwen2VLImageProcessor", "do_convert_rgb": True, "do_resize": True,
-                 "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                 "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "patch_size": self.patch_size,
-                 "temporal_patch_size": self.temporal_patch_size, "merge_size": self.spatial_merge_size,
-                 "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
-                 "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,  # the keys of transformers 4.x
-                 "saved_by": SAVED_BY}
-        (path / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
+        # The PIL backend: it needs no torchvision and writes image_processor_type "Qwen2VLImageProcessor", which
+        # AutoImageProcessor loads with whichever backend is installed.
+        from transformers import Qwen2VLImageProcessorPil
+
+        image = Qwen2VLImageProcessorPil(size={"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+                                         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+                                         patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
+                                         merge_size=self.spatial_merge_size)
+        image.min_pixels, image.max_pixels = self.min_pixels, self.max_pixels  # the keys of transformers 4.x
+        image.saved_by = SAVED_BY
+        image.save_pretrained(path)
 
     def encode(self, text: str, images: list[Image.Image] | tuple = (), sample_id: str = "?") -> EncodedSequence:
         """Encode one sequence; every error names `sample_id` and the problem."""

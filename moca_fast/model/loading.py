@@ -15,8 +15,9 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import save_torch_state_dict
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import HEADS_KEY, ModelSpec
 from .moca import MocaModel
@@ -149,30 +150,12 @@ def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict 
         delattr(config, HEADS_KEY)
     config.save_pretrained(path)
     state = {}
-    for name, tensor in weights.items():
+    for name in sorted(weights):
         if model.spec.tie_word_embeddings and name == "lm_head.weight":
             continue
-        state[convert_key(name, "flat", to_ours=False)] = tensor.detach().to(dtype).contiguous().cpu()
-    shards, current, size = [], {}, 0
-    for key in sorted(state):
-        nbytes = state[key].numel() * state[key].element_size()
-        if current and size + nbytes > SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = state[key]
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
-        return dtype
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, path / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        state[convert_key(name, "flat", to_ours=False)] = weights[name].detach().to(dtype).contiguous().cpu()
+    # model.safetensors, or shards of at most SHARD_BYTES and model.safetensors.index.json
+    save_torch_state_dict(state, path, max_shard_size=SHARD_BYTES)
     return dtype
 
 

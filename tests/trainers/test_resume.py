@@ -232,3 +232,19 @@ def test_a_padding_micro_batch_adds_nothing_to_the_loss_or_gradient(tmp_path, do
     padded_loss, padded_grads = step(lambda b: [b[0], dataclasses.replace(b[1], padding=True)])
     assert padded_loss == loss and grads.keys() == padded_grads.keys()
     assert all(torch.equal(grads[n], padded_grads[n]) for n in grads)
+
+
+def test_a_resume_computes_with_the_cpu_threads_of_the_run(tmp_path, documents):
+    """The CPU thread count decides how reductions split (so the bits of a step): a run fixes it, each checkpoint
+    records it, and a resume in a process with another count takes the run's back."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run(config(tmp_path, max_steps=2), documents=documents, stop_after=1)
+        state = torch.load(tmp_path / "checkpoints" / "step-0000001" / "trainer_state.pt", weights_only=False)
+        assert state["cpu_threads"] == 1
+        torch.set_num_threads(2)  # e.g. another shell's OMP_NUM_THREADS
+        assert steps(run(config(tmp_path, max_steps=2), documents=documents, resume=True)) == [2]
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
