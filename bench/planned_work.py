@@ -1,4 +1,4 @@
-"""Our FLOPs under a memory plan (trainers/memory_plan.py) for a cluster of GPUs: the recompute each block kind is
+"""Our FLOPs under a memory plan (moca_fast/parallel/memory_plan.py) for a cluster of GPUs: the recompute each block kind is
 planned to (none / selective / full), GradCache's extra forward where the plan needs it, against the reference's
 FLOPs as bench/work.py counts them (the reference keeps full recompute, as its recipe runs).
 
@@ -18,7 +18,7 @@ import torch
 from moca_fast.data.batch import pack_sequences
 from moca_fast.model.heads import MaeHead
 from moca_fast.model.moca import MocaModel
-from moca_fast.trainers import memory_plan as mp
+from moca_fast.parallel import memory_plan as mp
 from moca_fast.trainers.metrics import decoder_layer_flops, forward_flops
 
 CLUSTERS = {"8xH100-80GB": (80, 8), "8xH200-141GB": (141, 8)}

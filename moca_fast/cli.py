@@ -120,7 +120,7 @@ def run_embed_or_corpus(args) -> None:
     if args.part_size < 1:
         raise ValueError(f"--part-size must be positive, got {args.part_size}")
     from .corpus import embed_corpus
-    from .trainers.setup import training_device
+    from .parallel.distributed import training_device
 
     inputs, ids = read_jsonl_inputs(args.inputs, args.images or args.inputs.parent)
     args.device = str(training_device(args.device))  # under torchrun on CUDA: this rank's GPU

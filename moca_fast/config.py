@@ -158,8 +158,9 @@ class OnlyIn:
 CPT, CL = OnlyIn("cpt"), OnlyIn("cl")
 
 
-def _recompute_from_boolean(value):
-    """activation_checkpointing was a boolean: true / false (YAML or --set) still mean full / none."""
+def recompute_mode(value):
+    """The recompute mode an activation_checkpointing value names: it was a boolean, and true / false (Python, YAML
+    or --set) still mean full / none; any other value (a mode) is returned as it is."""
     return {True: "full", False: "none", "true": "full", "false": "none"}.get(value, value)
 
 Positive = Field(gt=0)
@@ -200,12 +201,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile per decoder layer and vision block
     # none | selective | full | auto (planned to fit device memory); true / false mean full / none, as before
     activation_checkpointing: Annotated[Literal["none", "selective", "full", "auto"],
-                                        BeforeValidator(_recompute_from_boolean)] = "full"
+                                        BeforeValidator(recompute_mode)] = "full"
     fp8: bool = False  # torchao float8 for the decoder's linear layers (CUDA, capability >= 8.9)
     attention_backend: Literal["auto", "flash", "varlen", "sdpa"] = "auto"
     device: str | None = None  # None: CUDA (this process's LOCAL_RANK) when present, else CPU
     num_workers: Annotated[int, Field(ge=0)] = 2
-    # memory-planned recompute (trainers/memory_plan.py): with activation_checkpointing: auto, the budget
+    # memory-planned recompute (moca_fast/parallel/memory_plan.py): with activation_checkpointing: auto, the budget
     device_memory_gb: Annotated[float | None, Positive] = None  # None: the CUDA device's total memory
     # bad data and bad steps
     skip_invalid: bool = False  # skip samples failing validation or decoding (each logged, counted), not stop

@@ -41,7 +41,7 @@ from moca_fast.checksums import file_checksum
 from moca_fast.model.loading import load_state_dict_into, read_safetensors, save_pretrained
 from moca_fast.model.moca import MocaModel
 
-from .distributed import all_reduce_sum, rank
+from moca_fast.parallel.distributed import all_reduce_sum, rank
 
 log = logging.getLogger(__name__)
 

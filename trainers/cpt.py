@@ -25,10 +25,10 @@ from moca_fast.data.packing import TokenBudgetSampler
 from moca_fast.model.heads import MaeHead, mlm_loss
 from moca_fast.model.loading import read_mae_head
 
-from .distributed import all_reduce_sum, world_size
+from moca_fast.parallel.distributed import all_reduce_sum, world_size
 from .metrics import forward_flops
-from .memory_plan import block_modes, plan_run
-from .parallelize import parallelize
+from moca_fast.parallel.memory_plan import block_modes, plan_run
+from moca_fast.parallel.parallelize import parallelize
 from .setup import autocast
 
 log = logging.getLogger(__name__)

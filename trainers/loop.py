@@ -22,7 +22,7 @@ from torch import nn
 from moca_fast.config import TrainConfig
 
 from .checkpoint import export_final, load_latest, save_checkpoint
-from .distributed import rank, world_size
+from moca_fast.parallel.distributed import rank, world_size
 from .guards import NONFINITE_ADVICE, StopSignals, TrainingStopped, nonfinite_problem
 from .metrics import MetricsLogger, device_peak_flops
 from .optim import adamw, warmup_linear_decay

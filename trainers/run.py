@@ -8,7 +8,7 @@ from pathlib import Path
 
 from moca_fast.config import TrainConfig
 
-from .distributed import finish_distributed
+from moca_fast.parallel.distributed import finish_distributed
 from .guards import TrainingStopped
 from .loop import train
 from .setup import build_model, build_processor, build_tokenizer, start

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -14,21 +13,12 @@ from moca_fast.data.processor import Processor
 from moca_fast.data.tokenizer import load_tokenizer, tiny_tokenizer
 from moca_fast.model.loading import load_pretrained
 from moca_fast.model.moca import MocaModel
-
-from .distributed import init_distributed
+from moca_fast.parallel.distributed import init_distributed, training_device
 
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
 RANDOM = "random:"  # "random:3b" / "random:7b": the reference shapes with random weights (benchmarks)
-
-
-def training_device(requested: str | None = None) -> torch.device:
-    if requested is not None:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

@@ -18,7 +18,7 @@ from .vision import VisionTower
 
 class MocaModel(nn.Module):
     """Qwen2.5-VL with a bidirectional decoder on packed tokens. Plain modules only: parallelism, compile and
-    FP8 are applied from outside (trainers/parallelize.py)."""
+    FP8 are applied from outside (moca_fast/parallel/parallelize.py)."""
 
     def __init__(self, spec: ModelSpec, attention_backend: str = "auto"):
         super().__init__()

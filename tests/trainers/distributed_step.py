@@ -14,7 +14,7 @@ from moca_fast.data.contrastive import ContrastiveCollator, EncodedPairs
 from moca_fast.data.loader import PackCollator
 from moca_fast.data.packing import TokenBudgetSampler
 from moca_fast.data.synthetic import make_documents, make_pairs, write_pairs
-from moca_fast.trainers.distributed import finish_distributed
+from moca_fast.parallel.distributed import finish_distributed
 from moca_fast.trainers.setup import build_model, build_processor, build_tokenizer, start
 
 
