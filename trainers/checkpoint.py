@@ -37,11 +37,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from moca_fast.checksums import file_checksum
-from moca_fast.model.loading import load_state_dict_into, read_safetensors, save_pretrained
-from moca_fast.model.moca import MocaModel
-
-from moca_fast.parallel.distributed import all_reduce_sum, rank
+from ..checksums import file_checksum
+from ..model.loading import load_state_dict_into, read_safetensors, save_pretrained
+from ..model.moca import MocaModel
+from ..parallel.distributed import all_reduce_sum, rank
 
 log = logging.getLogger(__name__)
 
