@@ -212,12 +212,6 @@ def unmarked_checkpoints(root: str | os.PathLike) -> list[Path]:
     return sorted(p for p in found if p.is_dir() and p.name[len(PREFIX):].isdigit() and not (p / MARKER).is_file())
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under `root`, or None."""
-    complete = complete_checkpoints(root)
-    return complete[-1] if complete else None
-
-
 def step_of(path: Path) -> int:
     return int(path.name[len(PREFIX):])
 
