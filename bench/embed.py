@@ -12,7 +12,7 @@ reference's evaluation does. The cosine between the two paths' embeddings of eac
 GPU only (without CUDA the script says so and exits); the embedders below also run on CPU with a tiny model for
 bench/test_benchmarks.py.
 
-    python bench/embed.py --size 3b --out bench/results/embed-3b-<device>.json
+    python -m bench.embed --size 3b --out bench/results/embed-3b-<device>.json
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from moca_fast.embed import MocaEmbedder
 from moca_fast.model.attention import backend_for
 from moca_fast.model.loading import to_transformers
 from moca_fast.trainers.setup import build_model
-from reference_path import ReferencePath, processor_batch
-from report import RESULTS, device_slug, report, require_cuda, write_report
-from train import train_config
+from bench.reference_path import ReferencePath, processor_batch
+from bench.report import RESULTS, device_slug, report, require_cuda, write_report
+from bench.train import train_config
 
 V = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_SIDE = 448

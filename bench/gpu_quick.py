@@ -37,8 +37,8 @@ these pools, run at >= 30% of the 989 TFLOP/s bf16 peak, plus counted compiles a
             fit: the JSON then says it was stopped or skipped.
 So about 20 s + 440 s = 7.7 minutes however long the compiles take: give the device command a 540 s limit.
 
-    python bench/gpu_quick.py                        # GPU: bench/results/quick-3b-<device>.json (and $OUT)
-    python bench/gpu_quick.py --tiny --out quick.json   # CPU, tiny model, untimed (CI)
+    python -m bench.gpu_quick                        # GPU: bench/results/quick-3b-<device>.json (and $OUT)
+    python -m bench.gpu_quick --tiny --out quick.json   # CPU, tiny model, untimed (CI)
 """
 
 from __future__ import annotations
@@ -62,11 +62,11 @@ import torch
 if not torch.cuda.is_available():  # before anything imports triton: the kernels then run in its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import embed  # noqa: E402  (bench/)
-import fused_kernels  # noqa: E402
-import train  # noqa: E402
+from bench import embed  # noqa: E402  (bench/)
+from bench import fused_kernels  # noqa: E402
+from bench import train  # noqa: E402
 from moca_fast.trainers.metrics import device_peak_flops  # noqa: E402
-from report import RESULTS, device_slug, report, require_cuda  # noqa: E402
+from bench.report import RESULTS, device_slug, report, require_cuda  # noqa: E402
 
 BUDGETS = {"kernel": 45, "cpt": 110, "cl": 100, "embed": 75, "extras": None}  # seconds; None: whatever is left
 POOLS = {"cpt": (24, 96), "cl": (48, 96)}  # (warm-up, timed) documents / pairs

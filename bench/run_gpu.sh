@@ -29,22 +29,22 @@ fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
 export PYTHONUNBUFFERED=1
 part="${1:-all}"
-slug=$(python3 -c "import torch, sys; sys.path.insert(0, 'bench'); from report import device_slug; print(device_slug(torch.cuda.get_device_name()))")
+slug=$(python3 -c "import torch, sys; from bench.report import device_slug; print(device_slug(torch.cuda.get_device_name()))")
 if [[ $part == all || $part == kernels ]]; then
     python3 -m pytest -q -p no:cacheprovider tests/kernels
-    python3 bench/fused_kernels.py
+    python3 -m bench.fused_kernels
 fi
 if [[ $part == all || $part == train ]]; then
-    python3 bench/train.py --size 3b
+    python3 -m bench.train --size 3b
 fi
 if [[ $part == all || $part == embed ]]; then
-    python3 bench/embed.py --size 3b
+    python3 -m bench.embed --size 3b
 fi
 if [[ $part == all || $part == suite ]]; then
     python3 -m pytest -q -p no:cacheprovider bench --benchmark-enable --benchmark-only \
         --benchmark-json "bench/results/pytest-benchmark-$slug.json"
 fi
-python3 bench/table.py
+python3 -m bench.table
 if [[ -n "${OUT:-}" ]]; then
     cp bench/results/*.json README.md "$OUT"/
 fi

@@ -10,8 +10,8 @@ would (by default `--data realistic`: the queries and positives of the reference
 mix, moca_fast/data/realistic.py); the server packs what is queued into forwards of --batch-tokens tokens. Inputs per forward come from the
 server's /metrics.
 
-    python bench/serve.py --size tiny --out bench/results/serve-cpu.json     # CPU figures (the committed ones)
-    python bench/serve.py --size 3b                                        # on an H100/H200: serve-3b-<gpu>.json
+    python -m bench.serve --size tiny --out bench/results/serve-cpu.json     # CPU figures (the committed ones)
+    python -m bench.serve --size 3b                                        # on an H100/H200: serve-3b-<gpu>.json
 
 It needs the `serve` extra and httpx. A GPU machine without network takes them as wheels, installed the way
 bench/run_gpu.sh installs .whl/ (python -m pip download -d .whl --python-version 3.12 --only-binary=:all: fastapi
@@ -44,8 +44,8 @@ from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 from moca_fast.data.tokenizer import tiny_tokenizer
 from moca_fast.embed import MocaEmbedder
 from moca_fast.trainers.setup import build_model
-from report import RESULTS, device_slug, report, require_cuda, write_report
-from train import train_config
+from bench.report import RESULTS, device_slug, report, require_cuda, write_report
+from bench.train import train_config
 
 MODEL = "moca-bench"
 IMAGE_SIDE = {"tiny": 112, "3b": 448}  # the tiny model's budget gives 16 tokens per image; the reference's 256

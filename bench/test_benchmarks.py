@@ -9,8 +9,8 @@ and they check that both paths compute the same losses and embeddings.
 import pytest
 import torch
 
-import embed
-import train
+from bench import embed
+from bench import train
 
 CPU_TINY = pytest.param("tiny", "cpu", id="tiny-cpu")
 CUDA_3B = pytest.param("random:3b", "cuda", id="3b-cuda", marks=pytest.mark.cuda)

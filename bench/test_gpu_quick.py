@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-import gpu_quick
+from bench import gpu_quick
 
 
 def test_a_part_past_its_deadline_is_stopped_and_the_rest_skipped():
@@ -118,7 +118,7 @@ def stand_ins(monkeypatch):
 def test_the_gpu_run_s_steps_summaries_and_table_with_stand_in_measurements(stand_ins, tmp_path):
     """The GPU-only orchestration on stand-in measurements: every step and summary is filled and the README
     table renders it."""
-    import table
+    from bench import table
 
     args = types.SimpleNamespace(tiny=False, budget_s=60.0, out=tmp_path / "quick-3b-h100.json")
     gpu_quick.run_steps(gpu_quick.QuickRun(args, gpu_quick.torch.device("cpu"), tmp_path))

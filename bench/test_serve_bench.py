@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import serve
+from bench import serve
 
 
 @pytest.mark.slow
@@ -22,9 +22,9 @@ def test_the_load_test_reports_every_point(tmp_path):
 
 
 def test_serve_results_become_rows(tmp_path):
-    from report import report
+    from bench.report import report
 
-    import table
+    from bench import table
 
     data = report("moca-fast serve on loopback", "cpu", shapes={}, load_average=3.25, results=[
         {"max_wait_ms": 5.0, "clients": 16, "requests": 500, "seconds": 2.0, "requests_per_s": 250.04,
