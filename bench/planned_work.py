@@ -1,6 +1,6 @@
-"""Our FLOPs under a memory plan (moca_fast/parallel/memory_plan.py) for a cluster of GPUs: the recompute each block kind is
-planned to (none / selective / full), GradCache's extra forward where the plan needs it, against the reference's
-FLOPs as bench/work.py counts them (the reference keeps full recompute, as its recipe runs).
+"""Our FLOPs under a memory plan (moca_fast/parallel/memory_plan.py) for a cluster of GPUs: the recompute each block
+kind is planned to (none / selective / full), GradCache's extra forward where the plan needs it, against the
+reference's FLOPs as bench/work.py counts them (the reference keeps full recompute, as its recipe runs).
 
 Counted as bench/work.py counts: matmul FLOPs only, so selective recompute (which recomputes the element-wise ops and
 keeps every matmul and attention output) counts zero; splitting a micro-batch is FLOP-neutral. The plan is made for

@@ -1,6 +1,6 @@
 """Compile that stays compiled: the decoder layers, vision blocks and MAE layer compiled as the trainers compile
-them (moca_fast/parallel/parallelize.py) run packs of changing lengths with a bounded number of compiled graphs, no graph
-breaks and no fallback to eager — on the CPU's SDPA path and on the CUDA path's varlen_attn (through the CPU
+them (moca_fast/parallel/parallelize.py) run packs of changing lengths with a bounded number of compiled graphs, no
+graph breaks and no fallback to eager — on the CPU's SDPA path and on the CUDA path's varlen_attn (through the CPU
 oracle of its op)."""
 
 import pytest
