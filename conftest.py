@@ -21,10 +21,9 @@ NOT_ON_THE_GPU_MACHINE = ("datasets", "dill", "multiprocess", "pandas", "xxhash"
 
 @pytest.fixture
 def run_without_datasets():
-    """Run Python code in a fresh interpreter (repository root, bench/ on the path) in which the packages of
-    NOT_ON_THE_GPU_MACHINE cannot be imported, as if not installed; returns the finished process."""
-    prelude = (f"import sys\nfor _name in {NOT_ON_THE_GPU_MACHINE!r}:\n    sys.modules[_name] = None\n"
-               "sys.path.insert(0, 'bench')\n")
+    """Run Python code in a fresh interpreter (in the repository root, so bench/ imports as `bench`) in which the
+    packages of NOT_ON_THE_GPU_MACHINE cannot be imported, as if not installed; returns the finished process."""
+    prelude = f"import sys\nfor _name in {NOT_ON_THE_GPU_MACHINE!r}:\n    sys.modules[_name] = None\n"
 
     def run(code: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-X", "faulthandler", "-c", prelude + code], cwd=Path(__file__).parent,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from train import OursTrainer, ReferenceTrainer, StagePool, stage_pool, train_config
+from bench.train import OursTrainer, ReferenceTrainer, StagePool, stage_pool, train_config
 
 REPEATS = 5
 

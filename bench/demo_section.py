@@ -1,7 +1,7 @@
 """Write the README's demo section from a measured demo summary: the figures are generated, never typed.
 
-    moca-fast demo && python bench/demo_section.py runs/demo/summary.json   # keep that run, rewrite the section
-    python bench/demo_section.py --check                                     # exit 1 if README.md differs (CI)
+    moca-fast demo && python -m bench.demo_section runs/demo/summary.json   # keep that run, rewrite the section
+    python -m bench.demo_section --check                                     # exit 1 if README.md differs (CI)
 
 The summary is kept as bench/results/demo-cpu.json (what `moca-fast demo` wrote: scores, chance from each task's
 candidate counts, the wall time, machine, torch version, date and the settings that ran); the section names the
@@ -18,7 +18,7 @@ import textwrap
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from report import RESULTS, write_section
+from bench.report import RESULTS, write_section
 
 from moca_fast.demo import DemoSettings, format_summary
 
@@ -76,7 +76,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.summary is not None:
         shutil.copyfile(args.summary, SUMMARY)
-    return write_section(BEGIN, END, render(), check=args.check, fix="python bench/demo_section.py")
+    return write_section(BEGIN, END, render(), check=args.check, fix="python -m bench.demo_section")
 
 
 if __name__ == "__main__":

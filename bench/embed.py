@@ -12,7 +12,7 @@ reference's evaluation does. The cosine between the two paths' embeddings of eac
 GPU only (without CUDA the script says so and exits); the embedders below also run on CPU with a tiny model for
 bench/test_benchmarks.py.
 
-    python bench/embed.py --size 3b --out bench/results/embed-3b-<device>.json
+    python -m bench.embed --size 3b --out bench/results/embed-3b-<device>.json
 
 `--colqwen` instead measures multi-vector embedding of a tiny random ColQwen2.5 (colpali-engine's, with a random
 LoRA adapter; bench/colpali_path.py) on the CPU: ours (MocaEmbedder loading the saved checkpoint, LoRA merged)
@@ -20,7 +20,7 @@ against colpali-engine's own processor and forward (its adapter merged too, so L
 batches of `--colpali-batch`, on text queries and 448 x 448 images at up to 256 image tokens, in one process with the
 same threads; the vectors of the two paths must agree to 1e-4.
 
-    python bench/embed.py --colqwen --out bench/results/embed-colqwen-tiny-cpu.json
+    python -m bench.embed --colqwen --out bench/results/embed-colqwen-tiny-cpu.json
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from moca_fast.embed import DEFAULT_BATCH_TOKENS, MocaEmbedder
 from moca_fast.integrations.transformers import to_transformers
 from moca_fast.model.attention import backend_for
 from moca_fast.trainers.setup import build_model
-from reference_path import ReferencePath, processor_batch
-from report import RESULTS, device_slug, package_version, report, require_cuda, write_report
-from train import train_config
+from bench.reference_path import ReferencePath, processor_batch
+from bench.report import RESULTS, device_slug, package_version, report, require_cuda, write_report
+from bench.train import train_config
 
 V = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_SIDE = 448
@@ -159,7 +159,7 @@ def colqwen_workloads(n: int, seed: int, image_side: int = IMAGE_SIDE) -> dict[s
 
 def colpali_multi_vectors(model, processor, kind: str, inputs: list, batch_size: int) -> list[torch.Tensor]:
     """colpali-engine's multi-vectors of `inputs` ("query" texts or "image"s), batches of `batch_size` in order."""
-    from colpali_path import unpadded_vectors
+    from bench.colpali_path import unpadded_vectors
 
     out = []
     with torch.no_grad():
@@ -173,7 +173,7 @@ def colpali_multi_vectors(model, processor, kind: str, inputs: list, batch_size:
 def bench_colqwen(folder, n: int, warm: int, colpali_batch: int, image_side: int = IMAGE_SIDE) -> dict:
     """Inputs per second of ours and colpali-engine's multi-vector embedding of a tiny ColQwen2.5 saved in
     `folder`, per workload, with their ratio and the largest difference between the two paths' vectors."""
-    from colpali_path import write_tiny_colqwen
+    from bench.colpali_path import write_tiny_colqwen
 
     model, processor, adapter = write_tiny_colqwen(Path(folder), tiny_tokenizer(), **COLQWEN_PIXELS)
     model = model.merge_and_unload().eval()

@@ -1,7 +1,7 @@
 """Kernel benchmarks: moca_fast's fused losses against the reference path and peers at MoCa's shapes (CUDA only).
 
-    python bench/fused_kernels.py [--out bench/results/kernels-<device>.json] [--only masked_lm_ce,info_nce] [--dry-run]
-    python bench/fused_kernels.py --cpu-memory [--maxsim-shapes tiny,scaled,goal] [--time-box-s 300]
+    python -m bench.fused_kernels [--out bench/results/kernels-<device>.json] [--only masked_lm_ce,info_nce] [--dry-run]
+    python -m bench.fused_kernels --cpu-memory [--maxsim-shapes tiny,scaled,goal] [--time-box-s 300]
 
 For every case each contender runs forward + backward from the same starting tensors; we report the median
 time over CUDA events after warm-up, the peak memory the step allocates on top of its inputs, the FLOP/s of
@@ -38,8 +38,8 @@ from typing import Callable
 
 import torch
 
-import maxsim_memory
-from report import device_slug, report, versions, write_report
+from bench import maxsim_memory
+from bench.report import device_slug, report, versions, write_report
 
 from moca_fast.kernels import (info_nce_loss, info_nce_reference, masked_lm_cross_entropy, maxsim_info_nce,
                                patch_reconstruction_loss)

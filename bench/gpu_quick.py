@@ -37,8 +37,12 @@ these pools, run at >= 30% of the 989 TFLOP/s bf16 peak, plus counted compiles a
             fit: the JSON then says it was stopped or skipped.
 So about 20 s + 440 s = 7.7 minutes however long the compiles take: give the device command a 540 s limit.
 
-    python bench/gpu_quick.py                        # GPU: bench/results/quick-3b-<device>.json (and $OUT)
-    python bench/gpu_quick.py --tiny --out quick.json   # CPU, tiny model, untimed (CI)
+    python -m bench.gpu_quick                        # GPU: bench/results/quick-3b-<device>.json (and $OUT)
+    python -m bench.gpu_quick --tiny --out quick.json   # CPU, tiny model, untimed (CI)
+
+It is also the runner of every GPU benchmark (bench/run_gpu.sh calls it): `--full all | kernels | train | embed |
+suite` runs those scripts and suites as child processes under the same time box (`--budget-s`, default 45
+minutes; a part past it is stopped, later ones skipped), then regenerates the README's table.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,11 +67,11 @@ import torch
 if not torch.cuda.is_available():  # before anything imports triton: the kernels then run in its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import embed  # noqa: E402  (bench/)
-import fused_kernels  # noqa: E402
-import train  # noqa: E402
+from bench import embed  # noqa: E402  (bench/)
+from bench import fused_kernels  # noqa: E402
+from bench import train  # noqa: E402
 from moca_fast.trainers.metrics import device_peak_flops  # noqa: E402
-from report import RESULTS, device_slug, report, require_cuda  # noqa: E402
+from bench.report import RESULTS, device_slug, report, require_cuda  # noqa: E402
 
 BUDGETS = {"kernel": 45, "cpt": 110, "cl": 100, "embed": 75, "extras": None}  # seconds; None: whatever is left
 POOLS = {"cpt": (24, 96), "cl": (48, 96)}  # (warm-up, timed) documents / pairs
@@ -264,6 +269,38 @@ def run_steps(run: QuickRun) -> None:
         run.stage("cpt", ("ours", "ours-fp8"), "extras")
 
 
+def full_parts(which: str, slug: str) -> list:
+    """bench/run_gpu.sh's parts as (name, function) pairs for run_parts: each runs one command (a child process,
+    killed if the time box ends it) and raises if it fails."""
+    python = [sys.executable]
+    pytest = [*python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    commands = {
+        "kernels": [("kernel tests", [*pytest, "tests/kernels"]),
+                    ("fused kernels", [*python, "-m", "bench.fused_kernels"])],
+        "train": [("training", [*python, "-m", "bench.train", "--size", "3b"])],
+        "embed": [("embedding", [*python, "-m", "bench.embed", "--size", "3b"])],
+        "suite": [("pytest-benchmark suite", [*pytest, "bench", "--benchmark-enable", "--benchmark-only",
+                                               "--benchmark-json", f"bench/results/pytest-benchmark-{slug}.json"])],
+    }
+    chosen = [c for name in (commands if which == "all" else [which]) for c in commands[name]]
+    return [(name, functools.partial(run_command, argv)) for name, argv in chosen]
+
+
+def run_command(argv: list[str]) -> dict:
+    subprocess.run(argv, check=True)  # TimeUp inside it kills the child before it propagates
+    return {"command": " ".join(argv[1:])}
+
+
+def run_full(which: str, budget_s: float) -> int:
+    """Every GPU benchmark of `which` under one time box, then the README's table; 1 if a part did not finish."""
+    slug = device_slug(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu"
+    results = run_parts(full_parts(which, slug), time.monotonic() + budget_s, lambda results: None)
+    for name, result in results.items():
+        print(f"{name}: {result['status']} ({result['wall_s']:.0f} s)", flush=True)
+    subprocess.run([sys.executable, "-m", "bench.table"], check=True)
+    return 0 if all(r["status"] == "ok" for r in results.values()) else 1
+
+
 SHOWN = {"status", "ms", "tokens_per_s", "mfu", "ours_per_s", "reference_per_s", "speedup_vs_reference",
          "cosine_min", "check_loss", "max_memory_gb"}
 
@@ -271,10 +308,15 @@ SHOWN = {"status", "ms", "tokens_per_s", "mfu", "ours_per_s", "reference_per_s",
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU, untimed (CI)")
-    parser.add_argument("--budget-s", type=float, default=440.0, help="the whole run's time box")
+    parser.add_argument("--budget-s", type=float, help="the whole run's time box (default 440 s; --full: 2,700 s)")
+    parser.add_argument("--full", choices=["all", "kernels", "train", "embed", "suite"],
+                        help="every GPU benchmark of this part instead of the headline figures (bench/run_gpu.sh)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/quick-3b-<device>.json; "
                         "with --tiny, quick-tiny.json in the temporary folder)")
     args = parser.parse_args(argv)
+    if args.full:
+        return run_full(args.full, args.budget_s or 2700.0)
+    args.budget_s = args.budget_s or 440.0
     if args.tiny:
         device = torch.device("cpu")
         args.out = args.out or Path(tempfile.gettempdir()) / "quick-tiny.json"

@@ -1,7 +1,7 @@
 """Throughput of the stage-1 data path alone (decode, resize, patchify, mask, pack) on the CPU.
 
 The loader runs on the host in production too, so these CPU numbers are the real thing: they say whether
-preprocessing can keep a GPU fed. Run: `python bench/loader.py --workers 0 2 --out bench/results/loader-cpu.json`
+preprocessing can keep a GPU fed. Run: `python -m bench.loader --workers 0 2 --out bench/results/loader-cpu.json`
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from moca_fast.data.processor import Processor
 from moca_fast.data.realistic import realistic_documents
 from moca_fast.data.synthetic import make_documents, write_documents
 from moca_fast.data.tokenizer import tiny_tokenizer
-from report import report, write_report
+from bench.report import report, write_report
 
 
 def measure(samples: MaskedDocuments, processor: Processor, budget: int, workers: int) -> dict:

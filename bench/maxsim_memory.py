@@ -1,7 +1,7 @@
 """Peak CPU memory of MaxSim InfoNCE beyond its inputs and their gradients: ours (the chunked torch path) against
 colpali-engine's formulation (einsum over query x doc tokens, max, sum), each measured in a fresh process.
 
-    python bench/fused_kernels.py --cpu-memory [--maxsim-shapes goal,scaled] [--time-box-s 600]
+    python -m bench.fused_kernels --cpu-memory [--maxsim-shapes goal,scaled] [--time-box-s 600]
 
 A child process builds the inputs (queries L2-normalised per token, every document `doc_tokens` long; query i's
 positive is document i, every query is scored against every document), resets its peak resident set (VmHWM, via
@@ -119,7 +119,8 @@ def measure(contender: str, shape: tuple[int, ...], phase: str, time_box_s: floa
     if contender == "colpali_formulation" and similarity_bytes(Q, Lq, N, Ld) > COLPALI_LIMIT_BYTES:
         row |= {"status": "not run", "similarity_tensor_bytes": similarity_bytes(Q, Lq, N, Ld)}
         return row
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import maxsim_memory; "
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+            "from bench import maxsim_memory; "
             f"maxsim_memory.child({contender!r}, {tuple(shape)!r}, {phase!r})")
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})

@@ -1,6 +1,6 @@
-"""Our FLOPs under a memory plan (trainers/memory_plan.py) for a cluster of GPUs: the recompute each block kind is
-planned to (none / selective / full), GradCache's extra forward where the plan needs it, against the reference's
-FLOPs as bench/work.py counts them (the reference keeps full recompute, as its recipe runs).
+"""Our FLOPs under a memory plan (moca_fast/parallel/memory_plan.py) for a cluster of GPUs: the recompute each block
+kind is planned to (none / selective / full), GradCache's extra forward where the plan needs it, against the
+reference's FLOPs as bench/work.py counts them (the reference keeps full recompute, as its recipe runs).
 
 Counted as bench/work.py counts: matmul FLOPs only, so selective recompute (which recomputes the element-wise ops and
 keeps every matmul and attention output) counts zero; splitting a micro-batch is FLOP-neutral. The plan is made for
@@ -18,7 +18,7 @@ import torch
 from moca_fast.data.batch import pack_sequences
 from moca_fast.model.heads import MaeHead
 from moca_fast.model.moca import MocaModel
-from moca_fast.trainers import memory_plan as mp
+from moca_fast.parallel import memory_plan as mp
 from moca_fast.trainers.metrics import decoder_layer_flops, forward_flops
 
 CLUSTERS = {"8xH100-80GB": (80, 8), "8xH200-141GB": (141, 8)}

@@ -31,7 +31,7 @@ from torch import nn
 from moca_fast.data.processor import EncodedSequence
 from moca_fast.embed import plan_batches
 from moca_fast.model.attention import resolve_backend
-from reference_attention import use_varlen_attention
+from bench.reference_attention import use_varlen_attention
 
 IGNORE = -100
 PAD_MULTIPLE = 32  # training batches are padded to a multiple of 32

@@ -48,13 +48,20 @@ def versions() -> dict[str, str | None]:
     return {"python": platform.python_version(), "cuda": torch.version.cuda, **{p: package_version(p) for p in PACKAGES}}
 
 
+def command() -> str:
+    """The command line that ran this process: `python -m bench.<name> ...` for a bench script (run as a module)."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    argv = ["-m", spec.name, *sys.argv[1:]] if spec is not None and spec.name != "__main__" else sys.argv
+    return " ".join([Path(sys.executable).name, *argv])
+
+
 def report(benchmark: str, device: torch.device | str, *, shapes: dict, results, **extra) -> dict:
     return {
         "benchmark": benchmark,
         "device": device_name(device),
         "versions": versions(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command(),
         "shapes": shapes,
         **extra,
         "results": results,

@@ -2,7 +2,8 @@
 # Every GPU benchmark in one command, on an H100/H200: the kernel tests on real Triton, the fused kernels,
 # training (both stages, ours and its variants against the reference path) and embedding at the 3B shape, the
 # pytest-benchmark suite; then the README's table is regenerated from bench/results/*.json (commit both).
-# For the headline figures in at most 8 minutes use bench/gpu_quick.py instead; this is the full run.
+# For the headline figures in at most 8 minutes use bench/gpu_quick.py instead; this is the full run. It installs
+# what it needs and calls bench/gpu_quick.py --full, which runs the parts below under one time box (45 minutes).
 #
 #   bash bench/run_gpu.sh [all | kernels | train | embed | suite]
 #
@@ -28,23 +29,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
 export PYTHONUNBUFFERED=1
-part="${1:-all}"
-slug=$(python3 -c "import torch, sys; sys.path.insert(0, 'bench'); from report import device_slug; print(device_slug(torch.cuda.get_device_name()))")
-if [[ $part == all || $part == kernels ]]; then
-    python3 -m pytest -q -p no:cacheprovider tests/kernels
-    python3 bench/fused_kernels.py
-fi
-if [[ $part == all || $part == train ]]; then
-    python3 bench/train.py --size 3b
-fi
-if [[ $part == all || $part == embed ]]; then
-    python3 bench/embed.py --size 3b
-fi
-if [[ $part == all || $part == suite ]]; then
-    python3 -m pytest -q -p no:cacheprovider bench --benchmark-enable --benchmark-only \
-        --benchmark-json "bench/results/pytest-benchmark-$slug.json"
-fi
-python3 bench/table.py
+status=0
+python3 -m bench.gpu_quick --full "${1:-all}" || status=$?  # the runner: each part time-boxed, then the table
 if [[ -n "${OUT:-}" ]]; then
     cp bench/results/*.json README.md "$OUT"/
 fi
+exit $status

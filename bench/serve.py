@@ -10,8 +10,8 @@ would (by default `--data realistic`: the queries and positives of the reference
 mix, moca_fast/data/realistic.py); the server packs what is queued into forwards of --batch-tokens tokens. Inputs per forward come from the
 server's /metrics.
 
-    python bench/serve.py --size tiny --out bench/results/serve-cpu.json     # CPU figures (the committed ones)
-    python bench/serve.py --size 3b                                        # on an H100/H200: serve-3b-<gpu>.json
+    python -m bench.serve --size tiny --out bench/results/serve-cpu.json     # CPU figures (the committed ones)
+    python -m bench.serve --size 3b                                        # on an H100/H200: serve-3b-<gpu>.json
 
 It needs the `serve` extra and httpx. A GPU machine without network takes them as wheels, installed the way
 bench/run_gpu.sh installs .whl/ (python -m pip download -d .whl --python-version 3.12 --only-binary=:all: fastapi
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import itertools
 import json
@@ -44,8 +45,8 @@ from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 from moca_fast.data.tokenizer import tiny_tokenizer
 from moca_fast.embed import MocaEmbedder
 from moca_fast.trainers.setup import build_model
-from report import RESULTS, device_slug, report, require_cuda, write_report
-from train import train_config
+from bench.report import RESULTS, device_slug, report, require_cuda, write_report
+from bench.train import train_config
 
 MODEL = "moca-bench"
 IMAGE_SIDE = {"tiny": 112, "3b": 448}  # the tiny model's budget gives 16 tokens per image; the reference's 256
@@ -134,8 +135,10 @@ def batch_stats(url: str) -> tuple[float, float]:
     return float(values["moca_batch_inputs_sum"]), float(values["moca_batch_inputs_count"])
 
 
-async def closed_loop(url: str, bodies: list[bytes], clients: int, requests: int, seconds: float) -> list[float]:
-    """Latencies (s) of up to `requests` requests from `clients` clients sending back to back, for <= `seconds`."""
+async def closed_loop(url: str, bodies: list[bytes], clients: int, requests: int, seconds: float,
+                      answers: list | None = None) -> list[float]:
+    """Latencies (s) of up to `requests` requests from `clients` clients sending back to back, for <= `seconds`;
+    each (body index, parsed answer) is appended to `answers` when given."""
     latencies, numbers = [], itertools.count()
     deadline = time.perf_counter() + seconds
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=clients)) as client:
@@ -146,21 +149,43 @@ async def closed_loop(url: str, bodies: list[bytes], clients: int, requests: int
                                              headers={"content-type": "application/json"})
                 response.raise_for_status()
                 latencies.append(time.perf_counter() - start)
+                if answers is not None:
+                    answers.append((i % len(bodies), response.json()))
 
         await asyncio.gather(*(one_client() for _ in range(clients)))
     return latencies
 
 
-def measure(url: str, bodies: list[bytes], clients: int, requests: int, seconds: float) -> dict:
+def measure(url: str, bodies: list[bytes], clients: int, requests: int, seconds: float,
+            answers: list | None = None) -> dict:
+    """One point of the load test (`answers` as closed_loop's)."""
     inputs_before, forwards_before = batch_stats(url)
     start = time.perf_counter()
-    latencies = asyncio.run(closed_loop(url, bodies, clients, requests, seconds))
+    latencies = asyncio.run(closed_loop(url, bodies, clients, requests, seconds, answers))
     elapsed = time.perf_counter() - start
     inputs, forwards = (a - b for a, b in zip(batch_stats(url), (inputs_before, forwards_before)))
     ms = np.array(latencies) * 1000
     return {"clients": clients, "requests": len(latencies), "seconds": elapsed,
             "requests_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)), "inputs_per_forward": inputs / max(forwards, 1)}
+
+
+@contextlib.contextmanager
+def running_server(size: str, device: str, batch_tokens: int, max_wait_ms: float):
+    """A server in a child process, ready; yields its URL and stops it gracefully (SIGTERM) at the end."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = multiprocessing.get_context("spawn").Process(
+        target=run_server, args=(size, device, batch_tokens, max_wait_ms, port))
+    server.start()
+    try:
+        wait_ready(url, server)
+        yield url
+    finally:
+        server.terminate()  # SIGTERM: a graceful shutdown
+        server.join(60)
+        if server.is_alive():
+            server.kill()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,13 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     bodies = request_bodies(args.size, 64, data=args.data)
     results = []
     for max_wait in args.max_wait_ms:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = multiprocessing.get_context("spawn").Process(
-            target=run_server, args=(args.size, device, args.batch_tokens, max_wait, port))
-        server.start()
-        try:
-            wait_ready(url, server)
+        with running_server(args.size, device, args.batch_tokens, max_wait) as url:
             asyncio.run(closed_loop(url, bodies, 4, args.warmup, args.seconds))
             for clients in args.clients:
                 point = {"max_wait_ms": max_wait, **measure(url, bodies, clients, args.requests, args.seconds)}
@@ -197,11 +216,6 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"max wait {max_wait:5.1f} ms, {clients:3d} clients: {point['requests_per_s']:8.1f} req/s, "
                       f"p50 {point['p50_ms']:7.1f} ms, p99 {point['p99_ms']:7.1f} ms, "
                       f"{point['inputs_per_forward']:.2f} inputs per forward", flush=True)
-        finally:
-            server.terminate()  # SIGTERM: a graceful shutdown
-            server.join(60)
-            if server.is_alive():
-                server.kill()
     gpu = device.startswith("cuda")
     label = "GPU" if gpu else "CPU figures: the HTTP layer and the batcher, not embedding speed"
     out = args.out or RESULTS / (f"serve-{args.size}-{device_slug(torch.cuda.get_device_name())}.json" if gpu

@@ -1,7 +1,7 @@
 """Write the README's performance section from bench/results/*.json: numbers are generated, never typed.
 
-    python bench/table.py            # rewrite the section between the markers in README.md
-    python bench/table.py --check    # exit 1 if README.md is not what the committed results give (CI test)
+    python -m bench.table            # rewrite the section between the markers in README.md
+    python -m bench.table --check    # exit 1 if README.md is not what the committed results give (CI test)
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from report import RESULTS, write_section
+from bench.report import RESULTS, write_section
 
 BEGIN, END = "<!-- performance:begin (bench/table.py writes this) -->", "<!-- performance:end -->"
 GPU_KINDS = ("quick", "train", "embed", "kernels")
@@ -197,9 +197,9 @@ def render(results: Path = RESULTS) -> str:
     files = sorted(results.glob("*.json"))
     parts = [BEGIN]
     if not any(f.name.startswith(GPU_KINDS) for f in files):
-        parts.append("GPU figures are pending: no GPU results are committed yet. `python bench/gpu_quick.py` (8 "
+        parts.append("GPU figures are pending: no GPU results are committed yet. `python -m bench.gpu_quick` (8 "
                      "minutes) or `bash bench/run_gpu.sh` on an H100/H200 writes them to bench/results/, and "
-                     "`python bench/table.py` this table from them.\n")
+                     "`python -m bench.table` this table from them.\n")
     for kind, (title, rows) in RENDERERS.items():
         for path in (f for f in files if f.name.startswith(kind + "-")):
             data = json.loads(path.read_text())
@@ -212,7 +212,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if README.md differs from the results")
     args = parser.parse_args()
-    return write_section(BEGIN, END, render(), check=args.check, fix="python bench/table.py")
+    return write_section(BEGIN, END, render(), check=args.check, fix="python -m bench.table")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ and they check that both paths compute the same losses and embeddings.
 import pytest
 import torch
 
-import embed
-import train
+from bench import embed
+from bench import train
 
 CPU_TINY = pytest.param("tiny", "cpu", id="tiny-cpu")
 CUDA_3B = pytest.param("random:3b", "cuda", id="3b-cuda", marks=pytest.mark.cuda)
@@ -35,10 +35,22 @@ def _stage_inputs(stage: str, model: str, folder):
     return config, tokenizer, processor, pairs, train.stage2_samples(pairs, processor)[:config.pairs_per_rank]
 
 
+@pytest.fixture(scope="module")
+def first_losses():
+    """(stage, model) -> path -> the loss of its first step, from the shared initial weights on the same batch."""
+    return {}
+
+
+# The paths' first losses agree to fp32 rounding on the CPU, to bf16 autocast's on CUDA.
+LOSS_RTOL = {"cpu": 1e-5, "cuda": 2e-2}
+
+
 @pytest.mark.parametrize("model,device", [CPU_TINY, CUDA_3B])
 @pytest.mark.parametrize("path", ["ours", "reference"])
 @pytest.mark.parametrize("stage", ["cpt", "cl"])
-def test_train_step(benchmark, world, stage, path, model, device):
+def test_train_step(benchmark, world, first_losses, stage, path, model, device):
+    """One training step timed; its first loss is the other path's on the same batch (checked by whichever of the
+    two cases runs second)."""
     config, tokenizer, processor, data, group = _stage_inputs(stage, model, world / f"{stage}-{model}")
     device = torch.device(device)
     if path == "ours":
@@ -47,10 +59,14 @@ def test_train_step(benchmark, world, stage, path, model, device):
     else:
         trainer = train.ReferenceTrainer(config, tokenizer, processor, device)
     inputs = trainer.prepare(group)
-    trainer.step(inputs)  # warm-up (and compilation) outside the timing
+    first = trainer.step(inputs)  # warm-up (and compilation) outside the timing, from the initial weights
     loss = benchmark.pedantic(lambda: (trainer.step(inputs), train.synchronize(device))[0], rounds=5,
                               warmup_rounds=1)
-    assert torch.isfinite(torch.tensor(loss))
+    assert torch.isfinite(torch.tensor([first, loss])).all()
+    seen = first_losses.setdefault((stage, model), {})
+    seen[path] = first
+    if len(seen) == 2:
+        assert seen["ours"] == pytest.approx(seen["reference"], rel=LOSS_RTOL[device.type]), seen
     trainer = None  # noqa: F841  (release the model before the next case)
     train.free(device)
 

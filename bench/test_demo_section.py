@@ -2,14 +2,14 @@
 
 import json
 
-import demo_section
-from report import README, with_section
+from bench import demo_section
+from bench.report import README, with_section
 
 
 def test_readme_demo_section_is_generated_from_the_kept_summary():
     readme = README.read_text()
     assert with_section(readme, demo_section.BEGIN, demo_section.END, demo_section.render()) == readme, \
-        "run: python bench/demo_section.py"
+        "run: python -m bench.demo_section"
 
 
 def test_the_section_names_what_ran(tmp_path):

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-import gpu_quick
+from bench import gpu_quick
 
 
 def test_a_part_past_its_deadline_is_stopped_and_the_rest_skipped():
@@ -118,7 +118,7 @@ def stand_ins(monkeypatch):
 def test_the_gpu_run_s_steps_summaries_and_table_with_stand_in_measurements(stand_ins, tmp_path):
     """The GPU-only orchestration on stand-in measurements: every step and summary is filled and the README
     table renders it."""
-    import table
+    from bench import table
 
     args = types.SimpleNamespace(tiny=False, budget_s=60.0, out=tmp_path / "quick-3b-h100.json")
     gpu_quick.run_steps(gpu_quick.QuickRun(args, gpu_quick.torch.device("cpu"), tmp_path))
@@ -157,3 +157,23 @@ def test_ours_runs_first_and_each_ratio_is_written_as_its_reference_run_lands(st
     assert cpt["parts"]["reference"]["status"].startswith("stopped: the step's time was up")
     first = next(w["cl"] for w in written if "reference" in w.get("cl", {}).get("parts", {}))
     assert first["summary"]["speedup_vs_reference"] == {"ours-eager": 1.5}
+
+
+def test_the_full_runs_commands_are_time_boxed_and_their_failures_reported():
+    """--full (bench/run_gpu.sh): each part a child process, killed when the box ends, a failed one reported."""
+    import functools
+    import sys
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    parts = [("fails", functools.partial(gpu_quick.run_command, [sys.executable, "-c", "raise SystemExit(3)"])),
+             ("sleeps", functools.partial(gpu_quick.run_command, sleeper)),
+             ("after", functools.partial(gpu_quick.run_command, [sys.executable, "-c", "pass"]))]
+    start = time.monotonic()
+    results = gpu_quick.run_parts(parts, time.monotonic() + 5.0, lambda r: None)
+    assert time.monotonic() - start < 30
+    assert results["fails"]["status"].startswith("failed: CalledProcessError") and "3" in results["fails"]["status"]
+    assert results["sleeps"]["status"].startswith("stopped: the step's time was up")
+    assert results["after"]["status"] == "skipped: the step's time was up"
+    names = [name for name, _ in gpu_quick.full_parts("all", "h100")]
+    assert names == ["kernel tests", "fused kernels", "training", "embedding", "pytest-benchmark suite"]
+    assert [name for name, _ in gpu_quick.full_parts("train", "h100")] == ["training"]

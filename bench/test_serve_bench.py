@@ -1,11 +1,16 @@
 """bench/serve.py end to end on the tiny model, bounded to a few requests: a server process, the closed-loop
 clients, the metrics it reads, every field of the report (so the script cannot rot between GPU runs)."""
 
+import base64
+import io
 import json
 
 import pytest
+import torch
+from PIL import Image
 
-import serve
+from bench import serve
+from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 
 
 @pytest.mark.slow
@@ -21,10 +26,41 @@ def test_the_load_test_reports_every_point(tmp_path):
         assert point["inputs_per_forward"] >= 1
 
 
-def test_serve_results_become_rows(tmp_path):
-    from report import report
+def served_input(item):
+    """A request's input item as encode takes it: a text, or {"text", "image"} with the data URL decoded."""
+    if isinstance(item, str):
+        return item
+    data = base64.b64decode(item["image"].partition(",")[2])
+    return {"text": item["text"], "image": Image.open(io.BytesIO(data)).convert("RGB")}
 
-    import table
+
+@pytest.mark.slow
+def test_served_embeddings_are_encodes_and_every_request_is_counted():
+    """The load test's answers: one per request sent, each body's embedding what encode gives the same input, and
+    its token count the processor's."""
+    bodies = serve.request_bodies("tiny", 5)
+    answers = []
+    with serve.running_server("tiny", "cpu", 16384, 5) as url:
+        point = serve.measure(url, bodies, 3, 10, 120, answers)
+    assert point["requests"] == len(answers) == 10
+    assert sorted(i for i, _ in answers) == sorted([*range(5)] * 2)
+    inputs = [served_input(json.loads(body)["input"][0]) for body in bodies]
+    assert any(isinstance(x, dict) for x in inputs) and any(isinstance(x, str) for x in inputs)
+    embedder = serve.build_embedder("tiny", "cpu", 16384)
+    expected = embedder.encode(inputs, convert_to_tensor=True)
+    tokens = [len(embedder.processor.encode(x)) if isinstance(x, str) else
+              len(embedder.processor.encode(IMAGE_PLACEHOLDER + x["text"], [x["image"]])) for x in inputs]
+    for i, answer in answers:
+        assert [row["index"] for row in answer["data"]] == [0]
+        torch.testing.assert_close(torch.tensor(answer["data"][0]["embedding"]), expected[i].float(), rtol=1e-4,
+                                   atol=1e-5)
+        assert answer["usage"]["prompt_tokens"] == tokens[i]
+
+
+def test_serve_results_become_rows(tmp_path):
+    from bench.report import report
+
+    from bench import table
 
     data = report("moca-fast serve on loopback", "cpu", shapes={}, load_average=3.25, results=[
         {"max_wait_ms": 5.0, "clients": 16, "requests": 500, "seconds": 2.0, "requests_per_s": 250.04,

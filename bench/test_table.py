@@ -2,13 +2,13 @@
 
 import json
 
-import table
-from report import README, report, with_section
+from bench import table
+from bench.report import README, report, with_section
 
 
 def test_readme_table_is_generated_from_the_committed_results():
     readme = README.read_text()
-    assert with_section(readme, table.BEGIN, table.END, table.render()) == readme, "run: python bench/table.py"
+    assert with_section(readme, table.BEGIN, table.END, table.render()) == readme, "run: python -m bench.table"
 
 
 def test_gpu_results_become_rows_and_lift_the_pending_note(tmp_path):

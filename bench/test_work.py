@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-import work
-from fused_kernels import LM_HEAD_GEMMS
+from bench import work
+from bench.fused_kernels import LM_HEAD_GEMMS
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_stage2_is_one_packed_forward_against_three_padded(counted, pool):
 
 
 def test_the_readme_table_renders_the_counts(counted, tmp_path):
-    import table
+    from bench import table
 
     (tmp_path / "work-tiny.json").write_text(json.dumps(counted))
     text = table.render(tmp_path)

@@ -16,7 +16,7 @@ must agree. Variants of ours: without compile, with FP8, and padding instead of 
 GPU only: CPU timings of this code mean nothing, so without CUDA the script says so and exits; the trainers
 below also run on CPU with a tiny model for bench/test_benchmarks.py.
 
-    python bench/train.py --size 3b --out bench/results/train-3b-<device>.json
+    python -m bench.train --size 3b --out bench/results/train-3b-<device>.json
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from moca_fast.trainers.cpt import micro_batch_sampler, step_flops
 from moca_fast.trainers.metrics import device_peak_flops, forward_flops
 from moca_fast.trainers.optim import adamw
 from moca_fast.trainers.setup import autocast, build_model, build_processor, build_tokenizer, generated_hf_config
-from reference_path import BUCKET_COST, PAD_MULTIPLE, ReferencePath, cost_buckets, pad_sequences, sample_cost
-from report import RESULTS, device_slug, report, require_cuda, write_report
+from bench.reference_path import BUCKET_COST, PAD_MULTIPLE, ReferencePath, cost_buckets, pad_sequences, sample_cost
+from bench.report import RESULTS, device_slug, report, require_cuda, write_report
 
 POOLS = ("realistic", "uniform")  # the reference data's shapes; the synthetic world (every image 256 tokens)
 OURS_VARIANTS = {  # name -> (compile, fp8, padded)

@@ -26,7 +26,7 @@ sequence's forward).
 Beside the FLOP ratios, bench/cpu_time.py's CPU-time ratio of the two paths on the realistic pool (the tiny
 model, one thread, median of 5; labelled CPU: it says what packing saves in time on a CPU, not on a GPU).
 
-    python bench/work.py                      # 3B and 7B -> bench/results/work-3b.json, work-7b.json
+    python -m bench.work                      # 3B and 7B -> bench/results/work-3b.json, work-7b.json
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
-from fused_kernels import linear_ce_flops, patch_reconstruction_flops
+from bench.fused_kernels import linear_ce_flops, patch_reconstruction_flops
 from moca_fast.data.batch import pack_sequences
 from moca_fast.trainers.metrics import attention_pairs, decoder_layer_flops, forward_flops
-from planned_work import planned_columns
-from reference_path import BUCKET_COST, PAD_MULTIPLE, pad_sequences
-from report import RESULTS, report, write_report
-from cpu_time import REPEATS, cpu_pool, cpu_time_ratio
-from train import POOLS, StagePool, stage_pool, train_config
+from bench.planned_work import planned_columns
+from bench.reference_path import BUCKET_COST, PAD_MULTIPLE, pad_sequences
+from bench.report import RESULTS, report, write_report
+from bench.cpu_time import REPEATS, cpu_pool, cpu_time_ratio
+from bench.train import POOLS, StagePool, stage_pool, train_config
 
 STAGES = ("cpt", "cl")
 

@@ -87,9 +87,6 @@ class Multiprocessors:
     blocks: int = 32
 
 
-H100_SXM = Multiprocessors(132)
-
-
 @functools.cache
 def multiprocessors(device_index: int) -> Multiprocessors:
     props = torch.cuda.get_device_properties(device_index)

@@ -117,7 +117,7 @@ def run_embed(args) -> None:
         return embed_to_file(lambda: embedder_from_args(args), args.inputs, args.output, image_root, **options)
 
     def this_ranks_embedder():
-        from .trainers.setup import training_device
+        from .parallel.distributed import training_device
 
         args.device = str(training_device(args.device))  # under torchrun on CUDA: this rank's GPU
         return embedder_from_args(args)

@@ -172,9 +172,13 @@ class OnResume:
 Free, Compared = OnResume(free=True), OnResume(free=False)
 
 
-def _recompute_from_boolean(value):
-    """activation_checkpointing was a boolean: true / false (YAML or --set) still mean full / none."""
-    return {True: "full", False: "none", "true": "full", "false": "none"}.get(value, value)
+def recompute_mode(value):
+    """The recompute mode an activation_checkpointing value names: it was a boolean, and true / false (Python, YAML
+    or --set) still mean full / none; any other value (a mode) is returned as it is."""
+    if isinstance(value, (bool, str)):
+        return {True: "full", False: "none", "true": "full", "false": "none"}.get(value, value)
+    return value
+
 
 Positive = Field(gt=0)
 Count = Field(ge=1)
@@ -222,12 +226,12 @@ class TrainConfig:
     compile: Annotated[bool, Free] = False  # torch.compile per decoder layer and vision block
     # none | selective | full | auto (planned to fit device memory); true / false mean full / none, as before
     activation_checkpointing: Annotated[Literal["none", "selective", "full", "auto"],
-                                        BeforeValidator(_recompute_from_boolean), Free] = "full"
+                                        BeforeValidator(recompute_mode), Free] = "full"
     fp8: Annotated[bool, Compared] = False  # torchao float8 for the decoder's linear layers (CUDA, capability >= 8.9)
     attention_backend: Annotated[Literal["auto", "flash", "varlen", "sdpa"], Free] = "auto"
     device: Annotated[str | None, Free] = None  # None: CUDA (this process's LOCAL_RANK) when present, else CPU
     num_workers: Annotated[int, Field(ge=0), Free] = 2
-    # memory-planned recompute (trainers/memory_plan.py): with activation_checkpointing: auto, the budget
+    # memory-planned recompute (moca_fast/parallel/memory_plan.py): with activation_checkpointing: auto, the budget
     device_memory_gb: Annotated[float | None, Positive, Free] = None  # None: the CUDA device's total memory
     # bad data and bad steps
     # skip samples failing validation or decoding (each logged, counted), not stop

@@ -101,7 +101,7 @@ def embed_corpus(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], ids: Sequ
         raise ValueError(f"pool_factor {pool_factor}: token pooling takes a positive factor and a multi-vector output "
                          f"(output={output!r})")
 
-    from .trainers.distributed import finish_distributed, init_distributed
+    from .parallel.distributed import finish_distributed, init_distributed
 
     rank, world = init_distributed(embedder.device.type)
     parts = part_ranges(len(inputs), part_size)

@@ -141,7 +141,7 @@ class MocaEmbedder:
             raise ValueError(f"{path}: {len(broken)} weight tensors hold NaN or inf (first: {broken[0]}); "
                              "every embedding would be NaN")
         if compile or fp8:
-            from .trainers.parallelize import parallelize
+            from .parallel.parallelize import parallelize
 
             parallelize(model, list(model.language_model.layers), device=device,
                         fp8_layers=model.language_model.layers if fp8 else None,

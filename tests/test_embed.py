@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference_path import ReferencePath, processor_batch
+from bench.reference_path import ReferencePath, processor_batch
 
 from moca_fast import prompts
 from moca_fast.embed import MocaEmbedder, local_checkpoint, plan_batches

@@ -9,12 +9,12 @@ import types
 import pytest
 import torch
 
-import reference_attention
+from bench import reference_attention
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER as P
 from moca_fast.integrations.transformers import make_bidirectional
 from moca_fast.model.tiny import tiny_hf_config
-from reference_attention import use_varlen_attention, varlen_attention_forward
-from reference_path import pad_sequences
+from bench.reference_attention import use_varlen_attention, varlen_attention_forward
+from bench.reference_path import pad_sequences
 
 def _per_row(q, k, v, lengths, scale):
     """fp64 softmax attention of each row's first `length` tokens among themselves: [B, L, Hq, D], zeros beyond."""

@@ -6,7 +6,7 @@ padding)."""
 import pytest
 import torch
 
-from reference_path import (MAX_COST, PAD_MULTIPLE, ReferencePath, cost_buckets, pad_sequences,
+from bench.reference_path import (MAX_COST, PAD_MULTIPLE, ReferencePath, cost_buckets, pad_sequences,
                                   sample_cost)
 from moca_fast.config import ModelSpec
 from moca_fast.data.batch import pack_sequences

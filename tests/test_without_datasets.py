@@ -17,7 +17,7 @@ else:
     raise AssertionError("datasets imported")
 
 import moca_fast.embed, moca_fast.eval.vidore, moca_fast.trainers.cpt, moca_fast.trainers.cl  # noqa: E401,F401
-import embed, fused_kernels, train  # noqa: E401,F401  (bench/)
+from bench import embed, fused_kernels, train  # noqa: F401
 
 ours, reference = embed.embedders("tiny", torch.device("cpu"), torch.float32, workers=0, reference_batch=4,
                                   min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
@@ -36,9 +36,12 @@ def test_embedding_and_stage2_training_run_without_datasets(run_without_datasets
     assert done.returncode == 0 and "ran without datasets" in done.stdout, done.stderr[-3000:]
 
 
-def test_reading_files_still_uses_datasets(run_without_datasets, tmp_path):
-    """The blocker is real: the file readers need `datasets` and fail without it."""
+def test_reading_a_file_without_datasets_is_a_one_line_error_naming_it(run_without_datasets, tmp_path):
+    """Rows in memory need no `datasets` (above); reading a file does, and without it the error names the file and
+    what to install, on its last line, instead of an import failure deep in a reader."""
     (tmp_path / "t.jsonl").write_text('{"qry": "q", "qry_image_path": "", "pos_text": "p", "pos_image_path": ""}\n')
     rows = str(tmp_path / "t.jsonl")
     done = run_without_datasets(f"from moca_fast.data.pairs import PairDataset\nPairDataset({{'t': {rows!r}}})")
-    assert done.returncode != 0 and "datasets" in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode != 0 and last.startswith(f"ImportError: {rows}: "), done.stderr[-3000:]
+    assert "pip install datasets" in last

@@ -37,12 +37,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from moca_fast.checksums import file_checksum
-from moca_fast.integrations import write_sentence_transformers_config
-from moca_fast.model.loading import load_state_dict_into, read_safetensors, save_pretrained
-from moca_fast.model.moca import MocaModel
-
-from .distributed import all_reduce_sum, rank
+from ..checksums import file_checksum
+from ..integrations import write_sentence_transformers_config
+from ..model.loading import load_state_dict_into, read_safetensors, save_pretrained
+from ..model.moca import MocaModel
+from ..parallel.distributed import all_reduce_sum, rank
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +213,6 @@ def unmarked_checkpoints(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     found = root.glob(f"{PREFIX}*") if root.is_dir() else []
     return sorted(p for p in found if p.is_dir() and p.name[len(PREFIX):].isdigit() and not (p / MARKER).is_file())
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under `root`, or None."""
-    complete = complete_checkpoints(root)
-    return complete[-1] if complete else None
 
 
 def step_of(path: Path) -> int:

@@ -1,7 +1,7 @@
 """Stage 2, heterogeneous contrastive fine-tuning: InfoNCE over queries, gathered positives, hard negatives.
 
 Queries, positives and negatives go through one packed forward (the reference runs three padded ones).
-Positives are gathered from every rank with an exact gradient (trainers/distributed.py); each query is scored
+Positives are gathered from every rank with an exact gradient (moca_fast/parallel/distributed.py); each query is scored
 against all gathered positives plus its own hard negatives by the fused InfoNCE kernel, duplicates of its
 target masked. With `grad_cache_tokens`, GradCache makes the batch size independent of memory: a no-grad
 forward of every chunk, the loss and its gradient w.r.t. the embeddings, then a re-forward of each chunk that
@@ -21,17 +21,16 @@ from typing import Iterator
 
 import torch
 
-from moca_fast.config import TrainConfig
-from moca_fast.data.contrastive import ContrastiveBatch, ContrastiveCollator, EncodedPairs, PairBatchSampler
-from moca_fast.data.loader import one_line_errors, stop_owned_by_main
-from moca_fast.data.pairs import PairDataset
-from moca_fast.kernels import info_nce_loss, maxsim_info_nce
-from moca_fast.model.pooling import embed_pool, matryoshka_prefix
-
-from .distributed import all_reduce_sum, gather, gather_varlen_with_grad, gather_with_grad, rank, world_size
+from ..config import TrainConfig
+from ..data.contrastive import ContrastiveBatch, ContrastiveCollator, EncodedPairs, PairBatchSampler
+from ..data.loader import one_line_errors, stop_owned_by_main
+from ..data.pairs import PairDataset
+from ..kernels import info_nce_loss, maxsim_info_nce
+from ..model.pooling import embed_pool, matryoshka_prefix
+from ..parallel.distributed import all_reduce_sum, gather, gather_varlen_with_grad, gather_with_grad, rank, world_size
+from ..parallel.memory_plan import block_modes, plan_run
+from ..parallel.parallelize import parallelize
 from .metrics import forward_flops
-from .memory_plan import block_modes, plan_run
-from .parallelize import parallelize
 from .setup import autocast
 
 

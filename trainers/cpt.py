@@ -18,17 +18,16 @@ from typing import Iterator
 
 import torch
 
-from moca_fast.config import TrainConfig
-from moca_fast.data.documents import DocumentDataset
-from moca_fast.data.loader import MaskedDocuments, PackCollator, one_line_errors, packed_loader
-from moca_fast.data.packing import TokenBudgetSampler
-from moca_fast.model.heads import MaeHead, mlm_loss
-from moca_fast.model.loading import read_mae_head
-
-from .distributed import all_reduce_sum, world_size
+from ..config import TrainConfig
+from ..data.documents import DocumentDataset
+from ..data.loader import MaskedDocuments, PackCollator, one_line_errors, packed_loader
+from ..data.packing import TokenBudgetSampler
+from ..model.heads import MaeHead, mlm_loss
+from ..model.loading import read_mae_head
+from ..parallel.distributed import all_reduce_sum, world_size
+from ..parallel.memory_plan import block_modes, plan_run
+from ..parallel.parallelize import parallelize
 from .metrics import forward_flops
-from .memory_plan import block_modes, plan_run
-from .parallelize import parallelize
 from .setup import autocast
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import threading
 
 import torch
 
-from .distributed import all_reduce_sum, world_size
+from ..parallel.distributed import all_reduce_sum, world_size
 
 
 class TrainingStopped(RuntimeError):

@@ -24,10 +24,9 @@ from typing import Iterator, Protocol
 import torch
 from torch import nn
 
-from moca_fast.config import TrainConfig
-
+from ..config import TrainConfig
+from ..parallel.distributed import rank, world_size
 from .checkpoint import Loaded, export_final, load_latest, save_checkpoint
-from .distributed import rank, world_size
 from .guards import NONFINITE_ADVICE, StopSignals, TrainingStopped, nonfinite_problem
 from .metrics import MetricsLogger, device_peak_flops
 from .optim import adamw, warmup_linear_decay

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from moca_fast.config import ModelSpec
+from ..config import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from moca_fast.config import TrainConfig, free_on_resume
-
+from ..config import TrainConfig, free_on_resume
 from .checkpoint import remove_leftovers
 
 log = logging.getLogger(__name__)

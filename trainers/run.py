@@ -6,9 +6,8 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from moca_fast.config import TrainConfig
-
-from .distributed import finish_distributed
+from ..config import TrainConfig
+from ..parallel.distributed import finish_distributed
 from .guards import TrainingStopped
 from .loop import train
 from .setup import build_model, build_processor, build_tokenizer, start
@@ -39,7 +38,7 @@ def plot_losses(output_dir: Path) -> None:
     if importlib.util.find_spec("matplotlib") is None:
         log.info("no loss plot: matplotlib is not installed (pip install 'moca-fast[plot]')")
         return
-    from moca_fast.plots import plot_run
+    from ..plots import plot_run
 
     log.info("loss curves: %s", plot_run(output_dir))
 

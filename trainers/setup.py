@@ -4,31 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 import torch
 
-from moca_fast.config import TrainConfig
-from moca_fast.data.processor import Processor
-from moca_fast.data.tokenizer import load_tokenizer, tiny_tokenizer
-from moca_fast.model.loading import load_pretrained
-from moca_fast.model.moca import MocaModel
-
-from .distributed import init_distributed
+from ..config import TrainConfig
+from ..data.processor import Processor
+from ..data.tokenizer import load_tokenizer, tiny_tokenizer
+from ..model.loading import load_pretrained
+from ..model.moca import MocaModel
+from ..parallel.distributed import init_distributed, training_device
 
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
 RANDOM = "random:"  # "random:3b" / "random:7b": the reference shapes with random weights (benchmarks)
-
-
-def training_device(requested: str | None = None) -> torch.device:
-    if requested is not None:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -65,7 +55,7 @@ def build_processor(config: TrainConfig, tokenizer) -> Processor:
 
 def generated_hf_config(name: str, tokenizer):
     """The transformers config of a generated model: `tiny`, `random:3b` or `random:7b`."""
-    from moca_fast.model.tiny import reference_hf_config, tiny_hf_config
+    from ..model.tiny import reference_hf_config, tiny_hf_config
 
     return tiny_hf_config(tokenizer) if name == TINY else reference_hf_config(name[len(RANDOM):], tokenizer)
 
@@ -74,7 +64,7 @@ def build_model(config: TrainConfig, tokenizer, device: torch.device) -> MocaMod
     """fp32 master weights on `device`: a checkpoint directory, a random tiny Qwen2.5-VL (`model: tiny`) or
     random weights of the reference shapes (`model: random:3b`, `random:7b`)."""
     if config.model == TINY or config.model.startswith(RANDOM):
-        from moca_fast.config import ModelSpec
+        from ..config import ModelSpec
 
         torch.manual_seed(config.seed)
         with torch.device(device):

@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from moca_fast.model.heads import mae_state_from_patch_major, reference_names
-from moca_fast.model.loading import declared_dtype, safetensors_files
-
+from ..model.heads import mae_state_from_patch_major, reference_names
+from ..model.loading import declared_dtype, safetensors_files
 from .checkpoint import FORMAT, MARKER, out_of_space_named, read_marker, verify_files
 
 HEAD_FILE = "model-mae-head.safetensors"

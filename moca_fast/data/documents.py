@@ -58,7 +58,11 @@ class Document:
 
 def open_rows(source: str | Path, *, split: str = "train") -> datasets.Dataset:
     """Open a saved dataset folder, parquet or JSON-lines file(s), or a hub dataset (a name, not a path)."""
-    import datasets  # only reading from files needs it (the lent GPU machine has none)
+    try:
+        import datasets  # only reading from files needs it (rows in memory do not)
+    except ImportError as error:
+        raise ImportError(f"{source}: reading data files needs the `datasets` package, which cannot be imported here "
+                          f"({error}); pip install datasets") from None
 
     path = Path(source)
     if not path.exists():

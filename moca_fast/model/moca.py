@@ -18,7 +18,7 @@ from .vision import VisionTower
 
 class MocaModel(nn.Module):
     """Qwen2.5-VL with a bidirectional decoder on packed tokens. Plain modules only: parallelism, compile and
-    FP8 are applied from outside (trainers/parallelize.py). `causal` runs the decoder causally, as a causally
+    FP8 are applied from outside (moca_fast/parallel/parallelize.py). `causal` runs the decoder causally, as a causally
     trained checkpoint needs it (colpali-engine's ColQwen2.5; model/colqwen.py)."""
 
     def __init__(self, spec: ModelSpec, attention_backend: str = "auto", causal: bool = False):

@@ -5,6 +5,8 @@ import torch
 
 from moca_fast.kernels import _common
 
+H100_SXM = _common.Multiprocessors(132)  # an H100 SXM: 132 SMs with Hopper's per-SM limits
+
 
 def test_auto_backend_follows_the_device_and_unknown_names_are_rejected():
     assert _common.resolve_backend("auto", torch.zeros(2)) == "torch"
@@ -31,7 +33,7 @@ def test_chunk_bounds_cover_the_range_within_budget(monkeypatch, length, per_ind
 
 
 def test_resident_blocks_follow_registers_shared_memory_and_threads():
-    sm = _common.H100_SXM
+    sm = H100_SXM
     # 254 registers x 8 warps: 8,192 registers a warp (units of 256), 8 warps fit -> one block, whatever else fits.
     assert _common.resident_blocks(254, 98304, 8, sm) == 1
     assert _common.resident_blocks(128, 98304, 8, sm) == 2  # 16 warps' registers; 2 x (96 + 1) KiB shared

@@ -15,7 +15,7 @@ import pytest
 from moca_fast.kernels import _common
 
 from .test_autocast import training_losses_under_autocast
-from .test_common import _busy
+from .test_common import H100_SXM, _busy
 
 SCRIPT = Path(__file__).with_name("hopper_codegen.py")
 # tile GEMMs: tensor cores or nothing
@@ -69,8 +69,8 @@ def test_training_kernels_compile_for_hopper_on_tensor_cores(processor, make_ima
     # then end their waves together.
     lse = next(r for r in report["kernels"] if r["size"] == "3B" and r["kernel"] == "_lse_kernel"
                and r["loss"] == "masked_lm_ce")
-    slots = _common.H100_SXM.count * _common.resident_blocks(lse["registers"], lse["shared_bytes"], lse["num_warps"],
-                                                             _common.H100_SXM)
+    slots = H100_SXM.count * _common.resident_blocks(lse["registers"], lse["shared_bytes"], lse["num_warps"],
+                                                     H100_SXM)
     row_tiles, col_tiles = -(-5120 // 128), -(-151936 // 128)
     assert _busy(row_tiles, col_tiles, slots, _common.balanced_splits(row_tiles, col_tiles, slots)) > 0.99
 

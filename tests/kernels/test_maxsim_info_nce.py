@@ -2,9 +2,6 @@
 every token similarity, over ragged token counts (1-token queries and documents included), hard negatives,
 duplicate masking, autocast and bad inputs; the oracle itself against finite differences."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,8 +216,7 @@ def test_torch_path_memory_stays_within_its_chunk_budget():
     query tokens against 131,072 document tokens, whose similarity matrix alone is 1 GiB in fp32, stay within
     three chunk budgets (384 MiB: one similarity band, its reductions and the process's own ~80 MiB of library
     pages). At the issue's goal shape the same bands give bench/results/maxsim-memory-cpu.json."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    import maxsim_memory
+    from bench import maxsim_memory
 
     Q, Lq, N, Ld = 64, 32, 512, 256
     row = maxsim_memory.measure("moca_fast", (Q, Lq, N, Ld, 128), "step", time_box_s=600)

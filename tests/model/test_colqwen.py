@@ -7,7 +7,7 @@ colpali-engine is a test dependency: without it these tests fail (they do not sk
 import numpy as np
 import pytest
 import torch
-from colpali_path import colpali, unpadded_vectors, write_tiny_colqwen
+from bench.colpali_path import colpali, unpadded_vectors, write_tiny_colqwen
 
 from moca_fast.embed import MocaEmbedder
 from moca_fast.eval.late_interaction import maxsim_scores

@@ -1,6 +1,6 @@
 """Compile that stays compiled: the decoder layers, vision blocks and MAE layer compiled as the trainers compile
-them (trainers/parallelize.py) run packs of changing lengths with a bounded number of compiled graphs, no graph
-breaks and no fallback to eager — on the CPU's SDPA path and on the CUDA path's varlen_attn (through the CPU
+them (moca_fast/parallel/parallelize.py) run packs of changing lengths with a bounded number of compiled graphs, no
+graph breaks and no fallback to eager — on the CPU's SDPA path and on the CUDA path's varlen_attn (through the CPU
 oracle of its op)."""
 
 import pytest
@@ -14,7 +14,7 @@ from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 from moca_fast.model.heads import MaeHead
 from moca_fast.model.moca import MocaModel
 from moca_fast.model.tiny import tiny_hf_config
-from moca_fast.trainers.parallelize import parallelize
+from moca_fast.parallel.parallelize import parallelize
 
 from .varlen_oracle import cpu_varlen_attention
 

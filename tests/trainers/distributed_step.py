@@ -14,7 +14,7 @@ from moca_fast.data.contrastive import ContrastiveCollator, EncodedPairs
 from moca_fast.data.loader import PackCollator
 from moca_fast.data.packing import TokenBudgetSampler
 from moca_fast.data.synthetic import make_documents, make_pairs, write_pairs
-from moca_fast.trainers.distributed import finish_distributed
+from moca_fast.parallel.distributed import finish_distributed
 from moca_fast.trainers.setup import build_model, build_processor, build_tokenizer, start
 
 
@@ -52,8 +52,8 @@ def main(stage_name: str, out: str, workdir: str) -> None:
         step_input = batches if world == 1 else [batches[rank]]
         modules = {"model": stage.model, "mae": stage.mae}
     elif stage_name == "reference":
-        sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
-        from reference_path import ReferencePath, pad_sequences
+        sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: bench/ is a package there
+        from bench.reference_path import ReferencePath, pad_sequences
 
         from moca_fast.data.pairs import PairDataset
         from moca_fast.integrations.transformers import to_transformers

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moca_fast.trainers import memory_plan as mp
+from moca_fast.parallel import memory_plan as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 from memory_shapes import tiny_model, tiny_pack, tiny_spec  # noqa: E402

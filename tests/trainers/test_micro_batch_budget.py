@@ -3,20 +3,15 @@ micro-batches of `micro_batch_budget: reference_cost` are the reference path's c
 costs taken from the encoded sequences), so a micro-batch and an optimizer step hold as many samples as the
 reference's; `micro_batch_budget: tokens` packs more."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
+from bench.reference_path import BUCKET_COST, MAX_COST, cost_buckets, sample_cost
 from moca_fast.config import TrainConfig
 from moca_fast.data.loader import MaskedDocuments
 from moca_fast.data.processor import Processor
 from moca_fast.data.realistic import realistic_documents
 from moca_fast.data.synthetic import make_documents
 from moca_fast.trainers.cpt import micro_batch_sampler
-
-sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
-from reference_path import BUCKET_COST, MAX_COST, cost_buckets, sample_cost  # noqa: E402
 
 GRAD_ACCUM = 4
 

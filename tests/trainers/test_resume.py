@@ -204,7 +204,7 @@ def test_a_signal_finishes_the_step_checkpoints_and_stops(tmp_path, documents, s
         run(config(out, max_steps=6, checkpoint_every=100), documents=documents)
     monkeypatch.undo()
     assert stopped.value.exit_code == 128 + signum
-    assert checkpoint.step_of(checkpoint.latest_checkpoint(out / "checkpoints")) == 3
+    assert checkpoint.step_of(checkpoint.complete_checkpoints(out / "checkpoints")[-1]) == 3
     assert signal.getsignal(signum) is handler  # restored
     records = run(config(out, max_steps=6, checkpoint_every=100), documents=documents, resume=True)
     assert [r["loss"] for r in records] == six_steps[3:]

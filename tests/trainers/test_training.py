@@ -54,7 +54,7 @@ def test_resume_continues_exactly(tmp_path, documents, pair_folder, stage):
 
 def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, documents, monkeypatch):
     run(cpt_config(tmp_path, max_steps=4, checkpoint_every=2), documents=documents, stop_after=2)
-    assert checkpoint.latest_checkpoint(tmp_path / "checkpoints").name == "step-0000002"
+    assert checkpoint.complete_checkpoints(tmp_path / "checkpoints")[-1].name == "step-0000002"
     real = checkpoint.save_pretrained
 
     def crash(model, path, state_dict=None):
@@ -67,7 +67,7 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, document
     monkeypatch.undo()
     # An exception in the write (unlike a kill, tests/trainers/test_faults.py) removes the half-written folder.
     assert not (tmp_path / "checkpoints" / "step-0000004.tmp").exists()
-    assert checkpoint.latest_checkpoint(tmp_path / "checkpoints").name == "step-0000002"
+    assert checkpoint.complete_checkpoints(tmp_path / "checkpoints")[-1].name == "step-0000002"
     records = run(cpt_config(tmp_path, max_steps=4, checkpoint_every=2), documents=documents, resume=True)
     assert [r["step"] for r in records] == [3, 4]
 

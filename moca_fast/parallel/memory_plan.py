@@ -177,9 +177,9 @@ def fake_step_peak(step, batch, spec, depth: dict, modes: dict, target: Target) 
     under FSDP2 gradients are released as they accumulate, as its reduce-scatter does."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from moca_fast.data.batch import map_tensors
-    from moca_fast.model.heads import MaeHead
-    from moca_fast.model.moca import MocaModel
+    from ..data.batch import map_tensors
+    from ..model.heads import MaeHead
+    from ..model.moca import MocaModel
 
     vision = replace(spec.vision, depth=depth["vision"], fullatt_block_indexes=(0,))
     thin = replace(spec, text=replace(spec.text, num_layers=depth["decoder"]), vision=vision)
@@ -225,7 +225,7 @@ def activation_peak(step, batch, spec, modes: dict, target: Target) -> float:
 
 def stage1_step(model, mae, batch, backend: str, mae_weight: float = 0.1) -> None:
     """The stage-1 step as trainers/cpt.py runs it: forward, MLM + MAE losses, backward."""
-    from moca_fast.model.heads import mlm_loss
+    from ..model.heads import mlm_loss
 
     hidden = model(batch)
     (mlm_loss(model, hidden, batch) + mae_weight * mae(hidden, batch, backend)).backward()
@@ -234,7 +234,7 @@ def stage1_step(model, mae, batch, backend: str, mae_weight: float = 0.1) -> Non
 def stage2_step(model, mae, batch, backend: str) -> None:
     """The stage-2 step on one packed forward of queries, positives and negatives: forward, mean-pooled
     embeddings, a loss over them, backward (InfoNCE itself is ~1e-6 of the step and holds no activation)."""
-    from moca_fast.model.pooling import embed_pool
+    from ..model.pooling import embed_pool
 
     embed_pool(model(batch), batch.cu_seqlens).square().sum().backward()
 
@@ -322,9 +322,9 @@ def planning_pack(processor, tokens: int, *, masked: bool, mlm_rate: float = 0.4
     four vision patches), cut to its max_length, repeated to fill the budget; masked as stage 1 masks."""
     from PIL import Image
 
-    from moca_fast.data.batch import pack_sequences
-    from moca_fast.data.masking import apply_mae, apply_mlm
-    from moca_fast.data.tokens import IMAGE_PLACEHOLDER
+    from ..data.batch import pack_sequences
+    from ..data.masking import apply_mae, apply_mlm
+    from ..data.tokens import IMAGE_PLACEHOLDER
 
     side = int(processor.max_pixels**0.5)
     page = processor.encode(f"{IMAGE_PLACEHOLDER} a page", [Image.new("RGB", (side, side), "white")], "planning")

@@ -1,4 +1,5 @@
-"""Distributed helpers: process-group setup from torchrun's environment, and collectives with exact gradients."""
+"""Distributed helpers: this process's device and process group from torchrun's environment, and collectives with
+exact gradients."""
 
 from __future__ import annotations
 
@@ -6,6 +7,15 @@ import os
 
 import torch
 import torch.distributed as dist
+
+
+def training_device(requested: str | None = None) -> torch.device:
+    """`requested` when given, else this process's CUDA device (torchrun's LOCAL_RANK) when there is one, else CPU."""
+    if requested is not None:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def init_distributed(device_type: str) -> tuple[int, int]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import moca_fast.trainers.parallelize as parallelize_module
+import moca_fast.parallel.parallelize as parallelize_module
 from moca_fast.config import ModelSpec
 from moca_fast.model.attention import Segments
 from moca_fast.model.text import DecoderLayer, text_rotary

@@ -10,6 +10,7 @@ import logging
 import torch
 from torch import nn
 
+from ..config import recompute_mode
 from .memory_plan import apply_recompute
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], *, extra: nn.Module |
     block (True: full, False: none, or 'none' / 'selective' / 'full'), or one per block (a memory plan's).
     Returns what is on."""
     modes = activation_checkpointing if isinstance(activation_checkpointing, list) else \
-        [{True: "full", False: "none"}.get(activation_checkpointing, activation_checkpointing)] * len(blocks)
+        [recompute_mode(activation_checkpointing)] * len(blocks)
     state = {"fp8": False, "activation_checkpointing": any(m != "none" for m in modes), "compile": compile,
              "fsdp": world_size > 1}
     if fp8_layers is not None:

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-import moca_fast.trainers.parallelize as parallelize_module
+import moca_fast.parallel.parallelize as parallelize_module
 from moca_fast.config import ModelSpec
 from moca_fast.model.moca import MocaModel
 from moca_fast.model.tiny import tiny_hf_config
-from moca_fast.trainers.parallelize import convert_decoder_to_fp8, parallelize
+from moca_fast.parallel.parallelize import convert_decoder_to_fp8, parallelize
 
 
 @pytest.fixture
