@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from .positions import mrope_position_ids
 from .tokens import IMAGE_PAD_TOKEN, IMAGE_PLACEHOLDER, MASK_TOKEN, VISION_END_TOKEN, VISION_START_TOKEN
 
 log = logging.getLogger(__name__)
+
+# The memo of tokenised pieces: at most this many, each at most this long (a query, a caption, a prompt).
+_RECENT_PIECES, _RECENT_PIECE_CHARS = 4096, 2048
 
 SAVED_BY = "moca_fast"  # marks the preprocessor_config.json whose settings a checkpoint was trained with
 
@@ -83,6 +87,14 @@ class Processor:
         # Never MLM-masked: every special token, the image tokens and the mask itself.
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids) | set(ids.values())
                                                | ({mask_id} if self.mask_token_id is not None else set())))
+        self._recent_ids: dict[str, torch.Tensor] = {}  # short pieces tokenised lately: see _token_ids
+        self._recent_lock = threading.Lock()  # the server prepares requests in several threads
+
+    def __getstate__(self) -> dict:  # to a DataLoader worker or a copy: without the lock and the memo
+        return {**self.__dict__, "_recent_ids": {}, "_recent_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _recent_lock=threading.Lock())
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """The tokenizer (`model_max_length` = max_length when set) and the image processor's settings as
@@ -169,13 +181,35 @@ class Processor:
             except ValueError as err:
                 raise ValueError(f"sample {sample_id}: image {i}: {err}") from err
             image_tokens.append(h_bar * w_bar // factor**2)
-        ids = [torch.tensor(self.tokenizer(p, add_special_tokens=False).input_ids, dtype=torch.long) for p in pieces]
+        ids = self._token_ids(pieces)
         if any((piece == self.image_token_id).any() for piece in ids):
             raise ValueError(f"sample {sample_id}: the text holds a bare {IMAGE_PAD_TOKEN} outside an image "
                              f"placeholder ({IMAGE_PLACEHOLDER!r} marks an image); remove it or give its image")
         if sum(map(len, ids)) + sum(image_tokens) == 0:
             raise ValueError(f"sample {sample_id}: empty sequence (no tokens and no images)")
         return ids, image_tokens
+
+    def _token_ids(self, pieces: list[str]) -> list[torch.Tensor]:
+        """Token ids of text pieces, no special tokens added: the ids the tokenizer's own call gives, in one call of
+        its Rust backend for all new pieces (a fast tokenizer's; the call's per-text overhead is most of the cost of
+        a short query). A batch is measured (for packing) before it is encoded, so short pieces seen lately are
+        kept: the second tokenisation of a query is a lookup."""
+        with self._recent_lock:
+            known = {p: self._recent_ids[p] for p in pieces if p in self._recent_ids}
+        new = list(dict.fromkeys(p for p in pieces if p not in known))
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            encoded = [e.ids for e in backend.encode_batch(new, add_special_tokens=False)] if new else []
+        else:
+            encoded = [self.tokenizer(p, add_special_tokens=False).input_ids for p in new]
+        fresh = {p: torch.tensor(e, dtype=torch.long) for p, e in zip(new, encoded)}
+        with self._recent_lock:
+            for piece, tensor in fresh.items():
+                if len(piece) <= _RECENT_PIECE_CHARS:
+                    if len(self._recent_ids) >= _RECENT_PIECES:
+                        del self._recent_ids[next(iter(self._recent_ids))]  # the oldest
+                    self._recent_ids[piece] = tensor
+        return [known[p] if p in known else fresh[p] for p in pieces]
 
     def _images_kept(self, pieces: list[torch.Tensor], image_tokens: list[int]) -> int:
         """How many leading images fit whole within max_length (the reference drops a cut image)."""

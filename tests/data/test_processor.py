@@ -128,3 +128,19 @@ def test_a_bare_image_pad_in_the_text_names_the_sample(processor, make_image):
         processor.encode(f"look <|image_pad|> here {IMAGE_PLACEHOLDER}", [make_image(56, 56)], "stray-2")
     with pytest.raises(ValueError, match=r"sample stray-3: the text holds a bare <\|image_pad\|>"):
         processor.count_tokens("only <|image_pad|>", [], "stray-3")
+
+
+def test_token_ids_equal_the_tokenizers_own_call_fresh_memoised_and_in_a_copy(processor, tokenizer):
+    """The backend's batch call and the memo of recent pieces give the ids of `tokenizer(piece)`, special tokens,
+    repeats and a piece too long to memoise included; a pickled copy (a DataLoader worker's) computes the same."""
+    import pickle
+    import random
+
+    rng = random.Random(7)
+    words = ["page", " revenue", "<|endoftext|>", "<|mask|>", "Query:", " é", "\n", "  ", "123", "图"]
+    pieces = ["".join(rng.choice(words) for _ in range(rng.randint(0, 12))) for _ in range(40)]
+    pieces += [pieces[3], "x" * 3000, "x" * 3000]
+    expected = [tokenizer(p, add_special_tokens=False).input_ids for p in pieces]
+    for source in (processor, processor, pickle.loads(pickle.dumps(processor))):
+        assert [ids.tolist() for ids in source._token_ids(pieces)] == expected
+    assert "x" * 3000 not in processor._recent_ids and pieces[3] in processor._recent_ids
