@@ -123,10 +123,7 @@ def test_mteb_runs_the_wrapper_on_image_and_text_tasks_with_our_scores(embedder,
 
     meta = model_meta(checkpoint, name="local/tiny-moca", **SMALL_PIXELS)
     assert meta.modalities == ["image", "text"] and meta.embed_dim == embedder.dim
-    # What meta.load_model() does (it first insists on mteb's "image" extra, torchvision, which this machine
-    # cannot load): call the loader as (name, revision=..., device=..., **loader_kwargs), attach the meta.
-    model = meta.loader(meta.name, revision=meta.revision, device="cpu", **meta.loader_kwargs)
-    model.mteb_model_meta = meta
+    model = meta.load_model(device="cpu")  # the README's path: mteb checks its own image extra (torchvision) first
     scenes, ours = _scene_question_task()
     results = mteb.evaluate(model, [_pages_task(beir_data), scenes], cache=None, show_progress_bar=False)
     scores = {r.task_name: r.scores["test"][0] for r in results.task_results}
