@@ -12,10 +12,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-
-# Not on the lent GPU machine (its image has torch, triton and transformers): `datasets` and what it needs. Only reading data files may need them.
+# Not on the lent GPU machine (its image has torch, triton and transformers): `datasets` and what it needs. Only
+# reading data files may need them.
 NOT_ON_THE_GPU_MACHINE = ("datasets", "dill", "multiprocess", "pandas", "xxhash")
 
 
@@ -26,8 +26,13 @@ def run_without_datasets():
     prelude = f"import sys\nfor _name in {NOT_ON_THE_GPU_MACHINE!r}:\n    sys.modules[_name] = None\n"
 
     def run(code: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-X", "faulthandler", "-c", prelude + code], cwd=Path(__file__).parent,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-X", "faulthandler", "-c", prelude + code],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     return run
 

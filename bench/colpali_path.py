@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 # The target modules of colpali-engine's published ColQwen2.5 adapters: the decoder's linear layers and the head.
-TARGET_MODULES = ("(.*(model)(?!.*visual).*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj).*$"
-                  "|.*(custom_text_proj).*$)")
+TARGET_MODULES = (
+    "(.*(model)(?!.*visual).*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj).*$|.*(custom_text_proj).*$)"
+)
 _TORCHVISION_MODULE = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
 
 
@@ -29,7 +30,8 @@ def colpali():
         importlib.import_module(_TORCHVISION_MODULE)
     except ImportError:
         sys.modules[_TORCHVISION_MODULE] = importlib.import_module(
-            "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+            "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
+        )
     return importlib.import_module("colpali_engine.models")
 
 
@@ -40,15 +42,25 @@ def processor(tokenizer, min_pixels: int, max_pixels: int):
 
     class ImageOnlyProcessor(colpali().ColQwen2_5_Processor):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
-                             **kwargs)
+            super().__init__(
+                image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs
+            )
 
     images = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     return ImageOnlyProcessor(image_processor=images, tokenizer=copy.deepcopy(tokenizer))
 
 
-def write_tiny_colqwen(path: Path, tokenizer, *, min_pixels: int, max_pixels: int, rank: int = 4, alpha: float = 8.0,
-                       seed: int = 0, **config):
+def write_tiny_colqwen(
+    path: Path,
+    tokenizer,
+    *,
+    min_pixels: int,
+    max_pixels: int,
+    rank: int = 4,
+    alpha: float = 8.0,
+    seed: int = 0,
+    **config,
+):
     """A tiny random ColQwen2.5 checkpoint: `path`/base (transformers' save of ColQwen2_5) and `path`/adapter (peft's
     adapter naming the base, the tokenizer and the processor's settings). Returns (colpali-engine's model with the
     adapter applied, unmerged, in eval mode; its processor; the adapter folder). `config`: tiny_hf_config's sizes."""
@@ -60,8 +72,17 @@ def write_tiny_colqwen(path: Path, tokenizer, *, min_pixels: int, max_pixels: in
     torch.manual_seed(seed)
     models.ColQwen2_5(tiny_hf_config(tokenizer, **config)).save_pretrained(path / "base")
     base = models.ColQwen2_5.from_pretrained(path / "base", dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.1, target_modules=TARGET_MODULES,
-                                            init_lora_weights="gaussian", task_type="FEATURE_EXTRACTION"))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=0.1,
+            target_modules=TARGET_MODULES,
+            init_lora_weights="gaussian",
+            task_type="FEATURE_EXTRACTION",
+        ),
+    )
     with torch.no_grad():  # B starts at zero: random values make the adapter change every adapted weight
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

@@ -2,7 +2,8 @@
 
 What packing, the fused heads and one contrastive forward save in time where it can be measured without a GPU:
 the tiny model (moca_fast/model/tiny.py) trains through a small realistic pool (moca_fast/data/realistic.py) at
-the reference's pixel budget, max_len and stage-1 budget (stage 2: one step of as many pairs), each path grouping the samples its own way (bench/train.py's
+the reference's pixel budget, max_len and stage-1 budget (stage 2: one step of as many pairs), each path grouping the
+samples its own way (bench/train.py's
 trainers, without compile). One thread, CPU seconds of the process (time.process_time), the median of 5 passes
 over the pool after one warm-up step. CPU figures of a toy model: its widths make element-wise work and Python
 count for more than on a GPU at 3B, so the ratio is not a GPU speed-up; bench/work.py reports it beside the
@@ -57,6 +58,12 @@ def cpu_time_ratio(p: StagePool, repeats: int = REPEATS) -> dict:
     finally:
         torch.set_num_threads(threads)
     median = {path: statistics.median(s) for path, s in runs.items()}
-    return {"model": "tiny", "threads": 1, "repeats": repeats, "tokens": p.tokens,
-            "cpu_seconds": runs, "median_cpu_seconds": median,
-            "reference_over_ours": median["reference"] / median["ours"]}
+    return {
+        "model": "tiny",
+        "threads": 1,
+        "repeats": repeats,
+        "tokens": p.tokens,
+        "cpu_seconds": runs,
+        "median_cpu_seconds": median,
+        "reference_over_ours": median["reference"] / median["ours"],
+    }

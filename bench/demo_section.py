@@ -19,7 +19,6 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from bench.report import RESULTS, write_section
-
 from moca_fast.demo import DemoSettings, format_summary
 
 SUMMARY = RESULTS / "demo-cpu.json"
@@ -57,16 +56,20 @@ def render(summary_path: Path = SUMMARY) -> str:
         f"{run['load_average']} at the end: `{demo_command(settings)}` took {minutes} min {seconds} s "
         f"({settings['cpt_steps']} stage-1 and {settings['cl_steps']} stage-2 steps, seed {settings['seed']}{heads}). "
         "Chance is the expected score of a random ranking, from each task's own candidate counts. Kept in "
-        f"`bench/{SUMMARY.relative_to(RESULTS.parent)}`.", width=116)
-    return "\n".join([
-        BEGIN,
-        text,
-        "",
-        "```",
-        format_summary(summary).strip("\n"),
-        "```",
-        END,
-    ])
+        f"`bench/{SUMMARY.relative_to(RESULTS.parent)}`.",
+        width=116,
+    )
+    return "\n".join(
+        [
+            BEGIN,
+            text,
+            "",
+            "```",
+            format_summary(summary).strip("\n"),
+            "```",
+            END,
+        ]
+    )
 
 
 def main() -> int:

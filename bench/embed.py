@@ -35,6 +35,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bench.reference_path import ReferencePath, processor_batch
+from bench.report import RESULTS, device_slug, package_version, report, require_cuda, write_report
+from bench.train import train_config
 from moca_fast import prompts
 from moca_fast.data.image_patches import MAX_PIXELS, MIN_PIXELS
 from moca_fast.data.processor import Processor
@@ -45,17 +48,15 @@ from moca_fast.embed import DEFAULT_BATCH_TOKENS, MocaEmbedder
 from moca_fast.integrations.transformers import to_transformers
 from moca_fast.model.attention import backend_for
 from moca_fast.trainers.setup import build_model
-from bench.reference_path import ReferencePath, processor_batch
-from bench.report import RESULTS, device_slug, package_version, report, require_cuda, write_report
-from bench.train import train_config
 
 V = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_SIDE = 448
 PAGE_SIZE = (1240, 1754)
 
 
-def workloads(n: int, seed: int, image_side: int = IMAGE_SIDE, page_size: tuple[int, int] = PAGE_SIZE
-              ) -> dict[str, tuple[list, list]]:
+def workloads(
+    n: int, seed: int, image_side: int = IMAGE_SIDE, page_size: tuple[int, int] = PAGE_SIZE
+) -> dict[str, tuple[list, list]]:
     """name -> (our inputs, the reference's (text, images) cases), the same content in the reference's prompts."""
     rng = random.Random(seed)
 
@@ -100,8 +101,13 @@ class ReferenceEmbedder:
     def encode(self, cases: list) -> torch.Tensor:
         out = []
         for i in range(0, len(cases), self.batch_size):
-            batch = processor_batch(self.tokenizer, self.image_processor, cases[i:i + self.batch_size],
-                                    min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            batch = processor_batch(
+                self.tokenizer,
+                self.image_processor,
+                cases[i : i + self.batch_size],
+                min_pixels=self.min_pixels,
+                max_pixels=self.max_pixels,
+            )
             out.append(self.path.embed(batch.to(self.device)).float())
         return torch.cat(out)
 
@@ -116,14 +122,23 @@ def timed(fn, device: torch.device) -> tuple[torch.Tensor, float]:
     return result, time.perf_counter() - start
 
 
-def embedders(model_name: str, device: torch.device, dtype: torch.dtype, *, workers: int, reference_batch: int,
-              min_pixels: int, max_pixels: int):
+def embedders(
+    model_name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    workers: int,
+    reference_batch: int,
+    min_pixels: int,
+    max_pixels: int,
+):
     """Ours and the reference path over the same random weights."""
     tokenizer = tiny_tokenizer()
     model = build_model(train_config("cl", model_name, "unused"), tokenizer, device).to(dtype).eval()
     processor = Processor(tokenizer, min_pixels=min_pixels, max_pixels=max_pixels)
-    reference = ReferenceEmbedder(model, tokenizer, batch_size=reference_batch, min_pixels=min_pixels,
-                                  max_pixels=max_pixels)
+    reference = ReferenceEmbedder(
+        model, tokenizer, batch_size=reference_batch, min_pixels=min_pixels, max_pixels=max_pixels
+    )
     return MocaEmbedder(model, processor, num_workers=workers), reference
 
 
@@ -137,12 +152,17 @@ def bench_embedding(ours: MocaEmbedder, reference: ReferenceEmbedder, loads: dic
     for name, (inputs, cases) in loads.items():
         ours.encode(inputs[:warm], convert_to_tensor=True)
         reference.encode(cases[:warm])
-        mine, mine_s = timed(lambda: ours.encode(inputs, convert_to_tensor=True), device)
-        theirs, theirs_s = timed(lambda: reference.encode(cases), device)
+        mine, mine_s = timed(functools.partial(ours.encode, inputs, convert_to_tensor=True), device)
+        theirs, theirs_s = timed(functools.partial(reference.encode, cases), device)
         cosine = F.cosine_similarity(mine.to(theirs.device).float(), theirs, dim=-1)
-        results[name] = {"inputs": len(inputs), "ours_per_s": len(inputs) / mine_s,
-                         "reference_per_s": len(inputs) / theirs_s, "speedup_vs_reference": theirs_s / mine_s,
-                         "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean())}
+        results[name] = {
+            "inputs": len(inputs),
+            "ours_per_s": len(inputs) / mine_s,
+            "reference_per_s": len(inputs) / theirs_s,
+            "speedup_vs_reference": theirs_s / mine_s,
+            "cosine_min": float(cosine.min()),
+            "cosine_mean": float(cosine.mean()),
+        }
     return results
 
 
@@ -152,9 +172,10 @@ COLQWEN_PIXELS = dict(min_pixels=4 * 28 * 28, max_pixels=256 * 28 * 28)
 def colqwen_workloads(n: int, seed: int, image_side: int = IMAGE_SIDE) -> dict[str, list]:
     """Text queries (captions of the synthetic world) and images, `n` of each."""
     rng = random.Random(seed)
-    return {"query": [random_scene(rng).caption for _ in range(n)],
-            "image": [render(random_scene(rng), rng.getrandbits(32)).resize((image_side, image_side))
-                      for _ in range(n)]}
+    return {
+        "query": [random_scene(rng).caption for _ in range(n)],
+        "image": [render(random_scene(rng), rng.getrandbits(32)).resize((image_side, image_side)) for _ in range(n)],
+    }
 
 
 def colpali_multi_vectors(model, processor, kind: str, inputs: list, batch_size: int) -> list[torch.Tensor]:
@@ -164,7 +185,7 @@ def colpali_multi_vectors(model, processor, kind: str, inputs: list, batch_size:
     out = []
     with torch.no_grad():
         for i in range(0, len(inputs), batch_size):
-            chunk = inputs[i:i + batch_size]
+            chunk = inputs[i : i + batch_size]
             batch = processor.process_queries(chunk) if kind == "query" else processor.process_images(chunk)
             out += unpadded_vectors(model(**batch), batch["attention_mask"])
     return out
@@ -181,8 +202,11 @@ def bench_colqwen(folder, n: int, warm: int, colpali_batch: int, image_side: int
     results = {}
     cpu = torch.device("cpu")
     for kind, inputs in colqwen_workloads(n, seed=0, image_side=image_side).items():
-        mine = functools.partial(ours.encode_query if kind == "query" else ours.encode_document,
-                                 output="multi_vector", convert_to_tensor=True)
+        mine = functools.partial(
+            ours.encode_query if kind == "query" else ours.encode_document,
+            output="multi_vector",
+            convert_to_tensor=True,
+        )
         theirs = functools.partial(colpali_multi_vectors, model, processor, kind, batch_size=colpali_batch)
         mine(inputs[:warm]), theirs(inputs[:warm])
         ours_vectors, ours_s = timed(functools.partial(mine, inputs), cpu)
@@ -190,9 +214,14 @@ def bench_colqwen(folder, n: int, warm: int, colpali_batch: int, image_side: int
         error = max((a - b).abs().max().item() for a, b in zip(ours_vectors, colpali_vectors))
         if error > 1e-4:
             raise AssertionError(f"{kind}: our multi-vectors differ from colpali-engine's by {error:.2e}")
-        results[kind] = {"inputs": n, "tokens": sum(len(v) for v in ours_vectors), "ours_per_s": n / ours_s,
-                         "colpali_per_s": n / colpali_s, "ratio_ours_to_colpali": colpali_s / ours_s,
-                         "max_abs_difference": error}
+        results[kind] = {
+            "inputs": n,
+            "tokens": sum(len(v) for v in ours_vectors),
+            "ours_per_s": n / ours_s,
+            "colpali_per_s": n / colpali_s,
+            "ratio_ours_to_colpali": colpali_s / ours_s,
+            "max_abs_difference": error,
+        }
     return results
 
 
@@ -202,21 +231,37 @@ def colqwen_main(args) -> None:
     with tempfile.TemporaryDirectory() as folder:
         results = bench_colqwen(folder, args.inputs, args.warm, args.colpali_batch)
     for name, r in results.items():
-        print(f"{name:6s} ours {r['ours_per_s']:8.1f}/s colpali-engine {r['colpali_per_s']:8.1f}/s "
-              f"x{r['ratio_ours_to_colpali']:.2f} max abs {r['max_abs_difference']:.1e}", flush=True)
-    write_report(args.out or RESULTS / "embed-colqwen-tiny-cpu.json", report(
-        "multi-vector embedding, tiny random ColQwen2.5 (LoRA merged), fp32, CPU: ours vs colpali-engine", "cpu",
-        shapes={"inputs_per_workload": args.inputs, "image_side": IMAGE_SIDE,
+        print(
+            f"{name:6s} ours {r['ours_per_s']:8.1f}/s colpali-engine {r['colpali_per_s']:8.1f}/s "
+            f"x{r['ratio_ours_to_colpali']:.2f} max abs {r['max_abs_difference']:.1e}",
+            flush=True,
+        )
+    write_report(
+        args.out or RESULTS / "embed-colqwen-tiny-cpu.json",
+        report(
+            "multi-vector embedding, tiny random ColQwen2.5 (LoRA merged), fp32, CPU: ours vs colpali-engine",
+            "cpu",
+            shapes={
+                "inputs_per_workload": args.inputs,
+                "image_side": IMAGE_SIDE,
                 "pixels": [COLQWEN_PIXELS["min_pixels"], COLQWEN_PIXELS["max_pixels"]],
-                "colpali_batch": args.colpali_batch, "our_batch_tokens": DEFAULT_BATCH_TOKENS,
-                "threads": torch.get_num_threads()},
-        results=results, colpali_engine=package_version("colpali-engine")))
+                "colpali_batch": args.colpali_batch,
+                "our_batch_tokens": DEFAULT_BATCH_TOKENS,
+                "threads": torch.get_num_threads(),
+            },
+            results=results,
+            colpali_engine=package_version("colpali-engine"),
+        ),
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--colqwen", action="store_true",
-                        help="tiny ColQwen2.5 multi-vectors on the CPU, ours vs colpali-engine (see above)")
+    parser.add_argument(
+        "--colqwen",
+        action="store_true",
+        help="tiny ColQwen2.5 multi-vectors on the CPU, ours vs colpali-engine (see above)",
+    )
     parser.add_argument("--colpali-batch", type=int, default=16, help="--colqwen: colpali-engine's batch size")
     parser.add_argument("--size", choices=["3b", "7b"], default="3b")
     parser.add_argument("--inputs", type=int, default=256, help="inputs per workload")
@@ -228,20 +273,43 @@ def main() -> None:
     if args.colqwen:
         return colqwen_main(args)
     device = require_cuda("embedding throughput")
-    ours, reference = embedders(f"random:{args.size}", device, torch.bfloat16, workers=args.workers,
-                                reference_batch=args.reference_batch, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    ours, reference = embedders(
+        f"random:{args.size}",
+        device,
+        torch.bfloat16,
+        workers=args.workers,
+        reference_batch=args.reference_batch,
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+    )
     results = bench_embedding(ours, reference, workloads(args.inputs, seed=0), args.warm, device)
     for name, r in results.items():
-        print(f"{name:12s} ours {r['ours_per_s']:8.1f}/s reference {r['reference_per_s']:8.1f}/s "
-              f"x{r['speedup_vs_reference']:.2f} cosine min {r['cosine_min']:.5f}", flush=True)
+        print(
+            f"{name:12s} ours {r['ours_per_s']:8.1f}/s reference {r['reference_per_s']:8.1f}/s "
+            f"x{r['speedup_vs_reference']:.2f} cosine min {r['cosine_min']:.5f}",
+            flush=True,
+        )
     out = args.out or RESULTS / f"embed-{args.size}-{device_slug(torch.cuda.get_device_name())}.json"
-    write_report(out, report(
-        f"embedding, random-weight Qwen2.5-VL-{args.size.upper()}, bf16", device,
-        shapes={"size": args.size, "inputs_per_workload": args.inputs, "image_side": IMAGE_SIDE, "page": PAGE_SIZE,
-                "pixels": [MIN_PIXELS, MAX_PIXELS], "reference_batch": args.reference_batch,
-                "our_batch_tokens": ours.batch_tokens, "workers": args.workers,
-                "our_attention": our_attention(ours), "reference_attention": reference.path.attention},
-        results=results))
+    write_report(
+        out,
+        report(
+            f"embedding, random-weight Qwen2.5-VL-{args.size.upper()}, bf16",
+            device,
+            shapes={
+                "size": args.size,
+                "inputs_per_workload": args.inputs,
+                "image_side": IMAGE_SIDE,
+                "page": PAGE_SIZE,
+                "pixels": [MIN_PIXELS, MAX_PIXELS],
+                "reference_batch": args.reference_batch,
+                "our_batch_tokens": ours.batch_tokens,
+                "workers": args.workers,
+                "our_attention": our_attention(ours),
+                "reference_attention": reference.path.attention,
+            },
+            results=results,
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -27,22 +27,27 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import importlib.util
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from bench import maxsim_memory
 from bench.report import device_slug, report, versions, write_report
-
-from moca_fast.kernels import (info_nce_loss, info_nce_reference, masked_lm_cross_entropy, maxsim_info_nce,
-                               patch_reconstruction_loss)
+from moca_fast.kernels import (
+    info_nce_loss,
+    info_nce_reference,
+    masked_lm_cross_entropy,
+    maxsim_info_nce,
+    patch_reconstruction_loss,
+)
 
 DTYPE = torch.bfloat16
 TOKENS_PER_MICRO_BATCH = 12800
@@ -99,8 +104,9 @@ def _step(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> St
     return step
 
 
-def masked_lm_cases(models: dict = MODELS, tokens: int = TOKENS_PER_MICRO_BATCH, device: str = "cuda",
-                    dtype: torch.dtype = DTYPE) -> list[Case]:
+def masked_lm_cases(
+    models: dict = MODELS, tokens: int = TOKENS_PER_MICRO_BATCH, device: str = "cuda", dtype: torch.dtype = DTYPE
+) -> list[Case]:
     cases = []
     for model, (H, V) in models.items():
         T = tokens
@@ -166,7 +172,7 @@ def patch_reconstruction_cases() -> list[Case]:
 
             def torch_linear_mse(inputs=inputs):
                 hidden, weight, bias, targets = inputs()
-                predict = lambda: torch.nn.functional.linear(hidden, weight, bias)  # noqa: E731
+                predict = lambda: torch.nn.functional.linear(hidden, weight, bias)
                 return _step(lambda: torch.nn.functional.mse_loss(predict(), targets), [hidden, weight, bias])
 
             flops = patch_reconstruction_flops(K, H)
@@ -192,12 +198,12 @@ def info_nce_cases() -> list[Case]:
 
         def ours(backend: str, inputs=inputs):
             queries, positives, negatives, targets = inputs()
-            loss = lambda: info_nce_loss(queries, positives, negatives, targets, backend=backend)  # noqa: E731
+            loss = lambda: info_nce_loss(queries, positives, negatives, targets, backend=backend)
             return _step(loss, [queries, positives, negatives])
 
         def torch_matmul_ce(inputs=inputs):
             queries, positives, negatives, targets = inputs()
-            loss = lambda: info_nce_reference(queries, positives, negatives, targets)  # noqa: E731
+            loss = lambda: info_nce_reference(queries, positives, negatives, targets)
             return _step(loss, [queries, positives, negatives])
 
         useful = 6.0 * B * (G + r) * D
@@ -224,13 +230,21 @@ def maxsim_info_nce_cases() -> list[Case]:
 
         def ours(inputs=inputs):
             q, q_cu, d, d_cu, targets = inputs()
-            loss = lambda: maxsim_info_nce(q, q_cu, d, d_cu, targets, temperature=maxsim_memory.TEMPERATURE)  # noqa: E731
+            loss = lambda: maxsim_info_nce(q, q_cu, d, d_cu, targets, temperature=maxsim_memory.TEMPERATURE)
             return _step(loss, [q, d])
 
         def colpali_formulation(inputs=inputs, Q=Q, N=N, Lq=Lq, Ld=Ld):
             q, _, d, _, targets = inputs()
-            loss = lambda: maxsim_memory.colpali_formulation_loss(q, d, Q, Lq, N, Ld, targets,  # noqa: E731
-                                                                  maxsim_memory.TEMPERATURE)
+            loss = lambda: maxsim_memory.colpali_formulation_loss(
+                q,
+                d,
+                Q,
+                Lq,
+                N,
+                Ld,
+                targets,
+                maxsim_memory.TEMPERATURE,
+            )
             return _step(loss, [q, d])
 
         dots = 2.0 * Q * Lq * N * Ld * D  # every query token against every document token
@@ -280,7 +294,7 @@ def time_ms(step: Step, warmup: int, budget_s: float) -> float:
 def bf16_matmul_peak_tflops(n: int = 8192) -> float:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = time_ms(lambda: torch.matmul(a, b), warmup=5, budget_s=2.0)
+    ms = time_ms(functools.partial(torch.matmul, a, b), warmup=5, budget_s=2.0)
     del a, b
     _release()
     return 2.0 * n**3 / (ms * 1e-3) / 1e12
@@ -346,23 +360,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=2.0, help="time one contender for about this long")
     parser.add_argument("--dry-run", action="store_true", help="print the cases and their FLOPs, run nothing")
-    parser.add_argument("--cpu-memory", action="store_true",
-                        help="measure MaxSim InfoNCE's peak CPU memory beyond inputs and gradients instead (no times)")
-    parser.add_argument("--maxsim-shapes", default="tiny,scaled,goal",
-                        help=f"with --cpu-memory: comma-separated subset of {', '.join(maxsim_memory.SHAPES)}")
-    parser.add_argument("--time-box-s", type=float, default=300.0,
-                        help="with --cpu-memory: stop a measuring process after this long (its peak so far is kept)")
+    parser.add_argument(
+        "--cpu-memory",
+        action="store_true",
+        help="measure MaxSim InfoNCE's peak CPU memory beyond inputs and gradients instead (no times)",
+    )
+    parser.add_argument(
+        "--maxsim-shapes",
+        default="tiny,scaled,goal",
+        help=f"with --cpu-memory: comma-separated subset of {', '.join(maxsim_memory.SHAPES)}",
+    )
+    parser.add_argument(
+        "--time-box-s",
+        type=float,
+        default=300.0,
+        help="with --cpu-memory: stop a measuring process after this long (its peak so far is kept)",
+    )
     args = parser.parse_args(argv)
     if args.cpu_memory:
         names = [n for n in args.maxsim_shapes.split(",") if n]
         if unknown := set(names) - set(maxsim_memory.SHAPES):
             parser.error(f"unknown MaxSim shapes {sorted(unknown)}; choose from {list(maxsim_memory.SHAPES)}")
         rows = maxsim_memory.run(names, args.time_box_s)
-        shapes = {name: dict(zip(("queries", "query_tokens", "documents", "doc_tokens", "dim"),
-                                 maxsim_memory.SHAPES[name])) for name in names}
-        write_report(args.out or Path(__file__).parent / "results" / "maxsim-memory-cpu.json",
-                     report("maxsim_info_nce_cpu_memory", "cpu", shapes=shapes, results=rows,
-                            dtype="float32", chunk_elements=maxsim_memory.chunk_elements()))
+        shapes = {
+            name: dict(zip(("queries", "query_tokens", "documents", "doc_tokens", "dim"), maxsim_memory.SHAPES[name]))
+            for name in names
+        }
+        write_report(
+            args.out or Path(__file__).parent / "results" / "maxsim-memory-cpu.json",
+            report(
+                "maxsim_info_nce_cpu_memory",
+                "cpu",
+                shapes=shapes,
+                results=rows,
+                dtype="float32",
+                chunk_elements=maxsim_memory.chunk_elements(),
+            ),
+        )
         return 0
     kernels = [k for k in args.only.split(",") if k]
     if unknown := set(kernels) - set(CASES):
@@ -395,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "device": device,
         "versions": versions(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "dtype": str(DTYPE).removeprefix("torch."),
         "bf16_matmul_peak_tflops": peak,

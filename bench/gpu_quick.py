@@ -67,19 +67,30 @@ import torch
 if not torch.cuda.is_available():  # before anything imports triton: the kernels then run in its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench import embed  # noqa: E402  (bench/)
-from bench import fused_kernels  # noqa: E402
-from bench import train  # noqa: E402
-from moca_fast.trainers.metrics import device_peak_flops  # noqa: E402
-from bench.report import RESULTS, device_slug, report, require_cuda  # noqa: E402
+from bench import embed, fused_kernels, train
+from bench.report import RESULTS, device_slug, report, require_cuda
+from moca_fast.trainers.metrics import device_peak_flops
 
 BUDGETS = {"kernel": 45, "cpt": 110, "cl": 100, "embed": 75, "extras": None}  # seconds; None: whatever is left
 POOLS = {"cpt": (24, 96), "cl": (48, 96)}  # (warm-up, timed) documents / pairs
 TINY_POOLS = {"cpt": (2, 2), "cl": (4, 4)}
 EMBED_INPUTS, EMBED_WARM = 32, 4
 NOT_MEASURED = "not measured (CPU)"
-TIMINGS = {"seconds", "wall_s", "tokens_per_s", "mfu", "speedup_vs_reference", "ours_per_s", "reference_per_s",
-           "ms", "tflops", "peak_fraction", "x_of_ideal", "ideal_ms", "bf16_matmul_peak_tflops"}
+TIMINGS = {
+    "seconds",
+    "wall_s",
+    "tokens_per_s",
+    "mfu",
+    "speedup_vs_reference",
+    "ours_per_s",
+    "reference_per_s",
+    "ms",
+    "tflops",
+    "peak_fraction",
+    "x_of_ideal",
+    "ideal_ms",
+    "bf16_matmul_peak_tflops",
+}
 
 
 class TimeUp(BaseException):
@@ -89,6 +100,7 @@ class TimeUp(BaseException):
 @contextlib.contextmanager
 def alarm(seconds: float):
     """Raise TimeUp in the main thread once `seconds` have passed."""
+
     def ring(signum, frame):
         raise TimeUp
 
@@ -147,11 +159,19 @@ class QuickRun:
         self.steps: dict[str, dict] = {}
         self.document = report(
             "gpu_quick: the headline figures, ours against the reference path, random-weight Qwen2.5-VL-3B"
-            if not args.tiny else "gpu_quick --tiny: every step on the tiny model, untimed", device,
-            shapes={"size": "tiny" if args.tiny else "3b", "pools": TINY_POOLS if args.tiny else POOLS,
-                    "embed_inputs_per_workload": 4 if args.tiny else EMBED_INPUTS, "budget_s": args.budget_s,
-                    "step_budgets_s": BUDGETS},
-            measured=not args.tiny, results=self.steps)
+            if not args.tiny
+            else "gpu_quick --tiny: every step on the tiny model, untimed",
+            device,
+            shapes={
+                "size": "tiny" if args.tiny else "3b",
+                "pools": TINY_POOLS if args.tiny else POOLS,
+                "embed_inputs_per_workload": 4 if args.tiny else EMBED_INPUTS,
+                "budget_s": args.budget_s,
+                "step_budgets_s": BUDGETS,
+            },
+            measured=not args.tiny,
+            results=self.steps,
+        )
 
     def save(self) -> None:
         document = not_measured(self.document) if self.tiny else self.document
@@ -173,10 +193,16 @@ class QuickRun:
 
         results = run_parts(parts, deadline, landed)
         for part, result in results.items():
-            shown = {k: v for k, v in (not_measured(result) if self.tiny else result).items()
-                     if k in SHOWN and v not in (None, NOT_MEASURED)}
-            print(f"{name} {part}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in shown.items()), flush=True)
+            shown = {
+                k: v
+                for k, v in (not_measured(result) if self.tiny else result).items()
+                if k in SHOWN and v not in (None, NOT_MEASURED)
+            }
+            print(
+                f"{name} {part}: "
+                + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()),
+                flush=True,
+            )
 
     # ------------------------------------------------------------------------------------------------- steps
 
@@ -199,8 +225,9 @@ class QuickRun:
             return fused_kernels.measure(case, c, peak_tflops, SimpleNamespace(warmup=3, budget_s=1.0))
 
         def summarize(results):  # the contenders that were measured, as fused_kernels.py compares them
-            return fused_kernels.summarize([{k: v for k, v in r.items() if k != "wall_s"} for r in results.values()
-                                            if "role" in r])
+            return fused_kernels.summarize(
+                [{k: v for k, v in r.items() if k != "wall_s"} for r in results.values() if "role" in r]
+            )
 
         parts = [] if self.tiny else [("bf16_matmul_peak", matmul_peak)]
         parts += [(c.name, functools.partial(contender, c)) for c in case.contenders]
@@ -231,24 +258,39 @@ class QuickRun:
         models = {}
 
         def build():
-            pixels = (dict(min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28) if self.tiny
-                      else dict(min_pixels=embed.MIN_PIXELS, max_pixels=embed.MAX_PIXELS))
-            models["pair"] = embed.embedders(self.model, self.device, torch.float32 if self.tiny else torch.bfloat16,
-                                             workers=0 if self.tiny else 8, reference_batch=4 if self.tiny else 16,
-                                             **pixels)
+            pixels = (
+                dict(min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28)
+                if self.tiny
+                else dict(min_pixels=embed.MIN_PIXELS, max_pixels=embed.MAX_PIXELS)
+            )
+            models["pair"] = embed.embedders(
+                self.model,
+                self.device,
+                torch.float32 if self.tiny else torch.bfloat16,
+                workers=0 if self.tiny else 8,
+                reference_batch=4 if self.tiny else 16,
+                **pixels,
+            )
             sizes = dict(image_side=112, page_size=(120, 170)) if self.tiny else {}
             models["loads"] = embed.workloads(4 if self.tiny else EMBED_INPUTS, seed=0, **sizes)
             ours, reference = models["pair"]
-            return {"our_attention": embed.our_attention(ours), "reference_attention": reference.path.attention,
-                    "our_batch_tokens": ours.batch_tokens}
+            return {
+                "our_attention": embed.our_attention(ours),
+                "reference_attention": reference.path.attention,
+                "our_batch_tokens": ours.batch_tokens,
+            }
 
         def workload(name):
             ours, reference = models["pair"]
-            return embed.bench_embedding(ours, reference, {name: models["loads"][name]}, 1 if self.tiny else EMBED_WARM,
-                                         self.device)[name]
+            return embed.bench_embedding(
+                ours, reference, {name: models["loads"][name]}, 1 if self.tiny else EMBED_WARM, self.device
+            )[name]
 
-        self.run("embed", [("models", build)] + [(w, functools.partial(workload, w))
-                                                  for w in ("realistic", "text", "image", "page", "interleaved")])
+        self.run(
+            "embed",
+            [("models", build)]
+            + [(w, functools.partial(workload, w)) for w in ("realistic", "text", "image", "page", "interleaved")],
+        )
         models.clear()
 
 
@@ -262,8 +304,9 @@ def run_steps(run: QuickRun) -> None:
     run.stage("cl", ("ours-eager", "reference"), "cl")
     run.embed()
     if run.tiny:
-        run.steps["extras"] = {"status": "skipped: --tiny runs no compile (CPU inductor takes minutes) and no FP8 "
-                                         "(CUDA only)"}
+        run.steps["extras"] = {
+            "status": "skipped: --tiny runs no compile (CPU inductor takes minutes) and no FP8 (CUDA only)"
+        }
         run.save()
     else:
         run.stage("cpt", ("ours", "ours-fp8"), "extras")
@@ -275,12 +318,25 @@ def full_parts(which: str, slug: str) -> list:
     python = [sys.executable]
     pytest = [*python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     commands = {
-        "kernels": [("kernel tests", [*pytest, "tests/kernels"]),
-                    ("fused kernels", [*python, "-m", "bench.fused_kernels"])],
+        "kernels": [
+            ("kernel tests", [*pytest, "tests/kernels"]),
+            ("fused kernels", [*python, "-m", "bench.fused_kernels"]),
+        ],
         "train": [("training", [*python, "-m", "bench.train", "--size", "3b"])],
         "embed": [("embedding", [*python, "-m", "bench.embed", "--size", "3b"])],
-        "suite": [("pytest-benchmark suite", [*pytest, "bench", "--benchmark-enable", "--benchmark-only",
-                                               "--benchmark-json", f"bench/results/pytest-benchmark-{slug}.json"])],
+        "suite": [
+            (
+                "pytest-benchmark suite",
+                [
+                    *pytest,
+                    "bench",
+                    "--benchmark-enable",
+                    "--benchmark-only",
+                    "--benchmark-json",
+                    f"bench/results/pytest-benchmark-{slug}.json",
+                ],
+            )
+        ],
     }
     chosen = [c for name in (commands if which == "all" else [which]) for c in commands[name]]
     return [(name, functools.partial(run_command, argv)) for name, argv in chosen]
@@ -301,18 +357,35 @@ def run_full(which: str, budget_s: float) -> int:
     return 0 if all(r["status"] == "ok" for r in results.values()) else 1
 
 
-SHOWN = {"status", "ms", "tokens_per_s", "mfu", "ours_per_s", "reference_per_s", "speedup_vs_reference",
-         "cosine_min", "check_loss", "max_memory_gb"}
+SHOWN = {
+    "status",
+    "ms",
+    "tokens_per_s",
+    "mfu",
+    "ours_per_s",
+    "reference_per_s",
+    "speedup_vs_reference",
+    "cosine_min",
+    "check_loss",
+    "max_memory_gb",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU, untimed (CI)")
     parser.add_argument("--budget-s", type=float, help="the whole run's time box (default 440 s; --full: 2,700 s)")
-    parser.add_argument("--full", choices=["all", "kernels", "train", "embed", "suite"],
-                        help="every GPU benchmark of this part instead of the headline figures (bench/run_gpu.sh)")
-    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/quick-3b-<device>.json; "
-                        "with --tiny, quick-tiny.json in the temporary folder)")
+    parser.add_argument(
+        "--full",
+        choices=["all", "kernels", "train", "embed", "suite"],
+        help="every GPU benchmark of this part instead of the headline figures (bench/run_gpu.sh)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="JSON path (default bench/results/quick-3b-<device>.json; "
+        "with --tiny, quick-tiny.json in the temporary folder)",
+    )
     args = parser.parse_args(argv)
     if args.full:
         return run_full(args.full, args.budget_s or 2700.0)
@@ -326,8 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         run = QuickRun(args, device, Path(folder))
         run_steps(run)
-    print(json.dumps({name: step.get("summary") for name, step in run.steps.items()}, default=str)[:2000]
-          if not args.tiny else f"--tiny: every step ran; nothing timed; {args.out}")
+    print(
+        json.dumps({name: step.get("summary") for name, step in run.steps.items()}, default=str)[:2000]
+        if not args.tiny
+        else f"--tiny: every step ran; nothing timed; {args.out}"
+    )
     return 0
 
 

@@ -43,7 +43,7 @@ def maxsim_inputs(Q: int, Lq: int, N: int, Ld: int, D: int, device="cpu", dtype=
         x = torch.randn(rows, D, generator=g, device=device, dtype=dtype)
         x /= torch.linalg.vector_norm(x, dim=1, keepdim=True)
         tokens.append(x.requires_grad_())
-    cu = lambda n, length: torch.arange(n + 1, dtype=torch.int32, device=device) * length  # noqa: E731
+    cu = lambda n, length: torch.arange(n + 1, dtype=torch.int32, device=device) * length
     return tokens[0], cu(Q, Lq), tokens[1], cu(N, Ld), torch.arange(Q, device=device)
 
 
@@ -90,40 +90,75 @@ def child(contender: str, shape: tuple[int, ...], phase: str) -> None:
         scores = torch.randn(Q, N) * 10
         excluded = torch.zeros(Q, N, dtype=torch.bool)
         argmax = torch.empty(0, dtype=torch.int32)
-        run = lambda: ops._maxsim_info_nce_backward(torch.ones(()), q.detach(), q_cu, d.detach(), d_cu, targets,  # noqa: E731
-                                                    excluded, scores, argmax, TEMPERATURE, 0, "torch")
+        run = lambda: ops._maxsim_info_nce_backward(
+            torch.ones(()),
+            q.detach(),
+            q_cu,
+            d.detach(),
+            d_cu,
+            targets,
+            excluded,
+            scores,
+            argmax,
+            TEMPERATURE,
+            0,
+            "torch",
+        )
         grad_bytes = 4 * (q.numel() + d.numel())
     elif contender == "moca_fast":
-        loss = lambda: maxsim_info_nce(q, q_cu, d, d_cu, targets, temperature=TEMPERATURE, backend="torch")  # noqa: E731
+        loss = lambda: maxsim_info_nce(q, q_cu, d, d_cu, targets, temperature=TEMPERATURE, backend="torch")
     else:
-        loss = lambda: colpali_formulation_loss(q, d, Q, Lq, N, Ld, targets, TEMPERATURE)  # noqa: E731
+        loss = lambda: colpali_formulation_loss(q, d, Q, Lq, N, Ld, targets, TEMPERATURE)
     if phase == "forward":
-        run = lambda: torch.no_grad()(loss)()  # noqa: E731
+        run = lambda: torch.no_grad()(loss)()
     elif phase == "step":
-        run = lambda: loss().backward()  # noqa: E731
+        run = lambda: loss().backward()
         grad_bytes = 4 * (q.numel() + d.numel())
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     baseline = _status_kb("self", "VmRSS") * 1024
     print(json.dumps({"event": "ready", "baseline_bytes": baseline}), flush=True)
     start = time.perf_counter()
     run()
-    print(json.dumps({"event": "done", "peak_bytes": _status_kb("self", "VmHWM") * 1024, "grad_bytes": grad_bytes,
-                      "seconds": time.perf_counter() - start}), flush=True)
+    print(
+        json.dumps(
+            {
+                "event": "done",
+                "peak_bytes": _status_kb("self", "VmHWM") * 1024,
+                "grad_bytes": grad_bytes,
+                "seconds": time.perf_counter() - start,
+            }
+        ),
+        flush=True,
+    )
 
 
 def measure(contender: str, shape: tuple[int, ...], phase: str, time_box_s: float) -> dict:
     """One child process: the peak beyond inputs and gradients, or the peak so far when the time box ends it."""
     Q, Lq, N, Ld, D = shape
-    row = {"contender": contender, "phase": phase, "queries": Q, "query_tokens": Lq, "documents": N,
-           "doc_tokens": Ld, "dim": D, "inputs_bytes": 4 * D * (Q * Lq + N * Ld)}
+    row = {
+        "contender": contender,
+        "phase": phase,
+        "queries": Q,
+        "query_tokens": Lq,
+        "documents": N,
+        "doc_tokens": Ld,
+        "dim": D,
+        "inputs_bytes": 4 * D * (Q * Lq + N * Ld),
+    }
     if contender == "colpali_formulation" and similarity_bytes(Q, Lq, N, Ld) > COLPALI_LIMIT_BYTES:
         row |= {"status": "not run", "similarity_tensor_bytes": similarity_bytes(Q, Lq, N, Ld)}
         return row
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
-            "from bench import maxsim_memory; "
-            f"maxsim_memory.child({contender!r}, {tuple(shape)!r}, {phase!r})")
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+        "from bench import maxsim_memory; "
+        f"maxsim_memory.child({contender!r}, {tuple(shape)!r}, {phase!r})"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
+    )
     ready = json.loads(process.stdout.readline())
     deadline, peak_kb = time.monotonic() + time_box_s, 0
     while process.poll() is None and time.monotonic() < deadline:
@@ -134,12 +169,17 @@ def measure(contender: str, shape: tuple[int, ...], phase: str, time_box_s: floa
         process.kill()
         process.wait()
         grad_bytes = 4 * (Q * Lq + N * Ld) * D if phase != "forward" else 0
-        row |= {"status": f"stopped by the {time_box_s:.0f} s time box", "peak_bytes": peak_kb * 1024,
-                "grad_bytes": grad_bytes}
+        row |= {
+            "status": f"stopped by the {time_box_s:.0f} s time box",
+            "peak_bytes": peak_kb * 1024,
+            "grad_bytes": grad_bytes,
+        }
     else:
         done = process.stdout.readline()
         if process.returncode != 0 or not done:
-            raise RuntimeError(f"{contender} {phase} at {shape}: the measuring process exited with {process.returncode}")
+            raise RuntimeError(
+                f"{contender} {phase} at {shape}: the measuring process exited with {process.returncode}"
+            )
         done = json.loads(done)
         row |= {"status": "ok", "peak_bytes": done["peak_bytes"], "grad_bytes": done["grad_bytes"]}
     row["beyond_inputs_and_grads_bytes"] = row["peak_bytes"] - ready["baseline_bytes"] - row["grad_bytes"]

@@ -41,22 +41,32 @@ def memory_plan(p, memory_gb: float, world: int) -> mp.MemoryPlan:
     target = mp.Target(memory_gb * 1e9, world)
     static = mp.static_bytes(model, mae, [b for bs in mp.block_kinds(model, mae).values() for b in bs], target)
     if p.stage == "cpt":
+
         def batch_for_split(splits):
             return mp.planning_pack(p.processor, config.tokens_per_micro_batch // splits, masked=True)
 
-        return mp.plan_stage1(p.spec, static, batch_for_split, target,
-                              max_splits=config.tokens_per_micro_batch // config.max_length)
+        return mp.plan_stage1(
+            p.spec, static, batch_for_split, target, max_splits=config.tokens_per_micro_batch // config.max_length
+        )
     step_tokens = (2 + config.negative_ratio) * config.pairs_per_rank * config.max_length
-    return mp.plan_stage2(p.spec, static, lambda chunk: mp.planning_pack(p.processor, chunk or step_tokens,
-                                                                         masked=False), target, step_tokens)
+    return mp.plan_stage2(
+        p.spec,
+        static,
+        lambda chunk: mp.planning_pack(p.processor, chunk or step_tokens, masked=False),
+        target,
+        step_tokens,
+    )
 
 
 def recompute_flops(p, plan: mp.MemoryPlan) -> float:
     """FLOPs the plan recomputes over the pool (ours): full blocks repeat their forward; GradCache adds one forward
     of the backbone (its no-grad pass)."""
     image_id, total = p.processor.image_token_id, 0.0
-    groups = p.micro_batches("ours", p.pool) if p.stage == "cpt" else [
-        [s for q in g for s in (q.query, q.positive, *q.negatives)] for g in p.pool]
+    groups = (
+        p.micro_batches("ours", p.pool)
+        if p.stage == "cpt"
+        else [[s for q in g for s in (q.query, q.positive, *q.negatives)] for g in p.pool]
+    )
     for group in groups:
         packed = pack_sequences(group, image_id)
         per_kind = kind_forward_flops(p.spec, packed)
@@ -81,7 +91,14 @@ def planned_columns(p, work: dict) -> dict:
     for name, (memory_gb, world) in CLUSTERS.items():
         plan = memory_plan(p, memory_gb, world)
         total = ours["total"] - counted + recompute_flops(p, plan)
-        columns[name] = {"plan": plan.describe(), "modes": plan.modes, "splits": plan.splits,
-                         "grad_cache_tokens": plan.grad_cache_tokens, "peak_gib": plan.peak / 2**30,
-                         "fits": plan.fits, "ours_flops": total, "ours_over_reference": total / reference}
+        columns[name] = {
+            "plan": plan.describe(),
+            "modes": plan.modes,
+            "splits": plan.splits,
+            "grad_cache_tokens": plan.grad_cache_tokens,
+            "peak_gib": plan.peak / 2**30,
+            "fits": plan.fits,
+            "ours_flops": total,
+            "ours_over_reference": total / reference,
+        }
     return columns

@@ -32,24 +32,40 @@ def implementation_name(backend: str) -> str:
     return PREFIX + backend
 
 
-def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                             *, backend: str, is_causal: bool | None = None,
-                             cu_seq_lens_q: torch.Tensor | None = None, cu_seq_lens_k: torch.Tensor | None = None,
-                             max_length_q: int | None = None, max_length_k: int | None = None,
-                             position_ids: torch.Tensor | None = None, sliding_window: int | None = None,
-                             **_) -> tuple[torch.Tensor, None]:
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    *,
+    backend: str,
+    is_causal: bool | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
+    position_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    **_,
+) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: q [B, Hq, L, D], k/v [B, Hkv, L, D] -> ([B, L, Hq, D], None).
 
     Vision (cu_seq_lens_* given, B = 1): each window or image attends within itself, one call for all of them.
     Text: `attention_mask` is the [B, L] padding mask (None when no row is padded); the real tokens of each row
     attend to each other only, and padded positions come out as zeros."""
-    if (module.is_causal if is_causal is None else is_causal):
-        raise ValueError(f"{type(module).__name__} asks for causal attention; the reference path's attention is "
-                         "bidirectional only (make the decoder non-causal first)")
+    if module.is_causal if is_causal is None else is_causal:
+        raise ValueError(
+            f"{type(module).__name__} asks for causal attention; the reference path's attention is "
+            "bidirectional only (make the decoder non-causal first)"
+        )
     if dropout or sliding_window is not None:
-        raise ValueError(f"attention dropout ({dropout}) and sliding windows ({sliding_window}) are not supported "
-                         "(the reference has neither)")
+        raise ValueError(
+            f"attention dropout ({dropout}) and sliding windows ({sliding_window}) are not supported "
+            "(the reference has neither)"
+        )
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, L, H, D]
     if torch.is_autocast_enabled(q.device.type) and q.dtype == torch.float32:  # as flash_attention_2 does
@@ -61,13 +77,21 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         max_length = max_length_q if max_length_q is not None else int(cu_seq_lens_q.diff().max())
         segments = Segments.build(cu_seq_lens_q, max_length, length, backend)
         return varlen_attention(q[0], k[0], v[0], segments, scale).unsqueeze(0), None
-    if attention_mask is None and position_ids is not None and batch == 1 and length > 1 \
-            and bool((position_ids.reshape(-1).diff() != 1).any()):
+    if (
+        attention_mask is None
+        and position_ids is not None
+        and batch == 1
+        and length > 1
+        and bool((position_ids.reshape(-1).diff() != 1).any())
+    ):
         raise ValueError("padding-free packed input given by position_ids is not supported: pass the padding mask")
     if attention_mask is not None and attention_mask.shape != (batch, length):
         raise ValueError(f"expected a [{batch}, {length}] padding mask, got {tuple(attention_mask.shape)}")
-    real = (attention_mask.bool() if attention_mask is not None
-            else torch.ones(batch, length, dtype=torch.bool, device=q.device))
+    real = (
+        attention_mask.bool()
+        if attention_mask is not None
+        else torch.ones(batch, length, dtype=torch.bool, device=q.device)
+    )
     lengths = real.sum(1)
     cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     rows = real.flatten().nonzero().squeeze(1)  # row-major: each row's real tokens stay together

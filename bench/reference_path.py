@@ -20,7 +20,6 @@ transformers' own tokenizer call and image processor, as the reference's evaluat
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 from dataclasses import dataclass, replace
 
@@ -28,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.reference_attention import use_varlen_attention
 from moca_fast.data.processor import EncodedSequence
 from moca_fast.embed import plan_batches
 from moca_fast.model.attention import resolve_backend
-from bench.reference_attention import use_varlen_attention
 
 IGNORE = -100
 PAD_MULTIPLE = 32  # training batches are padded to a multiple of 32
@@ -56,9 +55,14 @@ class PaddedBatch:
         """Real (unpadded) tokens."""
         return int(self.attention_mask.sum())
 
-    def to(self, device) -> "PaddedBatch":
-        return replace(self, **{k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                                for k, v in self.__dict__.items()})
+    def to(self, device) -> PaddedBatch:
+        return replace(
+            self,
+            **{
+                k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                for k, v in self.__dict__.items()
+            },
+        )
 
 
 def sample_cost(seq: EncodedSequence, image_token_id: int) -> int:
@@ -81,12 +85,13 @@ def pad_sequences(sequences: list[EncodedSequence], pad_id: int, multiple: int =
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        input_ids[row, :len(seq)] = seq.input_ids
-        attention_mask[row, :len(seq)] = 1
+        input_ids[row, : len(seq)] = seq.input_ids
+        attention_mask[row, : len(seq)] = 1
     pixels = [s.pixel_values for s in sequences if s.pixel_values.shape[0]]
     grids = [s.image_grid_thw for s in sequences if s.image_grid_thw.shape[0]]
-    batch = PaddedBatch(input_ids, attention_mask, torch.cat(pixels) if pixels else None,
-                        torch.cat(grids) if grids else None)
+    batch = PaddedBatch(
+        input_ids, attention_mask, torch.cat(pixels) if pixels else None, torch.cat(grids) if grids else None
+    )
     if sequences[0].mlm_positions is None:
         return batch
     labels = torch.full_like(input_ids, IGNORE)
@@ -96,13 +101,19 @@ def pad_sequences(sequences: list[EncodedSequence], pad_id: int, multiple: int =
     return replace(batch, labels=labels, mae_rows=mae_rows, mae_targets=torch.cat([s.mae_targets for s in sequences]))
 
 
-def processor_batch(tokenizer, image_processor, cases: list[tuple[str, list]], *, min_pixels: int,
-                    max_pixels: int) -> PaddedBatch:
+def processor_batch(
+    tokenizer, image_processor, cases: list[tuple[str, list]], *, min_pixels: int, max_pixels: int
+) -> PaddedBatch:
     """Raw (text with the placeholder triple at each image, PIL images) cases -> one right-padded batch, through
     transformers' tokenizer and image processor the way the reference's evaluation calls them."""
     images = [image for _, ims in cases for image in ims]
-    pixels = (image_processor(images=images, return_tensors="pt",
-                              size={"shortest_edge": min_pixels, "longest_edge": max_pixels}) if images else None)
+    pixels = (
+        image_processor(
+            images=images, return_tensors="pt", size={"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        )
+        if images
+        else None
+    )
     grids = iter(pixels["image_grid_thw"].tolist() if images else [])
     texts = []
     for text, ims in cases:  # expand each image's pad token to one per merged 2x2 patch block
@@ -112,8 +123,12 @@ def processor_batch(tokenizer, image_processor, cases: list[tuple[str, list]], *
         texts.append(text.replace("<|placeholder|>", "<|image_pad|>"))
     tokenizer.padding_side = "right"
     encoded = tokenizer(texts, padding=True, return_tensors="pt")
-    return PaddedBatch(encoded.input_ids, encoded.attention_mask, pixels["pixel_values"] if images else None,
-                       pixels["image_grid_thw"] if images else None)
+    return PaddedBatch(
+        encoded.input_ids,
+        encoded.attention_mask,
+        pixels["pixel_values"] if images else None,
+        pixels["image_grid_thw"] if images else None,
+    )
 
 
 def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -158,7 +173,7 @@ class ReferencePath(nn.Module):
         self._layer_kwargs: dict = {}
         self.hf.model.language_model.layers[0].register_forward_pre_hook(self._keep_layer_kwargs, with_kwargs=True)
 
-    def with_mae(self, tensors: dict[str, torch.Tensor]) -> "ReferencePath":
+    def with_mae(self, tensors: dict[str, torch.Tensor]) -> ReferencePath:
         """The reference's stage-1 MAE head from its checkpoint tensors (`mae_decoder.*`: a transformers decoder
         layer; `mae_proj.*`: the Linear); `MaeHead.reference_state_dict()` gives them for one of ours."""
         layers = self.hf.model.language_model.layers
@@ -176,8 +191,11 @@ class ReferencePath(nn.Module):
     def hidden(self, batch: PaddedBatch) -> torch.Tensor:
         """The final-norm hidden states [B, L, H]."""
         image_token_id = self.hf.config.image_token_id
-        kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      mm_token_type_ids=(batch.input_ids == image_token_id).long())
+        kwargs = dict(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            mm_token_type_ids=(batch.input_ids == image_token_id).long(),
+        )
         if batch.pixel_values is not None:
             kwargs.update(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw)
         return self.hf.model(**kwargs).last_hidden_state
@@ -193,8 +211,11 @@ class ReferencePath(nn.Module):
         hidden = self.hidden(batch)
         flat = hidden.reshape(-1, hidden.shape[-1])
         mlm = liger_linear_cross_entropy(flat, self.hf.lm_head.weight, batch.labels.reshape(-1))
-        mae_hidden = self.mae_layer(hidden, attention_mask=self._layer_kwargs["attention_mask"],
-                                    position_embeddings=self._layer_kwargs["position_embeddings"])
+        mae_hidden = self.mae_layer(
+            hidden,
+            attention_mask=self._layer_kwargs["attention_mask"],
+            position_embeddings=self._layer_kwargs["position_embeddings"],
+        )
         predicted = self.mae_proj(mae_hidden.reshape(-1, hidden.shape[-1])[batch.mae_rows])
         # The reference's "b (d p) -> (b p) d": output d * 4 + p of a token is value d of its patch p.
         k, patch_dim = predicted.shape[0], batch.mae_targets.shape[-1]
@@ -205,19 +226,21 @@ class ReferencePath(nn.Module):
         mae = F.mse_loss(predicted.float(), batch.mae_targets.float())
         return mlm + mae_weight * mae, mlm, mae
 
-    def cl_loss(self, queries: PaddedBatch, positives: PaddedBatch, negatives: PaddedBatch | None,
-                temperature: float) -> torch.Tensor:
+    def cl_loss(
+        self, queries: PaddedBatch, positives: PaddedBatch, negatives: PaddedBatch | None, temperature: float
+    ) -> torch.Tensor:
         """Stage 2: three forwards; queries, positives and negatives gathered from every rank (gradient through the
         local slice only), every query scored against all positives plus its own hard negatives. Each rank holds
         the same loss, the mean over the global batch, and its gradient reaches only the local embeddings."""
         q, p = self.embed(queries), self.embed(positives)
         n = self.embed(negatives).reshape(q.shape[0], -1, q.shape[1]) if negatives is not None else None
-        return info_nce(gather_local_grad(q), gather_local_grad(p), gather_local_grad(n) if n is not None else None,
-                        temperature)
+        return info_nce(
+            gather_local_grad(q), gather_local_grad(p), gather_local_grad(n) if n is not None else None, temperature
+        )
 
 
 def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
 
 
 def gather_local_grad(x: torch.Tensor) -> torch.Tensor:
@@ -230,8 +253,9 @@ def gather_local_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def info_nce(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None,
-             temperature: float) -> torch.Tensor:
+def info_nce(
+    queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
     """Cross-entropy over [q . all positives, q . own negatives] / temperature, the target of query i being
     positive i."""
     scores = queries.float() @ positives.float().T

@@ -8,7 +8,7 @@ import os
 import platform
 import re
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -34,8 +34,10 @@ def device_name(device: torch.device | str) -> str:
 def require_cuda(what: str) -> torch.device:
     """The CUDA device, or exit saying why: CPU timings of GPU code mean nothing, so none is ever reported."""
     if not torch.cuda.is_available():
-        sys.exit(f"{Path(sys.argv[0]).name} measures {what} on a GPU; there is no CUDA device here "
-                 "(CPU timings of this code mean nothing).")
+        sys.exit(
+            f"{Path(sys.argv[0]).name} measures {what} on a GPU; there is no CUDA device here "
+            "(CPU timings of this code mean nothing)."
+        )
     return torch.device("cuda")
 
 
@@ -45,7 +47,11 @@ def device_slug(name: str) -> str:
 
 
 def versions() -> dict[str, str | None]:
-    return {"python": platform.python_version(), "cuda": torch.version.cuda, **{p: package_version(p) for p in PACKAGES}}
+    return {
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        **{p: package_version(p) for p in PACKAGES},
+    }
 
 
 def command() -> str:
@@ -60,7 +66,7 @@ def report(benchmark: str, device: torch.device | str, *, shapes: dict, results,
         "benchmark": benchmark,
         "device": device_name(device),
         "versions": versions(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command(),
         "shapes": shapes,
         **extra,
@@ -96,4 +102,3 @@ def write_section(begin: str, end: str, section: str, *, check: bool, fix: str) 
         print(f"README.md's section {begin} is not what its results give: run {fix}", file=sys.stderr)
         return 1
     return 0
-

@@ -7,7 +7,8 @@ batcher at work, not how fast a GPU embeds); `--size 3b`, the reference shape in
 clients (httpx) each send one request after another, alternating a text query (the text-to-image prompt) and an
 image (a synthetic scene as a PNG data URL, the image-target prompt), one input per request, as a search front end
 would (by default `--data realistic`: the queries and positives of the reference's 30 stage-2 subsets in their
-mix, moca_fast/data/realistic.py); the server packs what is queued into forwards of --batch-tokens tokens. Inputs per forward come from the
+mix, moca_fast/data/realistic.py); the server packs what is queued into forwards of --batch-tokens tokens. Inputs per
+forward come from the
 server's /metrics.
 
     python -m bench.serve --size tiny --out bench/results/serve-cpu.json     # CPU figures (the committed ones)
@@ -37,16 +38,16 @@ import httpx
 import numpy as np
 import torch
 
+from bench.report import RESULTS, device_slug, report, require_cuda, write_report
+from bench.train import train_config
 from moca_fast.data.image_patches import MAX_PIXELS, MIN_PIXELS
 from moca_fast.data.processor import Processor
 from moca_fast.data.realistic import realistic_inputs
 from moca_fast.data.synthetic import random_scene, render
-from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 from moca_fast.data.tokenizer import tiny_tokenizer
+from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 from moca_fast.embed import MocaEmbedder
 from moca_fast.trainers.setup import build_model
-from bench.report import RESULTS, device_slug, report, require_cuda, write_report
-from bench.train import train_config
 
 MODEL = "moca-bench"
 IMAGE_SIDE = {"tiny": 112, "3b": 448}  # the tiny model's budget gives 16 tokens per image; the reference's 256
@@ -55,12 +56,16 @@ IMAGE_SIDE = {"tiny": 112, "3b": 448}  # the tiny model's budget gives 16 tokens
 def build_embedder(size: str, device: str, batch_tokens: int) -> MocaEmbedder:
     """Random weights: the tiny test model (fp32) or the 3B shape (bf16), with the matching pixel budget."""
     tokenizer = tiny_tokenizer()
-    model = build_model(train_config("cl", "tiny" if size == "tiny" else f"random:{size}", "unused"), tokenizer,
-                        torch.device(device)).eval()
+    model = build_model(
+        train_config("cl", "tiny" if size == "tiny" else f"random:{size}", "unused"), tokenizer, torch.device(device)
+    ).eval()
     if size != "tiny":
         model = model.to(torch.bfloat16)
-    pixels = dict(min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28) if size == "tiny" else dict(
-        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    pixels = (
+        dict(min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28)
+        if size == "tiny"
+        else dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    )
     return MocaEmbedder(model, Processor(tokenizer, **pixels), batch_tokens=batch_tokens)
 
 
@@ -70,8 +75,11 @@ def run_server(size: str, device: str, batch_tokens: int, max_wait_ms: float, po
     from moca_fast.serve.settings import ServeSettings
 
     embedder = build_embedder(size, device, batch_tokens)
-    serve(embedder, ServeSettings(model_name=MODEL, max_input_tokens=batch_tokens, max_wait_ms=max_wait_ms,
-                                  max_queue_inputs=4096), port=port)
+    serve(
+        embedder,
+        ServeSettings(model_name=MODEL, max_input_tokens=batch_tokens, max_wait_ms=max_wait_ms, max_queue_inputs=4096),
+        port=port,
+    )
 
 
 def realistic_bodies(n: int, seed: int = 0) -> list[bytes]:
@@ -100,8 +108,10 @@ def request_bodies(size: str, n: int, seed: int = 0, data: str = "realistic") ->
             side = IMAGE_SIDE[size]
             png = io.BytesIO()
             render(random_scene(rng), rng.getrandbits(32)).resize((side, side)).save(png, format="PNG")
-            request = {"input": [{"image": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}],
-                       "input_type": "document"}
+            request = {
+                "input": [{"image": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}],
+                "input_type": "document",
+            }
         bodies.append(json.dumps({"model": MODEL, **request}).encode())
     return bodies
 
@@ -135,18 +145,21 @@ def batch_stats(url: str) -> tuple[float, float]:
     return float(values["moca_batch_inputs_sum"]), float(values["moca_batch_inputs_count"])
 
 
-async def closed_loop(url: str, bodies: list[bytes], clients: int, requests: int, seconds: float,
-                      answers: list | None = None) -> list[float]:
+async def closed_loop(
+    url: str, bodies: list[bytes], clients: int, requests: int, seconds: float, answers: list | None = None
+) -> list[float]:
     """Latencies (s) of up to `requests` requests from `clients` clients sending back to back, for <= `seconds`;
     each (body index, parsed answer) is appended to `answers` when given."""
     latencies, numbers = [], itertools.count()
     deadline = time.perf_counter() + seconds
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=clients)) as client:
+
         async def one_client():
             while (i := next(numbers)) < requests and time.perf_counter() < deadline:
                 start = time.perf_counter()
-                response = await client.post("/v1/embeddings", content=bodies[i % len(bodies)],
-                                             headers={"content-type": "application/json"})
+                response = await client.post(
+                    "/v1/embeddings", content=bodies[i % len(bodies)], headers={"content-type": "application/json"}
+                )
                 response.raise_for_status()
                 latencies.append(time.perf_counter() - start)
                 if answers is not None:
@@ -156,8 +169,9 @@ async def closed_loop(url: str, bodies: list[bytes], clients: int, requests: int
     return latencies
 
 
-def measure(url: str, bodies: list[bytes], clients: int, requests: int, seconds: float,
-            answers: list | None = None) -> dict:
+def measure(
+    url: str, bodies: list[bytes], clients: int, requests: int, seconds: float, answers: list | None = None
+) -> dict:
     """One point of the load test (`answers` as closed_loop's)."""
     inputs_before, forwards_before = batch_stats(url)
     start = time.perf_counter()
@@ -165,9 +179,15 @@ def measure(url: str, bodies: list[bytes], clients: int, requests: int, seconds:
     elapsed = time.perf_counter() - start
     inputs, forwards = (a - b for a, b in zip(batch_stats(url), (inputs_before, forwards_before)))
     ms = np.array(latencies) * 1000
-    return {"clients": clients, "requests": len(latencies), "seconds": elapsed,
-            "requests_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "inputs_per_forward": inputs / max(forwards, 1)}
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "seconds": elapsed,
+        "requests_per_s": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "inputs_per_forward": inputs / max(forwards, 1),
+    }
 
 
 @contextlib.contextmanager
@@ -176,7 +196,8 @@ def running_server(size: str, device: str, batch_tokens: int, max_wait_ms: float
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = multiprocessing.get_context("spawn").Process(
-        target=run_server, args=(size, device, batch_tokens, max_wait_ms, port))
+        target=run_server, args=(size, device, batch_tokens, max_wait_ms, port)
+    )
     server.start()
     try:
         wait_ready(url, server)
@@ -197,8 +218,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=30, help="seconds per point (at most)")
     parser.add_argument("--warmup", type=int, default=16, help="requests before each server's first point")
     parser.add_argument("--batch-tokens", type=int, default=16384)
-    parser.add_argument("--data", choices=["realistic", "uniform"], default="realistic",
-                        help="realistic: the reference's stage-2 inputs in their mix; uniform: text / scene, alternating")
+    parser.add_argument(
+        "--data",
+        choices=["realistic", "uniform"],
+        default="realistic",
+        help="realistic: the reference's stage-2 inputs in their mix; uniform: text / scene, alternating",
+    )
     parser.add_argument("--out", help="JSON path (default bench/results/serve-cpu.json, or serve-3b-<gpu>.json)")
     args = parser.parse_args(argv)
     if args.size == "tiny":
@@ -213,21 +238,38 @@ def main(argv: list[str] | None = None) -> None:
             for clients in args.clients:
                 point = {"max_wait_ms": max_wait, **measure(url, bodies, clients, args.requests, args.seconds)}
                 results.append(point)
-                print(f"max wait {max_wait:5.1f} ms, {clients:3d} clients: {point['requests_per_s']:8.1f} req/s, "
-                      f"p50 {point['p50_ms']:7.1f} ms, p99 {point['p99_ms']:7.1f} ms, "
-                      f"{point['inputs_per_forward']:.2f} inputs per forward", flush=True)
+                print(
+                    f"max wait {max_wait:5.1f} ms, {clients:3d} clients: {point['requests_per_s']:8.1f} req/s, "
+                    f"p50 {point['p50_ms']:7.1f} ms, p99 {point['p99_ms']:7.1f} ms, "
+                    f"{point['inputs_per_forward']:.2f} inputs per forward",
+                    flush=True,
+                )
     gpu = device.startswith("cuda")
     label = "GPU" if gpu else "CPU figures: the HTTP layer and the batcher, not embedding speed"
-    out = args.out or RESULTS / (f"serve-{args.size}-{device_slug(torch.cuda.get_device_name())}.json" if gpu
-                                 else "serve-cpu.json")
-    write_report(out, report(
-        f"moca-fast serve on loopback, random-weight {args.size} model ({label})", device,
-        shapes={"size": args.size, "dtype": "bfloat16" if args.size != "tiny" else "float32",
-                "image_side": IMAGE_SIDE[args.size], "inputs_per_request": 1,
-                "mix": "the reference's stage-2 inputs" if args.data == "realistic" else "text query / image, alternating",
-                "batch_tokens": args.batch_tokens, "requests_per_point": args.requests,
-                "seconds_per_point": args.seconds},
-        load_average=os.getloadavg()[1], results=results))
+    out = args.out or RESULTS / (
+        f"serve-{args.size}-{device_slug(torch.cuda.get_device_name())}.json" if gpu else "serve-cpu.json"
+    )
+    write_report(
+        out,
+        report(
+            f"moca-fast serve on loopback, random-weight {args.size} model ({label})",
+            device,
+            shapes={
+                "size": args.size,
+                "dtype": "bfloat16" if args.size != "tiny" else "float32",
+                "image_side": IMAGE_SIDE[args.size],
+                "inputs_per_request": 1,
+                "mix": "the reference's stage-2 inputs"
+                if args.data == "realistic"
+                else "text query / image, alternating",
+                "batch_tokens": args.batch_tokens,
+                "requests_per_point": args.requests,
+                "seconds_per_point": args.seconds,
+            },
+            load_average=os.getloadavg()[1],
+            results=results,
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@ and they check that both paths compute the same losses and embeddings.
 import pytest
 import torch
 
-from bench import embed
-from bench import train
+from bench import embed, train
 
 CPU_TINY = pytest.param("tiny", "cpu", id="tiny-cpu")
 CUDA_3B = pytest.param("random:3b", "cuda", id="3b-cuda", marks=pytest.mark.cuda)
@@ -29,10 +28,16 @@ def _stage_inputs(stage: str, model: str, folder):
     if stage == "cpt":
         documents = train.make_documents(64 if model != "tiny" else 8, seed=0)
         samples = train.stage1_samples(documents, processor, config)
-        return config, tokenizer, processor, documents, train.packed_groups(samples, config, processor.image_token_id)[0]
+        return (
+            config,
+            tokenizer,
+            processor,
+            documents,
+            train.packed_groups(samples, config, processor.image_token_id)[0],
+        )
     rows = train.pair_rows(train.make_pairs(-(-config.pairs_per_rank // 4), seed=0), folder / "pairs", seed=0)
     pairs = train.PairDataset(rows, image_dir=folder / "pairs", negative_ratio=2, seed=0)
-    return config, tokenizer, processor, pairs, train.stage2_samples(pairs, processor)[:config.pairs_per_rank]
+    return config, tokenizer, processor, pairs, train.stage2_samples(pairs, processor)[: config.pairs_per_rank]
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +65,13 @@ def test_train_step(benchmark, world, first_losses, stage, path, model, device):
         trainer = train.ReferenceTrainer(config, tokenizer, processor, device)
     inputs = trainer.prepare(group)
     first = trainer.step(inputs)  # warm-up (and compilation) outside the timing, from the initial weights
-    loss = benchmark.pedantic(lambda: (trainer.step(inputs), train.synchronize(device))[0], rounds=5,
-                              warmup_rounds=1)
+    loss = benchmark.pedantic(lambda: (trainer.step(inputs), train.synchronize(device))[0], rounds=5, warmup_rounds=1)
     assert torch.isfinite(torch.tensor([first, loss])).all()
     seen = first_losses.setdefault((stage, model), {})
     seen[path] = first
     if len(seen) == 2:
         assert seen["ours"] == pytest.approx(seen["reference"], rel=LOSS_RTOL[device.type]), seen
-    trainer = None  # noqa: F841  (release the model before the next case)
+    trainer = None
     train.free(device)
 
 
@@ -88,10 +92,19 @@ def test_both_paths_agree_through_the_benchmark(tmp_path, stage):
 def embedders(request):
     model, device = request.param
     tiny = model == "tiny"
-    pixels = dict(min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28) if tiny else dict(
-        min_pixels=embed.MIN_PIXELS, max_pixels=embed.MAX_PIXELS)
-    ours, reference = embed.embedders(model, torch.device(device), torch.float32 if tiny else torch.bfloat16,
-                                      workers=0 if tiny else 8, reference_batch=4 if tiny else 16, **pixels)
+    pixels = (
+        dict(min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28)
+        if tiny
+        else dict(min_pixels=embed.MIN_PIXELS, max_pixels=embed.MAX_PIXELS)
+    )
+    ours, reference = embed.embedders(
+        model,
+        torch.device(device),
+        torch.float32 if tiny else torch.bfloat16,
+        workers=0 if tiny else 8,
+        reference_batch=4 if tiny else 16,
+        **pixels,
+    )
     sizes = dict(image_side=112, page_size=(120, 170)) if tiny else {}
     return ours, reference, embed.workloads(4 if tiny else 64, seed=1, **sizes), 0.99999 if tiny else 0.999
 

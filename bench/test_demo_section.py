@@ -8,8 +8,9 @@ from bench.report import README, with_section
 
 def test_readme_demo_section_is_generated_from_the_kept_summary():
     readme = README.read_text()
-    assert with_section(readme, demo_section.BEGIN, demo_section.END, demo_section.render()) == readme, \
+    assert with_section(readme, demo_section.BEGIN, demo_section.END, demo_section.render()) == readme, (
         "run: python -m bench.demo_section"
+    )
 
 
 def test_the_section_names_what_ran(tmp_path):
@@ -20,5 +21,7 @@ def test_the_section_names_what_ran(tmp_path):
     changed = tmp_path / "summary.json"
     changed.write_text(json.dumps(summary))
     text = " ".join(demo_section.render(changed).split())
-    assert ("`moca-fast demo --steps 2 3 --device cpu --seed 5 --multi-vector (in code: documents=64)` took" in text
-            and "(2 stage-1 and 3 stage-2 steps, seed 5, stage 2 with the multi-vector head" in text), text
+    assert (
+        "`moca-fast demo --steps 2 3 --device cpu --seed 5 --multi-vector (in code: documents=64)` took" in text
+        and "(2 stage-1 and 3 stage-2 steps, seed 5, stage 2 with the multi-vector head" in text
+    ), text

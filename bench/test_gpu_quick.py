@@ -29,18 +29,30 @@ def test_a_part_past_its_deadline_is_stopped_and_the_rest_skipped():
     assert results["broken"]["status"] == "failed: ValueError: bad sample 7"
     assert results["slow"]["status"].startswith("stopped: the step's time was up")
     assert results["after"]["status"] == "skipped: the step's time was up"
-    assert [list(r) for r in landed] == [["fast"], ["fast", "broken"], ["fast", "broken", "slow"],
-                                         ["fast", "broken", "slow", "after"]]  # written as each part lands
+    assert [list(r) for r in landed] == [
+        ["fast"],
+        ["fast", "broken"],
+        ["fast", "broken", "slow"],
+        ["fast", "broken", "slow", "after"],
+    ]  # written as each part lands
 
 
 def test_timings_are_never_reported_from_the_cpu():
-    result = {"seconds": 1.5, "check_loss": 2.0, "paths": {"ours": {"tokens_per_s": 10.0, "steps": 3}},
-              "speedup_vs_reference": {"ours": 2.0}, "rows": [{"ms": 0.1, "flops": 5.0}]}
+    result = {
+        "seconds": 1.5,
+        "check_loss": 2.0,
+        "paths": {"ours": {"tokens_per_s": 10.0, "steps": 3}},
+        "speedup_vs_reference": {"ours": 2.0},
+        "rows": [{"ms": 0.1, "flops": 5.0}],
+    }
     scrubbed = gpu_quick.not_measured(result)
-    assert scrubbed == {"seconds": gpu_quick.NOT_MEASURED, "check_loss": 2.0,
-                        "paths": {"ours": {"tokens_per_s": gpu_quick.NOT_MEASURED, "steps": 3}},
-                        "speedup_vs_reference": gpu_quick.NOT_MEASURED,
-                        "rows": [{"ms": gpu_quick.NOT_MEASURED, "flops": 5.0}]}
+    assert scrubbed == {
+        "seconds": gpu_quick.NOT_MEASURED,
+        "check_loss": 2.0,
+        "paths": {"ours": {"tokens_per_s": gpu_quick.NOT_MEASURED, "steps": 3}},
+        "speedup_vs_reference": gpu_quick.NOT_MEASURED,
+        "rows": [{"ms": gpu_quick.NOT_MEASURED, "flops": 5.0}],
+    }
 
 
 def _timing_values(value, key=None):
@@ -56,8 +68,9 @@ def _timing_values(value, key=None):
 def test_tiny_run_end_to_end_without_datasets_and_untimed(run_without_datasets, tmp_path):
     out = tmp_path / "quick.json"
     argv = ["bench/gpu_quick.py", "--tiny", "--out", str(out)]
-    done = run_without_datasets(f"import runpy, sys\nsys.argv = {argv!r}\n"
-                                "runpy.run_path('bench/gpu_quick.py', run_name='__main__')")
+    done = run_without_datasets(
+        f"import runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path('bench/gpu_quick.py', run_name='__main__')"
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     data = json.loads(out.read_text())
     assert data["measured"] is False and data["device"].startswith("cpu")
@@ -82,35 +95,64 @@ def stand_ins(monkeypatch):
     kernel_ms = {"moca_fast": 5.0, "liger_all_rows": 15.0, "liger_masked_rows": 6.0}
 
     def measure(case, contender, peak, args):
-        return {"kernel": case.kernel, **case.shape, "contender": contender.name, "role": contender.role,
-                "flops": contender.flops, "useful_flops": case.useful_flops, "ideal_ms": case.useful_flops / peak / 1e9,
-                "status": "ok", "ms": kernel_ms[contender.name], "peak_gb": 1.0, "step_extra_gb": 0.5}
+        return {
+            "kernel": case.kernel,
+            **case.shape,
+            "contender": contender.name,
+            "role": contender.role,
+            "flops": contender.flops,
+            "useful_flops": case.useful_flops,
+            "ideal_ms": case.useful_flops / peak / 1e9,
+            "status": "ok",
+            "ms": kernel_ms[contender.name],
+            "peak_gb": 1.0,
+            "step_extra_gb": 0.5,
+        }
 
     seconds = {"reference": 3.0, "ours-eager": 2.0, "ours": 1.5, "ours-fp8": 1.2}
 
     def bench_path(name, pool, device):
         if (pool.stage, name) in overrun:
             time.sleep(60)  # the step's alarm stops it
-        run = {"seconds": seconds[name], "steps": 3, "check_loss": 11.9, "tokens_per_s": 1000 / seconds[name],
-               "mfu": 0.1 / seconds[name]}
+        run = {
+            "seconds": seconds[name],
+            "steps": 3,
+            "check_loss": 11.9,
+            "tokens_per_s": 1000 / seconds[name],
+            "mfu": 0.1 / seconds[name],
+        }
         return run if name == "reference" else {**run, "transforms": {"compile": name != "ours-eager", "fp8": True}}
 
     def bench_embedding(ours, reference, loads, warm, device):
-        return {name: {"inputs": 32, "ours_per_s": 100.0, "reference_per_s": 40.0, "speedup_vs_reference": 2.5,
-                       "cosine_min": 0.9995} for name in loads}
+        return {
+            name: {
+                "inputs": 32,
+                "ours_per_s": 100.0,
+                "reference_per_s": 40.0,
+                "speedup_vs_reference": 2.5,
+                "cosine_min": 0.9995,
+            }
+            for name in loads
+        }
 
     monkeypatch.setattr(gpu_quick.fused_kernels, "bf16_matmul_peak_tflops", lambda: 800.0)
     monkeypatch.setattr(gpu_quick.fused_kernels, "measure", measure)
-    monkeypatch.setattr(gpu_quick.train, "stage_pool",
-                        lambda stage, *a: types.SimpleNamespace(stage=stage, tokens=1000, useful_flops=1e15))
+    monkeypatch.setattr(
+        gpu_quick.train,
+        "stage_pool",
+        lambda stage, *a: types.SimpleNamespace(stage=stage, tokens=1000, useful_flops=1e15),
+    )
     monkeypatch.setattr(gpu_quick.train, "bench_path", bench_path)
     reference = types.SimpleNamespace(path=types.SimpleNamespace(attention="flash_varlen_varlen"))
-    monkeypatch.setattr(gpu_quick.embed, "embedders",
-                        lambda *a, **k: (types.SimpleNamespace(batch_tokens=16384), reference))
+    monkeypatch.setattr(
+        gpu_quick.embed, "embedders", lambda *a, **k: (types.SimpleNamespace(batch_tokens=16384), reference)
+    )
     monkeypatch.setattr(gpu_quick.embed, "our_attention", lambda ours: "varlen")
-    monkeypatch.setattr(gpu_quick.embed, "workloads", lambda *a, **k: {w: ([], []) for w in ("realistic", "text",
-                                                                                             "image", "page",
-                                                                                             "interleaved")})
+    monkeypatch.setattr(
+        gpu_quick.embed,
+        "workloads",
+        lambda *a, **k: {w: ([], []) for w in ("realistic", "text", "image", "page", "interleaved")},
+    )
     monkeypatch.setattr(gpu_quick.embed, "bench_embedding", bench_embedding)
     return overrun
 
@@ -129,8 +171,10 @@ def test_the_gpu_run_s_steps_summaries_and_table_with_stand_in_measurements(stan
     assert steps["extras"]["summary"]["speedup_vs_reference"] == {"ours": 2.0, "ours-fp8": 2.5}
     assert steps["embed"]["parts"]["models"]["our_attention"] == "varlen"
     text = table.render(tmp_path)
-    assert "| kernel | masked-LM loss, ms (12,800 rows, 5,120 masked) | 5.00 | 15.00 | 3.00x | " \
-           "Liger on the masked rows: 6.00 ms |" in text
+    assert (
+        "| kernel | masked-LM loss, ms (12,800 rows, 5,120 masked) | 5.00 | 15.00 | 3.00x | "
+        "Liger on the masked rows: 6.00 ms |" in text
+    )
     assert "| cl | stage 2, tokens/s | 500 (5.0% MFU) | 333 (3.3% MFU) | 1.50x | loss 0.0e+00 rel. |" in text
     assert "| embed | page, inputs/s | 100.0 | 40.0 | 2.50x | cosine >= 0.99950 |" in text
     assert "| extras | stage 1 with compile + FP8, tokens/s | 833 (8.3% MFU) | 333 (3.3% MFU) | 2.50x |" in text
@@ -165,9 +209,11 @@ def test_the_full_runs_commands_are_time_boxed_and_their_failures_reported():
     import sys
 
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    parts = [("fails", functools.partial(gpu_quick.run_command, [sys.executable, "-c", "raise SystemExit(3)"])),
-             ("sleeps", functools.partial(gpu_quick.run_command, sleeper)),
-             ("after", functools.partial(gpu_quick.run_command, [sys.executable, "-c", "pass"]))]
+    parts = [
+        ("fails", functools.partial(gpu_quick.run_command, [sys.executable, "-c", "raise SystemExit(3)"])),
+        ("sleeps", functools.partial(gpu_quick.run_command, sleeper)),
+        ("after", functools.partial(gpu_quick.run_command, [sys.executable, "-c", "pass"])),
+    ]
     start = time.monotonic()
     results = gpu_quick.run_parts(parts, time.monotonic() + 5.0, lambda r: None)
     assert time.monotonic() - start < 30

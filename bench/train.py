@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from bench.reference_path import BUCKET_COST, PAD_MULTIPLE, ReferencePath, cost_buckets, pad_sequences, sample_cost
+from bench.report import RESULTS, device_slug, report, require_cuda, write_report
 from moca_fast.config import ModelSpec, TrainConfig
 from moca_fast.data.batch import pack_sequences
 from moca_fast.data.contrastive import ContrastiveCollator, EncodedPair, EncodedPairs
@@ -46,8 +48,6 @@ from moca_fast.trainers.cpt import micro_batch_sampler, step_flops
 from moca_fast.trainers.metrics import device_peak_flops, forward_flops
 from moca_fast.trainers.optim import adamw
 from moca_fast.trainers.setup import autocast, build_model, build_processor, build_tokenizer, generated_hf_config
-from bench.reference_path import BUCKET_COST, PAD_MULTIPLE, ReferencePath, cost_buckets, pad_sequences, sample_cost
-from bench.report import RESULTS, device_slug, report, require_cuda, write_report
 
 POOLS = ("realistic", "uniform")  # the reference data's shapes; the synthetic world (every image 256 tokens)
 OURS_VARIANTS = {  # name -> (compile, fp8, padded)
@@ -58,16 +58,32 @@ OURS_VARIANTS = {  # name -> (compile, fp8, padded)
 }
 
 
-def train_config(stage: str, model: str, data: str, *, compile: bool = False, fp8: bool = False,
-                 reference_shapes: bool | None = None) -> TrainConfig:
+def train_config(
+    stage: str, model: str, data: str, *, compile: bool = False, fp8: bool = False, reference_shapes: bool | None = None
+) -> TrainConfig:
     """The reference recipe's step shape: 12,800 cost units per stage-1 micro-batch, 24 pairs x 2 negatives, its
     pixel budget and max_len; the tiny model gets a smaller one unless `reference_shapes`."""
     tiny = model == "tiny" if reference_shapes is None else not reference_shapes
-    return TrainConfig(stage=stage, model=model, data=data, output_dir="unused", tokenizer="tiny", lr=1e-5,
-                       grad_accum=1, tokens_per_micro_batch=1024 if tiny else 12800, max_length=512 if tiny else 1280,
-                       min_pixels=4 * 28 * 28 if tiny else 256 * 28 * 28, max_pixels=64 * 28 * 28 if tiny else 1024 * 28 * 28,
-                       compile=compile, fp8=fp8, activation_checkpointing=True, num_workers=0, pairs_per_rank=4 if tiny else 24,
-                       negative_ratio=2, mask_duplicates=False)
+    return TrainConfig(
+        stage=stage,
+        model=model,
+        data=data,
+        output_dir="unused",
+        tokenizer="tiny",
+        lr=1e-5,
+        grad_accum=1,
+        tokens_per_micro_batch=1024 if tiny else 12800,
+        max_length=512 if tiny else 1280,
+        min_pixels=4 * 28 * 28 if tiny else 256 * 28 * 28,
+        max_pixels=64 * 28 * 28 if tiny else 1024 * 28 * 28,
+        compile=compile,
+        fp8=fp8,
+        activation_checkpointing=True,
+        num_workers=0,
+        pairs_per_rank=4 if tiny else 24,
+        negative_ratio=2,
+        mask_duplicates=False,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ samples
@@ -83,17 +99,23 @@ def stage2_samples(pairs: PairDataset, processor) -> list[EncodedPair]:
     return [encoded[(0, i)] for i in range(len(encoded))]
 
 
-def packed_groups(samples: list[EncodedSequence], config: TrainConfig, image_token_id: int) -> list[list[EncodedSequence]]:
+def packed_groups(
+    samples: list[EncodedSequence], config: TrainConfig, image_token_id: int
+) -> list[list[EncodedSequence]]:
     """Ours: the trainer's stage-1 micro-batches (config.micro_batch_budget), packed without padding."""
-    costs = [reference_cost(len(s), int((s.input_ids == image_token_id).sum()), s.image_grid_thw.shape[0],
-                            config.max_length) for s in samples]
+    costs = [
+        reference_cost(len(s), int((s.input_ids == image_token_id).sum()), s.image_grid_thw.shape[0], config.max_length)
+        for s in samples
+    ]
     plan = micro_batch_sampler(config, [len(s) for s in samples], costs).plan(0)
     return [[samples[i] for i in group] for group in plan]
 
 
 def bucketed_groups(samples: list[EncodedSequence], image_token_id: int) -> list[list[EncodedSequence]]:
     """The reference's micro-batches: cost buckets of about 12,800 units."""
-    return [[samples[i] for i in b] for b in cost_buckets([sample_cost(s, image_token_id) for s in samples], BUCKET_COST)]
+    return [
+        [samples[i] for i in b] for b in cost_buckets([sample_cost(s, image_token_id) for s in samples], BUCKET_COST)
+    ]
 
 
 def with_padding_rows(group: list[EncodedSequence], pad_id: int) -> list[EncodedSequence]:
@@ -104,15 +126,25 @@ def with_padding_rows(group: list[EncodedSequence], pad_id: int) -> list[Encoded
         n = length - len(seq)
         if n:
             empty = torch.zeros(0, dtype=torch.long)
-            out.append(EncodedSequence("padding", torch.full((n,), pad_id), torch.arange(n).expand(3, n).clone(),
-                                       torch.zeros(0, seq.pixel_values.shape[1]), torch.zeros(0, 3, dtype=torch.long),
-                                       mlm_positions=empty, mlm_labels=empty, mae_positions=empty,
-                                       mae_targets=torch.zeros(0, seq.pixel_values.shape[1])))
+            out.append(
+                EncodedSequence(
+                    "padding",
+                    torch.full((n,), pad_id),
+                    torch.arange(n).expand(3, n).clone(),
+                    torch.zeros(0, seq.pixel_values.shape[1]),
+                    torch.zeros(0, 3, dtype=torch.long),
+                    mlm_positions=empty,
+                    mlm_labels=empty,
+                    mae_positions=empty,
+                    mae_targets=torch.zeros(0, seq.pixel_values.shape[1]),
+                )
+            )
     return out
 
 
-def stage1_micro_batches(path: str, samples: list[EncodedSequence], config: TrainConfig, image_token_id: int,
-                         pad_id: int) -> list[list[EncodedSequence]]:
+def stage1_micro_batches(
+    path: str, samples: list[EncodedSequence], config: TrainConfig, image_token_id: int, pad_id: int
+) -> list[list[EncodedSequence]]:
     """How each path groups stage-1 samples: the reference and ours-padded by cost buckets (ours-padded paying
     for the padding), ours as its trainer does (config.micro_batch_budget), packed."""
     if path == "reference":
@@ -123,7 +155,7 @@ def stage1_micro_batches(path: str, samples: list[EncodedSequence], config: Trai
 
 
 def pair_groups(pairs: list[EncodedPair], size: int) -> list[list[EncodedPair]]:
-    return [pairs[i:i + size] for i in range(0, len(pairs) - size + 1, size)]
+    return [pairs[i : i + size] for i in range(0, len(pairs) - size + 1, size)]
 
 
 def tokens_of(group) -> int:
@@ -196,9 +228,11 @@ class ReferenceTrainer:
     def prepare(self, group):
         if isinstance(group[0], EncodedPair):
             negatives = [n for p in group for n in p.negatives]
-            return (pad_sequences([p.query for p in group], self.pad_id),
-                    pad_sequences([p.positive for p in group], self.pad_id),
-                    pad_sequences(negatives, self.pad_id) if negatives else None)
+            return (
+                pad_sequences([p.query for p in group], self.pad_id),
+                pad_sequences([p.positive for p in group], self.pad_id),
+                pad_sequences(negatives, self.pad_id) if negatives else None,
+            )
         return pad_sequences(group, self.pad_id)
 
     def step(self, inputs) -> float:
@@ -233,8 +267,13 @@ def measure(trainer, check_group, warm_groups, groups, device: torch.device) -> 
     losses = [trainer.step(x) for x in inputs]
     synchronize(device)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "steps": len(inputs), "check_loss": check_loss, "last_loss": losses[-1],
-            "max_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    return {
+        "seconds": seconds,
+        "steps": len(inputs),
+        "check_loss": check_loss,
+        "last_loss": losses[-1],
+        "max_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
 
 
 def free(device: torch.device) -> None:
@@ -264,15 +303,20 @@ class StagePool:
         """How `path` groups stage-1 samples (stage 2: the groups as they are)."""
         if self.stage != "cpt":
             return samples
-        return stage1_micro_batches(path, samples, self.config, self.processor.image_token_id,
-                                    self.tokenizer.pad_token_id)
+        return stage1_micro_batches(
+            path, samples, self.config, self.processor.image_token_id, self.tokenizer.pad_token_id
+        )
 
-    def with_model(self, model: str) -> "StagePool":
+    def with_model(self, model: str) -> StagePool:
         """The same samples at another model's shape (`random:3b` / `random:7b`: the same tokenizer and pixels)."""
         spec = ModelSpec.from_hf_config(generated_hf_config(model, self.tokenizer))
         ours = self.micro_batches("ours", self.pool)
-        return replace(self, config=replace(self.config, model=model), spec=spec,
-                       useful_flops=useful_flops(self.stage, spec, ours, self.processor.image_token_id))
+        return replace(
+            self,
+            config=replace(self.config, model=model),
+            spec=spec,
+            useful_flops=useful_flops(self.stage, spec, ours, self.processor.image_token_id),
+        )
 
 
 def pool_data(stage: str, pool: str, n: int, folder: Path, config: TrainConfig):
@@ -281,13 +325,23 @@ def pool_data(stage: str, pool: str, n: int, folder: Path, config: TrainConfig):
     pixels = (config.min_pixels, config.max_pixels)
     if stage == "cpt":
         return realistic_documents(n, seed=0, pixels=pixels) if pool == "realistic" else make_documents(n, seed=0)
-    rows = (realistic_pair_rows(n, folder, seed=0, pixels=pixels) if pool == "realistic"
-            else pair_rows(make_pairs(-(-n // len(TASKS)), seed=0), folder, seed=0))
+    rows = (
+        realistic_pair_rows(n, folder, seed=0, pixels=pixels)
+        if pool == "realistic"
+        else pair_rows(make_pairs(-(-n // len(TASKS)), seed=0), folder, seed=0)
+    )
     return PairDataset(dict(sorted(rows.items())), image_dir=folder, negative_ratio=config.negative_ratio, seed=0)
 
 
-def stage_pool(stage: str, model: str, n_warm: int, n_pool: int, folder: Path, pool: str = "realistic",
-               config: TrainConfig | None = None) -> StagePool:
+def stage_pool(
+    stage: str,
+    model: str,
+    n_warm: int,
+    n_pool: int,
+    folder: Path,
+    pool: str = "realistic",
+    config: TrainConfig | None = None,
+) -> StagePool:
     """`n_warm` warm-up and `n_pool` timed samples (stage 1) or pairs (stage 2) of `pool` (POOLS) at the
     reference's pixel budget, held in memory (stage-2 images are written under `folder`). The realistic pool's
     pairs come in a seeded random order, its subsets mixed in every step as in the reference's training. `config`
@@ -309,9 +363,19 @@ def stage_pool(stage: str, model: str, n_warm: int, n_pool: int, folder: Path, p
         check = warm[0]
     spec = ModelSpec.from_hf_config(generated_hf_config(model, tokenizer))
     ours_pool = packed_groups(samples_pool, config, processor.image_token_id) if stage == "cpt" else samples_pool
-    return StagePool(stage, config, tokenizer, processor, data, spec, check, warm, samples_pool,
-                     tokens_of([s for g in ours_pool for s in g]),
-                     useful_flops(stage, spec, ours_pool, processor.image_token_id))
+    return StagePool(
+        stage,
+        config,
+        tokenizer,
+        processor,
+        data,
+        spec,
+        check,
+        warm,
+        samples_pool,
+        tokens_of([s for g in ours_pool for s in g]),
+        useful_flops(stage, spec, ours_pool, processor.image_token_id),
+    )
 
 
 def applies(name: str, stage: str) -> bool:
@@ -327,8 +391,7 @@ def bench_path(name: str, p: StagePool, device: torch.device) -> dict:
             trainer = ReferenceTrainer(config, p.tokenizer, p.processor, device)
         else:
             compile, fp8, _ = OURS_VARIANTS[name]
-            trainer = OursTrainer(replace(config, compile=compile, fp8=fp8), p.data,
-                                  p.tokenizer, p.processor, device)
+            trainer = OursTrainer(replace(config, compile=compile, fp8=fp8), p.data, p.tokenizer, p.processor, device)
         if p.stage == "cpt":
             padded = name != "reference" and OURS_VARIANTS[name][2]
             check = with_padding_rows(p.check, p.tokenizer.pad_token_id) if padded else p.check
@@ -345,7 +408,7 @@ def bench_path(name: str, p: StagePool, device: torch.device) -> dict:
             run["transforms"] = dict(trainer.stage.state)
         return run
     finally:  # also when stopped part-way (bench/gpu_quick.py's time box): the model leaves the device
-        trainer = None  # noqa: F841
+        trainer = None
         free(device)
 
 
@@ -356,13 +419,22 @@ def summarize(p: StagePool, results: dict) -> dict:
     timed = {k: v for k, v in results.items() if k != "reference" and "seconds" in v}
     if reference is not None and "seconds" in reference:
         summary["speedup_vs_reference"] = {k: reference["seconds"] / v["seconds"] for k, v in timed.items()}
-        summary["check_loss_rel_diff"] = {k: abs(v["check_loss"] / reference["check_loss"] - 1)
-                                          for k, v in timed.items()}
+        summary["check_loss_rel_diff"] = {
+            k: abs(v["check_loss"] / reference["check_loss"] - 1) for k, v in timed.items()
+        }
     return summary
 
 
-def bench_stage(stage: str, model: str, variants: list[str], n_warm: int, n_pool: int, folder: Path,
-                device: torch.device, data: str = "realistic") -> dict:
+def bench_stage(
+    stage: str,
+    model: str,
+    variants: list[str],
+    n_warm: int,
+    n_pool: int,
+    folder: Path,
+    device: torch.device,
+    data: str = "realistic",
+) -> dict:
     """Every path of `variants` on one stage: the check batch, `n_warm` warm-up and `n_pool` timed samples (stage
     1) or pairs (stage 2) of `data` (POOLS)."""
     p = stage_pool(stage, model, n_warm, n_pool, folder, data)
@@ -373,28 +445,46 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["3b", "7b"], default="3b")
     parser.add_argument("--stages", nargs="+", choices=["cpt", "cl"], default=["cpt", "cl"])
-    parser.add_argument("--variants", nargs="+", choices=[*OURS_VARIANTS, "reference"],
-                        default=[*OURS_VARIANTS, "reference"])
+    parser.add_argument(
+        "--variants", nargs="+", choices=[*OURS_VARIANTS, "reference"], default=[*OURS_VARIANTS, "reference"]
+    )
     parser.add_argument("--warm", type=int, default=48, help="samples (stage 1) or pairs (stage 2) to warm up on")
     parser.add_argument("--pool", type=int, default=240, help="samples (stage 1) or pairs (stage 2) timed")
-    parser.add_argument("--data", choices=POOLS, default="realistic",
-                        help="realistic: the reference data's shapes; uniform: the synthetic world (every image 256 tokens)")
+    parser.add_argument(
+        "--data",
+        choices=POOLS,
+        default="realistic",
+        help="realistic: the reference data's shapes; uniform: the synthetic world (every image 256 tokens)",
+    )
     parser.add_argument("--out", help="JSON path (default bench/results/train-<size>-<device>.json)")
     args = parser.parse_args()
     device = require_cuda("training throughput")
     stages = {}
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:
-            stages[stage] = bench_stage(stage, f"random:{args.size}", args.variants, args.warm, args.pool, Path(tmp), device,
-                                        args.data)
+            stages[stage] = bench_stage(
+                stage, f"random:{args.size}", args.variants, args.warm, args.pool, Path(tmp), device, args.data
+            )
             print(stage, {k: round(v["tokens_per_s"]) for k, v in stages[stage]["paths"].items()}, flush=True)
     out = args.out or RESULTS / f"train-{args.size}-{device_slug(torch.cuda.get_device_name())}.json"
-    write_report(out, report(
-        f"training steps, random-weight Qwen2.5-VL-{args.size.upper()}, synthetic data ({args.data} pool)", device,
-        shapes={"size": args.size, "tokens_per_micro_batch": 12800, "pairs_per_step": 24, "negatives_per_query": 2,
-                "pixels": "256..1024 tokens per image", "data": args.data, "warm": args.warm,
-                "pool": args.pool},
-        results=stages))
+    write_report(
+        out,
+        report(
+            f"training steps, random-weight Qwen2.5-VL-{args.size.upper()}, synthetic data ({args.data} pool)",
+            device,
+            shapes={
+                "size": args.size,
+                "tokens_per_micro_batch": 12800,
+                "pairs_per_step": 24,
+                "negatives_per_query": 2,
+                "pixels": "256..1024 tokens per image",
+                "data": args.data,
+                "warm": args.warm,
+                "pool": args.pool,
+            },
+            results=stages,
+        ),
+    )
 
 
 if __name__ == "__main__":

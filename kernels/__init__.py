@@ -13,11 +13,15 @@ and is registered as a torch.library custom op, so torch.compile keeps it as one
 # empty: transformers finds no version there and treats `kernels` as absent.
 if __name__ == "moca_fast.kernels":
     from .info_nce import info_nce_loss
-    from .masked_lm_ce import masked_lm_cross_entropy
     from .late_interaction import maxsim_info_nce
+    from .masked_lm_ce import masked_lm_cross_entropy
     from .patch_reconstruction import patch_reconstruction_loss
-    from .reference import (info_nce_reference, masked_lm_ce_reference, maxsim_info_nce_reference,
-                            patch_reconstruction_reference)
+    from .reference import (
+        info_nce_reference,
+        masked_lm_ce_reference,
+        maxsim_info_nce_reference,
+        patch_reconstruction_reference,
+    )
 
 __all__ = [
     "info_nce_loss",

@@ -90,14 +90,19 @@ class Multiprocessors:
 @functools.cache
 def multiprocessors(device_index: int) -> Multiprocessors:
     props = torch.cuda.get_device_properties(device_index)
-    limits = {field: getattr(props, name) for field, name in (
-        ("registers", "regs_per_multiprocessor"), ("shared_bytes", "shared_memory_per_multiprocessor"),
-        ("threads", "max_threads_per_multi_processor")) if getattr(props, name, None)}
+    limits = {
+        field: getattr(props, name)
+        for field, name in (
+            ("registers", "regs_per_multiprocessor"),
+            ("shared_bytes", "shared_memory_per_multiprocessor"),
+            ("threads", "max_threads_per_multi_processor"),
+        )
+        if getattr(props, name, None)
+    }
     return Multiprocessors(props.multi_processor_count, **limits)
 
 
-def resident_blocks(registers: int, shared_bytes: int, num_warps: int, sm: Multiprocessors, warp_size: int = 32
-                    ) -> int:
+def resident_blocks(registers: int, shared_bytes: int, num_warps: int, sm: Multiprocessors, warp_size: int = 32) -> int:
     """How many blocks of a kernel one SM runs at once, from the compiled kernel's registers per thread and shared
     memory per block: registers are allocated per warp in units of 256, and CUDA reserves 1 KiB of shared memory
     per block."""
@@ -125,6 +130,7 @@ def balanced_splits(row_tiles: int, col_tiles: int, slots: int) -> int:
     ceil(col_tiles / splits) column tiles each on `slots` concurrent program slots, wastes the least of its last
     wave: the split count that maximises the busy fraction of slots x waves x the longest program's tiles (the
     fewest splits among equals)."""
+
     def busy(splits: int) -> float:
         waves = -(-row_tiles * splits // slots)
         return row_tiles * col_tiles / (slots * waves * -(-col_tiles // splits))

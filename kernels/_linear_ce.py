@@ -18,8 +18,8 @@ scores them), and one backward kernel adds their part of d_rows and forms d_nega
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import triton
@@ -59,8 +59,9 @@ def backward(rows, cols, labels, lse, grad_scale, terms: LogitTerms, backend: st
 
     Returns d_rows in fp32, d_cols in cols' dtype and d_negatives [M, r, H] in fp32 (None without negatives)."""
     d_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
-    d_negatives = None if terms.negatives is None else torch.zeros(terms.negatives.shape, dtype=torch.float32,
-                                                                   device=rows.device)
+    d_negatives = (
+        None if terms.negatives is None else torch.zeros(terms.negatives.shape, dtype=torch.float32, device=rows.device)
+    )
     if rows.shape[0] == 0:
         return d_rows, torch.zeros_like(cols), d_negatives
     if backend == "triton":
@@ -221,8 +222,9 @@ def _logits_tile(
 
 
 @triton.jit
-def _row_dots(rows_ptr, others_ptr, offs_m, M, H, stride_rows, stride_others, BLOCK_M: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+def _row_dots(
+    rows_ptr, others_ptr, offs_m, M, H, stride_rows, stride_others, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):
     """fp32 [BLOCK_M]: rows[m, :] · others[m, :] for the rows offs_m (each row against its own vector; rows at or
     past M give 0). Elementwise products in fp32, not a matmul: every row has its own right-hand side."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -241,9 +243,22 @@ def _row_dots(rows_ptr, others_ptr, offs_m, M, H, stride_rows, stride_others, BL
 
 
 @triton.jit
-def _negative_logit(rows_ptr, negatives_ptr, row_scale_ptr, negative_scale_ptr, offs_m, j, M, H, R, stride_rows,
-                    HAS_ROW_SCALE: tl.constexpr, HAS_NEGATIVE_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+def _negative_logit(
+    rows_ptr,
+    negatives_ptr,
+    row_scale_ptr,
+    negative_scale_ptr,
+    offs_m,
+    j,
+    M,
+    H,
+    R,
+    stride_rows,
+    HAS_ROW_SCALE: tl.constexpr,
+    HAS_NEGATIVE_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """fp32 [BLOCK_M]: the logit of each row against its own negative j (negatives [M, R, H] contiguous)."""
     row_ok = offs_m < M
     z = _row_dots(rows_ptr, negatives_ptr + j * H, offs_m, M, H, stride_rows, R * H, BLOCK_M, BLOCK_K)
@@ -297,8 +312,22 @@ def _lse_kernel(
     if HAS_NEGATIVES:
         if split == 0:
             for j in range(0, R):
-                z = _negative_logit(rows_ptr, negatives_ptr, row_scale_ptr, negative_scale_ptr, offs_m, j, M, H, R,
-                                    stride_rows, HAS_ROW_SCALE, HAS_NEGATIVE_SCALE, BLOCK_M, BLOCK_K)
+                z = _negative_logit(
+                    rows_ptr,
+                    negatives_ptr,
+                    row_scale_ptr,
+                    negative_scale_ptr,
+                    offs_m,
+                    j,
+                    M,
+                    H,
+                    R,
+                    stride_rows,
+                    HAS_ROW_SCALE,
+                    HAS_NEGATIVE_SCALE,
+                    BLOCK_M,
+                    BLOCK_K,
+                )
                 new_max = tl.maximum(running_max, z)
                 running_sum = running_sum * tl.exp(running_max - new_max) + tl.exp(z - new_max)
                 running_max = new_max
@@ -397,8 +426,22 @@ def _negatives_backward_kernel(
     rows_base = offs_m[:, None].to(tl.int64) * stride_rows + offs_k[None, :]
     d_rows_base = offs_m[:, None].to(tl.int64) * H + offs_k[None, :]
     for j in range(0, R):
-        z = _negative_logit(rows_ptr, negatives_ptr, row_scale_ptr, negative_scale_ptr, offs_m, j, M, H, R,
-                            stride_rows, HAS_ROW_SCALE, HAS_NEGATIVE_SCALE, BLOCK_M, BLOCK_K)
+        z = _negative_logit(
+            rows_ptr,
+            negatives_ptr,
+            row_scale_ptr,
+            negative_scale_ptr,
+            offs_m,
+            j,
+            M,
+            H,
+            R,
+            stride_rows,
+            HAS_ROW_SCALE,
+            HAS_NEGATIVE_SCALE,
+            BLOCK_M,
+            BLOCK_K,
+        )
         w = tl.exp(z - lse) * scale
         if HAS_NEGATIVE_SCALE:
             w *= tl.load(negative_scale_ptr + offs_m.to(tl.int64) * R + j, mask=row_ok, other=0.0)
@@ -449,13 +492,15 @@ def _triton_forward(rows, cols, labels, terms: LogitTerms):
     # Split the columns over programs so that the waves of resident programs end together; partial results
     # combine exactly below.
     one_split = rows.new_empty((1, M), dtype=torch.float32)
-    slots = common.resident_programs(_lse_kernel, rows.device, rows, cols, labels, part_lse_ptr=one_split,
-                                     part_target_ptr=one_split, **arguments)
+    slots = common.resident_programs(
+        _lse_kernel, rows.device, rows, cols, labels, part_lse_ptr=one_split, part_target_ptr=one_split, **arguments
+    )
     splits = common.balanced_splits(row_tiles, col_tiles, slots)
     part_lse = rows.new_empty((splits, M), dtype=torch.float32)
     part_target = torch.empty_like(part_lse)
-    _lse_kernel[(row_tiles, splits)](rows, cols, labels, part_lse_ptr=part_lse, part_target_ptr=part_target,
-                                     **arguments)
+    _lse_kernel[(row_tiles, splits)](
+        rows, cols, labels, part_lse_ptr=part_lse, part_target_ptr=part_target, **arguments
+    )
     return torch.logsumexp(part_lse, dim=0), part_target.sum(dim=0)
 
 

@@ -70,7 +70,7 @@ class _Scales:
     query_norm: torch.Tensor | None  # [B]: 1 / ‖q_i‖ when normalising
 
     @staticmethod
-    def of(queries, positives, negatives, temperature: float, normalize: bool) -> "_Scales":
+    def of(queries, positives, negatives, temperature: float, normalize: bool) -> _Scales:
         if not normalize:
             inverse_t = queries.new_full(queries.shape[:1], 1.0 / temperature, dtype=torch.float32)
             return _Scales(inverse_t, None, None, None)
@@ -79,9 +79,13 @@ class _Scales:
 
     def logit_terms(self, negatives, duplicate_ids) -> _linear_ce.LogitTerms:
         groups = None if duplicate_ids is None else duplicate_ids.contiguous()
-        return _linear_ce.LogitTerms(row_scale=self.query, col_scale=self.positive, col_groups=groups,
-                                     negatives=negatives if negatives.shape[1] else None,
-                                     negative_scale=self.negative if negatives.shape[1] else None)
+        return _linear_ce.LogitTerms(
+            row_scale=self.query,
+            col_scale=self.positive,
+            col_groups=groups,
+            negatives=negatives if negatives.shape[1] else None,
+            negative_scale=self.negative if negatives.shape[1] else None,
+        )
 
 
 def _inverse_norm(x: torch.Tensor) -> torch.Tensor:
@@ -140,8 +144,9 @@ def _info_nce_backward(
         scales = _Scales.of(queries, positives, negatives, temperature, normalize)
         grad_scale = grad.float() / max(queries.shape[0], 1)
         terms = scales.logit_terms(negatives, duplicate_ids)
-        d_queries, d_positives, d_negatives = _linear_ce.backward(queries, positives, targets, lse, grad_scale,
-                                                                  terms, backend)
+        d_queries, d_positives, d_negatives = _linear_ce.backward(
+            queries, positives, targets, lse, grad_scale, terms, backend
+        )
         if d_negatives is None:
             d_negatives = torch.zeros_like(negatives)
         return (

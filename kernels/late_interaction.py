@@ -66,28 +66,33 @@ def maxsim_info_nce(
     # Only shapes here (no host reads), so torch.compile traces this as one op; the op checks the offsets.
     Q, N, r = q_cu_seqlens.shape[0] - 1, d_cu_seqlens.shape[0] - 1, negatives or 0
     if q_tokens.dim() != 2 or d_tokens.dim() != 2 or q_tokens.shape[1] != d_tokens.shape[1]:
-        raise ValueError(f"q_tokens [Tq, D] and d_tokens [Td, D] expected, got {tuple(q_tokens.shape)} and "
-                         f"{tuple(d_tokens.shape)}")
+        raise ValueError(
+            f"q_tokens [Tq, D] and d_tokens [Td, D] expected, got {tuple(q_tokens.shape)} and {tuple(d_tokens.shape)}"
+        )
     if targets.shape != (Q,):
         raise ValueError(f"targets must be [Q] = [{Q}] (one per query of q_cu_seqlens), got {tuple(targets.shape)}")
     if r < 0 or N < Q * r:
-        raise ValueError(f"negatives={r} per query needs {Q} x {r} hard negative documents at the end of the {N} "
-                         "documents")
+        raise ValueError(
+            f"negatives={r} per query needs {Q} x {r} hard negative documents at the end of the {N} documents"
+        )
     if duplicate_mask is not None and (duplicate_mask.shape != (Q, N) or duplicate_mask.dtype != torch.bool):
-        raise ValueError(f"duplicate_mask must be a bool [Q, N] = [{Q}, {N}] tensor, got {duplicate_mask.dtype} "
-                         f"{tuple(duplicate_mask.shape)}")
+        raise ValueError(
+            f"duplicate_mask must be a bool [Q, N] = [{Q}, {N}] tensor, got {duplicate_mask.dtype} "
+            f"{tuple(duplicate_mask.shape)}"
+        )
     backend = resolve_backend(backend, q_tokens)
     if backend == "triton" and q_tokens.shape[1] > MAX_TRITON_DIM:
-        raise ValueError(f"the Triton MaxSim kernels take token vectors of at most {MAX_TRITON_DIM} dims, got "
-                         f"{q_tokens.shape[1]}")
+        raise ValueError(
+            f"the Triton MaxSim kernels take token vectors of at most {MAX_TRITON_DIM} dims, got {q_tokens.shape[1]}"
+        )
     excluded = left_out(targets, N, r, duplicate_mask)
-    loss, _, _ = _maxsim_info_nce(q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens, targets, excluded,
-                                  float(temperature), r, backend)
+    loss, _, _ = _maxsim_info_nce(
+        q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens, targets, excluded, float(temperature), r, backend
+    )
     return loss
 
 
-def left_out(targets: torch.Tensor, num_docs: int, negatives: int, duplicate_mask: torch.Tensor | None
-             ) -> torch.Tensor:
+def left_out(targets: torch.Tensor, num_docs: int, negatives: int, duplicate_mask: torch.Tensor | None) -> torch.Tensor:
     """[Q, N] bool: the documents left out of each query's softmax: its duplicates and the other queries' hard
     negatives (the last Q·negatives documents, `negatives` per query), never its target."""
     Q, device = targets.shape[0], targets.device
@@ -124,20 +129,23 @@ class Layout:
         return self.num_docs - self.num_queries * self.negatives
 
     @staticmethod
-    def of(q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens, negatives: int, targets: torch.Tensor) -> "Layout":
+    def of(q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens, negatives: int, targets: torch.Tensor) -> Layout:
         """Checks the packed inputs and targets (one line naming the first bad query or document) and reads the
         offsets."""
         if q_tokens.dtype != d_tokens.dtype:
             raise ValueError(f"q_tokens and d_tokens must share a dtype, got {q_tokens.dtype} and {d_tokens.dtype}")
         offsets = {}
-        for name, cu, tokens, what in (("q_cu_seqlens", q_cu_seqlens, q_tokens, "query"),
-                                       ("d_cu_seqlens", d_cu_seqlens, d_tokens, "document")):
+        for name, cu, tokens, what in (
+            ("q_cu_seqlens", q_cu_seqlens, q_tokens, "query"),
+            ("d_cu_seqlens", d_cu_seqlens, d_tokens, "document"),
+        ):
             if cu.dim() != 1 or cu.numel() < 1 or cu.dtype.is_floating_point:
                 raise ValueError(f"{name} must be a 1-D integer tensor of offsets, got {cu.dtype} {tuple(cu.shape)}")
             values = cu.tolist()
             if values[0] != 0 or values[-1] != tokens.shape[0]:
-                raise ValueError(f"{name} must run from 0 to {tokens.shape[0]} (the token rows), got {values[0]} .. "
-                                 f"{values[-1]}")
+                raise ValueError(
+                    f"{name} must run from 0 to {tokens.shape[0]} (the token rows), got {values[0]} .. {values[-1]}"
+                )
             for i, (start, end) in enumerate(zip(values, values[1:])):
                 if end <= start:
                     raise ValueError(f"{what} {i} has no tokens ({name}[{i}:{i + 2}] = {start}, {end})")
@@ -145,8 +153,9 @@ class Layout:
         layout = Layout(offsets["q_cu_seqlens"], offsets["d_cu_seqlens"], negatives)
         for i, target in enumerate(targets.tolist()):
             if not 0 <= target < layout.first_negative:
-                raise ValueError(f"query {i}: target {target} is not one of the {layout.first_negative} positive "
-                                 "documents")
+                raise ValueError(
+                    f"query {i}: target {target} is not one of the {layout.first_negative} positive documents"
+                )
         return layout
 
     def blocks(self) -> list[tuple[int, int, int, int]]:
@@ -189,8 +198,11 @@ def _maxsim_info_nce(
 @_maxsim_info_nce.register_fake
 def _(q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens, targets, excluded, temperature, negatives, backend):
     argmax_shape = (q_tokens.shape[0], excluded.shape[1]) if backend == "triton" else (0,)
-    return (q_tokens.new_empty((), dtype=torch.float32), q_tokens.new_empty(excluded.shape, dtype=torch.float32),
-            q_tokens.new_empty(argmax_shape, dtype=torch.int32))
+    return (
+        q_tokens.new_empty((), dtype=torch.float32),
+        q_tokens.new_empty(excluded.shape, dtype=torch.float32),
+        q_tokens.new_empty(argmax_shape, dtype=torch.int32),
+    )
 
 
 def _logits(scores: torch.Tensor, excluded: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -226,14 +238,25 @@ def _maxsim_info_nce_backward(
     with autocast_off(q_tokens):
         g = _score_gradient(grad, scores, targets, excluded, temperature)
         if backend == "triton":
-            return _triton_backward(q_tokens, d_tokens, layout, g, argmax,
-                                    *_device_offsets(layout, q_tokens.device))
+            return _triton_backward(q_tokens, d_tokens, layout, g, argmax, *_device_offsets(layout, q_tokens.device))
         return _torch_backward(q_tokens, d_tokens, layout, g)
 
 
 @_maxsim_info_nce_backward.register_fake
-def _(grad, q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens, targets, excluded, scores, argmax, temperature,
-      negatives, backend):
+def _(
+    grad,
+    q_tokens,
+    q_cu_seqlens,
+    d_tokens,
+    d_cu_seqlens,
+    targets,
+    excluded,
+    scores,
+    argmax,
+    temperature,
+    negatives,
+    backend,
+):
     return torch.empty_like(q_tokens), torch.empty_like(d_tokens)
 
 
@@ -275,7 +298,7 @@ def _band_max(q32: torch.Tensor, d_tokens: torch.Tensor, layout: Layout, d0: int
     the query tokens q32 against documents d0:d1, through one padded similarity block."""
     device = q32.device
     starts = torch.tensor(layout.d_offsets[d0:d1], device=device)
-    lengths = torch.tensor(layout.d_offsets[d0 + 1:d1 + 1], device=device) - starts
+    lengths = torch.tensor(layout.d_offsets[d0 + 1 : d1 + 1], device=device) - starts
     position = torch.arange(int(lengths.max()), device=device)
     padding = position[None, :] >= lengths[:, None]  # [n, L]
     rows = torch.where(padding, starts[:, None], starts[:, None] + position[None, :])
@@ -286,8 +309,9 @@ def _band_max(q32: torch.Tensor, d_tokens: torch.Tensor, layout: Layout, d0: int
 
 
 def _query_of_token(layout: Layout, q0: int, q1: int, device) -> torch.Tensor:
-    lengths = torch.tensor(layout.q_offsets[q0 + 1:q1 + 1], dtype=torch.long) - torch.tensor(layout.q_offsets[q0:q1],
-                                                                                               dtype=torch.long)
+    lengths = torch.tensor(layout.q_offsets[q0 + 1 : q1 + 1], dtype=torch.long) - torch.tensor(
+        layout.q_offsets[q0:q1], dtype=torch.long
+    )
     return torch.repeat_interleave(torch.arange(q1 - q0), lengths).to(device)
 
 
@@ -342,7 +366,7 @@ class MaxsimTiles:
     upcast: bool
 
     @staticmethod
-    def of(layout: Layout, dim: int, dtype: torch.dtype) -> "MaxsimTiles":
+    def of(layout: Layout, dim: int, dtype: torch.dtype) -> MaxsimTiles:
         # Document tiles no longer than the longest document (down to tl.dot's 16): short text documents waste
         # less of each tile. 128 x 128 tiles keep Hopper's tensor cores busy on page-image documents.
         longest = max((b - a for a, b in zip(layout.d_offsets, layout.d_offsets[1:])), default=1)
@@ -376,8 +400,11 @@ def _maxsim_forward_kernel(
     last_query = tl.load(query_ptr + tl.minimum(tl.program_id(0) * BLOCK_M + BLOCK_M, Tq) - 1)
     not_owned = (doc >= first_negative) & ((owner < first_query) | (owner > last_query))
     d_end = tl.where(not_owned, d_start, d_end)
-    q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * D + offs_k[None, :],
-                mask=row_ok[:, None] & (offs_k[None, :] < D), other=0.0)
+    q = tl.load(
+        q_ptr + offs_m[:, None].to(tl.int64) * D + offs_k[None, :],
+        mask=row_ok[:, None] & (offs_k[None, :] < D),
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
     best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -385,8 +412,11 @@ def _maxsim_forward_kernel(
     for n0 in range(d_start, d_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_ok = offs_n < d_end
-        doc_tile = tl.load(d_ptr + offs_n[:, None].to(tl.int64) * D + offs_k[None, :],
-                           mask=col_ok[:, None] & (offs_k[None, :] < D), other=0.0)
+        doc_tile = tl.load(
+            d_ptr + offs_n[:, None].to(tl.int64) * D + offs_k[None, :],
+            mask=col_ok[:, None] & (offs_k[None, :] < D),
+            other=0.0,
+        )
         if UPCAST:
             doc_tile = doc_tile.to(tl.float32)
         s = tl.dot(q, tl.trans(doc_tile), input_precision="ieee")
@@ -419,8 +449,9 @@ def _gathered_row(d_ptr, argmax_ptr, g_ptr, query, offs_m, offs_k, row_ok, k_ok,
     not read)."""
     index = tl.load(argmax_ptr + offs_m.to(tl.int64) * N + c, mask=row_ok, other=0)
     w = tl.load(g_ptr + query.to(tl.int64) * N + c, mask=row_ok, other=0.0)
-    rows = tl.load(d_ptr + index[:, None].to(tl.int64) * D + offs_k[None, :],
-                   mask=(row_ok & (w != 0.0))[:, None] & k_ok, other=0.0)
+    rows = tl.load(
+        d_ptr + index[:, None].to(tl.int64) * D + offs_k[None, :], mask=(row_ok & (w != 0.0))[:, None] & k_ok, other=0.0
+    )
     return w[:, None] * rows.to(tl.float32)
 
 
@@ -445,8 +476,11 @@ def _query_grad_kernel(
     # Hard negatives: only those of the tile's own queries have a nonzero weight.
     for c in range(first_negative + first_query * R, tl.minimum(first_negative + (last_query + 1) * R, N)):
         acc += _gathered_row(d_ptr, argmax_ptr, g_ptr, query, offs_m, offs_k, row_ok, k_ok, c, N, D)
-    tl.store(d_q_ptr + offs_m[:, None].to(tl.int64) * D + offs_k[None, :], acc.to(d_q_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & k_ok)
+    tl.store(
+        d_q_ptr + offs_m[:, None].to(tl.int64) * D + offs_k[None, :],
+        acc.to(d_q_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & k_ok,
+    )
 
 
 @triton.jit
@@ -475,13 +509,15 @@ def _doc_grad_kernel(
         query = tl.load(query_ptr + offs_m, mask=row_ok, other=0)
         w = tl.load(g_ptr + query.to(tl.int64) * N + doc, mask=row_ok, other=0.0)
         p = tl.where(offs_n[:, None] == index[None, :], w[None, :], 0.0)
-        q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * D + offs_k[None, :], mask=row_ok[:, None] & k_ok,
-                    other=0.0)
+        q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * D + offs_k[None, :], mask=row_ok[:, None] & k_ok, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
         acc = tl.dot(p.to(q.dtype), q, acc, input_precision="ieee")
-    tl.store(d_d_ptr + offs_n[:, None].to(tl.int64) * D + offs_k[None, :], acc.to(d_d_ptr.dtype.element_ty),
-             mask=col_ok[:, None] & k_ok)
+    tl.store(
+        d_d_ptr + offs_n[:, None].to(tl.int64) * D + offs_k[None, :],
+        acc.to(d_d_ptr.dtype.element_ty),
+        mask=col_ok[:, None] & k_ok,
+    )
 
 
 def _triton_scores(q_tokens, d_tokens, layout: Layout, q_offsets, d_offsets, query):
@@ -499,8 +535,9 @@ def _triton_scores(q_tokens, d_tokens, layout: Layout, q_offsets, d_offsets, que
         UPCAST=tiles.upcast, num_warps=FORWARD_WARPS, num_stages=FORWARD_STAGES,
     )  # fmt: skip
     block_c = 128
-    _segment_sum_kernel[(layout.num_queries, triton.cdiv(N, block_c))](token_max, q_offsets, scores, N,
-                                                                       BLOCK_C=block_c, num_warps=4)
+    _segment_sum_kernel[(layout.num_queries, triton.cdiv(N, block_c))](
+        token_max, q_offsets, scores, N, BLOCK_C=block_c, num_warps=4
+    )
     return scores, argmax
 
 
@@ -511,7 +548,7 @@ def _doc_tiles(layout: Layout, block_n: int, device) -> tuple[torch.Tensor, torc
         for s in range(start, end, block_n):
             docs.append(d)
             starts.append(s)
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device)  # noqa: E731
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device)
     return as_tensor(docs), as_tensor(starts)
 
 
@@ -522,10 +559,12 @@ def _triton_backward(q_tokens, d_tokens, layout: Layout, g, argmax, q_offsets, d
     d_d = torch.empty_like(d_tokens)
     if Tq == 0 or N == 0:
         return d_q.zero_(), d_d.zero_()
-    shared = dict(Tq=Tq, N=N, D=D, first_negative=layout.first_negative, R=max(layout.negatives, 1),
-                  BLOCK_D=tiles.block_d)
-    _query_grad_kernel[(triton.cdiv(Tq, GRAD_BLOCK_M),)](d_tokens, argmax, g, query, d_q, BLOCK_M=GRAD_BLOCK_M,
-                                                         num_warps=4, **shared)
+    shared = dict(
+        Tq=Tq, N=N, D=D, first_negative=layout.first_negative, R=max(layout.negatives, 1), BLOCK_D=tiles.block_d
+    )
+    _query_grad_kernel[(triton.cdiv(Tq, GRAD_BLOCK_M),)](
+        d_tokens, argmax, g, query, d_q, BLOCK_M=GRAD_BLOCK_M, num_warps=4, **shared
+    )
     tile_doc, tile_start = _doc_tiles(layout, DOC_GRAD_BLOCK_N, q_tokens.device)
     _doc_grad_kernel[(tile_doc.shape[0],)](
         q_tokens, argmax, g, query, q_offsets, d_offsets, tile_doc, tile_start, d_d, BLOCK_N=DOC_GRAD_BLOCK_N,

@@ -74,7 +74,8 @@ def maxsim_info_nce_reference(
     negatives: int | None = None,
     duplicate_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean late-interaction InfoNCE over maxsim_scores_reference's scores; logits = score / fp32 temperature. With negatives=r the last Q·r documents are hard negatives, r per query in query
+    """Mean late-interaction InfoNCE over maxsim_scores_reference's scores; logits = score / fp32 temperature. With
+    negatives=r the last Q·r documents are hard negatives, r per query in query
     order, each in its own query's softmax only. duplicate_mask [Q, N] leaves documents (never the target) out."""
     scores = maxsim_scores_reference(q_tokens, q_cu_seqlens, d_tokens, d_cu_seqlens)
     Q, N = scores.shape

@@ -65,8 +65,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fp8", action="store_true", help="float8 decoder linears (CUDA, capability >= 8.9)")
     group.add_argument("--min-pixels", type=int, help="per image (default: the checkpoint's, else the reference's)")
     group.add_argument("--max-pixels", type=int, help="per image (default: the checkpoint's, else the reference's)")
-    group.add_argument("--max-length", type=int, help="truncate inputs to this many tokens (default: the "
-                       "checkpoint's, else none)")
+    group.add_argument(
+        "--max-length", type=int, help="truncate inputs to this many tokens (default: the checkpoint's, else none)"
+    )
 
 
 def embedder_from_args(args):
@@ -74,9 +75,17 @@ def embedder_from_args(args):
 
     from .embed import MocaEmbedder
 
-    options = dict(device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                   compile=args.compile, fp8=args.fp8, processor_path=args.processor, num_workers=args.num_workers,
-                   max_length=args.max_length, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    options = dict(
+        device=args.device,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        compile=args.compile,
+        fp8=args.fp8,
+        processor_path=args.processor,
+        num_workers=args.num_workers,
+        max_length=args.max_length,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+    )
     if args.batch_tokens:
         options["batch_tokens"] = args.batch_tokens
     return MocaEmbedder.from_pretrained(args.model, **options)
@@ -86,23 +95,46 @@ def embedder_from_args(args):
 
 
 def add_embed(subparsers) -> None:
-    parser = subparsers.add_parser("embed", help="embed JSON lines of text and/or image paths",
-                                   description="Each line: {\"text\": ..., \"image\": path} (either or both; an "
-                                               "optional \"id\" is kept in parquet output). Embeddings come out "
-                                               "in line order, L2-normalised, float32.")
+    parser = subparsers.add_parser(
+        "embed",
+        help="embed JSON lines of text and/or image paths",
+        description='Each line: {"text": ..., "image": path} (either or both; an '
+        'optional "id" is kept in parquet output). Embeddings come out '
+        "in line order, L2-normalised, float32.",
+    )
     parser.add_argument("inputs", type=Path, help="JSON-lines file")
-    parser.add_argument("--output", type=Path, required=True, help=".npy ([N, dim] array) or .parquet file; or a "
-                        "folder (a path without a suffix): parquet parts, sharded across torchrun's ranks, resumable")
-    parser.add_argument("--part-size", type=int, default=4096, help="inputs per part of a folder --output (default: "
-                        "4096); a rerun skips the parts on disk")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help=".npy ([N, dim] array) or .parquet file; or a "
+        "folder (a path without a suffix): parquet parts, sharded across torchrun's ranks, resumable",
+    )
+    parser.add_argument(
+        "--part-size",
+        type=int,
+        default=4096,
+        help="inputs per part of a folder --output (default: 4096); a rerun skips the parts on disk",
+    )
     parser.add_argument("--images", type=Path, help="root of relative image paths (default: the file's folder)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an --output file that exists; a folder "
-                        "--output otherwise resumes (or refuses another run's folder)")
-    parser.add_argument("--output-kind", choices=("pooled", "multi_vector", "both"), default="pooled",
-                        help="a folder --output: pooled vectors (default), the multi-vector head's token vectors "
-                        "(a list of fp16 vectors per row; the checkpoint needs the head), or both")
-    parser.add_argument("--pool-factor", type=int, help="a multi-vector folder --output: pool each input's token "
-                        "vectors hierarchically to about 1/N of them")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --output file that exists; a folder "
+        "--output otherwise resumes (or refuses another run's folder)",
+    )
+    parser.add_argument(
+        "--output-kind",
+        choices=("pooled", "multi_vector", "both"),
+        default="pooled",
+        help="a folder --output: pooled vectors (default), the multi-vector head's token vectors "
+        "(a list of fp16 vectors per row; the checkpoint needs the head), or both",
+    )
+    parser.add_argument(
+        "--pool-factor",
+        type=int,
+        help="a multi-vector folder --output: pool each input's token vectors hierarchically to about 1/N of them",
+    )
     add_model_arguments(parser)
     parser.set_defaults(run=run_embed)
 
@@ -122,8 +154,9 @@ def run_embed(args) -> None:
         args.device = str(training_device(args.device))  # under torchrun on CUDA: this rank's GPU
         return embedder_from_args(args)
 
-    embed_to_folder(this_ranks_embedder, args.inputs, args.output, image_root, model=args.model,
-                    part_size=args.part_size, **options)
+    embed_to_folder(
+        this_ranks_embedder, args.inputs, args.output, image_root, model=args.model, part_size=args.part_size, **options
+    )
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -140,8 +173,12 @@ def add_eval(subparsers) -> None:
     vidore.add_argument("--split", default="test", help="qrels split (default: test)")
     for parser in (mmeb, vidore):
         parser.add_argument("--datasets", nargs="+", help="only these datasets (default: all found)")
-        parser.add_argument("--output", type=Path, default=Path("moca-eval"),
-                            help="results JSON and the embedding cache that lets a rerun resume (default: moca-eval)")
+        parser.add_argument(
+            "--output",
+            type=Path,
+            default=Path("moca-eval"),
+            help="results JSON and the embedding cache that lets a rerun resume (default: moca-eval)",
+        )
         add_model_arguments(parser)
         parser.set_defaults(run=run_eval)
 
@@ -151,8 +188,9 @@ def run_eval(args) -> None:
 
     embedder = embedder_from_args(args)
     model_id = f"{args.model} with the processor {args.processor}" if args.processor else str(args.model)
-    common = dict(datasets=args.datasets, cache_dir=args.output / "cache" / args.benchmark, model_id=model_id,
-                  progress=True)
+    common = dict(
+        datasets=args.datasets, cache_dir=args.output / "cache" / args.benchmark, model_id=model_id, progress=True
+    )
     if args.benchmark == "mmeb":
         report = mmeb.evaluate_mmeb(embedder, args.data, image_root=args.images, **common)
         table = mmeb.format_report(report)
@@ -169,22 +207,36 @@ def run_eval(args) -> None:
 
 
 def add_train(subparsers) -> None:
-    for stage, what in (("cpt", "stage 1: continual pre-training (masked-LM + masked-patch reconstruction)"),
-                        ("cl", "stage 2: contrastive fine-tuning (InfoNCE with hard negatives)")):
-        parser = subparsers.add_parser(stage, help=what, description=f"{what}. Launch with torchrun for several "
-                                       "processes (FSDP2); the YAML recipes live in configs/.")
+    for stage, what in (
+        ("cpt", "stage 1: continual pre-training (masked-LM + masked-patch reconstruction)"),
+        ("cl", "stage 2: contrastive fine-tuning (InfoNCE with hard negatives)"),
+    ):
+        parser = subparsers.add_parser(
+            stage,
+            help=what,
+            description=f"{what}. Launch with torchrun for several "
+            "processes (FSDP2); the YAML recipes live in configs/.",
+        )
         parser.add_argument("--config", required=True, help="YAML file (configs/*.yaml)")
         parser.add_argument("--resume", action="store_true", help="continue from output_dir's last complete checkpoint")
         parser.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
-        parser.add_argument("--allow-config-change", action="store_true",
-                            help="with --resume: apply config changes against the checkpoint's (each logged)")
+        parser.add_argument(
+            "--allow-config-change",
+            action="store_true",
+            help="with --resume: apply config changes against the checkpoint's (each logged)",
+        )
         parser.add_argument("--model", help="override the config's model")
         parser.add_argument("--data", help="override the config's data")
         parser.add_argument("--output-dir", help="override the config's output_dir")
         parser.add_argument("--max-steps", help="override the config's max_steps")
-        parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                            help="override any config key, typed by the config (e.g. --set lr=1e-4 --set "
-                                 "mask_duplicates=false --set tasks=t2i,vqa); repeatable")
+        parser.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            default=[],
+            help="override any config key, typed by the config (e.g. --set lr=1e-4 --set "
+            "mask_duplicates=false --set tasks=t2i,vqa); repeatable",
+        )
         parser.set_defaults(run=run_train, stage=stage)
 
 
@@ -209,18 +261,34 @@ def run_train(args) -> int:
 
 
 def add_demo(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="the whole pipeline on the built-in synthetic world, in minutes",
-                                   description="Stage 1, stage 2, then embedding and MMEB/BEIR evaluation before "
-                                               "and after training, with a tiny Qwen2.5-VL on synthetic data.")
+    parser = subparsers.add_parser(
+        "demo",
+        help="the whole pipeline on the built-in synthetic world, in minutes",
+        description="Stage 1, stage 2, then embedding and MMEB/BEIR evaluation before "
+        "and after training, with a tiny Qwen2.5-VL on synthetic data.",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
-    parser.add_argument("--steps", type=int, nargs=2, metavar=("CPT", "CL"), default=(40, 600),
-                        help="optimizer steps of stage 1 and stage 2 (default: 40 600)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs=2,
+        metavar=("CPT", "CL"),
+        default=(40, 600),
+        help="optimizer steps of stage 1 and stage 2 (default: 40 600)",
+    )
     parser.add_argument("--device", help="default: cuda when present, else cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--multi-vector", action="store_true", help="stage 2 also trains a multi-vector head and "
-                        "Matryoshka dimensions; the summary scores pooled, Matryoshka and multi-vector (MaxSim)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue a stopped demo in --out from its last checkpoints (same --steps and --seed)")
+    parser.add_argument(
+        "--multi-vector",
+        action="store_true",
+        help="stage 2 also trains a multi-vector head and "
+        "Matryoshka dimensions; the summary scores pooled, Matryoshka and multi-vector (MaxSim)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a stopped demo in --out from its last checkpoints (same --steps and --seed)",
+    )
     parser.set_defaults(run=run_demo_command)
 
 
@@ -229,9 +297,17 @@ def run_demo_command(args) -> int:
     from .trainers.guards import TrainingStopped
 
     try:
-        summary = run_demo(DemoSettings(out=args.out, cpt_steps=args.steps[0], cl_steps=args.steps[1],
-                                        device=args.device, seed=args.seed, multi_vector=args.multi_vector),
-                           resume=args.resume)
+        summary = run_demo(
+            DemoSettings(
+                out=args.out,
+                cpt_steps=args.steps[0],
+                cl_steps=args.steps[1],
+                device=args.device,
+                seed=args.seed,
+                multi_vector=args.multi_vector,
+            ),
+            resume=args.resume,
+        )
     except TrainingStopped as stop:
         print(f"moca-fast demo: stopped: {stop}", file=sys.stderr)
         return stop.exit_code
@@ -243,9 +319,12 @@ def run_demo_command(args) -> int:
 
 
 def add_plot(subparsers) -> None:
-    parser = subparsers.add_parser("plot", help="loss and learning-rate curves of a training run (matplotlib)",
-                                   description="Reads RUN_DIR/metrics.jsonl, or those of its subfolders (e.g. a "
-                                               "demo's cpt/ and cl/), and draws one column per run.")
+    parser = subparsers.add_parser(
+        "plot",
+        help="loss and learning-rate curves of a training run (matplotlib)",
+        description="Reads RUN_DIR/metrics.jsonl, or those of its subfolders (e.g. a "
+        "demo's cpt/ and cl/), and draws one column per run.",
+    )
     parser.add_argument("run_dir", type=Path, help="a training output_dir, or a folder of them")
     parser.add_argument("--out", type=Path, help="PNG file (default: RUN_DIR/losses.png)")
     parser.set_defaults(run=run_plot)
@@ -262,11 +341,13 @@ def run_plot(args) -> None:
 
 def add_export_stage1(subparsers) -> None:
     parser = subparsers.add_parser(
-        "export-stage1", help="a stage-1 step checkpoint as a model folder carrying its MAE head",
+        "export-stage1",
+        help="a stage-1 step checkpoint as a model folder carrying its MAE head",
         description="Writes STEP's model/ with its MAE head under the reference's names (mae_decoder.*, mae_proj.*) "
-                    "into OUTPUT: `cpt --model OUTPUT` continues the head, `cl --model OUTPUT` leaves it out. Also "
-                    "takes the step folders of moca_fast before checkpoints had checkpoint.json (converting their "
-                    "MAE projection's layout). The optimizer state is not carried over.")
+        "into OUTPUT: `cpt --model OUTPUT` continues the head, `cl --model OUTPUT` leaves it out. Also "
+        "takes the step folders of moca_fast before checkpoints had checkpoint.json (converting their "
+        "MAE projection's layout). The optimizer state is not carried over.",
+    )
     parser.add_argument("step", type=Path, help="a stage-1 checkpoint folder, e.g. RUN/checkpoints/step-0001000")
     parser.add_argument("output", type=Path, help="a new folder")
     parser.set_defaults(run=run_export_stage1)
@@ -282,10 +363,13 @@ def run_export_stage1(args) -> None:
 
 
 def add_serve(subparsers) -> None:
-    parser = subparsers.add_parser("serve", help="an HTTP embedding server (OpenAI's /v1/embeddings)",
-                                   description="POST /v1/embeddings in OpenAI's shape (text, images as data URLs, "
-                                               "image + text, chat messages), GET /health, /ready, /metrics. Inputs from "
-                                               "many requests share packed forwards of --batch-tokens tokens.")
+    parser = subparsers.add_parser(
+        "serve",
+        help="an HTTP embedding server (OpenAI's /v1/embeddings)",
+        description="POST /v1/embeddings in OpenAI's shape (text, images as data URLs, "
+        "image + text, chat messages), GET /health, /ready, /metrics. Inputs from "
+        "many requests share packed forwards of --batch-tokens tokens.",
+    )
     from .serve.settings import add_serve_arguments
 
     add_serve_arguments(parser)
@@ -302,8 +386,9 @@ def run_serve(args) -> None:
     except ImportError as error:
         raise SystemExit(f"moca-fast serve: error: {error.name} is missing: pip install 'moca-fast[serve]'") from None
     embedder = embedder_from_args(args)
-    serve(embedder, settings_from_args(args, embedder.batch_tokens, embedder.processor.max_length), args.host,
-          args.port)
+    serve(
+        embedder, settings_from_args(args, embedder.batch_tokens, embedder.processor.max_length), args.host, args.port
+    )
 
 
 COMMANDS = [add_demo, add_embed, add_eval, add_train, add_plot, add_export_stage1, add_serve]

@@ -77,7 +77,7 @@ class ModelSpec:
     matryoshka_dims: tuple[int, ...] = ()
 
     @classmethod
-    def from_hf_config(cls, config) -> "ModelSpec":
+    def from_hf_config(cls, config) -> ModelSpec:
         """From a transformers `Qwen2_5_VLConfig` (either the 4.x flat or the 5.x nested form)."""
         t, v = config.text_config, config.vision_config
         if t.hidden_act != "silu" or v.hidden_act != "silu":
@@ -144,8 +144,10 @@ def declared_heads(declared: dict | None) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"config.json {HEADS_KEY}: unknown keys {unknown}")
     dim = declared.get("multi_vector_dim")
-    return {"multi_vector_dim": None if dim is None else int(dim),
-            "matryoshka_dims": tuple(int(d) for d in declared.get("matryoshka_dims") or ())}
+    return {
+        "multi_vector_dim": None if dim is None else int(dim),
+        "matryoshka_dims": tuple(int(d) for d in declared.get("matryoshka_dims") or ()),
+    }
 
 
 @dataclass(frozen=True)
@@ -208,8 +210,10 @@ class TrainConfig:
     # AdamW moves each weight by about lr per step: above 1 diverges
     lr: Annotated[float, Field(gt=0, le=1), Compared] = 2e-6
     weight_decay: Annotated[float, Fraction, Compared] = 0.0
-    betas: Annotated[tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]],
-                     Compared] = (0.9, 0.999)
+    betas: Annotated[tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]], Compared] = (
+        0.9,
+        0.999,
+    )
     warmup_ratio: Annotated[float, Fraction, Compared] = 0.1
     clip_grad_norm: Annotated[float, Positive, Compared] = 5.0
     epochs: Annotated[int, Count, Compared] = 1
@@ -225,8 +229,9 @@ class TrainConfig:
     dtype: Annotated[Literal["bfloat16", "float16", "float32"], Compared] = "bfloat16"
     compile: Annotated[bool, Free] = False  # torch.compile per decoder layer and vision block
     # none | selective | full | auto (planned to fit device memory); true / false mean full / none, as before
-    activation_checkpointing: Annotated[Literal["none", "selective", "full", "auto"],
-                                        BeforeValidator(recompute_mode), Free] = "full"
+    activation_checkpointing: Annotated[
+        Literal["none", "selective", "full", "auto"], BeforeValidator(recompute_mode), Free
+    ] = "full"
     fp8: Annotated[bool, Compared] = False  # torchao float8 for the decoder's linear layers (CUDA, capability >= 8.9)
     attention_backend: Annotated[Literal["auto", "flash", "varlen", "sdpa"], Free] = "auto"
     device: Annotated[str | None, Free] = None  # None: CUDA (this process's LOCAL_RANK) when present, else CPU
@@ -279,13 +284,17 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.max_length > self.tokens_per_micro_batch:
-            raise ValueError(f"max_length {self.max_length} exceeds tokens_per_micro_batch "
-                             f"{self.tokens_per_micro_batch}: a full-length sample could never be packed")
+            raise ValueError(
+                f"max_length {self.max_length} exceeds tokens_per_micro_batch "
+                f"{self.tokens_per_micro_batch}: a full-length sample could never be packed"
+            )
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
         if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims or ()):
-            raise ValueError(f"matryoshka_weights {self.matryoshka_weights} needs one weight per matryoshka_dims "
-                             f"entry {self.matryoshka_dims}")
+            raise ValueError(
+                f"matryoshka_weights {self.matryoshka_weights} needs one weight per matryoshka_dims "
+                f"entry {self.matryoshka_dims}"
+            )
 
 
 def free_on_resume(name: str) -> bool:
@@ -325,8 +334,12 @@ _BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_e
 def allowed_range(name: str) -> str:
     """A TrainConfig field's declared bounds in words, e.g. '> 0 and < 1'."""
     signs = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-    return " and ".join(f"{sign} {getattr(mark, bound)}" for mark in TrainConfig.__pydantic_fields__[name].metadata
-                        for bound, sign in signs.items() if getattr(mark, bound, None) is not None)
+    return " and ".join(
+        f"{sign} {getattr(mark, bound)}"
+        for mark in TrainConfig.__pydantic_fields__[name].metadata
+        for bound, sign in signs.items()
+        if getattr(mark, bound, None) is not None
+    )
 
 
 def load_train_config(path: str, overrides: dict[str, Any] | None = None, *, stage: str | None = None) -> TrainConfig:
@@ -358,16 +371,21 @@ def load_train_config(path: str, overrides: dict[str, Any] | None = None, *, sta
 
     if stage is not None:
         if "stage" in overrides and overrides["stage"] != stage:
-            raise ValueError(f"stage={overrides['stage']} (command line): the stage is the command's, here {stage!r}; "
-                             f"run `moca-fast {overrides['stage']}` instead")
+            raise ValueError(
+                f"stage={overrides['stage']} (command line): the stage is the command's, here {stage!r}; "
+                f"run `moca-fast {overrides['stage']}` instead"
+            )
         if values.setdefault("stage", stage) != stage:
             raise ValueError(f"{path} is a {values['stage']!r} config, not {stage!r}")
     values.update(overrides)
     run_stage = values.get("stage")
     foreign = sorted(k for k in values if stage_of_field(k) not in (None, run_stage))
     if run_stage in ("cpt", "cl") and foreign:
-        raise ValueError("; ".join(f"{k} ({origin(k)}) is a {stage_of_field(k)} key: a {run_stage} run does not use it"
-                                   for k in foreign))
+        raise ValueError(
+            "; ".join(
+                f"{k} ({origin(k)}) is a {stage_of_field(k)} key: a {run_stage} run does not use it" for k in foreign
+            )
+        )
     try:
         return TrainConfig(**values)
     except ValidationError as error:

@@ -80,16 +80,27 @@ def intact_parts(folder: Path, count: int) -> list[int]:
         if recorded.is_file() and file_checksum(path) == recorded.read_text().strip():
             intact.append(part)
             continue
-        log.warning("%s: its bytes do not match the checksum written with it (damaged or replaced): embedding it "
-                    "again", path)
+        log.warning(
+            "%s: its bytes do not match the checksum written with it (damaged or replaced): embedding it again", path
+        )
         path.unlink()
         recorded.unlink(missing_ok=True)
     return intact
 
 
-def embed_corpus(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], ids: Sequence, folder: Path, *, source: Path,
-                 model: str, part_size: int, overwrite: bool = False, output: str = "pooled",
-                 pool_factor: int | None = None) -> None:
+def embed_corpus(
+    embedder: MocaEmbedder,
+    inputs: Sequence[EmbedInput],
+    ids: Sequence,
+    folder: Path,
+    *,
+    source: Path,
+    model: str,
+    part_size: int,
+    overwrite: bool = False,
+    output: str = "pooled",
+    pool_factor: int | None = None,
+) -> None:
     """Embed `inputs` (ids kept beside them) into `folder`, resuming what is there; under torchrun every rank calls
     it with its own embedder. `source` (the inputs file) and `model` go into the manifest a resumed run must match;
     `overwrite` starts over in a folder that holds another run's embeddings. `output`: "pooled", "multi_vector" or
@@ -98,8 +109,10 @@ def embed_corpus(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], ids: Sequ
 
     embedder.check_output(output)
     if pool_factor is not None and (output == "pooled" or pool_factor < 1):
-        raise ValueError(f"pool_factor {pool_factor}: token pooling takes a positive factor and a multi-vector output "
-                         f"(output={output!r})")
+        raise ValueError(
+            f"pool_factor {pool_factor}: token pooling takes a positive factor and a multi-vector output "
+            f"(output={output!r})"
+        )
 
     from .parallel.distributed import finish_distributed, init_distributed
 
@@ -108,10 +121,16 @@ def embed_corpus(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], ids: Sequ
     state = [None]
     if rank == 0:
         try:
-            manifest = {"inputs": str(source), "inputs_sha256": file_digest(source), "count": len(inputs),
-                        "part_size": part_size, "model": model, "model_key": model_key(embedder),
-                        **embedder_settings(embedder),
-                        **({} if output == "pooled" else {"output": output, "pool_factor": pool_factor})}
+            manifest = {
+                "inputs": str(source),
+                "inputs_sha256": file_digest(source),
+                "count": len(inputs),
+                "part_size": part_size,
+                "model": model,
+                "model_key": model_key(embedder),
+                **embedder_settings(embedder),
+                **({} if output == "pooled" else {"output": output, "pool_factor": pool_factor}),
+            }
             check_manifest(folder, manifest, overwrite=overwrite)
             state[0] = intact_parts(folder, len(parts))
         except ValueError as error:
@@ -126,8 +145,14 @@ def embed_corpus(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], ids: Sequ
         log.info("%s: %d of %d parts already embedded, skipped", folder, len(done), len(parts))
     costs = part_costs(embedder, inputs, parts, pending, rank, world)
     mine = deal_parts(costs, world)[rank]
-    log.info("rank %d/%d: %d of the %d parts left, %d tokens", rank, world, len(mine), len(pending),
-             sum(costs[p] for p in mine))
+    log.info(
+        "rank %d/%d: %d of the %d parts left, %d tokens",
+        rank,
+        world,
+        len(mine),
+        len(pending),
+        sum(costs[p] for p in mine),
+    )
     for part in mine:
         start = time.perf_counter()
         lines = parts[part]
@@ -136,15 +161,17 @@ def embed_corpus(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], ids: Sequ
             pooled = {"multi_vector": [pool_tokens(v, pool_factor) for v in multi_vectors(embeddings)]}
             embeddings = {**embeddings, **pooled} if output == "both" else pooled["multi_vector"]
         write_part(part_path(folder, part), lines, [ids[i] for i in lines], embeddings)
-        log.info("rank %d: part %d (lines %d-%d) in %.1f s", rank, part, lines[0], lines[-1],
-                 time.perf_counter() - start)
+        log.info(
+            "rank %d: part %d (lines %d-%d) in %.1f s", rank, part, lines[0], lines[-1], time.perf_counter() - start
+        )
     finish_distributed()
     if rank == 0:
         write_index(folder, parts, embedder.dim, output, embedder.multi_vector_dim)
 
 
-def part_costs(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], parts: list[range], pending: list[int],
-               rank: int, world: int) -> dict[int, int]:
+def part_costs(
+    embedder: MocaEmbedder, inputs: Sequence[EmbedInput], parts: list[range], pending: list[int], rank: int, world: int
+) -> dict[int, int]:
     """Tokens of each pending part; each rank costs every world-th input (headers only), the ranks share them."""
     lines = [i for p in pending for i in parts[p]]
     mine = {i: embedder.cost(inputs[i]) for i in lines[rank::world]}
@@ -160,9 +187,13 @@ def part_costs(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], parts: list
 def embedder_settings(embedder: MocaEmbedder) -> dict:
     """What changes the embeddings besides the weights: the dtype, the processor's budget, the dimension."""
     processor = embedder.processor
-    return {"dtype": str(next(embedder.model.parameters()).dtype).removeprefix("torch."),
-            "min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels,
-            "max_length": processor.max_length, "dim": embedder.dim}
+    return {
+        "dtype": str(next(embedder.model.parameters()).dtype).removeprefix("torch."),
+        "min_pixels": processor.min_pixels,
+        "max_pixels": processor.max_pixels,
+        "max_length": processor.max_length,
+        "dim": embedder.dim,
+    }
 
 
 def check_manifest(folder: Path, manifest: dict, *, overwrite: bool = False) -> None:
@@ -178,8 +209,10 @@ def check_manifest(folder: Path, manifest: dict, *, overwrite: bool = False) -> 
         saved = json.loads(path.read_text())
         changed = sorted(k for k in manifest.keys() | saved.keys() if k != "inputs" and saved.get(k) != manifest.get(k))
         if changed:
-            raise ValueError(f"--output {folder} holds the embeddings of another run (differing: "
-                             f"{', '.join(changed)}); remove it or choose another folder")
+            raise ValueError(
+                f"--output {folder} holds the embeddings of another run (differing: "
+                f"{', '.join(changed)}); remove it or choose another folder"
+            )
         for stale in (folder / PARTS).glob(".*.tmp*"):
             stale.unlink()
         return
@@ -200,8 +233,10 @@ def embeddings_table(lines: Sequence[int], ids: Sequence, embeddings):
     list of fp16 vectors."""
     import pyarrow as pa
 
-    columns = {"line": pa.array(lines, type=pa.int64()),
-               "id": pa.array([None if i is None else str(i) for i in ids], type=pa.string())}
+    columns = {
+        "line": pa.array(lines, type=pa.int64()),
+        "id": pa.array([None if i is None else str(i) for i in ids], type=pa.string()),
+    }
     pooled = embeddings["pooled"] if isinstance(embeddings, dict) else embeddings
     if isinstance(pooled, np.ndarray):
         columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(pooled.reshape(-1)), pooled.shape[1])
@@ -227,15 +262,27 @@ def write_part(path: Path, lines: range, ids: list, embeddings) -> None:
     write_atomically(checksum_path(path.parent.parent, part), file_checksum(path).encode())
 
 
-def write_index(folder: Path, parts: list[range], dim: int, output: str = "pooled",
-                multi_vector_dim: int | None = None) -> None:
+def write_index(
+    folder: Path, parts: list[range], dim: int, output: str = "pooled", multi_vector_dim: int | None = None
+) -> None:
     missing = [p for p in range(len(parts)) if not part_path(folder, p).is_file()]
     if missing:
         raise RuntimeError(f"{folder}: parts {missing} are missing after every rank finished")
     kind = {} if output == "pooled" else {"output": output, "multi_vector_dim": multi_vector_dim}
-    index = {"count": sum(map(len, parts)), "dim": dim, **kind,
-             "parts": [{"file": str(part_path(folder, p).relative_to(folder)), "first_line": r.start, "rows": len(r),
-                        "blake2b": checksum_path(folder, p).read_text().strip()} for p, r in enumerate(parts)]}
+    index = {
+        "count": sum(map(len, parts)),
+        "dim": dim,
+        **kind,
+        "parts": [
+            {
+                "file": str(part_path(folder, p).relative_to(folder)),
+                "first_line": r.start,
+                "rows": len(r),
+                "blake2b": checksum_path(folder, p).read_text().strip(),
+            }
+            for p, r in enumerate(parts)
+        ],
+    }
     write_atomically(folder / INDEX, json.dumps(index, indent=2).encode())
     log.info("wrote %d embeddings of dimension %d in %d parts to %s", index["count"], dim, len(parts), folder)
 
@@ -255,8 +302,10 @@ def load_corpus(folder: str | os.PathLike) -> tuple:
     vectors = [None] * index["count"]
     for part in index["parts"]:
         if "blake2b" in part and file_checksum(folder / part["file"]) != part["blake2b"]:
-            raise ValueError(f"{folder / part['file']}: its bytes do not match the checksum in {INDEX} (damaged or "
-                             "replaced): run the embedding again to redo it")
+            raise ValueError(
+                f"{folder / part['file']}: its bytes do not match the checksum in {INDEX} (damaged or "
+                "replaced): run the embedding again to redo it"
+            )
         table = pq.read_table(folder / part["file"])
         lines = table.column("line").to_numpy()
         if len(lines) != part["rows"] or lines[0] != part["first_line"]:

@@ -15,7 +15,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -56,15 +56,29 @@ def stage_configs(s: DemoSettings, world: Path) -> tuple[TrainConfig, TrainConfi
     """configs/tiny-cpt.yaml and tiny-cl.yaml with the demo's folders, seed, device and steps (bfloat16 on CUDA)."""
     for recipe in (CPT_RECIPE, CL_RECIPE):
         if not recipe.is_file():
-            raise FileNotFoundError(f"{recipe}: the demo's recipe is missing (the demo runs from a clone of the "
-                                    "repository: pip install -e .)")
+            raise FileNotFoundError(
+                f"{recipe}: the demo's recipe is missing (the demo runs from a clone of the "
+                "repository: pip install -e .)"
+            )
     cuda = (s.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     common = dict(seed=s.seed, device=s.device, **({"dtype": "bfloat16"} if cuda else {}))
-    cpt = load_train_config(str(CPT_RECIPE), dict(data=str(world / "cpt" / "documents"), output_dir=str(s.out / "cpt"),
-                                                 max_steps=s.cpt_steps, **common), stage="cpt")
-    cl = load_train_config(str(CL_RECIPE), dict(model=str(s.out / "cpt" / "final"), data=str(world / "cl"),
-                                               output_dir=str(s.out / "cl"), max_steps=s.cl_steps, **common,
-                                               **(HEADS if s.multi_vector else {})), stage="cl")
+    cpt = load_train_config(
+        str(CPT_RECIPE),
+        dict(data=str(world / "cpt" / "documents"), output_dir=str(s.out / "cpt"), max_steps=s.cpt_steps, **common),
+        stage="cpt",
+    )
+    cl = load_train_config(
+        str(CL_RECIPE),
+        dict(
+            model=str(s.out / "cpt" / "final"),
+            data=str(world / "cl"),
+            output_dir=str(s.out / "cl"),
+            max_steps=s.cl_steps,
+            **common,
+            **(HEADS if s.multi_vector else {}),
+        ),
+        stage="cl",
+    )
     return cpt, cl
 
 
@@ -94,18 +108,25 @@ def head_scores(model, config: TrainConfig, world: Path) -> dict:
     def similarities(queries, candidates) -> dict:
         q, c = embedder.encode(queries, output="both"), embedder.encode(candidates, output="both")
         short = [F.normalize(torch.from_numpy(x["pooled"][:, :MATRYOSHKA_DIM]), dim=-1).numpy() for x in (q, c)]
-        return {"pooled": q["pooled"] @ c["pooled"].T, "matryoshka": short[0] @ short[1].T,
-                "multi_vector": maxsim_scores(q["multi_vector"], c["multi_vector"])}
+        return {
+            "pooled": q["pooled"] @ c["pooled"].T,
+            "matryoshka": short[0] @ short[1].T,
+            "multi_vector": maxsim_scores(q["multi_vector"], c["multi_vector"]),
+        }
 
     scores = {}
     for name, source in mmeb.find_datasets(world / "eval" / "mmeb").items():
         data = mmeb.read_dataset(name, source, world / "eval" / "mmeb")
-        scores[name] = {kind: 100 * precision_at_1([row[index] for row, index in zip(matrix, data.candidate_index)])
-                        for kind, matrix in similarities(data.queries, data.candidates).items()}
+        scores[name] = {
+            kind: 100 * precision_at_1([row[index] for row, index in zip(matrix, data.candidate_index)])
+            for kind, matrix in similarities(data.queries, data.candidates).items()
+        }
     for name, folder in vidore.find_datasets(world / "eval" / "beir").items():
         data = vidore.read_dataset(name, folder)
-        scores[f"{name} (NDCG@5)"] = {kind: 100 * float(ndcg_at_k(matrix, data.relevance, 5).mean())
-                                      for kind, matrix in similarities(data.queries, data.corpus).items()}
+        scores[f"{name} (NDCG@5)"] = {
+            kind: 100 * float(ndcg_at_k(matrix, data.relevance, 5).mean())
+            for kind, matrix in similarities(data.queries, data.corpus).items()
+        }
     return scores
 
 
@@ -114,9 +135,11 @@ def chance_scores(world: Path, names: list[str]) -> dict:
     1 / (the query's distinct candidates); NDCG@5 with one relevant page among D pages is the sum over the top 5
     ranks of (1 / D) / log2(rank + 1)."""
     mmeb = world / "eval" / "mmeb"
-    chance = {name: 100 * statistics.mean(1 / len(np.unique(index))
-                                          for index in read_dataset(name, source, mmeb).candidate_index)
-              for name, source in find_datasets(mmeb).items()}
+    chance = {
+        name: 100
+        * statistics.mean(1 / len(np.unique(index)) for index in read_dataset(name, source, mmeb).candidate_index)
+        for name, source in find_datasets(mmeb).items()
+    }
     corpus = sum(1 for _ in (world / "eval" / "beir" / "SynPages" / "corpus.jsonl").open())
     ndcg = 100 * sum(1 / corpus / np.log2(rank + 1.0) for rank in range(1, 6))
     return {name: ndcg if "NDCG" in name else chance[name] for name in names}
@@ -134,8 +157,13 @@ def run_demo(settings: DemoSettings, *, resume: bool = False) -> dict:
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     world = out / "world"
-    write_world(world, seed=settings.seed, n_documents=settings.documents, n_pairs_per_task=settings.pairs_per_task,
-                n_eval_queries=settings.eval_queries)
+    write_world(
+        world,
+        seed=settings.seed,
+        n_documents=settings.documents,
+        n_pairs_per_task=settings.pairs_per_task,
+        n_eval_queries=settings.eval_queries,
+    )
     cpt, cl = stage_configs(settings, world)
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     before = evaluate(build_model(cpt, build_tokenizer(cpt), device), cpt, world)  # stage 1's starting point
@@ -144,8 +172,15 @@ def run_demo(settings: DemoSettings, *, resume: bool = False) -> dict:
     records = {name: read_metrics(Path(c.output_dir) / "metrics.jsonl") for name, c in (("cpt", cpt), ("cl", cl))}
     after = evaluate(load_pretrained(out / "cl" / "final", device=device), cl, world)
     summary = {
-        "stages": {name: {"steps": len(r), "tokens_per_s": statistics.median(x["tokens_per_s"] for x in r),
-                          "loss_first": r[0]["loss"], "loss_last": r[-1]["loss"]} for name, r in records.items()},
+        "stages": {
+            name: {
+                "steps": len(r),
+                "tokens_per_s": statistics.median(x["tokens_per_s"] for x in r),
+                "loss_first": r[0]["loss"],
+                "loss_last": r[-1]["loss"],
+            }
+            for name, r in records.items()
+        },
         "retrieval": {name: {"untrained": before[name], "trained": after[name]} for name in before},
         "chance": chance_scores(world, list(before)),
         "checkpoint": str(out / "cl" / "final"),
@@ -153,10 +188,14 @@ def run_demo(settings: DemoSettings, *, resume: bool = False) -> dict:
     }
     if settings.multi_vector:
         summary["heads"] = head_scores(load_pretrained(out / "cl" / "final", device=device), cl, world)
-    summary["run"] = {"seconds": round(time.perf_counter() - start, 1), "device": machine(device),
-                      "load_average": round(os.getloadavg()[1], 2),  # 5 minutes: other work sharing the CPU
-                      "torch": torch.__version__, "date": datetime.now(timezone.utc).date().isoformat(),
-                      "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}}
+    summary["run"] = {
+        "seconds": round(time.perf_counter() - start, 1),
+        "device": machine(device),
+        "load_average": round(os.getloadavg()[1], 2),  # 5 minutes: other work sharing the CPU
+        "torch": torch.__version__,
+        "date": datetime.now(UTC).date().isoformat(),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -170,17 +209,25 @@ def machine(device: torch.device) -> str:
 def format_summary(summary: dict) -> str:
     run = summary["run"]
     minutes, seconds = divmod(round(run["seconds"]), 60)
-    lines = ["", f"moca-fast demo: summary ({minutes} min {seconds} s on {run['device']})", "",
-             f"{'stage':<6}{'steps':>7}{'tokens/s':>11}   loss first -> last"]
+    lines = [
+        "",
+        f"moca-fast demo: summary ({minutes} min {seconds} s on {run['device']})",
+        "",
+        f"{'stage':<6}{'steps':>7}{'tokens/s':>11}   loss first -> last",
+    ]
     for name, s in summary["stages"].items():
-        lines.append(f"{name:<6}{s['steps']:>7}{s['tokens_per_s']:>11.0f}   {s['loss_first']:.3f} -> {s['loss_last']:.3f}")
+        lines.append(
+            f"{name:<6}{s['steps']:>7}{s['tokens_per_s']:>11.0f}   {s['loss_first']:.3f} -> {s['loss_last']:.3f}"
+        )
     lines += ["", f"{'retrieval (x100)':<24}{'chance':>8}{'untrained':>11}{'trained':>9}"]
     for name, s in summary["retrieval"].items():
         metric = name if "NDCG" in name else f"{name} (P@1)"
         lines.append(f"{metric:<24}{summary['chance'][name]:>8.1f}{s['untrained']:>11.1f}{s['trained']:>9.1f}")
     if "heads" in summary:
-        lines += ["", f"{'trained, scored by (x100)':<26}{'pooled':>8}{f'Matryoshka-{MATRYOSHKA_DIM}':>15}"
-                      f"{'multi-vector':>14}"]
+        lines += [
+            "",
+            f"{'trained, scored by (x100)':<26}{'pooled':>8}{f'Matryoshka-{MATRYOSHKA_DIM}':>15}{'multi-vector':>14}",
+        ]
         for name, s in summary["heads"].items():
             metric = name if "NDCG" in name else f"{name} (P@1)"
             lines.append(f"{metric:<26}{s['pooled']:>8.1f}{s['matryoshka']:>15.1f}{s['multi_vector']:>14.1f}")

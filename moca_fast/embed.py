@@ -68,9 +68,15 @@ class _Encoded(Dataset):
 class MocaEmbedder:
     """Embeds text, images and interleaved inputs with a MocaModel: mean pooling over every token, L2-normalised."""
 
-
-    def __init__(self, model: MocaModel, processor: Processor, *, num_workers: int = 0,
-                 batch_tokens: int = DEFAULT_BATCH_TOKENS, role_prompt=prompts.role_prompt):
+    def __init__(
+        self,
+        model: MocaModel,
+        processor: Processor,
+        *,
+        num_workers: int = 0,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        role_prompt=prompts.role_prompt,
+    ):
         self.model = model.eval()
         self.processor = processor
         self.num_workers = num_workers
@@ -100,20 +106,32 @@ class MocaEmbedder:
         if output not in OUTPUTS:
             raise ValueError(f"output={output!r}: choose one of {', '.join(OUTPUTS)}")
         if output != "pooled" and self.multi_vector_dim is None:
-            raise ValueError(f"output={output!r}: this checkpoint has no multi-vector head (its config.json declares "
-                             "no multi_vector_dim); only output='pooled' is available")
+            raise ValueError(
+                f"output={output!r}: this checkpoint has no multi-vector head (its config.json declares "
+                "no multi_vector_dim); only output='pooled' is available"
+            )
 
     def get_sentence_embedding_dimension(self) -> int:
         """The embedding size (sentence-transformers' name for `dim`)."""
         return self.dim
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, compile: bool = False, fp8: bool = False,
-                        processor_path: str | os.PathLike | None = None, *, attention_backend: str = "auto",
-                        num_workers: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                        max_length: int | None = None, min_pixels: int | None = None,
-                        max_pixels: int | None = None) -> "MocaEmbedder":
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        compile: bool = False,
+        fp8: bool = False,
+        processor_path: str | os.PathLike | None = None,
+        *,
+        attention_backend: str = "auto",
+        num_workers: int | None = None,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        max_length: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> MocaEmbedder:
         """Load a MoCa checkpoint (local directory, or a hub id such as moca-embed/MoCa-Qwen25VL-3B).
 
         The tokenizer comes from `processor_path` (the published checkpoints need the Qwen2.5-VL-*-Instruct one),
@@ -131,37 +149,69 @@ class MocaEmbedder:
         path = local_checkpoint(path_or_hub_id)
         tokenizer_dir = local_checkpoint(processor_path) if processor_path is not None else path
         if not any((tokenizer_dir / name).is_file() for name in _TOKENIZER_FILES):
-            raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer; pass processor_path (for the published MoCa "
-                                    "checkpoints: a copy of Qwen/Qwen2.5-VL-3B-Instruct or -7B-Instruct)")
+            raise FileNotFoundError(
+                f"{tokenizer_dir}: no tokenizer; pass processor_path (for the published MoCa "
+                "checkpoints: a copy of Qwen/Qwen2.5-VL-3B-Instruct or -7B-Instruct)"
+            )
         colqwen = is_colqwen_checkpoint(path)
-        model = (load_colqwen(path, dtype, device, attention_backend, locate=local_checkpoint) if colqwen
-                 else load_pretrained(path, dtype=dtype, device=device, attention_backend=attention_backend))
+        model = (
+            load_colqwen(path, dtype, device, attention_backend, locate=local_checkpoint)
+            if colqwen
+            else load_pretrained(path, dtype=dtype, device=device, attention_backend=attention_backend)
+        )
         broken = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
         if broken:
-            raise ValueError(f"{path}: {len(broken)} weight tensors hold NaN or inf (first: {broken[0]}); "
-                             "every embedding would be NaN")
+            raise ValueError(
+                f"{path}: {len(broken)} weight tensors hold NaN or inf (first: {broken[0]}); "
+                "every embedding would be NaN"
+            )
         if compile or fp8:
             from .parallel.parallelize import parallelize
 
-            parallelize(model, list(model.language_model.layers), device=device,
-                        fp8_layers=model.language_model.layers if fp8 else None,
-                        activation_checkpointing=False, compile=compile, world_size=1)
+            parallelize(
+                model,
+                list(model.language_model.layers),
+                device=device,
+                fp8_layers=model.language_model.layers if fp8 else None,
+                activation_checkpointing=False,
+                compile=compile,
+                world_size=1,
+            )
         saved = colqwen_settings(path) if colqwen else saved_settings(path)
-        settings = dict(min_pixels=min_pixels or saved.get("min_pixels", MIN_PIXELS),
-                        max_pixels=max_pixels or saved.get("max_pixels", MAX_PIXELS),
-                        max_length=max_length or saved.get("max_length"))
+        settings = dict(
+            min_pixels=min_pixels or saved.get("min_pixels", MIN_PIXELS),
+            max_pixels=max_pixels or saved.get("max_pixels", MAX_PIXELS),
+            max_length=max_length or saved.get("max_length"),
+        )
         log.info("processor: %s (%s)", settings, f"saved with {path}" if saved else "the reference's")
         processor = Processor(load_tokenizer(tokenizer_dir), **settings)
         if num_workers is None:
             num_workers = min(8, max((os.cpu_count() or 1) - 1, 0)) if device.type == "cuda" else 0
-        return cls(model, processor, num_workers=num_workers, batch_tokens=batch_tokens,
-                   role_prompt=colqwen_role_prompt if colqwen else prompts.role_prompt)
+        return cls(
+            model,
+            processor,
+            num_workers=num_workers,
+            batch_tokens=batch_tokens,
+            role_prompt=colqwen_role_prompt if colqwen else prompts.role_prompt,
+        )
 
-    def encode(self, inputs, prompt_name: str | None = None, prompt: str | None = None, batch_size: int | None = None,
-               show_progress_bar: bool = False, precision: str = "float32", convert_to_numpy: bool = True,
-               convert_to_tensor: bool = False, device: str | torch.device | None = None,
-               normalize_embeddings: bool = True, truncate_dim: int | None = None, batch_tokens: int | None = None,
-               output: str = "pooled", _role: str | None = None):
+    def encode(
+        self,
+        inputs,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int | None = None,
+        show_progress_bar: bool = False,
+        precision: str = "float32",
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        device: str | torch.device | None = None,
+        normalize_embeddings: bool = True,
+        truncate_dim: int | None = None,
+        batch_tokens: int | None = None,
+        output: str = "pooled",
+        _role: str | None = None,
+    ):
         """Embeddings [N, dim] (float32) of a list of inputs, in input order; [dim] for a single input.
 
         A list is always a list of inputs: wrap an interleaved input in its own list (`encode([[text, image]])`).
@@ -214,8 +264,9 @@ class MocaEmbedder:
         a, b = (F.normalize(torch.atleast_2d(x).float(), dim=-1) for x in (a, b))
         return a @ b.T
 
-    def _embed(self, items: list[EmbedInput], budget: int, max_items: int | None, progress: bool,
-               output: str = "pooled") -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    def _embed(
+        self, items: list[EmbedInput], budget: int, max_items: int | None, progress: bool, output: str = "pooled"
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Mean-pooled embeddings [N, dim] (float32, not normalised) on the CPU, in input order, and (unless `output`
         is "pooled") each input's token vectors, in input order."""
         out = torch.empty(len(items), self.dim, dtype=torch.float32)
@@ -224,8 +275,13 @@ class MocaEmbedder:
             return out, vectors
         batches = plan_batches([self.cost(item) for item in items], budget, max_items)
         workers = min(self.num_workers, len(batches) - 1)  # one batch: no worker is worth starting
-        loader = packed_loader(_Encoded(items, self.processor), batches, self.collator(), num_workers=workers,
-                               pin_memory=self.device.type == "cuda")
+        loader = packed_loader(
+            _Encoded(items, self.processor),
+            batches,
+            self.collator(),
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+        )
         with tqdm(total=len(items), disable=not progress, unit="input") as bar:
             for indices, batch in zip(batches, one_line_errors(loader)):
                 embedded = self.embed_packed(batch, "both" if vectors is not None else "pooled")
@@ -260,8 +316,10 @@ class MocaEmbedder:
             finite &= torch.isfinite(mean_pool(vectors, batch.cu_seqlens.cpu())).all(dim=-1)
         if not finite.all():
             first = batch.sample_ids[int((~finite).nonzero()[0])]
-            raise ValueError(f"{first}: its embedding is not finite (NaN or inf): the model's weights or its "
-                             f"{next(self.model.parameters()).dtype} arithmetic overflow")
+            raise ValueError(
+                f"{first}: its embedding is not finite (NaN or inf): the model's weights or its "
+                f"{next(self.model.parameters()).dtype} arithmetic overflow"
+            )
         if vectors is None:
             return pooled
         vectors = list(vectors.split(lengths))
@@ -284,8 +342,10 @@ def quantize(embeddings: np.ndarray, precision: str) -> np.ndarray:
     try:
         from sentence_transformers import quantize_embeddings
     except ImportError as error:
-        raise ImportError(f"precision={precision!r} quantises with sentence-transformers: "
-                          "pip install 'moca-fast[sentence-transformers]'") from error
+        raise ImportError(
+            f"precision={precision!r} quantises with sentence-transformers: "
+            "pip install 'moca-fast[sentence-transformers]'"
+        ) from error
     return quantize_embeddings(embeddings, precision=precision)
 
 

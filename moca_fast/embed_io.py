@@ -24,13 +24,23 @@ def output_is_folder(output: Path) -> bool:
     if output.suffix:
         return False
     if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output} is a file without a suffix: a path without a suffix names a folder "
-                         "of parts; name a .npy or .parquet file, or a folder")
+        raise ValueError(
+            f"--output {output} is a file without a suffix: a path without a suffix names a folder "
+            "of parts; name a .npy or .parquet file, or a folder"
+        )
     return True
 
 
-def embed_to_file(make_embedder: Callable[[], MocaEmbedder], inputs: Path, output: Path, image_root: Path, *,
-                  overwrite: bool, output_kind: str = "pooled", pool_factor: int | None = None) -> None:
+def embed_to_file(
+    make_embedder: Callable[[], MocaEmbedder],
+    inputs: Path,
+    output: Path,
+    image_root: Path,
+    *,
+    overwrite: bool,
+    output_kind: str = "pooled",
+    pool_factor: int | None = None,
+) -> None:
     """Embed the JSON-lines file `inputs` into the .npy or .parquet file `output`; every check on the paths and
     options comes before `make_embedder` loads the model."""
     if output_kind != "pooled" or pool_factor is not None:
@@ -42,9 +52,18 @@ def embed_to_file(make_embedder: Callable[[], MocaEmbedder], inputs: Path, outpu
     log.info("wrote %d embeddings of dimension %d to %s", *embeddings.shape, output)
 
 
-def embed_to_folder(make_embedder: Callable[[], MocaEmbedder], inputs: Path, output: Path, image_root: Path, *,
-                    model: str, part_size: int, overwrite: bool, output_kind: str = "pooled",
-                    pool_factor: int | None = None) -> None:
+def embed_to_folder(
+    make_embedder: Callable[[], MocaEmbedder],
+    inputs: Path,
+    output: Path,
+    image_root: Path,
+    *,
+    model: str,
+    part_size: int,
+    overwrite: bool,
+    output_kind: str = "pooled",
+    pool_factor: int | None = None,
+) -> None:
     """Embed the JSON-lines file `inputs` into the folder `output`, in parts of `part_size` inputs shared out among
     torchrun's ranks (moca_fast.corpus.embed_corpus: resumable); `make_embedder` loads this rank's model."""
     if part_size < 1:
@@ -52,8 +71,18 @@ def embed_to_folder(make_embedder: Callable[[], MocaEmbedder], inputs: Path, out
     from .corpus import embed_corpus
 
     items, ids = read_jsonl_inputs(inputs, image_root)
-    embed_corpus(make_embedder(), items, ids, output, source=inputs, model=model, part_size=part_size,
-                 overwrite=overwrite, output=output_kind, pool_factor=pool_factor)
+    embed_corpus(
+        make_embedder(),
+        items,
+        ids,
+        output,
+        source=inputs,
+        model=model,
+        part_size=part_size,
+        overwrite=overwrite,
+        output=output_kind,
+        pool_factor=pool_factor,
+    )
 
 
 def read_jsonl_inputs(path: Path, image_root: Path) -> tuple[list[EmbedInput], list]:
@@ -73,12 +102,12 @@ def read_jsonl_inputs(path: Path, image_root: Path) -> tuple[list[EmbedInput], l
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where}: not valid JSON: {error}") from error
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected an object with \"text\" and/or \"image\"")
+                raise ValueError(f'{where}: expected an object with "text" and/or "image"')
             ids.append(record.pop("id", None))
             if not isinstance(record.get("text", ""), str) or not isinstance(record.get("image", ""), str):
-                raise ValueError(f"{where}: \"text\" and \"image\" must be strings")
+                raise ValueError(f'{where}: "text" and "image" must be strings')
             if not record.get("text") and not record.get("image"):
-                raise ValueError(f"{where}: neither \"text\" nor \"image\"")
+                raise ValueError(f'{where}: neither "text" nor "image"')
             if record.get("image"):
                 record["image"] = str(image_root / record["image"])
             inputs.append(as_input(record, where))

@@ -74,18 +74,24 @@ def apply_prompt(item: EmbedInput, prompt: str) -> EmbedInput:
     """`item` with an instruction: `prompt` with the input's text at "{}", or, without "{}", before the text (the
     sentence-transformers convention). An image at the start of the input stays at the start, as in the reference's
     prompts: `apply_prompt(<image>, IMAGE_TARGET_INSTRUCTION)` is the reference's image target."""
+
     def fill(text: str) -> str:
         return prompt.replace("{}", text, 1) if "{}" in prompt else prompt + text
 
     if len(item.images) == 1 and item.text.startswith(IMAGE_PLACEHOLDER):
-        rest = fill(item.text[len(IMAGE_PLACEHOLDER):])
+        rest = fill(item.text[len(IMAGE_PLACEHOLDER) :])
         # A prompt holding IMAGE_PLACEHOLDER places the image itself (ColQwen2.5's visual prompt).
         return EmbedInput(rest if IMAGE_PLACEHOLDER in prompt else IMAGE_PLACEHOLDER + rest, item.images, item.id)
     return EmbedInput(fill(item.text), item.images, item.id)
 
 
-def with_instructions(items: list[EmbedInput], prompt: str | None = None, role: str | None = None,
-                      document_pages: bool = False, role_prompt=prompts.role_prompt) -> list[EmbedInput]:
+def with_instructions(
+    items: list[EmbedInput],
+    prompt: str | None = None,
+    role: str | None = None,
+    document_pages: bool = False,
+    role_prompt=prompts.role_prompt,
+) -> list[EmbedInput]:
     """`prompt` applied to every input; without one, each gets the instruction for its kind as a query or a document
     (`role`; `role_prompt`: the reference's, moca_fast.prompts.role_prompt, or a checkpoint's own, as
     MocaEmbedder.role_prompt), or none when `role` is None too."""
@@ -93,9 +99,10 @@ def with_instructions(items: list[EmbedInput], prompt: str | None = None, role: 
         return [apply_prompt(item, prompt) for item in items]
     if role is None:
         return items
-    return [apply_prompt(item, p) if (p := role_prompt(role, item.text, len(item.images), document_pages))
-            else item for item in items]
-
+    return [
+        apply_prompt(item, p) if (p := role_prompt(role, item.text, len(item.images), document_pages)) else item
+        for item in items
+    ]
 
 
 def encode_input(processor: Processor, item: EmbedInput) -> EncodedSequence:

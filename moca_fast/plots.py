@@ -46,8 +46,9 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
 
     runs = {name: read_metrics(path) for name, path in find_runs(run_dir).items()}
     out = Path(out) if out is not None else Path(run_dir) / "losses.png"
-    fig, axes = plt.subplots(2, len(runs), figsize=(5.5 * len(runs), 6.5), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 1]})
+    fig, axes = plt.subplots(
+        2, len(runs), figsize=(5.5 * len(runs), 6.5), squeeze=False, gridspec_kw={"height_ratios": [3, 1]}
+    )
     for column, (name, records) in enumerate(runs.items()):
         steps = [r["step"] for r in records]
         losses, rates = axes[0][column], axes[1][column]

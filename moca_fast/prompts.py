@@ -1,4 +1,5 @@
-"""The reference's instruction prompts (exact strings of the public MoCa code, arXiv 2506.23115), and helpers that build embedder inputs.
+"""The reference's instruction prompts (exact strings of the public MoCa code, arXiv 2506.23115), and helpers that
+build embedder inputs.
 
 The image sits at the start of every prompt that has one; the instruction text follows it. Each `*_INSTRUCTION`
 is the text after the image, with `{}` where the question or caption goes. ViDoRe queries and plain text
@@ -38,8 +39,12 @@ def document_page(image) -> dict:
     return {"text": IMAGE_PLACEHOLDER + DOCUMENT_PAGE_INSTRUCTION, "image": image}
 
 
-PROMPTS = {"image_question": IMAGE_QUESTION_INSTRUCTION, "text_to_image": TEXT_TO_IMAGE_INSTRUCTION,
-           "image_target": IMAGE_TARGET_INSTRUCTION, "document_page": DOCUMENT_PAGE_INSTRUCTION}
+PROMPTS = {
+    "image_question": IMAGE_QUESTION_INSTRUCTION,
+    "text_to_image": TEXT_TO_IMAGE_INSTRUCTION,
+    "image_target": IMAGE_TARGET_INSTRUCTION,
+    "document_page": DOCUMENT_PAGE_INSTRUCTION,
+}
 
 
 def prompt_named(name: str) -> str:

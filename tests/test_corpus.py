@@ -42,9 +42,17 @@ def corpus(tmp_path_factory, embedder):
     rng = np.random.default_rng(3)
     for i, (h, w) in enumerate([(70, 90), (120, 60), (100, 100), (56, 140)]):
         Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
-    records = [{"text": "a short line", "id": "a"}, {"image": "0.png"}, {"text": "words " * 30, "id": 3},
-               {"text": "Represent the given image.\n", "image": "1.png"}, {"text": "x"}, {"image": "2.png", "id": "b"},
-               {"text": "a caption", "image": "3.png"}, {"text": "another line of text"}, {"text": "the end"}]
+    records = [
+        {"text": "a short line", "id": "a"},
+        {"image": "0.png"},
+        {"text": "words " * 30, "id": 3},
+        {"text": "Represent the given image.\n", "image": "1.png"},
+        {"text": "x"},
+        {"image": "2.png", "id": "b"},
+        {"text": "a caption", "image": "3.png"},
+        {"text": "another line of text"},
+        {"text": "the end"},
+    ]
     path = folder / "inputs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     inputs, _ = read_jsonl_inputs(path, folder)
@@ -54,8 +62,18 @@ def corpus(tmp_path_factory, embedder):
 
 
 def embed_args(corpus, checkpoint, output, *extra):
-    return ["embed", str(corpus[0]), "--output", str(output), "--model", str(checkpoint), *PIXELS, "--part-size",
-            "2", *extra]
+    return [
+        "embed",
+        str(corpus[0]),
+        "--output",
+        str(output),
+        "--model",
+        str(checkpoint),
+        *PIXELS,
+        "--part-size",
+        "2",
+        *extra,
+    ]
 
 
 def test_parts_are_dealt_by_cost():
@@ -80,8 +98,12 @@ def test_one_process_writes_parts_equal_to_encode(corpus, checkpoint, tmp_path, 
 
 def test_a_killed_run_resumes_without_recomputing_finished_parts(corpus, checkpoint, tmp_path, monkeypatch, caplog):
     out = tmp_path / "out"
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_TWO_PARTS, *embed_args(corpus, checkpoint, out)],
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_TWO_PARTS, *embed_args(corpus, checkpoint, out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     finished = sorted((out / "parts").glob("part-*.parquet"))
     assert [p.name for p in finished] == ["part-00000.parquet", "part-00001.parquet"]
@@ -91,8 +113,11 @@ def test_a_killed_run_resumes_without_recomputing_finished_parts(corpus, checkpo
 
     embedded = []
     original = MocaEmbedder.encode
-    monkeypatch.setattr(MocaEmbedder, "encode", lambda self, inputs, **kw: embedded.extend(
-        x.id for x in inputs) or original(self, inputs, **kw))
+    monkeypatch.setattr(
+        MocaEmbedder,
+        "encode",
+        lambda self, inputs, **kw: embedded.extend(x.id for x in inputs) or original(self, inputs, **kw),
+    )
     with caplog.at_level("INFO"):
         assert main(embed_args(corpus, checkpoint, out)) == 0
     assert "2 of 5 parts already embedded, skipped" in caplog.text
@@ -115,8 +140,23 @@ def test_a_folder_of_another_run_is_refused(corpus, checkpoint, tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["embed", str(other), "--output", str(out), "--model", str(checkpoint), *PIXELS, "--part-size", "2"])
     assert "differing: count, inputs_sha256" in capsys.readouterr().err
-    assert main(["embed", str(other), "--output", str(out), "--model", str(checkpoint), *PIXELS, "--part-size", "2",
-                 "--overwrite"]) == 0  # starts over: the other run's parts are gone
+    assert (
+        main(
+            [
+                "embed",
+                str(other),
+                "--output",
+                str(out),
+                "--model",
+                str(checkpoint),
+                *PIXELS,
+                "--part-size",
+                "2",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )  # starts over: the other run's parts are gone
     got, ids = load_corpus(out)
     assert got.shape[0] == 1 and sorted(p.name for p in (out / "parts").iterdir()) == ["part-00000.parquet"]
     (tmp_path / "busy").mkdir()
@@ -131,9 +171,23 @@ def test_a_folder_of_another_run_is_refused(corpus, checkpoint, tmp_path, capsys
 
 @pytest.mark.slow
 def test_two_ranks_under_torchrun_equal_one_process(corpus, checkpoint, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "moca_fast.cli", *embed_args(corpus, checkpoint, tmp_path / "out")],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "moca_fast.cli",
+            *embed_args(corpus, checkpoint, tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     dealt = [int(n) for n in re.findall(r"rank \d/2: (\d) of the 5 parts left", run.stderr)]
     assert len(dealt) == 2 and min(dealt) > 0 and sum(dealt) == 5, run.stderr[-3000:]
@@ -148,8 +202,12 @@ def test_another_model_at_the_same_path_is_refused_on_rerun(corpus, checkpoint, 
     model = tmp_path / "model"
     shutil.copytree(checkpoint, model)
     out = tmp_path / "out"
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_TWO_PARTS, *embed_args(corpus, model, out)],
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_TWO_PARTS, *embed_args(corpus, model, out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     shutil.rmtree(model)
     write_tiny_checkpoint(model, tokenizer, seed=12)  # other weights, same path, same shapes and settings
@@ -163,7 +221,7 @@ def test_damaged_parts_are_caught_by_load_and_embedded_again_on_rerun(corpus, ch
     assert main(embed_args(corpus, checkpoint, out)) == 0
     parts = sorted((out / "parts").glob("part-*.parquet"))
     data = bytearray(parts[0].read_bytes())
-    data[len(data) // 2:len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 64])
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 64])
     parts[0].write_bytes(bytes(data))  # flipped bytes, same size
     os.truncate(parts[1], parts[1].stat().st_size // 2)
     parts[2].write_bytes(b"")

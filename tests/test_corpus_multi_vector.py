@@ -26,8 +26,13 @@ def corpus(tmp_path_factory, multi_vector_embedder):
     rng = np.random.default_rng(4)
     for i, (h, w) in enumerate([(70, 90), (120, 60)]):
         Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
-    records = [{"text": "a short line", "id": "a"}, {"image": "0.png"}, {"text": "words " * 12, "id": 3},
-               {"text": "a caption", "image": "1.png"}, {"text": "x"}]
+    records = [
+        {"text": "a short line", "id": "a"},
+        {"image": "0.png"},
+        {"text": "words " * 12, "id": 3},
+        {"text": "a caption", "image": "1.png"},
+        {"text": "x"},
+    ]
     path = folder / "inputs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     inputs, _ = read_jsonl_inputs(path, folder)
@@ -35,8 +40,23 @@ def corpus(tmp_path_factory, multi_vector_embedder):
 
 
 def _embed(corpus, checkpoint, output, *extra):
-    assert main(["embed", str(corpus[0]), "--output", str(output), "--model", str(checkpoint), *PIXELS,
-                 "--part-size", "2", *extra]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                str(corpus[0]),
+                "--output",
+                str(output),
+                "--model",
+                str(checkpoint),
+                *PIXELS,
+                "--part-size",
+                "2",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return load_corpus(output)
 
 
@@ -67,8 +87,19 @@ def test_a_file_output_or_a_checkpoint_without_the_head_refuses_multi_vectors(co
     refusals = ((tmp_path / "e.npy", "go to a folder --output"), (tmp_path / "out", "no multi-vector head"))
     for output, message in refusals:
         with pytest.raises(SystemExit):
-            main(["embed", str(corpus[0]), "--output", str(output), "--model", str(checkpoint), *PIXELS,
-                  "--output-kind", "multi_vector"])
+            main(
+                [
+                    "embed",
+                    str(corpus[0]),
+                    "--output",
+                    str(output),
+                    "--model",
+                    str(checkpoint),
+                    *PIXELS,
+                    "--output-kind",
+                    "multi_vector",
+                ]
+            )
         assert message in capsys.readouterr().err
 
 

@@ -85,8 +85,19 @@ def test_a_stopped_demo_says_so_in_one_line_and_resumes(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).parents[1]
-    command = [sys.executable, "-m", "moca_fast.cli", "demo", "--out", str(tmp_path), "--steps", "6", "2",
-               "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "moca_fast.cli",
+        "demo",
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "6",
+        "2",
+        "--device",
+        "cpu",
+    ]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)
     try:
         metrics, deadline = tmp_path / "cpt" / "metrics.jsonl", time.monotonic() + 400

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from bench.reference_path import ReferencePath, processor_batch
-
 from moca_fast import prompts
 from moca_fast.embed import MocaEmbedder, local_checkpoint, plan_batches
 from moca_fast.inputs import EmbedInput, as_input
@@ -29,8 +28,10 @@ def images():
     rng = np.random.default_rng(5)
     from PIL import Image
 
-    return [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
-            for h, w in [(100, 150), (64, 90), (200, 120), (56, 56), (140, 230), (80, 60)]]
+    return [
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+        for h, w in [(100, 150), (64, 90), (200, 120), (56, 56), (140, 230), (80, 60)]
+    ]
 
 
 def reference_embeddings(checkpoint, tokenizer, cases):
@@ -39,8 +40,9 @@ def reference_embeddings(checkpoint, tokenizer, cases):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     model = make_bidirectional(Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint).eval())
-    batch = processor_batch(tokenizer, Qwen2VLImageProcessorPil(), cases, min_pixels=SMALL_MIN_PIXELS,
-                            max_pixels=SMALL_MAX_PIXELS)
+    batch = processor_batch(
+        tokenizer, Qwen2VLImageProcessorPil(), cases, min_pixels=SMALL_MIN_PIXELS, max_pixels=SMALL_MAX_PIXELS
+    )
     assert (batch.attention_mask == 0).any(), "the reference batch must really be padded"
     with torch.no_grad():
         return ReferencePath(model).embed(batch)
@@ -73,9 +75,14 @@ def test_drop_in_parity_with_transformers(checkpoint, tokenizer, embedder, image
 
 
 def test_batch_invariance(embedder, images):
-    mixed = ["a short text", prompts.image_target(images[0]), prompts.document_page(images[2]),
-             ["interleaved ", images[3], " words ", images[4]], prompts.image_question_query(images[5], "Where?"),
-             "another text, a little longer than the first one"]
+    mixed = [
+        "a short text",
+        prompts.image_target(images[0]),
+        prompts.document_page(images[2]),
+        ["interleaved ", images[3], " words ", images[4]],
+        prompts.image_question_query(images[5], "Where?"),
+        "another text, a little longer than the first one",
+    ]
     alone = np.concatenate([embedder.encode([x]) for x in mixed])
     one_batch = embedder.encode(mixed, batch_tokens=100_000)
     many_batches = embedder.encode(mixed, batch_tokens=64)
@@ -109,8 +116,9 @@ def test_image_sources_are_equivalent(embedder, images, tmp_path):
     images[1].save(path)
     data = io.BytesIO()
     images[1].save(data, format="PNG")
-    out = embedder.encode([images[1], path, data.getvalue(), {"image": str(path)}, {"text": V, "image": images[1]},
-                           [images[1]]])
+    out = embedder.encode(
+        [images[1], path, data.getvalue(), {"image": str(path)}, {"text": V, "image": images[1]}, [images[1]]]
+    )
     np.testing.assert_allclose(out, np.broadcast_to(out[0], out.shape), atol=1e-6)
 
 
@@ -182,23 +190,26 @@ def test_from_pretrained_errors_and_hub_ids(checkpoint, tmp_path, monkeypatch):
     import huggingface_hub
 
     calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda name, allow_patterns: calls.append(name) or str(checkpoint))
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda name, allow_patterns: calls.append(name) or str(checkpoint)
+    )
     assert local_checkpoint("some-owner/some-model") == checkpoint and calls == ["some-owner/some-model"]
 
 
 def test_fp8_is_skipped_with_a_reason_on_cpu(checkpoint, caplog, embedder):
     with caplog.at_level(logging.WARNING):
-        fp8 = MocaEmbedder.from_pretrained(checkpoint, fp8=True, min_pixels=SMALL_MIN_PIXELS,
-                                           max_pixels=SMALL_MAX_PIXELS)
+        fp8 = MocaEmbedder.from_pretrained(
+            checkpoint, fp8=True, min_pixels=SMALL_MIN_PIXELS, max_pixels=SMALL_MAX_PIXELS
+        )
     assert "fp8: off (float8 needs CUDA" in caplog.text
     np.testing.assert_array_equal(fp8.encode("same weights"), embedder.encode("same weights"))
 
 
 @pytest.mark.slow
 def test_compiled_decoder_layers_give_the_same_embeddings(checkpoint, embedder):
-    compiled = MocaEmbedder.from_pretrained(checkpoint, compile=True, min_pixels=SMALL_MIN_PIXELS,
-                                            max_pixels=SMALL_MAX_PIXELS)
+    compiled = MocaEmbedder.from_pretrained(
+        checkpoint, compile=True, min_pixels=SMALL_MIN_PIXELS, max_pixels=SMALL_MAX_PIXELS
+    )
     texts = ["compiled once", "and run again on other lengths too"]
     np.testing.assert_allclose(compiled.encode(texts), embedder.encode(texts), atol=1e-5, rtol=0)
 
@@ -221,13 +232,19 @@ def test_sentence_transformers_keywords(embedder, images):
     np.testing.assert_array_equal(embedder.encode(texts, precision="binary"), quantize_embeddings(base, "binary"))
     assert embedder.encode(texts, precision="int8").dtype == np.int8
     # prompts: a template ("{}" takes the text), a plain prefix, or a name of the reference's instructions
-    np.testing.assert_allclose(embedder.encode(["a cat"], prompt=prompts.TEXT_TO_IMAGE_INSTRUCTION),
-                               embedder.encode([prompts.text_to_image_query("a cat")]), atol=1e-6)
-    np.testing.assert_allclose(embedder.encode(texts, prompt="query: "),
-                               embedder.encode(["query: " + t for t in texts]), atol=1e-6)
-    np.testing.assert_allclose(embedder.encode([a, {"text": "what?", "image": b}], prompt_name="image_question"),
-                               embedder.encode([prompts.image_question_query(a, ""), prompts.image_question_query(
-                                   b, "what?")]), atol=1e-6)
+    np.testing.assert_allclose(
+        embedder.encode(["a cat"], prompt=prompts.TEXT_TO_IMAGE_INSTRUCTION),
+        embedder.encode([prompts.text_to_image_query("a cat")]),
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        embedder.encode(texts, prompt="query: "), embedder.encode(["query: " + t for t in texts]), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        embedder.encode([a, {"text": "what?", "image": b}], prompt_name="image_question"),
+        embedder.encode([prompts.image_question_query(a, ""), prompts.image_question_query(b, "what?")]),
+        atol=1e-6,
+    )
     with pytest.raises(ValueError, match="unknown prompt_name 'nope'"):
         embedder.encode(texts, prompt_name="nope")
     scores = embedder.similarity(base, base[::-1])
@@ -238,11 +255,17 @@ def test_sentence_transformers_keywords(embedder, images):
 def test_query_and_document_instructions_follow_the_reference(embedder, images):
     a, b = images[0], images[1]
     queries = embedder.encode_query(["a plain query", {"text": "How many?", "image": a}, b])
-    np.testing.assert_allclose(queries, embedder.encode(["a plain query", prompts.image_question_query(a, "How many?"),
-                                                         prompts.image_target(b)]), atol=1e-6)
+    np.testing.assert_allclose(
+        queries,
+        embedder.encode(["a plain query", prompts.image_question_query(a, "How many?"), prompts.image_target(b)]),
+        atol=1e-6,
+    )
     documents = embedder.encode_document([a, "a text target", {"text": f"{V}a captioned image", "image": b}])
-    np.testing.assert_allclose(documents, embedder.encode([prompts.image_target(a), "a text target",
-                                                           {"text": f"{V}a captioned image", "image": b}]), atol=1e-6)
+    np.testing.assert_allclose(
+        documents,
+        embedder.encode([prompts.image_target(a), "a text target", {"text": f"{V}a captioned image", "image": b}]),
+        atol=1e-6,
+    )
     pages = embedder.encode_document([a], prompt_name="document_page")
     np.testing.assert_allclose(pages, embedder.encode([prompts.document_page(a)]), atol=1e-6)
 

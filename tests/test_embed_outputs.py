@@ -16,8 +16,13 @@ from moca_fast.integrations.transformers import make_bidirectional
 @pytest.fixture(scope="module")
 def inputs(make_image_module):
     # Not in cost order ("x" is the cheapest): packing reorders them, and the outputs must come back in this order.
-    return ["x", prompts.text_to_image_query("two red circles"), make_image_module(100, 150),
-            {"text": "What is shown?", "image": make_image_module(64, 90)}, "a plain text document"]
+    return [
+        "x",
+        prompts.text_to_image_query("two red circles"),
+        make_image_module(100, 150),
+        {"text": "What is shown?", "image": make_image_module(64, 90)},
+        "a plain text document",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +38,9 @@ def test_the_embedder_says_what_the_checkpoint_was_trained_for(multi_vector_embe
     assert embedder.multi_vector_dim is None and embedder.matryoshka_dims == ()
 
 
-def test_multi_vectors_are_transformers_hidden_states_through_the_saved_projection(multi_vector_checkpoint,
-                                                                                 multi_vector_embedder, inputs):
+def test_multi_vectors_are_transformers_hidden_states_through_the_saved_projection(
+    multi_vector_checkpoint, multi_vector_embedder, inputs
+):
     from transformers import Qwen2_5_VLModel
 
     vectors = multi_vector_embedder.encode(inputs, output="multi_vector")
@@ -45,8 +51,9 @@ def test_multi_vectors_are_transformers_hidden_states_through_the_saved_projecti
     processor = multi_vector_embedder.processor
     for i, item in enumerate(inputs):
         seq = encode_input(processor, as_input(item, f"input {i}"))
-        kwargs = dict(input_ids=seq.input_ids[None],
-                      mm_token_type_ids=(seq.input_ids == processor.image_token_id).long()[None])
+        kwargs = dict(
+            input_ids=seq.input_ids[None], mm_token_type_ids=(seq.input_ids == processor.image_token_id).long()[None]
+        )
         if seq.pixel_values.shape[0]:
             kwargs.update(pixel_values=seq.pixel_values, image_grid_thw=seq.image_grid_thw)
         with torch.no_grad():

@@ -17,8 +17,10 @@ def _write_metrics(folder, records):
 
 
 def test_plot_of_a_folder_of_runs(tmp_path, capsys):
-    _write_metrics(tmp_path / "cpt", [{"step": s, "loss": 7 - s / 10, "mlm": 6.5 - s / 10, "mae": 5.0 / s,
-                                       "lr": 1e-4 * s} for s in range(1, 11)])
+    _write_metrics(
+        tmp_path / "cpt",
+        [{"step": s, "loss": 7 - s / 10, "mlm": 6.5 - s / 10, "mae": 5.0 / s, "lr": 1e-4 * s} for s in range(1, 11)],
+    )
     _write_metrics(tmp_path / "cl", [{"step": s, "loss": 3 - s / 5, "lr": 1e-3} for s in range(1, 6)])
     assert list(find_runs(tmp_path)) == ["cl", "cpt"]
     assert main(["plot", str(tmp_path)]) == 0
@@ -33,6 +35,8 @@ def test_plot_of_a_folder_of_runs(tmp_path, capsys):
 
 
 def test_a_step_logged_twice_keeps_its_last_record(tmp_path):
-    _write_metrics(tmp_path / "run", [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 2, "loss": 3.5},
-                                      {"step": 3, "loss": 3.0}])
+    _write_metrics(
+        tmp_path / "run",
+        [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 2, "loss": 3.5}, {"step": 3, "loss": 3.0}],
+    )
     assert [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [5.0, 3.5, 3.0]

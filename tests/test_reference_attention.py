@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from bench import reference_attention
+from bench.reference_attention import use_varlen_attention, varlen_attention_forward
+from bench.reference_path import pad_sequences
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER as P
 from moca_fast.integrations.transformers import make_bidirectional
 from moca_fast.model.tiny import tiny_hf_config
-from bench.reference_attention import use_varlen_attention, varlen_attention_forward
-from bench.reference_path import pad_sequences
+
 
 def _per_row(q, k, v, lengths, scale):
     """fp64 softmax attention of each row's first `length` tokens among themselves: [B, L, Hq, D], zeros beyond."""
@@ -45,8 +46,15 @@ def test_padding_never_attends_nor_is_attended_and_rows_equal_an_fp64_softmax(at
     for actual, wanted, name in zip(grads, torch.autograd.grad(expected, (q64, k64, v64), grad.double()), "qkv"):
         torch.testing.assert_close(actual.double(), wanted, rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"d{n}: {m}")
     padded = ~mask[:, None, :, None]  # padded keys and values are never attended: huge values there change nothing
-    noisy = varlen_attention_forward(module, q.masked_fill(padded, 1e4), k.masked_fill(padded, 1e4),
-                                     v.masked_fill(padded, 1e4), mask, scaling=0.3, backend=attention_backend)[0]
+    noisy = varlen_attention_forward(
+        module,
+        q.masked_fill(padded, 1e4),
+        k.masked_fill(padded, 1e4),
+        v.masked_fill(padded, 1e4),
+        mask,
+        scaling=0.3,
+        backend=attention_backend,
+    )[0]
     assert torch.equal(noisy[mask], out[mask])
 
 
@@ -55,23 +63,28 @@ def test_causal_attention_is_refused():
     with pytest.raises(ValueError, match="asks for causal attention"):
         varlen_attention_forward(types.SimpleNamespace(is_causal=True), q, q, q, None, backend="sdpa")
     with pytest.raises(ValueError, match="asks for causal attention"):
-        varlen_attention_forward(types.SimpleNamespace(is_causal=False), q, q, q, None, is_causal=True,
-                                 backend="sdpa")
+        varlen_attention_forward(types.SimpleNamespace(is_causal=False), q, q, q, None, is_causal=True, backend="sdpa")
 
 
 def _padded_batch(processor, make_image):
-    sequences = [processor.encode(f"{P}a picture wider than tall, then words", [make_image(84, 168)], "wide"),
-                 processor.encode("text only, a few words", [], "text"),
-                 processor.encode(f"two {P} images {P} here", [make_image(140, 112), make_image(56, 56)], "two")]
+    sequences = [
+        processor.encode(f"{P}a picture wider than tall, then words", [make_image(84, 168)], "wide"),
+        processor.encode("text only, a few words", [], "text"),
+        processor.encode(f"two {P} images {P} here", [make_image(140, 112), make_image(56, 56)], "two"),
+    ]
     batch = pad_sequences(sequences, processor.tokenizer.pad_token_id)
     assert (batch.attention_mask == 0).any()
     return batch
 
 
 def _forward(model, batch, image_token_id):
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
-                 image_grid_thw=batch.image_grid_thw,
-                 mm_token_type_ids=(batch.input_ids == image_token_id).long()).last_hidden_state
+    return model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        pixel_values=batch.pixel_values,
+        image_grid_thw=batch.image_grid_thw,
+        mm_token_type_ids=(batch.input_ids == image_token_id).long(),
+    ).last_hidden_state
 
 
 def _bidirectional_model(tokenizer):
@@ -82,8 +95,9 @@ def _bidirectional_model(tokenizer):
 
 
 @pytest.mark.parametrize("oracle", ["sdpa", "eager"])
-def test_model_equals_transformers_bidirectional_attention_on_padded_input(tokenizer, processor, make_image,
-                                                                          attention_backend, oracle):
+def test_model_equals_transformers_bidirectional_attention_on_padded_input(
+    tokenizer, processor, make_image, attention_backend, oracle
+):
     reference = _bidirectional_model(tokenizer)
     reference.set_attn_implementation(oracle)
     model = copy.deepcopy(reference)
@@ -100,15 +114,18 @@ def test_model_equals_transformers_bidirectional_attention_on_padded_input(token
     mine = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     assert mine.keys() == grads.keys() and any("visual.blocks.0.attn" in name for name in grads)
     for name, grad in grads.items():
-        torch.testing.assert_close(mine[name], grad, rtol=0, atol=5e-6 * max(grad.abs().max().item(), 1e-3),
-                                   msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            mine[name], grad, rtol=0, atol=5e-6 * max(grad.abs().max().item(), 1e-3), msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def _windows(grid: torch.Tensor, config) -> int:
     """Vision windows of images with patch grids [I, 3]: windows of window_size pixels over the merged grid."""
     side = config.window_size // config.spatial_merge_size // config.patch_size
-    return sum(t * math.ceil(h // config.spatial_merge_size / side) * math.ceil(w // config.spatial_merge_size / side)
-               for t, h, w in grid.tolist())
+    return sum(
+        t * math.ceil(h // config.spatial_merge_size / side) * math.ceil(w // config.spatial_merge_size / side)
+        for t, h, w in grid.tolist()
+    )
 
 
 def test_one_attention_call_per_layer_with_every_vision_window_in_it(tokenizer, processor, make_image, monkeypatch):
@@ -143,6 +160,8 @@ def test_bf16_on_torch_varlen_attn_matches_transformers_fp32_sdpa(tokenizer, pro
     batch = _padded_batch(processor, make_image)
     mask = batch.attention_mask.unsqueeze(-1).float()
     with torch.no_grad():
-        pooled = [(_forward(m, b, model.config.image_token_id).float().cpu() * mask).sum(1) / mask.sum(1)
-                  for m, b in ((model, batch.to("cuda")), (reference, batch))]
+        pooled = [
+            (_forward(m, b, model.config.image_token_id).float().cpu() * mask).sum(1) / mask.sum(1)
+            for m, b in ((model, batch.to("cuda")), (reference, batch))
+        ]
     assert torch.nn.functional.cosine_similarity(*pooled, dim=-1).min() >= 0.999

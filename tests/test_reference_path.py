@@ -6,8 +6,7 @@ padding)."""
 import pytest
 import torch
 
-from bench.reference_path import (MAX_COST, PAD_MULTIPLE, ReferencePath, cost_buckets, pad_sequences,
-                                  sample_cost)
+from bench.reference_path import MAX_COST, PAD_MULTIPLE, ReferencePath, cost_buckets, pad_sequences, sample_cost
 from moca_fast.config import ModelSpec
 from moca_fast.data.batch import pack_sequences
 from moca_fast.data.masking import apply_mae, apply_mlm
@@ -46,21 +45,31 @@ def test_stage1_loss_and_gradients_equal_ours(model, processor, make_image, atte
     g = torch.Generator().manual_seed(0)
     proc = processor
     sequences = []
-    for i, (text, images) in enumerate([
-        (f"{P}a caption of the picture with a few words", [make_image(90, 120)]),
-        ("a text-only document that is a little longer than the others, words and more words", []),
-        (f"interleaved {P} text and {P} images", [make_image(60, 60), make_image(140, 84)]),
-    ]):
-        seq = apply_mlm(proc.encode(text, images, f"doc{i}"), mask_token_id=proc.mask_token_id,
-                        special_ids=proc.special_ids, rate=0.4, generator=g)
+    for i, (text, images) in enumerate(
+        [
+            (f"{P}a caption of the picture with a few words", [make_image(90, 120)]),
+            ("a text-only document that is a little longer than the others, words and more words", []),
+            (f"interleaved {P} text and {P} images", [make_image(60, 60), make_image(140, 84)]),
+        ]
+    ):
+        seq = apply_mlm(
+            proc.encode(text, images, f"doc{i}"),
+            mask_token_id=proc.mask_token_id,
+            special_ids=proc.special_ids,
+            rate=0.4,
+            generator=g,
+        )
         sequences.append(apply_mae(seq, image_token_id=proc.image_token_id, rate=0.5, generator=g))
     # A stage-1 head as the reference's checkpoints store it (mae_decoder.*, mae_proj.*), random: ours loads it
     # through the name table and computes in the same output layout, or the losses and gradients below differ.
-    tensors = {k: torch.randn_like(v) * 0.02 + (v if "norm" in k else 0)
-               for k, v in MaeHead.from_middle_layer(model).reference_state_dict().items()}
+    tensors = {
+        k: torch.randn_like(v) * 0.02 + (v if "norm" in k else 0)
+        for k, v in MaeHead.from_middle_layer(model).reference_state_dict().items()
+    }
     mae = MaeHead.from_reference(model, tensors)
-    reference = ReferencePath(to_transformers(model).train(), activation_checkpointing=True,
-                              attention_backend=attention_backend).with_mae(tensors)
+    reference = ReferencePath(
+        to_transformers(model).train(), activation_checkpointing=True, attention_backend=attention_backend
+    ).with_mae(tensors)
     assert reference.attention == f"flash_varlen_{attention_backend}"  # varlen, as flash_attention_2 runs it
 
     batch = pack_sequences(sequences, proc.image_token_id)
@@ -74,13 +83,24 @@ def test_stage1_loss_and_gradients_equal_ours(model, processor, make_image, atte
 
     torch.testing.assert_close(ref_mlm, ours_mlm, rtol=1e-5, atol=0)
     torch.testing.assert_close(ref_mae, ours_mae, rtol=1e-5, atol=0)
-    _assert_same_grads(_grads_by_hf_name(model), _grads(reference.hf.named_parameters()),
-                       ["model.language_model.embed_tokens.weight", "model.language_model.layers.0.mlp.up_proj.weight",
-                        "model.visual.blocks.0.attn.qkv.weight", "model.visual.merger.mlp.0.weight"])
-    _assert_same_grads(_grads(mae.named_parameters()),
-                       {**_grads(("layer." + n, p) for n, p in reference.mae_layer.named_parameters()),
-                        **_grads(("proj." + n, p) for n, p in reference.mae_proj.named_parameters())},
-                       ["layer.self_attn.q_proj.weight", "layer.mlp.down_proj.weight", "proj.weight", "proj.bias"])
+    _assert_same_grads(
+        _grads_by_hf_name(model),
+        _grads(reference.hf.named_parameters()),
+        [
+            "model.language_model.embed_tokens.weight",
+            "model.language_model.layers.0.mlp.up_proj.weight",
+            "model.visual.blocks.0.attn.qkv.weight",
+            "model.visual.merger.mlp.0.weight",
+        ],
+    )
+    _assert_same_grads(
+        _grads(mae.named_parameters()),
+        {
+            **_grads(("layer." + n, p) for n, p in reference.mae_layer.named_parameters()),
+            **_grads(("proj." + n, p) for n, p in reference.mae_proj.named_parameters()),
+        },
+        ["layer.self_attn.q_proj.weight", "layer.mlp.down_proj.weight", "proj.weight", "proj.bias"],
+    )
 
 
 def tokenizer_pad(processor) -> int:
@@ -89,17 +109,23 @@ def tokenizer_pad(processor) -> int:
 
 def test_stage2_loss_and_gradients_equal_ours(model, processor, make_image, attention_backend):
     proc = processor
-    queries = [proc.encode(f"{P}Represent the given image with the following question: what is it?\n",
-                           [make_image(80, 100)], "q0"),
-               proc.encode("Find me an everyday image that matches the given caption: two dots\n", [], "q1"),
-               proc.encode("a plain query", [], "q2")]
-    positives = [proc.encode("an answer", [], "p0"),
-                 proc.encode(f"{P}Represent the given image.\n", [make_image(70, 70)], "p1"),
-                 proc.encode("the positive text of the third query, longer than the rest", [], "p2")]
+    queries = [
+        proc.encode(
+            f"{P}Represent the given image with the following question: what is it?\n", [make_image(80, 100)], "q0"
+        ),
+        proc.encode("Find me an everyday image that matches the given caption: two dots\n", [], "q1"),
+        proc.encode("a plain query", [], "q2"),
+    ]
+    positives = [
+        proc.encode("an answer", [], "p0"),
+        proc.encode(f"{P}Represent the given image.\n", [make_image(70, 70)], "p1"),
+        proc.encode("the positive text of the third query, longer than the rest", [], "p2"),
+    ]
     negatives = [proc.encode(f"negative {i} {'words ' * i}", [], f"n{i}") for i in range(6)]
     temperature = 0.03
-    reference = ReferencePath(to_transformers(model).train(), activation_checkpointing=True,
-                              attention_backend=attention_backend)
+    reference = ReferencePath(
+        to_transformers(model).train(), activation_checkpointing=True, attention_backend=attention_backend
+    )
 
     class Roles:  # what contrastive_loss reads of a ContrastiveBatch
         num_pairs, num_negatives, duplicate_ids = 3, 2, None
@@ -108,14 +134,21 @@ def test_stage2_loss_and_gradients_equal_ours(model, processor, make_image, atte
     ours_loss = contrastive_loss(embed_pool(model(batch), batch.cu_seqlens), Roles, temperature, mask_duplicates=False)
     ours_loss.backward()
     pad = tokenizer_pad(proc)
-    ref_loss = reference.cl_loss(pad_sequences(queries, pad), pad_sequences(positives, pad),
-                                 pad_sequences(negatives, pad), temperature)
+    ref_loss = reference.cl_loss(
+        pad_sequences(queries, pad), pad_sequences(positives, pad), pad_sequences(negatives, pad), temperature
+    )
     ref_loss.backward()
 
     torch.testing.assert_close(ref_loss, ours_loss, rtol=1e-5, atol=0)
-    _assert_same_grads(_grads_by_hf_name(model), _grads(reference.hf.named_parameters()),
-                       ["model.language_model.embed_tokens.weight", "model.language_model.layers.1.self_attn.k_proj.weight",
-                        "model.visual.blocks.1.mlp.down_proj.weight"])
+    _assert_same_grads(
+        _grads_by_hf_name(model),
+        _grads(reference.hf.named_parameters()),
+        [
+            "model.language_model.embed_tokens.weight",
+            "model.language_model.layers.1.self_attn.k_proj.weight",
+            "model.visual.blocks.1.mlp.down_proj.weight",
+        ],
+    )
 
 
 def test_cost_buckets_group_similar_costs_under_the_budget():

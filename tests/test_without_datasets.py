@@ -10,14 +10,14 @@ import torch
 
 assert importlib.util.find_spec("datasets") is None  # the blocker holds
 try:
-    import datasets  # noqa: F401
+    import datasets
 except ImportError:
     pass
 else:
     raise AssertionError("datasets imported")
 
-import moca_fast.embed, moca_fast.eval.vidore, moca_fast.trainers.cpt, moca_fast.trainers.cl  # noqa: E401,F401
-from bench import embed, fused_kernels, train  # noqa: F401
+import moca_fast.embed, moca_fast.eval.vidore, moca_fast.trainers.cpt, moca_fast.trainers.cl
+from bench import embed, fused_kernels, train
 
 ours, reference = embed.embedders("tiny", torch.device("cpu"), torch.float32, workers=0, reference_batch=4,
                                   min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)

@@ -11,7 +11,8 @@ BLAKE2b-128 checksum).
 Everything is written into `step-NNNNNNN.tmp/` and flushed to disk, then the marker, then the folder is renamed
 into place. A checkpoint counts only when its marker is there; a file whose size or checksum differs from the
 marker's, or that fails to load, makes resume fall back to the previous complete checkpoint, naming the file. A
-disk that fills up during a write is one clear error (DiskFull); the half-written folder is deleted. Pruning deletes only this run's older complete checkpoints, each renamed to `*.deleting` first so a kill
+disk that fills up during a write is one clear error (DiskFull); the half-written folder is deleted. Pruning deletes
+only this run's older complete checkpoints, each renamed to `*.deleting` first so a kill
 mid-delete leaves nothing that looks complete. Sharded (FSDP2) models are gathered to full state dicts on rank 0
 with torch.distributed.checkpoint's state-dict API.
 """
@@ -33,9 +34,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ..checksums import file_checksum
 from ..integrations import write_sentence_transformers_config
@@ -89,9 +94,18 @@ def step_folder(root: Path, step: int) -> Path:
     return Path(root) / f"{PREFIX}{step:07d}"
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, *, model, extra: torch.nn.Module | None,
-                    optimizer: torch.optim.Optimizer, trainer_state: dict, identity: dict, processor=None,
-                    keep: int = 2) -> Path:
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    *,
+    model,
+    extra: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    identity: dict,
+    processor=None,
+    keep: int = 2,
+) -> Path:
     """Write step `step` atomically under `root` (collective under FSDP: every rank calls it). `identity` (run id,
     stage, config, data fingerprint) goes into the marker; then this run's checkpoints beyond the newest `keep` go."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -140,9 +154,11 @@ def out_of_space_named(tmp: Path, what: str):
         shutil.rmtree(tmp, ignore_errors=True)
         free = _free_bytes(tmp.parent)
         if getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < FULL_BYTES):
-            raise DiskFull(f"{what} could not be written to {tmp.parent}: the disk is full (ENOSPC, "
-                           f"{(free or 0) / 2**20:.0f} MiB free); nothing written was kept and earlier checkpoints "
-                           "are intact: free space, then continue with --resume") from None
+            raise DiskFull(
+                f"{what} could not be written to {tmp.parent}: the disk is full (ENOSPC, "
+                f"{(free or 0) / 2**20:.0f} MiB free); nothing written was kept and earlier checkpoints "
+                "are intact: free space, then continue with --resume"
+            ) from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -167,11 +183,14 @@ def verify_files(path: Path, manifest: dict) -> None:
         file = path / name
         actual = file.stat().st_size if file.is_file() else None
         if actual != size:
-            raise CheckpointError(f"{file}: {'missing' if actual is None else f'{actual} bytes'}, the marker "
-                                  f"records {size} bytes (truncated or replaced)")
+            raise CheckpointError(
+                f"{file}: {'missing' if actual is None else f'{actual} bytes'}, the marker "
+                f"records {size} bytes (truncated or replaced)"
+            )
         if name in checksums and file_checksum(file) != checksums[name]:
-            raise CheckpointError(f"{file}: its checksum differs from the marker's (the bytes changed since it was "
-                                  "written: corrupt)")
+            raise CheckpointError(
+                f"{file}: its checksum differs from the marker's (the bytes changed since it was written: corrupt)"
+            )
 
 
 def write_marker(folder: Path, manifest: dict) -> None:
@@ -203,7 +222,7 @@ def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX):].isdigit()]
+    found = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX) :].isdigit()]
     return sorted((p for p in found if (p / MARKER).is_file()), key=step_of)
 
 
@@ -212,11 +231,11 @@ def unmarked_checkpoints(root: str | os.PathLike) -> list[Path]:
     so these were left by an earlier moca_fast or changed by hand."""
     root = Path(root)
     found = root.glob(f"{PREFIX}*") if root.is_dir() else []
-    return sorted(p for p in found if p.is_dir() and p.name[len(PREFIX):].isdigit() and not (p / MARKER).is_file())
+    return sorted(p for p in found if p.is_dir() and p.name[len(PREFIX) :].isdigit() and not (p / MARKER).is_file())
 
 
 def step_of(path: Path) -> int:
-    return int(path.name[len(PREFIX):])
+    return int(path.name[len(PREFIX) :])
 
 
 def read_marker(path: Path) -> dict:
@@ -239,8 +258,10 @@ def read_checkpoint(path: Path, spec) -> Loaded:
     CheckpointError naming it."""
     manifest = read_marker(path)
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path / MARKER}: format {manifest.get('format')}, this moca_fast reads format "
-                              f"{FORMAT} (written by another version)")
+        raise CheckpointError(
+            f"{path / MARKER}: format {manifest.get('format')}, this moca_fast reads format "
+            f"{FORMAT} (written by another version)"
+        )
     verify_files(path, manifest)
 
     def read(name: str, load):
@@ -248,8 +269,11 @@ def read_checkpoint(path: Path, spec) -> Loaded:
             return load(path / name)
         except _READ_ERRORS as error:
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise CheckpointError(message if message.startswith(str(path))  # already names the file
-                                  else f"{path / name}: cannot be read: {message}") from error
+            raise CheckpointError(
+                message
+                if message.startswith(str(path))  # already names the file
+                else f"{path / name}: cannot be read: {message}"
+            ) from error
 
     with torch.device("meta"):  # the HF-layout weights go through the key table into a CPU copy first
         holder = MocaModel(spec)
@@ -257,21 +281,28 @@ def read_checkpoint(path: Path, spec) -> Loaded:
     weights = "master" if (path / "master").is_dir() else "model"  # fp32 when model/ holds less
     read(weights, lambda p: load_state_dict_into(holder, read_safetensors(p, "cpu"), source=str(p)))
     extra = read("extra.pt", lambda p: torch.load(p, weights_only=True)) if (path / "extra.pt").exists() else None
-    return Loaded(path, manifest, holder.state_dict(), extra,
-                  read("optimizer.pt", lambda p: torch.load(p, weights_only=False)),
-                  read("trainer_state.pt", lambda p: torch.load(p, weights_only=False)))
+    return Loaded(
+        path,
+        manifest,
+        holder.state_dict(),
+        extra,
+        read("optimizer.pt", lambda p: torch.load(p, weights_only=False)),
+        read("trainer_state.pt", lambda p: torch.load(p, weights_only=False)),
+    )
 
 
-def load_latest(root: str | os.PathLike, *, model, extra: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
-                check=None) -> Loaded | None:
+def load_latest(
+    root: str | os.PathLike, *, model, extra: torch.nn.Module | None, optimizer: torch.optim.Optimizer, check=None
+) -> Loaded | None:
     """Restore model, extra modules, optimizer and RNG from the newest complete checkpoint under `root` whose
     files all load (every rank agrees on which); None when there is none at all. `check(loaded)` may refuse it
     (by raising) before anything is restored. Returns what was loaded (its trainer state without the RNG).
     Corrupt and unmarked checkpoints are named in the log and skipped; when no other is left, CheckpointError lists
     them: a resume never silently starts over."""
     device = next(model.parameters()).device
-    failures = [f"{path}: no {MARKER} (an earlier moca_fast's, or changed by hand)"
-                for path in unmarked_checkpoints(root)]
+    failures = [
+        f"{path}: no {MARKER} (an earlier moca_fast's, or changed by hand)" for path in unmarked_checkpoints(root)
+    ]
     for problem in failures:
         log.warning("skipping checkpoint %s", problem)
     for path in reversed(complete_checkpoints(root)):

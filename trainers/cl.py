@@ -16,8 +16,8 @@ gradient as the pooled positives are (ranks hold different token counts).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -47,16 +47,24 @@ def pair_subsets(folder: str, tasks: tuple[str, ...] | None = None) -> dict[str,
     return {task: files[task] for task in tasks}
 
 
-def contrastive_loss(embeddings: torch.Tensor, batch: ContrastiveBatch, temperature: float,
-                     mask_duplicates: bool) -> torch.Tensor:
+def contrastive_loss(
+    embeddings: torch.Tensor, batch: ContrastiveBatch, temperature: float, mask_duplicates: bool
+) -> torch.Tensor:
     """InfoNCE of one rank's [queries; positives; negatives] embeddings, positives gathered over ranks."""
     b, r = batch.num_pairs, batch.num_negatives
-    queries, positives, negatives = embeddings[:b], embeddings[b:2 * b], embeddings[2 * b:]
+    queries, positives, negatives = embeddings[:b], embeddings[b : 2 * b], embeddings[2 * b :]
     all_positives = gather_with_grad(positives)
     targets = rank() * b + torch.arange(b, device=embeddings.device)
     duplicates = gather(batch.duplicate_ids) if mask_duplicates else None
-    return info_nce_loss(queries, all_positives, negatives.reshape(b, r, -1) if r else None, targets,
-                         temperature=temperature, normalize=False, duplicate_ids=duplicates)
+    return info_nce_loss(
+        queries,
+        all_positives,
+        negatives.reshape(b, r, -1) if r else None,
+        targets,
+        temperature=temperature,
+        normalize=False,
+        duplicate_ids=duplicates,
+    )
 
 
 def pooled_loss(embeddings: torch.Tensor, batch: ContrastiveBatch, config: TrainConfig) -> torch.Tensor:
@@ -64,9 +72,10 @@ def pooled_loss(embeddings: torch.Tensor, batch: ContrastiveBatch, config: Train
     if config.matryoshka_dims is None:
         return contrastive_loss(embeddings, batch, config.temperature, config.mask_duplicates)
     weights = config.matryoshka_weights or (1.0,) * len(config.matryoshka_dims)
-    return sum(weight * contrastive_loss(matryoshka_prefix(embeddings, dim), batch, config.temperature,
-                                         config.mask_duplicates)
-               for dim, weight in zip(config.matryoshka_dims, weights))
+    return sum(
+        weight * contrastive_loss(matryoshka_prefix(embeddings, dim), batch, config.temperature, config.mask_duplicates)
+        for dim, weight in zip(config.matryoshka_dims, weights)
+    )
 
 
 def cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
@@ -74,34 +83,42 @@ def cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int()
 
 
-def late_interaction_loss(tokens: torch.Tensor, lengths: torch.Tensor, batch: ContrastiveBatch, temperature: float,
-                          mask_duplicates: bool) -> torch.Tensor:
+def late_interaction_loss(
+    tokens: torch.Tensor, lengths: torch.Tensor, batch: ContrastiveBatch, temperature: float, mask_duplicates: bool
+) -> torch.Tensor:
     """Late-interaction InfoNCE of one rank's token vectors [T, D] of its [queries; positives; negatives]
     sequences (lengths [S] on the host): each query's MaxSim against every rank's positives and its own hard
     negatives, the positives' duplicates of its target masked as in `contrastive_loss`."""
     b, r = batch.num_pairs, batch.num_negatives
-    q_end, p_end = int(lengths[:b].sum()), int(lengths[:2 * b].sum())
+    q_end, p_end = int(lengths[:b].sum()), int(lengths[: 2 * b].sum())
     device = tokens.device
     lengths = lengths.to(device)
     all_positives, _ = gather_varlen_with_grad(tokens[q_end:p_end])
     targets = rank() * b + torch.arange(b, device=device)
     # The documents: every rank's positives, then this rank's hard negatives (r per query, in query order).
     documents = torch.cat([all_positives, tokens[p_end:]])
-    document_lengths = torch.cat([gather(lengths[b:2 * b]), lengths[2 * b:]])
+    document_lengths = torch.cat([gather(lengths[b : 2 * b]), lengths[2 * b :]])
     duplicate_mask = None
     if mask_duplicates:
         ids = gather(batch.duplicate_ids)
         duplicate_mask = torch.zeros((b, document_lengths.numel()), dtype=torch.bool, device=device)
-        duplicate_mask[:, :ids.numel()] = ids[None, :] == ids[targets][:, None]
-    return maxsim_info_nce(tokens[:q_end], cu_seqlens(lengths[:b]), documents, cu_seqlens(document_lengths), targets,
-                           temperature=temperature, negatives=r or None, duplicate_mask=duplicate_mask)
+        duplicate_mask[:, : ids.numel()] = ids[None, :] == ids[targets][:, None]
+    return maxsim_info_nce(
+        tokens[:q_end],
+        cu_seqlens(lengths[:b]),
+        documents,
+        cu_seqlens(document_lengths),
+        targets,
+        temperature=temperature,
+        negatives=r or None,
+        duplicate_mask=duplicate_mask,
+    )
 
 
 class ContrastiveFinetuning:
     """The Stage of trainers/loop.py for stage 2."""
 
-    def __init__(self, config: TrainConfig, model, processor, device: torch.device, rank_: int, world: int,
-                 pairs=None):
+    def __init__(self, config: TrainConfig, model, processor, device: torch.device, rank_: int, world: int, pairs=None):
         model.set_heads(config.multi_vector_dim, config.matryoshka_dims or ())
         self.config, self.device, self.spec = config, device, model.spec
         blocks = [*model.language_model.layers, *model.visual.blocks]
@@ -109,24 +126,51 @@ class ContrastiveFinetuning:
         if recompute == "auto":  # GradCache only where even full recompute does not fit
             plan = plan_run(config, model, None, processor, device, world)
             recompute, self.grad_cache_tokens = block_modes(plan, model, None), plan.grad_cache_tokens
-        self.state = parallelize(model, blocks, device=device, fp8_layers=model.language_model.layers if config.fp8
-                                 else None, activation_checkpointing=recompute, compile=config.compile,
-                                 world_size=world)
+        self.state = parallelize(
+            model,
+            blocks,
+            device=device,
+            fp8_layers=model.language_model.layers if config.fp8 else None,
+            activation_checkpointing=recompute,
+            compile=config.compile,
+            world_size=world,
+        )
         self.model, self.extra = model, None
-        pairs = pairs if pairs is not None else PairDataset(
-            pair_subsets(config.data, config.tasks), negative_ratio=config.negative_ratio, seed=config.seed,
-            skip_invalid=config.skip_invalid, allow_image_paths_outside=config.allow_image_paths_outside)
+        pairs = (
+            pairs
+            if pairs is not None
+            else PairDataset(
+                pair_subsets(config.data, config.tasks),
+                negative_ratio=config.negative_ratio,
+                seed=config.seed,
+                skip_invalid=config.skip_invalid,
+                allow_image_paths_outside=config.allow_image_paths_outside,
+            )
+        )
         if not config.task_homogeneous and len(set(pairs.negatives_per_task.values())) > 1:
-            raise ValueError(f"the tasks carry different numbers of hard negatives {pairs.negatives_per_task}, but "
-                             "batches mix tasks: set task_homogeneous: true, or give every task the same number")
+            raise ValueError(
+                f"the tasks carry different numbers of hard negatives {pairs.negatives_per_task}, but "
+                "batches mix tasks: set task_homogeneous: true, or give every task the same number"
+            )
         self.pairs = pairs
-        self.sampler = PairBatchSampler(pairs.tasks, config.pairs_per_rank, seed=config.seed, rank=rank_,
-                                        world_size=world, task_homogeneous=config.task_homogeneous)
+        self.sampler = PairBatchSampler(
+            pairs.tasks,
+            config.pairs_per_rank,
+            seed=config.seed,
+            rank=rank_,
+            world_size=world,
+            task_homogeneous=config.task_homogeneous,
+        )
         collator = ContrastiveCollator(processor, chunk_tokens=self.grad_cache_tokens)
         self.loader = torch.utils.data.DataLoader(
-            EncodedPairs(pairs, processor, skip_invalid=config.skip_invalid), batch_sampler=self.sampler,
-            collate_fn=collator, num_workers=config.num_workers, pin_memory=device.type == "cuda",
-            persistent_workers=config.num_workers > 0, worker_init_fn=stop_owned_by_main())
+            EncodedPairs(pairs, processor, skip_invalid=config.skip_invalid),
+            batch_sampler=self.sampler,
+            collate_fn=collator,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=config.num_workers > 0,
+            worker_init_fn=stop_owned_by_main(),
+        )
 
     def steps_per_epoch(self) -> int:
         return len(self.sampler.plan(0))
@@ -156,8 +200,9 @@ class ContrastiveFinetuning:
         pooled = pooled_loss(outputs[0], batch, self.config)
         if len(outputs) == 1:
             return pooled, {}
-        late = late_interaction_loss(outputs[1], lengths, batch, self.config.multi_vector_temperature,
-                                     self.config.mask_duplicates)
+        late = late_interaction_loss(
+            outputs[1], lengths, batch, self.config.multi_vector_temperature, self.config.mask_duplicates
+        )
         return pooled + self.config.multi_vector_weight * late, {"loss_pooled": pooled, "loss_multi_vector": late}
 
     def train_step(self, batch: ContrastiveBatch) -> dict[str, float]:
@@ -185,6 +230,7 @@ class ContrastiveFinetuning:
         losses = torch.stack([loss.detach(), *(part.detach() for part in parts.values())]).float()
         mean_losses = gather(losses[None]).mean(0).tolist()
         # Tokens and FLOPs of the whole step, every rank's (tokens/s and MFU are the job's, not rank 0's).
-        tokens, flops = all_reduce_sum(torch.tensor([batch.num_tokens, flops], dtype=torch.float64,
-                                                    device=self.device)).tolist()
+        tokens, flops = all_reduce_sum(
+            torch.tensor([batch.num_tokens, flops], dtype=torch.float64, device=self.device)
+        ).tolist()
         return {"loss": mean_losses[0], **dict(zip(parts, mean_losses[1:])), "tokens": tokens, "flops": flops}

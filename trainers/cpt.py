@@ -13,8 +13,8 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -38,17 +38,30 @@ def step_flops(spec, batch) -> float:
     return 3 * forward_flops(spec, batch) + 6 * batch.mlm_index.numel() * spec.text.hidden_size * spec.text.vocab_size
 
 
-def micro_batch_sampler(config: TrainConfig, lengths: list[int], costs: list[int], *, rank: int = 0,
-                        world_size: int = 1, sample_ids: list[str] | None = None,
-                        budget: int | None = None) -> TokenBudgetSampler:
+def micro_batch_sampler(
+    config: TrainConfig,
+    lengths: list[int],
+    costs: list[int],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    sample_ids: list[str] | None = None,
+    budget: int | None = None,
+) -> TokenBudgetSampler:
     """Stage-1 micro-batches of `budget` (default `tokens_per_micro_batch`; a memory plan's split divides it) in
     the units `micro_batch_budget` names: the samples' reference costs cut into the reference's buckets (a step
     holds its samples), or their lengths in tokens packed first-fit."""
     by_cost = config.micro_batch_budget == "reference_cost"
     budget = config.tokens_per_micro_batch if budget is None else budget
-    return TokenBudgetSampler(costs if by_cost else lengths, budget, seed=config.seed,
-                              rank=rank, world_size=world_size, sample_ids=sample_ids,
-                              cut="sorted" if by_cost else "first_fit")
+    return TokenBudgetSampler(
+        costs if by_cost else lengths,
+        budget,
+        seed=config.seed,
+        rank=rank,
+        world_size=world_size,
+        sample_ids=sample_ids,
+        cut="sorted" if by_cost else "first_fit",
+    )
 
 
 def initial_mae_head(model, checkpoint: str) -> MaeHead:
@@ -64,8 +77,9 @@ def initial_mae_head(model, checkpoint: str) -> MaeHead:
 class ContinualPretraining:
     """The Stage of trainers/loop.py for stage 1."""
 
-    def __init__(self, config: TrainConfig, model, processor, device: torch.device, rank: int, world: int,
-                 documents=None):
+    def __init__(
+        self, config: TrainConfig, model, processor, device: torch.device, rank: int, world: int, documents=None
+    ):
         self.config, self.device, self.spec = config, device, model.spec
         self.mae = initial_mae_head(model, config.model).to(device)
         blocks = [*model.language_model.layers, *model.visual.blocks, self.mae.layer]
@@ -74,25 +88,52 @@ class ContinualPretraining:
             plan = plan_run(config, model, self.mae, processor, device, world)
             recompute, self.splits = block_modes(plan, model, self.mae), plan.splits
         self.grad_accum, budget = config.grad_accum * self.splits, config.tokens_per_micro_batch // self.splits
-        self.state = parallelize(model, blocks, extra=self.mae, device=device,
-                                 fp8_layers=model.language_model.layers if config.fp8 else None,
-                                 activation_checkpointing=recompute, compile=config.compile, world_size=world)
+        self.state = parallelize(
+            model,
+            blocks,
+            extra=self.mae,
+            device=device,
+            fp8_layers=model.language_model.layers if config.fp8 else None,
+            activation_checkpointing=recompute,
+            compile=config.compile,
+            world_size=world,
+        )
         self.model, self.extra = model, self.mae
-        documents = documents if documents is not None else DocumentDataset(
-            config.data, skip_invalid=config.skip_invalid, allow_image_paths_outside=config.allow_image_paths_outside)
-        self.samples = MaskedDocuments(documents, processor, mlm_rate=config.mlm_rate, mae_rate=config.mae_rate,
-                                       seed=config.seed, skip_invalid=config.skip_invalid)
-        self.sampler = micro_batch_sampler(config, self.samples.lengths(), self.samples.reference_costs(), rank=rank,
-                                           world_size=world, sample_ids=self.samples.sample_ids(), budget=budget)
-        self.loader = packed_loader(self.samples, self.sampler, PackCollator(processor),
-                                    num_workers=config.num_workers)
+        documents = (
+            documents
+            if documents is not None
+            else DocumentDataset(
+                config.data,
+                skip_invalid=config.skip_invalid,
+                allow_image_paths_outside=config.allow_image_paths_outside,
+            )
+        )
+        self.samples = MaskedDocuments(
+            documents,
+            processor,
+            mlm_rate=config.mlm_rate,
+            mae_rate=config.mae_rate,
+            seed=config.seed,
+            skip_invalid=config.skip_invalid,
+        )
+        self.sampler = micro_batch_sampler(
+            config,
+            self.samples.lengths(),
+            self.samples.reference_costs(),
+            rank=rank,
+            world_size=world,
+            sample_ids=self.samples.sample_ids(),
+            budget=budget,
+        )
+        self.loader = packed_loader(self.samples, self.sampler, PackCollator(processor), num_workers=config.num_workers)
         self.world = world
 
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.sampler.plan(0)) / self.world / self.grad_accum)
 
     def step_inputs(self, epoch: int, start: int) -> Iterator[list]:
-        """Groups of `grad_accum` micro-batches (times the memory plan's splits) (the last group of an epoch may be shorter); the sampler's padding
+        """Groups of `grad_accum` micro-batches (times the memory plan's splits) (the last group of an epoch may be
+        shorter); the sampler's padding
         micro-batches (see data/packing.py) come marked, so they add nothing to the loss."""
         first = start * self.grad_accum
         self.sampler.set_epoch(epoch, first)
@@ -115,8 +156,10 @@ class ContinualPretraining:
         return hashlib.blake2b(data, digest_size=16).hexdigest()
 
     def train_step(self, micro_batches: list) -> dict[str, float]:
-        counts = torch.tensor([[0, 0] if b.padding else [b.mlm_index.numel(), b.mae_index.numel()]
-                               for b in micro_batches], dtype=torch.float64)
+        counts = torch.tensor(
+            [[0, 0] if b.padding else [b.mlm_index.numel(), b.mae_index.numel()] for b in micro_batches],
+            dtype=torch.float64,
+        )
         totals = all_reduce_sum(counts.sum(0).to(self.device)).clamp(min=1)
         world = world_size()
         parts = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -138,5 +181,10 @@ class ContinualPretraining:
         # Losses, tokens and FLOPs of the whole step, every rank's (tokens/s and MFU are the job's, not rank 0's).
         work = torch.tensor([tokens, flops], dtype=torch.float64, device=self.device)
         mlm_value, mae_value, tokens, flops = all_reduce_sum(torch.cat([parts, work])).tolist()
-        return {"loss": mlm_value + self.config.mae_weight * mae_value, "mlm": mlm_value, "mae": mae_value,
-                "tokens": tokens, "flops": flops}
+        return {
+            "loss": mlm_value + self.config.mae_weight * mae_value,
+            "mlm": mlm_value,
+            "mae": mae_value,
+            "tokens": tokens,
+            "flops": flops,
+        }

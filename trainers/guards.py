@@ -29,7 +29,7 @@ class StopSignals:
     def __init__(self, device: torch.device):
         self.device, self.received, self._previous = device, 0, {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
@@ -60,5 +60,7 @@ def nonfinite_problem(step: int, loss: float, grad_norm: float, sample_ids: list
     return f"step {step}: non-finite loss {loss} / gradient norm {grad_norm} on the samples [{shown}]"
 
 
-NONFINITE_ADVICE = ("the update was not applied and nothing from this step was saved. Lower the learning rate, check "
-                    "those samples, or set skip_nonfinite: true to skip such steps (counted)")
+NONFINITE_ADVICE = (
+    "the update was not applied and nothing from this step was saved. Lower the learning rate, check "
+    "those samples, or set skip_nonfinite: true to skip such steps (counted)"
+)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -62,17 +63,27 @@ class Progress:
     skipped: int = 0  # updates skipped for a non-finite loss or gradient norm
 
     @classmethod
-    def restored(cls, trainer_state: dict) -> "Progress":
-        return cls(trainer_state["step"], trainer_state["epoch"], trainer_state["position"],
-                   trainer_state.get("skipped", 0))
+    def restored(cls, trainer_state: dict) -> Progress:
+        return cls(
+            trainer_state["step"], trainer_state["epoch"], trainer_state["position"], trainer_state.get("skipped", 0)
+        )
 
     def advance(self) -> None:
         """Count one optimizer step taken."""
         self.step, self.position = self.step + 1, self.position + 1
 
 
-def train(config: TrainConfig, stage: Stage, *, processor=None, device: torch.device, resume: bool = False,
-          overwrite: bool = False, allow_config_change: bool = False, stop_after: int | None = None) -> list[dict]:
+def train(
+    config: TrainConfig,
+    stage: Stage,
+    *,
+    processor=None,
+    device: torch.device,
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    stop_after: int | None = None,
+) -> list[dict]:
     """Run `stage` for the configured epochs / max_steps; returns the logged records of this process. A
     finished run leaves its model (HF layout, `processor`'s tokenizer and settings beside it) in `output_dir/final`.
 
@@ -89,8 +100,12 @@ def train(config: TrainConfig, stage: Stage, *, processor=None, device: torch.de
         truncate_metrics(output / "metrics.jsonl", training.progress.step)
     if loaded is not None and training.progress.step >= training.total:
         if rank() == 0:
-            log.info("the run had finished at step %d: rewriting %s from %s", training.progress.step,
-                     output / "final", loaded.path)
+            log.info(
+                "the run had finished at step %d: rewriting %s from %s",
+                training.progress.step,
+                output / "final",
+                loaded.path,
+            )
             export_final(loaded.path, output)
         return []
     end = min(training.total, stop_after) if stop_after is not None else training.total
@@ -122,10 +137,15 @@ class Training:
 
     def _load_latest(self, allow_config_change: bool) -> Loaded | None:
         changes = []
-        loaded = load_latest(self.output / "checkpoints", model=self.stage.model, extra=self.stage.extra,
-                             optimizer=self.optimizer,
-                             check=lambda loaded: changes.extend(check_resume(
-                                 loaded.manifest, self.identity, loaded.path, allow_changes=allow_config_change)))
+        loaded = load_latest(
+            self.output / "checkpoints",
+            model=self.stage.model,
+            extra=self.stage.extra,
+            optimizer=self.optimizer,
+            check=lambda loaded: changes.extend(
+                check_resume(loaded.manifest, self.identity, loaded.path, allow_changes=allow_config_change)
+            ),
+        )
         if loaded is None:
             return None
         self.scheduler.load_state_dict(loaded.trainer_state["scheduler"])
@@ -133,17 +153,28 @@ class Training:
             apply_optimizer_settings(self.optimizer, self.scheduler, self.config)
         self.progress = Progress.restored(loaded.trainer_state)
         self.identity["run"] = loaded.manifest["run"]
-        log.info("resumed from %s at step %d (epoch %d, position %d)", loaded.path, self.progress.step,
-                 self.progress.epoch, self.progress.position)
+        log.info(
+            "resumed from %s at step %d (epoch %d, position %d)",
+            loaded.path,
+            self.progress.step,
+            self.progress.epoch,
+            self.progress.position,
+        )
         return loaded
 
     def run(self, end: int, device: torch.device) -> list[dict]:
         """Take optimizer steps up to step `end`; returns their logged records."""
         peak = device_peak_flops(device)  # one device's; the logged tokens and FLOPs are every rank's
-        metrics = MetricsLogger(self.output / "metrics.jsonl", self.total, self.progress.step, enabled=rank() == 0,
-                                peak_flops=peak * world_size() if peak else None)
-        tensorboard = (TensorBoardWriter(self.output / "tensorboard") if self.config.tensorboard and rank() == 0
-                       else None)
+        metrics = MetricsLogger(
+            self.output / "metrics.jsonl",
+            self.total,
+            self.progress.step,
+            enabled=rank() == 0,
+            peak_flops=peak * world_size() if peak else None,
+        )
+        tensorboard = (
+            TensorBoardWriter(self.output / "tensorboard") if self.config.tensorboard and rank() == 0 else None
+        )
         records = []
         try:
             with StopSignals(device) as signals:
@@ -178,8 +209,9 @@ class Training:
         if math.isfinite(values["loss"]) and math.isfinite(grad_norm):
             self.optimizer.step()
         else:
-            self.skip_update(nonfinite_problem(self.progress.step + 1, values["loss"], grad_norm,
-                                               self.stage.sample_ids(inputs)))
+            self.skip_update(
+                nonfinite_problem(self.progress.step + 1, values["loss"], grad_norm, self.stage.sample_ids(inputs))
+            )
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         values["grad_norm"] = grad_norm
@@ -193,12 +225,20 @@ class Training:
         progress.skipped += 1
         log.warning("skipped the update (%d so far): %s", progress.skipped, problem)
         if progress.skipped > config.max_skipped_fraction * self.total:
-            raise TrainingStopped(f"{problem}; {progress.skipped} of the run's {self.total} updates skipped, more "
-                                  f"than max_skipped_fraction {config.max_skipped_fraction} allows: "
-                                  "the run is not training. Lower the learning rate or check the data")
+            raise TrainingStopped(
+                f"{problem}; {progress.skipped} of the run's {self.total} updates skipped, more "
+                f"than max_skipped_fraction {config.max_skipped_fraction} allows: "
+                "the run is not training. Lower the learning rate or check the data"
+            )
 
-    def after_step(self, values: dict, end: int, metrics: MetricsLogger, tensorboard: TensorBoardWriter | None,
-                   signals: StopSignals) -> dict:
+    def after_step(
+        self,
+        values: dict,
+        end: int,
+        metrics: MetricsLogger,
+        tensorboard: TensorBoardWriter | None,
+        signals: StopSignals,
+    ) -> dict:
         """Log the step just taken (returns its record), save a checkpoint every `checkpoint_every` steps and at
         `end`, and stop the run, saved, when a signal asks (TrainingStopped)."""
         step = self.progress.step
@@ -214,17 +254,30 @@ class Training:
         if signum and step < end:
             if not saved:
                 self.save()
-            raise TrainingStopped(f"stopped by signal {signum} after step {step} of {self.total}; its "
-                                  "checkpoint is written: continue with --resume", StopSignals.exit_code(signum))
+            raise TrainingStopped(
+                f"stopped by signal {signum} after step {step} of {self.total}; its "
+                "checkpoint is written: continue with --resume",
+                StopSignals.exit_code(signum),
+            )
         return record
 
     def save(self) -> Path:
         """A checkpoint of the step just taken; once the run is complete, also its model alone in `final/`."""
-        saved = save_checkpoint(self.output / "checkpoints", self.progress.step, model=self.stage.model,
-                                extra=self.stage.extra, optimizer=self.optimizer, processor=self.processor,
-                                keep=self.config.keep_checkpoints, identity=self.identity,
-                                trainer_state={**asdict(self.progress), "scheduler": self.scheduler.state_dict(),
-                                               "cpu_threads": torch.get_num_threads()})
+        saved = save_checkpoint(
+            self.output / "checkpoints",
+            self.progress.step,
+            model=self.stage.model,
+            extra=self.stage.extra,
+            optimizer=self.optimizer,
+            processor=self.processor,
+            keep=self.config.keep_checkpoints,
+            identity=self.identity,
+            trainer_state={
+                **asdict(self.progress),
+                "scheduler": self.scheduler.state_dict(),
+                "cpu_threads": torch.get_num_threads(),
+            },
+        )
         if self.progress.step == self.total and rank() == 0:  # finished: the model alone, in the HF layout
             export_final(saved, self.output)
         return saved

@@ -65,8 +65,14 @@ class MetricsLogger:
     """Appends one JSON object per logged step to `path` and drives a tqdm progress bar (rank 0 only). The values'
     tokens and FLOPs are the whole job's; `peak_flops` is then the job's peak (one device's x ranks)."""
 
-    def __init__(self, path: str | Path | None, total_steps: int, initial_step: int = 0, enabled: bool = True,
-                 peak_flops: float | None = None):
+    def __init__(
+        self,
+        path: str | Path | None,
+        total_steps: int,
+        initial_step: int = 0,
+        enabled: bool = True,
+        peak_flops: float | None = None,
+    ):
         self.enabled = enabled
         self.peak_flops = peak_flops
         self.path = Path(path) if path is not None and enabled else None
@@ -94,8 +100,11 @@ class MetricsLogger:
             if self.path is not None:
                 with self.path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()
-                     if k in ("loss", "mlm", "mae", "tokens_per_s", "mfu", "max_memory_gb")}
+            shown = {
+                k: (f"{v:.4g}" if isinstance(v, float) else v)
+                for k, v in record.items()
+                if k in ("loss", "mlm", "mae", "tokens_per_s", "mfu", "max_memory_gb")
+            }
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(1)
         return record

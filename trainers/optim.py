@@ -7,8 +7,9 @@ import math
 import torch
 
 
-def warmup_linear_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
-                        ) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_linear_decay(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = math.ceil(total_steps * warmup_ratio)
 
     def factor(step: int) -> float:

@@ -42,8 +42,10 @@ def prepare_output(output: Path, *, resume: bool, overwrite: bool, is_main: bool
         raise ValueError(f"output_dir {output} is a file, not a folder")
     found = [name for name in RUN_OUTPUTS if (output / name).exists()]
     if found and not (resume or overwrite):
-        raise ValueError(f"output_dir {output} already holds a run ({', '.join(found)}); pass --resume to continue "
-                         "it or --overwrite to replace it")
+        raise ValueError(
+            f"output_dir {output} already holds a run ({', '.join(found)}); pass --resume to continue "
+            "it or --overwrite to replace it"
+        )
     if is_main:
         if overwrite and found:
             log.info("--overwrite: deleting %s under %s", ", ".join(found), output)
@@ -73,21 +75,29 @@ def check_resume(manifest: dict, current: dict, path: Path, *, allow_changes: bo
     """The differences between the checkpoint's run and this one, as 'name: old -> new'; raises ValueError on
     another stage, or on any difference unless `allow_changes` (then each is logged as applied)."""
     if manifest.get("stage") != current["stage"]:
-        raise ValueError(f"{path} is a checkpoint of stage {manifest.get('stage')!r}, this run is stage "
-                         f"{current['stage']!r}: resume it with its own stage, or start this run in a new output_dir")
+        raise ValueError(
+            f"{path} is a checkpoint of stage {manifest.get('stage')!r}, this run is stage "
+            f"{current['stage']!r}: resume it with its own stage, or start this run in a new output_dir"
+        )
     changes = []
     if manifest.get("config_digest") != current["config_digest"]:
         saved, now = manifest.get("config", {}), current["config"]
-        changes += [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-                    if saved.get(k) != now.get(k)]
+        changes += [
+            f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+            for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)
+        ]
     if manifest.get("data") != current["data"]:
         changes.append(f"data fingerprint: {manifest.get('data')} -> {current['data']} (other samples)")
     if changes and not allow_changes:
-        raise ValueError(f"the run differs from its checkpoint {path}: {'; '.join(changes)}. Resume with the "
-                         "original config and data, or pass --allow-config-change to apply the changes")
+        raise ValueError(
+            f"the run differs from its checkpoint {path}: {'; '.join(changes)}. Resume with the "
+            "original config and data, or pass --allow-config-change to apply the changes"
+        )
     for change in changes:
-        log.warning("resuming %s with a change (applied; the run no longer equals an uninterrupted one): %s",
-                    path.name, change)
+        log.warning(
+            "resuming %s with a change (applied; the run no longer equals an uninterrupted one): %s", path.name, change
+        )
     return changes
 
 
@@ -96,8 +106,12 @@ def apply_optimizer_settings(optimizer, scheduler, config: TrainConfig) -> None:
     checkpoint's); the schedule's shape already follows the config's length."""
     scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
     for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group.update(initial_lr=config.lr, lr=config.lr * factor(scheduler.last_epoch),
-                     betas=tuple(config.betas), weight_decay=config.weight_decay)
+        group.update(
+            initial_lr=config.lr,
+            lr=config.lr * factor(scheduler.last_epoch),
+            betas=tuple(config.betas),
+            weight_decay=config.weight_decay,
+        )
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 

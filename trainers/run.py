@@ -15,15 +15,31 @@ from .setup import build_model, build_processor, build_tokenizer, start
 log = logging.getLogger(__name__)
 
 
-def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False,
-        stop_after: int | None = None, documents=None, pairs=None) -> list[dict]:
+def run(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    stop_after: int | None = None,
+    documents=None,
+    pairs=None,
+) -> list[dict]:
     """Train stage `config.stage`; `documents` / `pairs` replace the configured data source (tests). See
     trainers/loop.py for `resume`, `overwrite` and `allow_config_change`."""
     device, rank, world = start(config)
     try:
-        records = _run(config, device, rank, world, documents=documents, pairs=pairs,
-                       options=dict(resume=resume, overwrite=overwrite, allow_config_change=allow_config_change,
-                                    stop_after=stop_after))
+        records = _run(
+            config,
+            device,
+            rank,
+            world,
+            documents=documents,
+            pairs=pairs,
+            options=dict(
+                resume=resume, overwrite=overwrite, allow_config_change=allow_config_change, stop_after=stop_after
+            ),
+        )
     except TrainingStopped:  # every rank stops at the same step: leave together
         finish_distributed()
         raise

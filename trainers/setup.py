@@ -32,8 +32,9 @@ def build_tokenizer(config: TrainConfig):
     if not generated:
         model = Path(config.model)
         if not model.is_dir():
-            raise FileNotFoundError(f"model {config.model}: no such directory (expected a local Qwen2.5-VL "
-                                    "checkpoint directory)")
+            raise FileNotFoundError(
+                f"model {config.model}: no such directory (expected a local Qwen2.5-VL checkpoint directory)"
+            )
         if any((model / name).is_file() for name in TOKENIZER_FILES):
             if config.tokenizer is not None and Path(config.tokenizer) != model:
                 log.info("tokenizer: the model directory's (%s), not %s", model, config.tokenizer)
@@ -41,23 +42,26 @@ def build_tokenizer(config: TrainConfig):
     if config.tokenizer == TINY or (config.tokenizer is None and generated):
         return tiny_tokenizer()
     if config.tokenizer is None:
-        raise FileNotFoundError(f"model {config.model}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
-                                "name a tokenizer directory with `tokenizer:`")
+        raise FileNotFoundError(
+            f"model {config.model}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+            "name a tokenizer directory with `tokenizer:`"
+        )
     if not Path(config.tokenizer).is_dir():
         raise FileNotFoundError(f"tokenizer {config.tokenizer}: no such directory")
     return load_tokenizer(config.tokenizer)
 
 
 def build_processor(config: TrainConfig, tokenizer) -> Processor:
-    return Processor(tokenizer, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
-                     max_length=config.max_length)
+    return Processor(
+        tokenizer, min_pixels=config.min_pixels, max_pixels=config.max_pixels, max_length=config.max_length
+    )
 
 
 def generated_hf_config(name: str, tokenizer):
     """The transformers config of a generated model: `tiny`, `random:3b` or `random:7b`."""
     from ..model.tiny import reference_hf_config, tiny_hf_config
 
-    return tiny_hf_config(tokenizer) if name == TINY else reference_hf_config(name[len(RANDOM):], tokenizer)
+    return tiny_hf_config(tokenizer) if name == TINY else reference_hf_config(name[len(RANDOM) :], tokenizer)
 
 
 def build_model(config: TrainConfig, tokenizer, device: torch.device) -> MocaModel:
@@ -68,8 +72,9 @@ def build_model(config: TrainConfig, tokenizer, device: torch.device) -> MocaMod
 
         torch.manual_seed(config.seed)
         with torch.device(device):
-            model = MocaModel(ModelSpec.from_hf_config(generated_hf_config(config.model, tokenizer)),
-                              config.attention_backend)
+            model = MocaModel(
+                ModelSpec.from_hf_config(generated_hf_config(config.model, tokenizer)), config.attention_backend
+            )
         return model.init_weights()
     return load_pretrained(config.model, dtype=torch.float32, device=device, attention_backend=config.attention_backend)
 

@@ -69,7 +69,8 @@ def export_stage1(step: str | os.PathLike, output: str | os.PathLike) -> Path:
             index = json.loads((tmp / "model.safetensors.index.json").read_text())
             index["weight_map"].update(dict.fromkeys(head, HEAD_FILE))
             index.setdefault("metadata", {})["total_size"] = index.get("metadata", {}).get("total_size", 0) + sum(
-                t.numel() * t.element_size() for t in head.values())
+                t.numel() * t.element_size() for t in head.values()
+            )
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         os.replace(tmp, output)
     return output

@@ -11,8 +11,9 @@ class TensorBoardWriter:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:
-            raise ImportError("tensorboard: true needs the tensorboard package: "
-                              "pip install 'moca-fast[tensorboard]'") from error
+            raise ImportError(
+                "tensorboard: true needs the tensorboard package: pip install 'moca-fast[tensorboard]'"
+            ) from error
         self.writer = SummaryWriter(str(log_dir))
 
     def log(self, record: dict) -> None:

@@ -52,10 +52,10 @@ class PackedBatch:
     def num_sequences(self) -> int:
         return self.cu_seqlens.numel() - 1
 
-    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+    def to(self, device, non_blocking: bool = False) -> PackedBatch:
         return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
-    def pin_memory(self) -> "PackedBatch":
+    def pin_memory(self) -> PackedBatch:
         return map_tensors(self, lambda t: t.pin_memory())
 
 
@@ -64,13 +64,20 @@ def map_tensors(obj, fn):
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if dataclasses.is_dataclass(obj):
-        return dataclasses.replace(obj, **{f.name: map_tensors(getattr(obj, f.name), fn)
-                                           for f in dataclasses.fields(obj)})
+        return dataclasses.replace(
+            obj, **{f.name: map_tensors(getattr(obj, f.name), fn) for f in dataclasses.fields(obj)}
+        )
     return obj
 
 
-def pack_sequences(sequences: list[EncodedSequence], image_token_id: int, *, spatial_merge_size: int = 2,
-                   window_size: int = 112, patch_size: int = 14) -> PackedBatch:
+def pack_sequences(
+    sequences: list[EncodedSequence],
+    image_token_id: int,
+    *,
+    spatial_merge_size: int = 2,
+    window_size: int = 112,
+    patch_size: int = 14,
+) -> PackedBatch:
     """Concatenate encoded sequences into one PackedBatch, validating each; errors name the sample."""
     if not sequences:
         raise ValueError("cannot pack an empty list of sequences")
@@ -119,13 +126,17 @@ def validate_sequence(seq: EncodedSequence, image_token_id: int, merge_unit: int
     if seq.input_ids.ndim != 1 or seq.input_ids.numel() == 0:
         raise ValueError(f"{name}: empty sequence")
     if seq.position_ids.shape != (3, seq.input_ids.numel()):
-        raise ValueError(f"{name}: position_ids {tuple(seq.position_ids.shape)} do not match "
-                         f"{seq.input_ids.numel()} tokens (expected (3, {seq.input_ids.numel()}))")
+        raise ValueError(
+            f"{name}: position_ids {tuple(seq.position_ids.shape)} do not match "
+            f"{seq.input_ids.numel()} tokens (expected (3, {seq.input_ids.numel()}))"
+        )
     grids = seq.image_grid_thw.reshape(-1, 3)
     n_patches = int(grids.prod(-1).sum())
     if seq.pixel_values.shape[0] != n_patches:
         raise ValueError(f"{name}: {seq.pixel_values.shape[0]} patch rows but the image grids need {n_patches}")
     n_image_tokens = int((seq.input_ids == image_token_id).sum())
     if n_image_tokens * merge_unit != n_patches:
-        raise ValueError(f"{name}: token/patch count mismatch: {n_image_tokens} image tokens need "
-                         f"{n_image_tokens * merge_unit} patches, got {n_patches}")
+        raise ValueError(
+            f"{name}: token/patch count mismatch: {n_image_tokens} image tokens need "
+            f"{n_image_tokens * merge_unit} patches, got {n_patches}"
+        )

@@ -10,8 +10,8 @@ rank is left out and counted in the log, never silently.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -28,15 +28,24 @@ log = logging.getLogger(__name__)
 class PairBatchSampler:
     """Batch sampler over pair indices: fixed-size global batches, optionally one task per batch."""
 
-    def __init__(self, tasks: Sequence[str], pairs_per_rank: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, task_homogeneous: bool = False):
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        pairs_per_rank: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        task_homogeneous: bool = False,
+    ):
         self.tasks, self.pairs_per_rank = list(tasks), pairs_per_rank
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.task_homogeneous = task_homogeneous
         self.epoch, self.start = 0, 0
         if len(self.plan(0)) == 0:
-            raise ValueError(f"{len(self.tasks)} pairs cannot fill one global batch of "
-                             f"{pairs_per_rank * world_size} pairs")
+            raise ValueError(
+                f"{len(self.tasks)} pairs cannot fill one global batch of {pairs_per_rank * world_size} pairs"
+            )
 
     def plan(self, epoch: int) -> list[list[int]]:
         size = self.pairs_per_rank * self.world_size
@@ -45,7 +54,7 @@ class PairBatchSampler:
             batches = task_batches(self.tasks, size, seed=seed)
         else:
             order = torch.randperm(len(self.tasks), generator=torch.Generator().manual_seed(seed)).tolist()
-            batches = [order[i:i + size] for i in range(0, len(order), size)]
+            batches = [order[i : i + size] for i in range(0, len(order), size)]
         full = [b for b in batches if len(b) == size]
         left_out = sum(len(b) for b in batches) - size * len(full)
         if left_out:
@@ -57,8 +66,8 @@ class PairBatchSampler:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         lo = self.rank * self.pairs_per_rank
-        for batch in self.plan(self.epoch)[self.start:]:
-            yield [(self.epoch, i) for i in batch[lo:lo + self.pairs_per_rank]]
+        for batch in self.plan(self.epoch)[self.start :]:
+            yield [(self.epoch, i) for i in batch[lo : lo + self.pairs_per_rank]]
 
     def __len__(self) -> int:
         return len(self.plan(self.epoch)) - self.start
@@ -95,8 +104,12 @@ class EncodedPairs(Dataset):
     def _encode(self, index: int) -> EncodedPair:
         pair = self.pairs[index]
         negatives = [self.encode_side(n, f"{pair.id}/neg{k}") for k, n in enumerate(pair.negatives)]
-        return EncodedPair(self.encode_side(pair.query, f"{pair.id}/qry"),
-                           self.encode_side(pair.positive, f"{pair.id}/pos"), negatives, pair.positive)
+        return EncodedPair(
+            self.encode_side(pair.query, f"{pair.id}/qry"),
+            self.encode_side(pair.positive, f"{pair.id}/pos"),
+            negatives,
+            pair.positive,
+        )
 
 
 @dataclass
@@ -112,13 +125,18 @@ class ContrastiveBatch:
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
 
-    def to(self, device, non_blocking: bool = False) -> "ContrastiveBatch":
-        return ContrastiveBatch([c.to(device, non_blocking) for c in self.chunks], self.num_pairs,
-                                self.num_negatives, self.duplicate_ids.to(device, non_blocking=non_blocking))
+    def to(self, device, non_blocking: bool = False) -> ContrastiveBatch:
+        return ContrastiveBatch(
+            [c.to(device, non_blocking) for c in self.chunks],
+            self.num_pairs,
+            self.num_negatives,
+            self.duplicate_ids.to(device, non_blocking=non_blocking),
+        )
 
-    def pin_memory(self) -> "ContrastiveBatch":
-        return ContrastiveBatch([c.pin_memory() for c in self.chunks], self.num_pairs, self.num_negatives,
-                                self.duplicate_ids.pin_memory())
+    def pin_memory(self) -> ContrastiveBatch:
+        return ContrastiveBatch(
+            [c.pin_memory() for c in self.chunks], self.num_pairs, self.num_negatives, self.duplicate_ids.pin_memory()
+        )
 
 
 class ContrastiveCollator:
@@ -130,10 +148,11 @@ class ContrastiveCollator:
     def __call__(self, pairs: list[EncodedPair]) -> ContrastiveBatch:
         counts = {len(p.negatives) for p in pairs}
         if len(counts) > 1:
-            raise ValueError(f"pairs {[p.query.sample_id for p in pairs][:4]}... carry different numbers of hard "
-                             f"negatives {sorted(counts)}; use task-homogeneous batches or one negative ratio")
-        sequences = ([p.query for p in pairs] + [p.positive for p in pairs]
-                     + [n for p in pairs for n in p.negatives])
+            raise ValueError(
+                f"pairs {[p.query.sample_id for p in pairs][:4]}... carry different numbers of hard "
+                f"negatives {sorted(counts)}; use task-homogeneous batches or one negative ratio"
+            )
+        sequences = [p.query for p in pairs] + [p.positive for p in pairs] + [n for p in pairs for n in p.negatives]
         chunks, current, tokens = [], [], 0
         for seq in sequences:
             if current and self.chunk_tokens is not None and tokens + len(seq) > self.chunk_tokens:
@@ -143,6 +162,14 @@ class ContrastiveCollator:
             tokens += len(seq)
         chunks.append(current)
         proc = self.processor
-        packed = [pack_sequences(c, proc.image_token_id, spatial_merge_size=proc.spatial_merge_size,
-                                 window_size=self.window_size, patch_size=proc.patch_size) for c in chunks]
+        packed = [
+            pack_sequences(
+                c,
+                proc.image_token_id,
+                spatial_merge_size=proc.spatial_merge_size,
+                window_size=self.window_size,
+                patch_size=proc.patch_size,
+            )
+            for c in chunks
+        ]
         return ContrastiveBatch(packed, len(pairs), counts.pop(), target_ids([p.positive_side for p in pairs]))

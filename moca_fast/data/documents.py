@@ -61,8 +61,10 @@ def open_rows(source: str | Path, *, split: str = "train") -> datasets.Dataset:
     try:
         import datasets  # only reading from files needs it (rows in memory do not)
     except ImportError as error:
-        raise ImportError(f"{source}: reading data files needs the `datasets` package, which cannot be imported here "
-                          f"({error}); pip install datasets") from None
+        raise ImportError(
+            f"{source}: reading data files needs the `datasets` package, which cannot be imported here "
+            f"({error}); pip install datasets"
+        ) from None
 
     path = Path(source)
     if not path.exists():
@@ -100,16 +102,24 @@ def resolve_image_path(path: str, image_dir: Path | None, allow_outside: bool = 
         return path
     joined, root = os.path.abspath(image_dir / path), os.path.abspath(image_dir)
     if not allow_outside and os.path.commonpath([joined, root]) != root:
-        raise ValueError(f"image path {path!r} leaves the image folder {image_dir} (set allow_image_paths_outside "
-                         "to allow it)")
+        raise ValueError(
+            f"image path {path!r} leaves the image folder {image_dir} (set allow_image_paths_outside to allow it)"
+        )
     return str(image_dir / path)
 
 
 class DocumentDataset(torch.utils.data.Dataset):
     """Map-style dataset of validated `Document`s; `skipped` counts the rows left out, per reason."""
 
-    def __init__(self, source: str | Path, *, split: str = "train", image_dir: str | Path | None = None,
-                 skip_invalid: bool = False, allow_image_paths_outside: bool = False):
+    def __init__(
+        self,
+        source: str | Path,
+        *,
+        split: str = "train",
+        image_dir: str | Path | None = None,
+        skip_invalid: bool = False,
+        allow_image_paths_outside: bool = False,
+    ):
         rows = open_rows(source, split=split)
         missing = [name for name in ("text", "images") if name not in rows.column_names]
         if missing:
@@ -141,17 +151,24 @@ class DocumentDataset(torch.utils.data.Dataset):
 
         def detail(row: int) -> tuple[str, str]:
             reason = next(name for name, rows in problems.items() if rows[row])
-            return reason, (f"sample {self._sample_id(row, ids[row])}: {reason}"
-                            + (f" (text has {n_placeholders[row]} image placeholders, {n_images[row]} images)"
-                               if reason.startswith("placeholder") else ""))
+            return reason, (
+                f"sample {self._sample_id(row, ids[row])}: {reason}"
+                + (
+                    f" (text has {n_placeholders[row]} image placeholders, {n_images[row]} images)"
+                    if reason.startswith("placeholder")
+                    else ""
+                )
+            )
 
         if not skip_invalid:
-            raise ValueError(f"{detail(int(np.argmax(invalid)))[1]} in {self._source}; pass skip_invalid=True to "
-                             "skip such samples")
+            raise ValueError(
+                f"{detail(int(np.argmax(invalid)))[1]} in {self._source}; pass skip_invalid=True to skip such samples"
+            )
         for row in np.flatnonzero(invalid).tolist():
             self.skipped.add(*detail(row))
-        log.warning("skipped %d of %d documents in %s: %s", int(invalid.sum()), len(table), self._source,
-                    dict(self.skipped))
+        log.warning(
+            "skipped %d of %d documents in %s: %s", int(invalid.sum()), len(table), self._source, dict(self.skipped)
+        )
         return np.flatnonzero(~invalid)
 
     def __len__(self) -> int:

@@ -21,8 +21,9 @@ MAX_PIXELS = 1024 * 28 * 28
 MAX_ASPECT_RATIO = 200
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MIN_PIXELS,
-                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> tuple[int, int]:
     """Height and width rounded to multiples of `factor`, scaled so their product lies in the pixel budget."""
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
         raise ValueError(f"aspect ratio of a {width}x{height} image exceeds {MAX_ASPECT_RATIO}")
@@ -41,15 +42,23 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MI
     return h_bar, w_bar
 
 
-def resized_size(width: int, height: int, factor: int = 28, min_pixels: int = MIN_PIXELS,
-                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+def resized_size(
+    width: int, height: int, factor: int = 28, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> tuple[int, int]:
     """(height, width) an image of this size is resized to; a side under `factor` is first raised to it
     (as the reference's processor does), then smart-resize applies."""
     return smart_resize(max(height, factor), max(width, factor), factor, min_pixels, max_pixels)
 
 
-def image_to_patches(image: Image.Image, *, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2,
-                     min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def image_to_patches(
+    image: Image.Image,
+    *,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """One RGB image -> (pixel patch rows [t*h*w, 3*tp*p*p] float32, patch grid (t, h, w))."""
     factor = patch_size * merge_size
     image = to_rgb(image)
@@ -68,8 +77,17 @@ def image_to_patches(image: Image.Image, *, patch_size: int = 14, merge_size: in
     channels = pixels.shape[0]
     gh, gw = h_bar // patch_size, w_bar // patch_size
     frames = pixels.unsqueeze(0).expand(temporal_patch_size, -1, -1, -1)  # a still image fills both frames
-    patches = frames.reshape(1, temporal_patch_size, channels, gh // merge_size, merge_size, patch_size,
-                             gw // merge_size, merge_size, patch_size)
+    patches = frames.reshape(
+        1,
+        temporal_patch_size,
+        channels,
+        gh // merge_size,
+        merge_size,
+        patch_size,
+        gw // merge_size,
+        merge_size,
+        patch_size,
+    )
     patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     rows = patches.reshape(gh * gw, channels * temporal_patch_size * patch_size * patch_size)
     return rows.contiguous(), (1, gh, gw)

@@ -56,8 +56,9 @@ def open_image(source, sample_id: str) -> Image.Image:
     try:
         return Image.open(stream)
     except UnidentifiedImageError:  # its own message shows the stream object (<_io.BytesIO object at 0x...>)
-        raise ValueError(f"sample {sample_id}: cannot decode {_describe(source)}: not an image format Pillow "
-                         "reads") from None
+        raise ValueError(
+            f"sample {sample_id}: cannot decode {_describe(source)}: not an image format Pillow reads"
+        ) from None
     except _DECODE_ERRORS as error:
         raise ValueError(f"sample {sample_id}: cannot decode {_describe(source)}: {error}") from error
 

@@ -11,7 +11,7 @@ import atexit
 import copy
 import logging
 import signal
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -40,8 +40,16 @@ class MaskedDocuments(Dataset):
     images fail to decode when used raises naming it, or with `skip_invalid` is replaced by the next document
     that decodes (logged), cut to its length so that the micro-batch stays within the token budget."""
 
-    def __init__(self, documents: Sequence[Document], processor: Processor, *, mlm_rate: float = 0.4,
-                 mae_rate: float = 0.5, seed: int = 0, skip_invalid: bool = False):
+    def __init__(
+        self,
+        documents: Sequence[Document],
+        processor: Processor,
+        *,
+        mlm_rate: float = 0.4,
+        mae_rate: float = 0.5,
+        seed: int = 0,
+        skip_invalid: bool = False,
+    ):
         if processor.mask_token_id is None:
             raise ValueError("the tokenizer has no <|mask|> token; stage 1 needs one (load_tokenizer adds it)")
         self.documents, self.processor = documents, processor
@@ -80,8 +88,14 @@ class MaskedDocuments(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> EncodedSequence:
         epoch, index = key
-        return load_or_stand_in(lambda i: self._masked(epoch, i, self._lengths[index]), index,
-                                after(index, len(self)), skip=self.skip_invalid, log=log, what="document")
+        return load_or_stand_in(
+            lambda i: self._masked(epoch, i, self._lengths[index]),
+            index,
+            after(index, len(self)),
+            skip=self.skip_invalid,
+            log=log,
+            what="document",
+        )
 
     def _masked(self, epoch: int, index: int, room: int) -> EncodedSequence:
         """Document `index` encoded (cut to `room` tokens: only a stand-in is ever cut) and masked."""
@@ -91,10 +105,16 @@ class MaskedDocuments(Dataset):
             proc.max_length = room
         seq = proc.encode(doc.text, doc.load_images(), doc.id)
         generator = sample_generator(self.seed, epoch, index)
-        seq = apply_mlm(seq, mask_token_id=proc.mask_token_id, special_ids=proc.special_ids, rate=self.mlm_rate,
-                        generator=generator)
-        return apply_mae(seq, image_token_id=proc.image_token_id, rate=self.mae_rate, generator=generator,
-                         merge_unit=proc.spatial_merge_size**2)
+        seq = apply_mlm(
+            seq, mask_token_id=proc.mask_token_id, special_ids=proc.special_ids, rate=self.mlm_rate, generator=generator
+        )
+        return apply_mae(
+            seq,
+            image_token_id=proc.image_token_id,
+            rate=self.mae_rate,
+            generator=generator,
+            merge_unit=proc.spatial_merge_size**2,
+        )
 
 
 class PackCollator:
@@ -106,8 +126,13 @@ class PackCollator:
         self.window_size = window_size
 
     def __call__(self, sequences: list[EncodedSequence]) -> PackedBatch:
-        return pack_sequences(sequences, self.image_token_id, spatial_merge_size=self.spatial_merge_size,
-                              window_size=self.window_size, patch_size=self.patch_size)
+        return pack_sequences(
+            sequences,
+            self.image_token_id,
+            spatial_merge_size=self.spatial_merge_size,
+            window_size=self.window_size,
+            patch_size=self.patch_size,
+        )
 
 
 def _kill_daemonic_children() -> None:
@@ -140,13 +165,27 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def packed_loader(dataset: Dataset, sampler: TokenBudgetSampler, collator: PackCollator, *, num_workers: int = 0,
-                  prefetch_factor: int = 4, pin_memory: bool | None = None) -> DataLoader:
+def packed_loader(
+    dataset: Dataset,
+    sampler: TokenBudgetSampler,
+    collator: PackCollator,
+    *,
+    num_workers: int = 0,
+    prefetch_factor: int = 4,
+    pin_memory: bool | None = None,
+) -> DataLoader:
     """A DataLoader of PackedBatches; pins memory when CUDA is there (so host-to-device copies overlap)."""
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
-                      prefetch_factor=prefetch_factor if num_workers else None, pin_memory=pin,
-                      persistent_workers=num_workers > 0, worker_init_fn=stop_owned_by_main())
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collator,
+        num_workers=num_workers,
+        prefetch_factor=prefetch_factor if num_workers else None,
+        pin_memory=pin,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=stop_owned_by_main(),
+    )
 
 
 def one_line_errors(batches: Iterable) -> Iterator:

@@ -16,20 +16,23 @@ import torch
 from .processor import EncodedSequence
 
 
-def apply_mlm(seq: EncodedSequence, *, mask_token_id: int, special_ids: torch.Tensor, rate: float,
-              generator: torch.Generator) -> EncodedSequence:
+def apply_mlm(
+    seq: EncodedSequence, *, mask_token_id: int, special_ids: torch.Tensor, rate: float, generator: torch.Generator
+) -> EncodedSequence:
     """Replace text tokens by the mask id; records `mlm_positions` (in the sequence) and `mlm_labels`."""
     eligible = ~torch.isin(seq.input_ids, special_ids)
     chosen = eligible & (torch.rand(seq.input_ids.shape, generator=generator) < rate)
     positions = torch.nonzero(chosen).flatten()
     input_ids = seq.input_ids.clone()
     input_ids[positions] = mask_token_id
-    return dataclasses.replace(seq, input_ids=input_ids, mlm_positions=positions,
-                               mlm_labels=seq.input_ids[positions].clone())
+    return dataclasses.replace(
+        seq, input_ids=input_ids, mlm_positions=positions, mlm_labels=seq.input_ids[positions].clone()
+    )
 
 
-def apply_mae(seq: EncodedSequence, *, image_token_id: int, rate: float, generator: torch.Generator,
-              merge_unit: int = 4) -> EncodedSequence:
+def apply_mae(
+    seq: EncodedSequence, *, image_token_id: int, rate: float, generator: torch.Generator, merge_unit: int = 4
+) -> EncodedSequence:
     """Noise the patches of round(rate * n) merged tokens per image; records `mae_positions` and `mae_targets`.
 
     `mae_positions` are token rows in the sequence (where the MAE head reads hidden states); `mae_targets`

@@ -14,7 +14,7 @@ the trainer records that, not the sampler, because a DataLoader prefetches ahead
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -49,9 +49,19 @@ class TokenBudgetSampler:
     whatever the budget counts (tokens, or reference_cost units); `cut` is "first_fit" (fullest micro-batches)
     or "sorted" (the reference's buckets)."""
 
-    def __init__(self, lengths: Sequence[int], budget: int, *, seed: int = 0, shuffle: bool = True,
-                 bucket_size: int = 4096, rank: int = 0, world_size: int = 1,
-                 sample_ids: Sequence[str] | None = None, cut: str = "first_fit"):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        budget: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        bucket_size: int = 4096,
+        rank: int = 0,
+        world_size: int = 1,
+        sample_ids: Sequence[str] | None = None,
+        cut: str = "first_fit",
+    ):
         if cut not in ("first_fit", "sorted"):
             raise ValueError(f"unknown cut {cut!r}: use 'first_fit' or 'sorted'")
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
@@ -61,8 +71,10 @@ class TokenBudgetSampler:
         if too_long:
             i = too_long[0]
             name = sample_ids[i] if sample_ids is not None else str(i)
-            raise ValueError(f"sample {name} has {int(self.lengths[i])} tokens, more than the token budget "
-                             f"{budget} ({len(too_long)} such samples); raise the budget or lower max_length")
+            raise ValueError(
+                f"sample {name} has {int(self.lengths[i])} tokens, more than the token budget "
+                f"{budget} ({len(too_long)} such samples); raise the budget or lower max_length"
+            )
         self.budget, self.seed, self.shuffle, self.cut = budget, seed, shuffle, cut
         self.bucket_size, self.rank, self.world_size = bucket_size, rank, world_size
         self.epoch, self.start = 0, 0
@@ -75,8 +87,9 @@ class TokenBudgetSampler:
         batches = []
         for bucket in order.split(self.bucket_size):
             if self.cut == "sorted":
-                batches.extend([[int(bucket[i]) for i in run]
-                                for run in plan_batches(self.lengths[bucket].tolist(), self.budget)])
+                batches.extend(
+                    [[int(bucket[i]) for i in run] for run in plan_batches(self.lengths[bucket].tolist(), self.budget)]
+                )
             else:
                 batches.extend(self._first_fit_decreasing(bucket))
         if self.shuffle:
@@ -88,7 +101,7 @@ class TokenBudgetSampler:
         repeats of the plan's first batches) and how many of them are real; every rank gets as many."""
         plan = self.plan(epoch)
         padded = plan + [plan[k % len(plan)] for k in range(-len(plan) % self.world_size)]
-        return padded[self.rank::self.world_size], len(plan[self.rank::self.world_size])
+        return padded[self.rank :: self.world_size], len(plan[self.rank :: self.world_size])
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Iterate epoch `epoch`, skipping this rank's first `start` batches (a resume position)."""
@@ -97,9 +110,16 @@ class TokenBudgetSampler:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         batches, real = self.rank_batches(self.epoch)
         if real < len(batches):
-            log.info("epoch %d, rank %d: the batches do not divide over %d ranks; the last %d of this rank's %d are "
-                     "padding (weight zero)", self.epoch, self.rank, self.world_size, len(batches) - real, len(batches))
-        for batch in batches[self.start:]:
+            log.info(
+                "epoch %d, rank %d: the batches do not divide over %d ranks; the last %d of this rank's %d are "
+                "padding (weight zero)",
+                self.epoch,
+                self.rank,
+                self.world_size,
+                len(batches) - real,
+                len(batches),
+            )
+        for batch in batches[self.start :]:
             yield [(self.epoch, i) for i in batch]
 
     def __len__(self) -> int:

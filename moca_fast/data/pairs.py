@@ -78,8 +78,10 @@ def parse_string_list(value, where: str) -> list[str]:
             node = ast.parse(value.strip() or "[]", mode="eval").body
         except (SyntaxError, ValueError) as error:
             raise ValueError(f"{where}: not a list literal: {value[:80]!r}") from error
-        if not (isinstance(node, ast.List)
-                and all(isinstance(item, ast.Constant) and isinstance(item.value, str) for item in node.elts)):
+        if not (
+            isinstance(node, ast.List)
+            and all(isinstance(item, ast.Constant) and isinstance(item.value, str) for item in node.elts)
+        ):
             raise ValueError(f"{where}: only a list of string literals is accepted, got {value[:80]!r}")
         return [item.value for item in node.elts]
     if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
@@ -96,13 +98,22 @@ def mmeb_text(text, image_path, where: str) -> tuple[str, str | None]:
     if not image_path:
         return text.replace(IMAGE_PLACEHOLDER, ""), None
     if text.count(IMAGE_PLACEHOLDER) != 1:
-        raise ValueError(f"{where} has an image, but its text has {text.count(IMAGE_PLACEHOLDER)} image markers "
-                         "instead of 1")
+        raise ValueError(
+            f"{where} has an image, but its text has {text.count(IMAGE_PLACEHOLDER)} image markers instead of 1"
+        )
     return text, image_path
 
 
-def pair_from_row(row: Mapping, *, row_id: str, task: str, image_dir: Path | None = None,
-                  negative_ratio: int = NEGATIVE_RATIO, seed: int = 0, allow_outside: bool = False) -> Pair:
+def pair_from_row(
+    row: Mapping,
+    *,
+    row_id: str,
+    task: str,
+    image_dir: Path | None = None,
+    negative_ratio: int = NEGATIVE_RATIO,
+    seed: int = 0,
+    allow_outside: bool = False,
+) -> Pair:
     """Normalise one reference-format row; every error names `row_id`. Image paths must stay in `image_dir`
     unless `allow_outside`."""
     where = f"row {row_id}"
@@ -120,9 +131,13 @@ def pair_from_row(row: Mapping, *, row_id: str, task: str, image_dir: Path | Non
             raise ValueError(f"{where}: the {role}: {error}") from error
 
     negatives = _hard_negatives(row, where, row_id, negative_ratio, seed) if negative_ratio > 0 else []
-    return Pair(row_id, task, side(row["qry"], row["qry_image_path"], "query"),
-                side(row["pos_text"], row["pos_image_path"], "positive"),
-                [side(text, path, f"negative {k}") for k, (text, path) in enumerate(negatives)])
+    return Pair(
+        row_id,
+        task,
+        side(row["qry"], row["qry_image_path"], "query"),
+        side(row["pos_text"], row["pos_image_path"], "positive"),
+        [side(text, path, f"negative {k}") for k, (text, path) in enumerate(negatives)],
+    )
 
 
 def _hard_negatives(row: Mapping, where: str, row_id: str, ratio: int, seed: int) -> list[tuple[str, str]]:
@@ -151,9 +166,17 @@ class PairDataset(torch.utils.data.Dataset):
     reason in `skipped`. `negatives_per_task` gives each task's count; `fingerprint` digests the pairs and the bytes
     of every image they name (read once, when the dataset opens)."""
 
-    def __init__(self, subsets: Mapping[str, str | Path | Sequence[Mapping]], *, split: str = "train",
-                 image_dir: str | Path | None = None, negative_ratio: int = NEGATIVE_RATIO, seed: int = 0,
-                 skip_invalid: bool = False, allow_image_paths_outside: bool = False):
+    def __init__(
+        self,
+        subsets: Mapping[str, str | Path | Sequence[Mapping]],
+        *,
+        split: str = "train",
+        image_dir: str | Path | None = None,
+        negative_ratio: int = NEGATIVE_RATIO,
+        seed: int = 0,
+        skip_invalid: bool = False,
+        allow_image_paths_outside: bool = False,
+    ):
         self.negative_ratio, self.seed, self.allow_outside = negative_ratio, seed, allow_image_paths_outside
         self._subsets = []
         for task, source in subsets.items():  # rows in memory need no reader (nor `datasets`)
@@ -186,8 +209,13 @@ class PairDataset(torch.utils.data.Dataset):
                 if count == most:
                     self._index.append((k, r))
                 else:
-                    self._invalid(source, "no hard negatives", f"row {task}#{r}: no hard negatives, but the other "
-                                  f"rows of task {task!r} have {most} (a batch needs one count)", skip_invalid)
+                    self._invalid(
+                        source,
+                        "no hard negatives",
+                        f"row {task}#{r}: no hard negatives, but the other "
+                        f"rows of task {task!r} have {most} (a batch needs one count)",
+                        skip_invalid,
+                    )
             if kept:
                 self.negatives_per_task[task] = most
             else:
@@ -199,14 +227,24 @@ class PairDataset(torch.utils.data.Dataset):
             digest.update(f"{path}\0{file_checksum(path)}".encode())
         self.fingerprint = digest.hexdigest()
         if self.skipped:
-            log.warning("skipped %d invalid pairs of %d: %s", self.skipped.total(),
-                        self.skipped.total() + len(self._index), dict(self.skipped))
+            log.warning(
+                "skipped %d invalid pairs of %d: %s",
+                self.skipped.total(),
+                self.skipped.total() + len(self._index),
+                dict(self.skipped),
+            )
 
     def _pair(self, k: int, row: int, record: Mapping | None = None) -> Pair:
         task, _, rows, image_dir = self._subsets[k]
-        return pair_from_row(rows[row] if record is None else record, row_id=f"{task}#{row}", task=task,
-                             image_dir=image_dir, negative_ratio=self.negative_ratio, seed=self.seed,
-                             allow_outside=self.allow_outside)
+        return pair_from_row(
+            rows[row] if record is None else record,
+            row_id=f"{task}#{row}",
+            task=task,
+            image_dir=image_dir,
+            negative_ratio=self.negative_ratio,
+            seed=self.seed,
+            allow_outside=self.allow_outside,
+        )
 
     def _invalid(self, source, reason: str, detail: str, skip: bool) -> None:
         if not skip:
@@ -223,8 +261,11 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 def _check_images_exist(pair: Pair) -> None:
-    for role, side in [("query", pair.query), ("positive", pair.positive),
-                       *((f"negative {k}", n) for k, n in enumerate(pair.negatives))]:
+    for role, side in [
+        ("query", pair.query),
+        ("positive", pair.positive),
+        *((f"negative {k}", n) for k, n in enumerate(pair.negatives)),
+    ]:
         if side.image is not None and not os.path.isfile(side.image):
             raise ValueError(f"row {pair.id}: the {role}: image file not found: {side.image}")
 
@@ -243,7 +284,7 @@ def task_batches(tasks: Sequence[str], batch_size: int, *, seed: int) -> list[li
     batches = []
     for task in sorted(by_task):
         indices = [by_task[task][k] for k in torch.randperm(len(by_task[task]), generator=generator).tolist()]
-        batches += [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+        batches += [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
     return [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
 
 
@@ -253,6 +294,7 @@ def target_ids(targets: Sequence[Side]) -> torch.Tensor:
 
     A 64-bit digest of the content, not a first-seen counter, so ids agree across ranks and processes: the
     contrastive loss compares them after gathering every rank's targets."""
+
     def digest(side: Side) -> int:
         hasher = hashlib.blake2b(side.text.encode(), digest_size=8)
         if side.image is not None:

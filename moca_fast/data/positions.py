@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 
 
-def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_token_id: int,
-                       spatial_merge_size: int = 2) -> torch.Tensor:
+def mrope_position_ids(
+    input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_token_id: int, spatial_merge_size: int = 2
+) -> torch.Tensor:
     """M-RoPE (t, h, w) position ids [3, L] of one unpadded sequence.
 
     Text tokens advance all three axes by one. An image block of t x h' x w' merged tokens (h' = h / merge)
@@ -71,8 +72,9 @@ class VisionLayout:
     max_seqlen: int
 
 
-def vision_layout(image_grid_thw: torch.Tensor, spatial_merge_size: int = 2, window_size: int = 112,
-                  patch_size: int = 14) -> VisionLayout:
+def vision_layout(
+    image_grid_thw: torch.Tensor, spatial_merge_size: int = 2, window_size: int = 112, patch_size: int = 14
+) -> VisionLayout:
     """Window order, rotary coordinates and varlen bounds for images with patch grids [I, 3] (t, h, w)."""
     merge = spatial_merge_size
     unit = merge * merge

@@ -66,16 +66,26 @@ class SequenceSize:
 class Processor:
     """Tokenizer + Qwen2.5-VL image preprocessing with the reference's pixel budget (256..1024 tokens/image)."""
 
-    def __init__(self, tokenizer, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
-                 max_length: int | None = None, patch_size: int = 14, spatial_merge_size: int = 2,
-                 temporal_patch_size: int = 2):
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        min_pixels: int = MIN_PIXELS,
+        max_pixels: int = MAX_PIXELS,
+        max_length: int | None = None,
+        patch_size: int = 14,
+        spatial_merge_size: int = 2,
+        temporal_patch_size: int = 2,
+    ):
         self.tokenizer = tokenizer
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.max_length = max_length
         self.patch_size = patch_size
         self.spatial_merge_size = spatial_merge_size
         self.temporal_patch_size = temporal_patch_size
-        ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in (VISION_START_TOKEN, VISION_END_TOKEN, IMAGE_PAD_TOKEN)}
+        ids = {
+            tok: tokenizer.convert_tokens_to_ids(tok) for tok in (VISION_START_TOKEN, VISION_END_TOKEN, IMAGE_PAD_TOKEN)
+        }
         missing = [tok for tok, i in ids.items() if i is None or i == tokenizer.unk_token_id]
         if missing:
             raise ValueError(f"tokenizer lacks the special tokens {missing}")
@@ -85,8 +95,13 @@ class Processor:
         mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
         self.mask_token_id = None if mask_id in (None, tokenizer.unk_token_id) else mask_id
         # Never MLM-masked: every special token, the image tokens and the mask itself.
-        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids) | set(ids.values())
-                                               | ({mask_id} if self.mask_token_id is not None else set())))
+        self.special_ids = torch.tensor(
+            sorted(
+                set(tokenizer.all_special_ids)
+                | set(ids.values())
+                | ({mask_id} if self.mask_token_id is not None else set())
+            )
+        )
         self._recent_ids: dict[str, torch.Tensor] = {}  # short pieces tokenised lately: see _token_ids
         self._recent_lock = threading.Lock()  # the server prepares requests in several threads
 
@@ -103,16 +118,21 @@ class Processor:
         self.tokenizer.save_pretrained(path)
         if self.max_length is not None:
             config = json.loads((path / "tokenizer_config.json").read_text())
-            (path / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": self.max_length},
-                                                                   indent=2))
+            (path / "tokenizer_config.json").write_text(
+                json.dumps({**config, "model_max_length": self.max_length}, indent=2)
+            )
         # The PIL backend: it needs no torchvision and writes image_processor_type "Qwen2VLImageProcessor", which
         # AutoImageProcessor loads with whichever backend is installed.
         from transformers import Qwen2VLImageProcessorPil
 
-        image = Qwen2VLImageProcessorPil(size={"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
-                                         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
-                                         patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
-                                         merge_size=self.spatial_merge_size)
+        image = Qwen2VLImageProcessorPil(
+            size={"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            image_mean=list(CLIP_MEAN),
+            image_std=list(CLIP_STD),
+            patch_size=self.patch_size,
+            temporal_patch_size=self.temporal_patch_size,
+            merge_size=self.spatial_merge_size,
+        )
         image.min_pixels, image.max_pixels = self.min_pixels, self.max_pixels  # the keys of transformers 4.x
         image.saved_by = SAVED_BY
         image.save_pretrained(path)
@@ -127,10 +147,14 @@ class Processor:
         patches, grids, ids = [], [], [pieces[0]]
         for i in range(kept):
             try:
-                rows, grid = image_to_patches(images[i], patch_size=self.patch_size,
-                                              merge_size=self.spatial_merge_size,
-                                              temporal_patch_size=self.temporal_patch_size,
-                                              min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+                rows, grid = image_to_patches(
+                    images[i],
+                    patch_size=self.patch_size,
+                    merge_size=self.spatial_merge_size,
+                    temporal_patch_size=self.temporal_patch_size,
+                    min_pixels=self.min_pixels,
+                    max_pixels=self.max_pixels,
+                )
             except ValueError as err:
                 raise ValueError(f"sample {sample_id}: image {i}: {err}") from err
             ids += [self._image_block(image_tokens[i]), pieces[i + 1]]
@@ -141,8 +165,12 @@ class Processor:
             input_ids = input_ids[: self.max_length]
         dropped = len(images) - kept
         if dropped:
-            log.info("sample %s: %d image(s) cut by max_length=%d dropped with their pixels",
-                     sample_id, dropped, self.max_length)
+            log.info(
+                "sample %s: %d image(s) cut by max_length=%d dropped with their pixels",
+                sample_id,
+                dropped,
+                self.max_length,
+            )
         grid_thw = torch.tensor(grids, dtype=torch.long).reshape(-1, 3)
         pixel_values = torch.cat(patches) if patches else torch.zeros(0, self._patch_dim)
         try:
@@ -155,7 +183,7 @@ class Processor:
         """The length `encode` will produce, from image (width, height) sizes alone: no pixel is decoded."""
         return self.measure(text, image_sizes, sample_id).tokens
 
-    def measure(self, text: str, image_sizes: list[tuple[int, int]], sample_id: str = "?") -> "SequenceSize":
+    def measure(self, text: str, image_sizes: list[tuple[int, int]], sample_id: str = "?") -> SequenceSize:
         """What `encode` will produce, from image (width, height) sizes alone: its length, image tokens and images."""
         pieces, image_tokens = self._layout(text, image_sizes, sample_id)
         kept = self._images_kept(pieces, image_tokens)
@@ -171,8 +199,9 @@ class Processor:
         """Token ids of the text pieces between images, and each image's number of LLM tokens."""
         pieces = text.split(IMAGE_PLACEHOLDER)
         if len(pieces) - 1 != len(image_sizes):
-            raise ValueError(f"sample {sample_id}: {len(pieces) - 1} image placeholders in the text "
-                             f"but {len(image_sizes)} images")
+            raise ValueError(
+                f"sample {sample_id}: {len(pieces) - 1} image placeholders in the text but {len(image_sizes)} images"
+            )
         factor = self.patch_size * self.spatial_merge_size
         image_tokens = []
         for i, (width, height) in enumerate(image_sizes):
@@ -183,8 +212,10 @@ class Processor:
             image_tokens.append(h_bar * w_bar // factor**2)
         ids = self._token_ids(pieces)
         if any((piece == self.image_token_id).any() for piece in ids):
-            raise ValueError(f"sample {sample_id}: the text holds a bare {IMAGE_PAD_TOKEN} outside an image "
-                             f"placeholder ({IMAGE_PLACEHOLDER!r} marks an image); remove it or give its image")
+            raise ValueError(
+                f"sample {sample_id}: the text holds a bare {IMAGE_PAD_TOKEN} outside an image "
+                f"placeholder ({IMAGE_PLACEHOLDER!r} marks an image); remove it or give its image"
+            )
         if sum(map(len, ids)) + sum(image_tokens) == 0:
             raise ValueError(f"sample {sample_id}: empty sequence (no tokens and no images)")
         return ids, image_tokens
@@ -237,8 +268,10 @@ def saved_settings(path: str | os.PathLike) -> dict:
     if image.get("saved_by") != SAVED_BY:
         return {}
     size = image.get("size") or {}
-    settings = {"min_pixels": size.get("shortest_edge", image.get("min_pixels")),
-                "max_pixels": size.get("longest_edge", image.get("max_pixels"))}
+    settings = {
+        "min_pixels": size.get("shortest_edge", image.get("min_pixels")),
+        "max_pixels": size.get("longest_edge", image.get("max_pixels")),
+    }
     if (path / "tokenizer_config.json").is_file():
         length = json.loads((path / "tokenizer_config.json").read_text()).get("model_max_length")
         settings["max_length"] = length if isinstance(length, int) and length < 10**9 else None  # unset: ~1e30

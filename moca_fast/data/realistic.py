@@ -27,18 +27,24 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..prompts import (DOCUMENT_PAGE_INSTRUCTION, IMAGE_QUESTION_INSTRUCTION, IMAGE_TARGET_INSTRUCTION,
-                       TEXT_TO_IMAGE_INSTRUCTION)
+from ..prompts import (
+    DOCUMENT_PAGE_INSTRUCTION,
+    IMAGE_QUESTION_INSTRUCTION,
+    IMAGE_TARGET_INSTRUCTION,
+    TEXT_TO_IMAGE_INSTRUCTION,
+)
 from .documents import Document
 from .image_patches import MAX_PIXELS, MIN_PIXELS, resized_size
 from .pairs import MMEB_IMAGE_TOKEN, NEGATIVE_RATIO
 from .tokens import IMAGE_PLACEHOLDER
 
 MAX_LENGTH = 1280  # the reference's max_len, image tokens included: no drawn sample is longer
-WORDS = ("the a of and in is page red blue green circle shape image two three one above below left right top bottom "
-         "small large document chart table report revenue quarter grew costs question picture coloured plain "
-         "background what where many which word written quick brown fox jumps over lazy dog center middle four "
-         "five six seven eight nine ten").split()
+WORDS = (
+    "the a of and in is page red blue green circle shape image two three one above below left right top bottom "
+    "small large document chart table report revenue quarter grew costs question picture coloured plain "
+    "background what where many which word written quick brown fox jumps over lazy dog center middle four "
+    "five six seven eight nine ten"
+).split()
 
 
 @dataclass(frozen=True)
@@ -71,8 +77,9 @@ IMAGE_KINDS = {
     "news": lambda r: _oriented(r, (side := r.uniform(550, 800)), side / r.uniform(1.33, 1.78), 0.1),
     # Web images (PixelProse, LAION for mmE5, NLVR2 for CIRR, WebQA, InfoSeek, memes): long side log-normal
     # around 700 px (300..2000), aspect 1..2; about a quarter reach the 1,024-token cap.
-    "web": lambda r: _oriented(r, (side := min(2000, max(300, r.lognormvariate(math.log(700), 0.45)))),
-                               side / r.uniform(1.0, 2.0), 0.3),
+    "web": lambda r: _oriented(
+        r, (side := min(2000, max(300, r.lognormvariate(math.log(700), 0.45)))), side / r.uniform(1.0, 2.0), 0.3
+    ),
     "nights": lambda r: (512, 512),  # NIGHTS: 512 x 512 generated variations
     "crop": lambda r: (r.randint(60, 300), r.randint(60, 300)),  # grounding crops: small, raised to 256 tokens
     # Charts (ChartQA: Statista ~800 x 557, Pew): width 800-1200, aspect 0.55-0.85.
@@ -106,8 +113,9 @@ def image_tokens(size: tuple[int, int]) -> int:
 def draw_image(size: tuple[int, int], rng: random.Random) -> Image.Image:
     image = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
     x0, y0 = rng.randrange(size[0] // 2), rng.randrange(size[1] // 2)
-    ImageDraw.Draw(image).rectangle((x0, y0, x0 + size[0] // 3, y0 + size[1] // 3),
-                                    fill=tuple(rng.randrange(256) for _ in range(3)))
+    ImageDraw.Draw(image).rectangle(
+        (x0, y0, x0 + size[0] // 3, y0 + size[1] // 3), fill=tuple(rng.randrange(256) for _ in range(3))
+    )
     return image
 
 
@@ -167,8 +175,13 @@ def realistic_documents(n: int, seed: int, pixels: tuple[int, int] = REFERENCE_P
         cuts = sorted(rng.randint(0, n_words) for _ in range(len(sizes) - 1))
         pieces = [b - a for a, b in zip([0, *cuts], [*cuts, n_words])]
         text = "".join(IMAGE_PLACEHOLDER + words(m, rng) for m in pieces)
-        documents.append(Document(f"{source.name}-{k:06d}", text,
-                                  [jpeg_bytes(draw_image(resized(s, pixels), rng)) for s in native[:len(sizes)]]))
+        documents.append(
+            Document(
+                f"{source.name}-{k:06d}",
+                text,
+                [jpeg_bytes(draw_image(resized(s, pixels), rng)) for s in native[: len(sizes)]],
+            )
+        )
     return documents
 
 
@@ -226,16 +239,20 @@ STAGE2_SUBSETS: dict[str, tuple[Side, Side]] = {  # name -> (query, positive); 5
     "InfographicsVQA": _vqa("infographic", Length(1, 5)),
     "ChartQA": _vqa("chart", Length(1, 3)),
     "Visual7W": _vqa("coco", Length(2, 8)),
-    "VisDial": (Side(None, Length(60, 300, median=150, sigma=0.3), TEXT_TO_IMAGE_INSTRUCTION),
-                Side("coco", NO_TEXT, IMAGE_PROMPT)),  # a caption + 10 question-answer rounds -> the image
+    "VisDial": (
+        Side(None, Length(60, 300, median=150, sigma=0.3), TEXT_TO_IMAGE_INSTRUCTION),
+        Side("coco", NO_TEXT, IMAGE_PROMPT),
+    ),  # a caption + 10 question-answer rounds -> the image
     "CIRR": (Side("web", Length(6, 30, median=14, sigma=0.35), QUESTION_PROMPT), Side("web", NO_TEXT, IMAGE_PROMPT)),
     "VisualNews_t2i": _t2i(NEWS_CAPTION, "news"),
     "VisualNews_i2t": _i2t("news", NEWS_CAPTION),
     "MSCOCO_t2i": _t2i(COCO_CAPTION, "coco"),
     "MSCOCO_i2t": _i2t("coco", COCO_CAPTION),
     "NIGHTS": (Side("nights", NO_TEXT, IMAGE_PROMPT), Side("nights", NO_TEXT, IMAGE_PROMPT)),
-    "WebQA": (Side(None, Length(8, 40, median=16, sigma=0.4), TEXT_TO_IMAGE_INSTRUCTION),
-              Side("web", Length(10, 80, median=25, sigma=0.5), MMEB_IMAGE_TOKEN + "{}")),  # image + its caption
+    "WebQA": (
+        Side(None, Length(8, 40, median=16, sigma=0.4), TEXT_TO_IMAGE_INSTRUCTION),
+        Side("web", Length(10, 80, median=25, sigma=0.5), MMEB_IMAGE_TOKEN + "{}"),
+    ),  # image + its caption
     "MSCOCO": (Side("coco", Length(2, 6), QUESTION_PROMPT), Side("crop", NO_TEXT, IMAGE_PROMPT)),  # grounding
     # the other sources (10)
     "VisRAG": _page_retrieval(Length(6, 60, median=18, sigma=0.4), "page"),
@@ -243,8 +260,10 @@ STAGE2_SUBSETS: dict[str, tuple[Side, Side]] = {  # name -> (query, positive); 5
     "TAT-DQA": _page_retrieval(Length(8, 40, median=16, sigma=0.35), "page"),
     "ArxivQA": _vqa("figure", Length(5, 60, median=20, sigma=0.5)),
     "InfoSeek_it2t": _vqa("web", Length(1, 10)),
-    "InfoSeek_it2it": (Side("web", QUESTION, QUESTION_PROMPT),
-                       Side("web", Length(10, 120, median=40, sigma=0.5), MMEB_IMAGE_TOKEN + "{}")),
+    "InfoSeek_it2it": (
+        Side("web", QUESTION, QUESTION_PROMPT),
+        Side("web", Length(10, 120, median=40, sigma=0.5), MMEB_IMAGE_TOKEN + "{}"),
+    ),
     "mmE5_classification": _classify("web"),
     "mmE5_vqa": _vqa("web", Length(1, 30, median=6, sigma=0.6)),
     "mmE5_i2t": _i2t("web", Length(8, 60, median=20, sigma=0.4)),
@@ -277,8 +296,9 @@ def realistic_inputs(n: int, seed: int) -> list[tuple[str, list[Image.Image]]]:
     return inputs
 
 
-def realistic_pair_rows(n: int, folder: str | Path, seed: int,
-                        pixels: tuple[int, int] = REFERENCE_PIXELS) -> dict[str, list[dict]]:
+def realistic_pair_rows(
+    n: int, folder: str | Path, seed: int, pixels: tuple[int, int] = REFERENCE_PIXELS
+) -> dict[str, list[dict]]:
     """`n` stage-2 pairs, each from a subset drawn in equal shares, with NEGATIVE_RATIO hard negatives shaped
     like its positive: {subset: rows in the reference columns}, images under folder/images/<subset>/ (paths
     relative to `folder`); `pixels` as in realistic_documents."""
@@ -289,11 +309,18 @@ def realistic_pair_rows(n: int, folder: str | Path, seed: int,
         name = rng.choice(names)
         query, positive = STAGE2_SUBSETS[name]
         stem = f"images/{name}/{k:06d}"
-        negatives = [(_side_text(positive, rng), _side_image(positive, folder, f"{stem}-n{j}.jpg", rng, pixels))
-                     for j in range(NEGATIVE_RATIO)]
-        rows[name].append({
-            "qry": _side_text(query, rng), "qry_image_path": _side_image(query, folder, f"{stem}-q.jpg", rng, pixels),
-            "pos_text": _side_text(positive, rng), "pos_image_path": _side_image(positive, folder, f"{stem}-p.jpg", rng, pixels),
-            "neg_text": repr([text for text, _ in negatives]), "neg_image_path": repr([path for _, path in negatives]),
-        })
+        negatives = [
+            (_side_text(positive, rng), _side_image(positive, folder, f"{stem}-n{j}.jpg", rng, pixels))
+            for j in range(NEGATIVE_RATIO)
+        ]
+        rows[name].append(
+            {
+                "qry": _side_text(query, rng),
+                "qry_image_path": _side_image(query, folder, f"{stem}-q.jpg", rng, pixels),
+                "pos_text": _side_text(positive, rng),
+                "pos_image_path": _side_image(positive, folder, f"{stem}-p.jpg", rng, pixels),
+                "neg_text": repr([text for text, _ in negatives]),
+                "neg_image_path": repr([path for _, path in negatives]),
+            }
+        )
     return dict(rows)

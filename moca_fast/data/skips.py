@@ -28,12 +28,25 @@ class Skips(Counter):
         if total <= LOGGED:
             self.log.warning("skipped %s %d: %s", self.what, total, detail)
         elif total % LOGGED == 1:
-            self.log.warning("skipped %d %s so far (%s); only the first %d are logged one by one",
-                             total, self.what, dict(self), LOGGED)
+            self.log.warning(
+                "skipped %d %s so far (%s); only the first %d are logged one by one",
+                total,
+                self.what,
+                dict(self),
+                LOGGED,
+            )
 
 
-def load_or_stand_in(load: Callable[[int], T], index: int, candidates: Iterable[int], *, skip: bool,
-                     log: logging.Logger, what: str, tries: int = 32) -> T:
+def load_or_stand_in(
+    load: Callable[[int], T],
+    index: int,
+    candidates: Iterable[int],
+    *,
+    skip: bool,
+    log: logging.Logger,
+    what: str,
+    tries: int = 32,
+) -> T:
     """`load(index)`; when that raises ValueError (a sample that fails on first use, e.g. a corrupt image) and
     `skip`, the first of `candidates` (up to `tries`) that loads takes its place, logged, so a planned batch keeps
     its shape and a resumed run makes the same choice. Without `skip`, or with no stand-in, the error stands."""

@@ -14,7 +14,8 @@ from the target in exactly one attribute (one fact, for pages):
   i2t   scene image + "What does the image show?" -> caption
   vqa   scene image + a question on one attribute -> its answer; the negatives change that attribute
   page  question on one fact                      -> page image (document prompt); the negatives change that fact
-Prompts are the reference's (moca_fast/prompts.py), with `<|image_1|>` marking the image as in MMEB data (the readers turn it into the
+Prompts are the reference's (moca_fast/prompts.py), with `<|image_1|>` marking the image as in MMEB data (the readers
+turn it into the
 placeholder triple). Evaluation re-draws scenes with other seeds; MMEB candidates are the gold target, three
 one-attribute variants and random scenes (chance 1/8 for t2i and i2t).
 
@@ -47,8 +48,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from ..prompts import (DOCUMENT_PAGE_INSTRUCTION, IMAGE_QUESTION_INSTRUCTION, IMAGE_TARGET_INSTRUCTION,
-                       TEXT_TO_IMAGE_INSTRUCTION)
+from ..prompts import (
+    DOCUMENT_PAGE_INSTRUCTION,
+    IMAGE_QUESTION_INSTRUCTION,
+    IMAGE_TARGET_INSTRUCTION,
+    TEXT_TO_IMAGE_INSTRUCTION,
+)
 from .documents import Document
 from .pairs import MMEB_IMAGE_TOKEN, NEGATIVE_RATIO
 from .tokens import IMAGE_PLACEHOLDER
@@ -61,9 +66,13 @@ ATTRIBUTES: dict[str, tuple] = {
     "count": (1, 2, 3),
     "word": (None, "cat", "dog", "sun", "car", "tree", "fish"),
 }
-QUESTIONS = {"shape": "What shape is shown?", "colour": "What colour are the shapes?",
-             "quadrant": "Where are the shapes?", "count": "How many shapes are there?",
-             "word": "Which word is written?"}
+QUESTIONS = {
+    "shape": "What shape is shown?",
+    "colour": "What colour are the shapes?",
+    "quadrant": "Where are the shapes?",
+    "count": "How many shapes are there?",
+    "word": "Which word is written?",
+}
 TASKS = ("t2i", "i2t", "vqa", "page")
 N_CANDIDATES = 8  # MMEB candidates per query: gold + 3 one-attribute variants + random scenes
 N_PAGES = 48  # pages in the BEIR corpus (at most 72: 3 unique facts each out of 216)
@@ -75,11 +84,21 @@ IMAGE_TARGET = MMEB_IMAGE_TOKEN + IMAGE_TARGET_INSTRUCTION
 PAGE_TARGET = MMEB_IMAGE_TOKEN + DOCUMENT_PAGE_INSTRUCTION
 I2T_QUESTION = "What does the image show?"
 
-COLOUR_RGB = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (225, 195, 20),
-              "purple": (140, 60, 175), "orange": (240, 130, 30)}
+COLOUR_RGB = {
+    "red": (215, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (225, 195, 20),
+    "purple": (140, 60, 175),
+    "orange": (240, 130, 30),
+}
 _NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
-_FACTS = [(colour, shape, number) for colour in ATTRIBUTES["colour"] for shape in ATTRIBUTES["shape"]
-          for number in range(1, 10)]
+_FACTS = [
+    (colour, shape, number)
+    for colour in ATTRIBUTES["colour"]
+    for shape in ATTRIBUTES["shape"]
+    for number in range(1, 10)
+]
 
 
 @dataclass(frozen=True)
@@ -129,7 +148,7 @@ def random_pages(n: int, rng: random.Random) -> list[Page]:
     """`n` pages whose 3n facts are all different."""
     facts = rng.sample(_FACTS, 3 * n)
     titles = [word for word in ATTRIBUTES["word"] if word]
-    return [Page(f"{rng.choice(titles)} notes", tuple(facts[3 * k:3 * k + 3])) for k in range(n)]
+    return [Page(f"{rng.choice(titles)} notes", tuple(facts[3 * k : 3 * k + 3])) for k in range(n)]
 
 
 def scene_variants(scene: Scene, n: int, rng: random.Random, attribute: str | None = None) -> list[Scene]:
@@ -137,16 +156,20 @@ def scene_variants(scene: Scene, n: int, rng: random.Random, attribute: str | No
     if attribute is not None:
         others = [value for value in ATTRIBUTES[attribute] if value != getattr(scene, attribute)]
         return [replace(scene, **{attribute: value}) for value in rng.sample(others, n)]
-    return [replace(scene, **{name: rng.choice([v for v in ATTRIBUTES[name] if v != getattr(scene, name)])})
-            for name in rng.sample(list(ATTRIBUTES), n)]
+    return [
+        replace(scene, **{name: rng.choice([v for v in ATTRIBUTES[name] if v != getattr(scene, name)])})
+        for name in rng.sample(list(ATTRIBUTES), n)
+    ]
 
 
 def page_variants(page: Page, fact_index: int, n: int, rng: random.Random) -> list[Page]:
     """`n` copies of `page` whose fact `fact_index` has another number (nothing else changes)."""
     colour, shape, number = page.facts[fact_index]
     numbers = rng.sample([k for k in range(1, 10) if k != number], n)
-    return [replace(page, facts=page.facts[:fact_index] + ((colour, shape, k),) + page.facts[fact_index + 1:])
-            for k in numbers]
+    return [
+        replace(page, facts=page.facts[:fact_index] + ((colour, shape, k),) + page.facts[fact_index + 1 :])
+        for k in numbers
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -176,9 +199,11 @@ def render(item: Scene | Page, layout_seed: int) -> Image.Image:
         if item.shape == "circle":
             draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=COLOUR_RGB[item.colour])
         else:
-            corners = {"square": [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)],
-                       "triangle": [(0, -1), (1, 0.8), (-1, 0.8)],
-                       "diamond": [(0, -1), (1, 0), (0, 1), (-1, 0)]}[item.shape]
+            corners = {
+                "square": [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)],
+                "triangle": [(0, -1), (1, 0.8), (-1, 0.8)],
+                "diamond": [(0, -1), (1, 0), (0, 1), (-1, 0)],
+            }[item.shape]
             draw.polygon([(cx + radius * u, cy + radius * v) for u, v in corners], fill=COLOUR_RGB[item.colour])
     if item.word:
         draw.text((half, half), item.word, fill="black", font=_font(12), anchor="mm")
@@ -250,8 +275,7 @@ def pair_sides(pair: SyntheticPair) -> list[tuple[str, Scene | Page | None]]:
     if pair.task == "t2i":
         return [(T2I_QUERY.format(target.caption), None)] + [(IMAGE_TARGET, s) for s in (target, *pair.negatives)]
     if pair.task == "page":
-        return ([(page_question(target.facts[pair.asked]), None)]
-                + [(PAGE_TARGET, p) for p in (target, *pair.negatives)])
+        return [(page_question(target.facts[pair.asked]), None)] + [(PAGE_TARGET, p) for p in (target, *pair.negatives)]
     if pair.task == "i2t":
         query, answers = I2T_QUESTION, [s.caption for s in (target, *pair.negatives)]
     else:
@@ -311,14 +335,21 @@ def pair_rows(pairs: list[SyntheticPair], folder: str | Path, seed: int) -> dict
     rows = defaultdict(list)
     for pair in pairs:
         roles = ["q", "p"] + [f"n{k}" for k in range(len(pair.negatives))]
-        sides = [(text, _save(item, folder, f"images/{pair.task}/{pair.id}-{role}.png", rng))
-                 for role, (text, item) in zip(roles, pair_sides(pair))]
+        sides = [
+            (text, _save(item, folder, f"images/{pair.task}/{pair.id}-{role}.png", rng))
+            for role, (text, item) in zip(roles, pair_sides(pair))
+        ]
         (query, query_image), (positive, positive_image), *negatives = sides
-        rows[pair.task].append({
-            "qry": query, "qry_image_path": query_image, "pos_text": positive, "pos_image_path": positive_image,
-            "neg_text": repr([text for text, _ in negatives]),
-            "neg_image_path": repr([image for _, image in negatives]),
-        })
+        rows[pair.task].append(
+            {
+                "qry": query,
+                "qry_image_path": query_image,
+                "pos_text": positive,
+                "pos_image_path": positive_image,
+                "neg_text": repr([text for text, _ in negatives]),
+                "neg_image_path": repr([image for _, image in negatives]),
+            }
+        )
     return dict(rows)
 
 
@@ -356,34 +387,45 @@ def write_mmeb(folder: str | Path, n_queries: int, seed: int) -> dict[str, Path]
 def _mmeb_row(subset: str, scene: Scene, folder: Path, stem: str, rng: random.Random) -> dict:
     if subset == "SynT2I":
         candidates = _mmeb_candidates(scene, rng)
-        return {"qry_text": T2I_QUERY.format(scene.caption), "qry_img_path": "",
-                "tgt_text": [IMAGE_TARGET] * len(candidates),
-                "tgt_img_path": [_save(c, folder, f"{stem}-c{j}.png", rng) for j, c in enumerate(candidates)]}
+        return {
+            "qry_text": T2I_QUERY.format(scene.caption),
+            "qry_img_path": "",
+            "tgt_text": [IMAGE_TARGET] * len(candidates),
+            "tgt_img_path": [_save(c, folder, f"{stem}-c{j}.png", rng) for j, c in enumerate(candidates)],
+        }
     if subset == "SynI2T":
         question, answers = I2T_QUESTION, [c.caption for c in _mmeb_candidates(scene, rng)]
     else:  # every value of one attribute, the scene's own first
         attribute = rng.choice(list(ATTRIBUTES))
         others = scene_variants(scene, len(ATTRIBUTES[attribute]) - 1, rng, attribute)
         question, answers = QUESTIONS[attribute], [s.answer(attribute) for s in (scene, *others)]
-    return {"qry_text": IMAGE_QUESTION_QUERY.format(question),
-            "qry_img_path": _save(scene, folder, f"{stem}-q.png", rng),
-            "tgt_text": answers, "tgt_img_path": [""] * len(answers)}
+    return {
+        "qry_text": IMAGE_QUESTION_QUERY.format(question),
+        "qry_img_path": _save(scene, folder, f"{stem}-q.png", rng),
+        "tgt_text": answers,
+        "tgt_img_path": [""] * len(answers),
+    }
 
 
 def write_beir(folder: str | Path, n_queries: int, seed: int) -> Path:
     """Write a BEIR-format page-retrieval set: N_PAGES page images, up to 3 * N_PAGES fact questions."""
     folder, rng = Path(folder), random.Random(f"beir:{seed}")
     pages = random_pages(N_PAGES, rng)
-    corpus = [{"_id": f"page-{k:03d}", "title": "", "text": "",
-               "image": _save(page, folder, f"images/page-{k:03d}.png", rng)} for k, page in enumerate(pages)]
+    corpus = [
+        {"_id": f"page-{k:03d}", "title": "", "text": "", "image": _save(page, folder, f"images/page-{k:03d}.png", rng)}
+        for k, page in enumerate(pages)
+    ]
     all_facts = [(k, fact) for k, page in enumerate(pages) for fact in page.facts]
     located = rng.sample(all_facts, min(n_queries, len(all_facts)))
-    _write_jsonl(folder / "queries.jsonl", [{"_id": f"q-{j:04d}", "text": page_question(fact)}
-                                            for j, (_, fact) in enumerate(located)])
+    _write_jsonl(
+        folder / "queries.jsonl",
+        [{"_id": f"q-{j:04d}", "text": page_question(fact)} for j, (_, fact) in enumerate(located)],
+    )
     _write_jsonl(folder / "corpus.jsonl", corpus)
     (folder / "qrels").mkdir(exist_ok=True)
-    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
-        f"q-{j:04d}\tpage-{k:03d}\t1\n" for j, (k, _) in enumerate(located)))
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q-{j:04d}\tpage-{k:03d}\t1\n" for j, (k, _) in enumerate(located))
+    )
     return folder
 
 
@@ -397,8 +439,9 @@ class World:
     beir: Path
 
 
-def write_world(root: str | Path, *, seed: int = 0, n_documents: int = 512, n_pairs_per_task: int = 512,
-                n_eval_queries: int = 100) -> World:
+def write_world(
+    root: str | Path, *, seed: int = 0, n_documents: int = 512, n_pairs_per_task: int = 512, n_eval_queries: int = 100
+) -> World:
     root = Path(root)
     return World(
         documents=write_documents(make_documents(n_documents, seed), root / "cpt" / "documents", "dataset"),
@@ -406,4 +449,3 @@ def write_world(root: str | Path, *, seed: int = 0, n_documents: int = 512, n_pa
         mmeb=write_mmeb(root / "eval" / "mmeb", n_eval_queries, seed),
         beir=write_beir(root / "eval" / "beir" / "SynPages", n_eval_queries, seed),
     )
-

@@ -42,7 +42,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """A deterministic byte-level BPE of at most `vocab_size` ids; the special tokens take the last ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -58,8 +58,11 @@ def tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     bpe.train_from_iterator(_CORPUS.split("\n") * 4, trainer=trainer)
     bpe.add_special_tokens(list(SPECIAL_TOKENS))
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, pad_token=PAD_TOKEN, mask_token=MASK_TOKEN,
-        additional_special_tokens=[VISION_START_TOKEN, VISION_END_TOKEN, IMAGE_PAD_TOKEN])
+        tokenizer_object=bpe,
+        pad_token=PAD_TOKEN,
+        mask_token=MASK_TOKEN,
+        additional_special_tokens=[VISION_START_TOKEN, VISION_END_TOKEN, IMAGE_PAD_TOKEN],
+    )
     if len(tokenizer) > vocab_size:
         raise ValueError(f"tiny tokenizer has {len(tokenizer)} ids, more than vocab_size={vocab_size}")
     return tokenizer

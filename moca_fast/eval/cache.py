@@ -37,8 +37,14 @@ def model_key(embedder: MocaEmbedder) -> str:
         tensor = tensor.detach().contiguous().cpu()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    settings = (processor.min_pixels, processor.max_pixels, processor.max_length, processor.patch_size,
-                processor.spatial_merge_size, processor.temporal_patch_size)
+    settings = (
+        processor.min_pixels,
+        processor.max_pixels,
+        processor.max_length,
+        processor.patch_size,
+        processor.spatial_merge_size,
+        processor.temporal_patch_size,
+    )
     digest.update(json.dumps([settings, sorted(processor.tokenizer.get_vocab().items())]).encode())
     return digest.hexdigest()
 
@@ -68,12 +74,21 @@ def _image_key(image) -> bytes:
     return f"{image}\0{content}".encode()
 
 
-def cached_embeddings(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], path: Path | None, *,
-                      model_key: str | None, model_id: str = "", batch_tokens: int | None = None,
-                      progress: bool = False, output: str = "pooled"):
+def cached_embeddings(
+    embedder: MocaEmbedder,
+    inputs: Sequence[EmbedInput],
+    path: Path | None,
+    *,
+    model_key: str | None,
+    model_id: str = "",
+    batch_tokens: int | None = None,
+    progress: bool = False,
+    output: str = "pooled",
+):
     """Embeddings [N, dim] of `inputs`, from `path` (.npy) when an earlier run of the same model (`model_key` of
     the embedder) on the same inputs left them there, else computed and written there. `path=None`: no cache.
     `output="multi_vector"`: a list of each input's token vectors, cached in `path` with the suffix .npz."""
+
     def encode():
         return embedder.encode(list(inputs), batch_tokens=batch_tokens, show_progress_bar=progress, output=output)
 
@@ -94,8 +109,11 @@ def cached_embeddings(embedder: MocaEmbedder, inputs: Sequence[EmbedInput], path
     meta.unlink(missing_ok=True)
     partial = path.with_suffix(".partial" + path.suffix)
     if multi:
-        np.savez(partial, vectors=np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32),
-                 lengths=np.array([len(e) for e in embeddings], dtype=np.int64))
+        np.savez(
+            partial,
+            vectors=np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32),
+            lengths=np.array([len(e) for e in embeddings], dtype=np.int64),
+        )
     else:
         np.save(partial, embeddings)
     partial.replace(path)

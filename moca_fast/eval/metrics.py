@@ -29,9 +29,9 @@ def ndcg_at_k(scores: np.ndarray, relevance: np.ndarray, k: int) -> np.ndarray:
     has no relevant document (callers leave such queries out, as BEIR does)."""
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
     gains = np.take_along_axis(relevance, _top_k(scores, k), axis=1).astype(np.float64)
-    dcg = (gains * discounts[:gains.shape[1]]).sum(axis=1)
+    dcg = (gains * discounts[: gains.shape[1]]).sum(axis=1)
     ideal = -np.sort(-relevance, axis=1)[:, :k].astype(np.float64)
-    idcg = (ideal * discounts[:ideal.shape[1]]).sum(axis=1)
+    idcg = (ideal * discounts[: ideal.shape[1]]).sum(axis=1)
     return np.divide(dcg, idcg, out=np.zeros_like(dcg), where=idcg > 0)
 
 

@@ -34,19 +34,41 @@ log = logging.getLogger(__name__)
 META_TASKS = ("classification", "vqa", "retrieval", "grounding")
 # The 36 MMEB datasets: name -> (meta-task, IND for the 20 in-distribution ones, OOD for the 16 others).
 MMEB_DATASETS: dict[str, tuple[str, str]] = {
-    "ImageNet-1K": ("classification", "IND"), "N24News": ("classification", "IND"),
-    "HatefulMemes": ("classification", "IND"), "VOC2007": ("classification", "IND"),
-    "SUN397": ("classification", "IND"), "Place365": ("classification", "OOD"),
-    "ImageNet-A": ("classification", "OOD"), "ImageNet-R": ("classification", "OOD"),
-    "ObjectNet": ("classification", "OOD"), "Country211": ("classification", "OOD"),
-    "OK-VQA": ("vqa", "IND"), "A-OKVQA": ("vqa", "IND"), "DocVQA": ("vqa", "IND"),
-    "InfographicsVQA": ("vqa", "IND"), "ChartQA": ("vqa", "IND"), "Visual7W": ("vqa", "IND"),
-    "ScienceQA": ("vqa", "OOD"), "VizWiz": ("vqa", "OOD"), "GQA": ("vqa", "OOD"), "TextVQA": ("vqa", "OOD"),
-    "VisDial": ("retrieval", "IND"), "CIRR": ("retrieval", "IND"), "VisualNews_t2i": ("retrieval", "IND"),
-    "VisualNews_i2t": ("retrieval", "IND"), "MSCOCO_t2i": ("retrieval", "IND"), "MSCOCO_i2t": ("retrieval", "IND"),
-    "NIGHTS": ("retrieval", "IND"), "WebQA": ("retrieval", "IND"), "OVEN": ("retrieval", "OOD"),
-    "FashionIQ": ("retrieval", "OOD"), "EDIS": ("retrieval", "OOD"), "Wiki-SS-NQ": ("retrieval", "OOD"),
-    "MSCOCO": ("grounding", "IND"), "RefCOCO": ("grounding", "OOD"), "RefCOCO-Matching": ("grounding", "OOD"),
+    "ImageNet-1K": ("classification", "IND"),
+    "N24News": ("classification", "IND"),
+    "HatefulMemes": ("classification", "IND"),
+    "VOC2007": ("classification", "IND"),
+    "SUN397": ("classification", "IND"),
+    "Place365": ("classification", "OOD"),
+    "ImageNet-A": ("classification", "OOD"),
+    "ImageNet-R": ("classification", "OOD"),
+    "ObjectNet": ("classification", "OOD"),
+    "Country211": ("classification", "OOD"),
+    "OK-VQA": ("vqa", "IND"),
+    "A-OKVQA": ("vqa", "IND"),
+    "DocVQA": ("vqa", "IND"),
+    "InfographicsVQA": ("vqa", "IND"),
+    "ChartQA": ("vqa", "IND"),
+    "Visual7W": ("vqa", "IND"),
+    "ScienceQA": ("vqa", "OOD"),
+    "VizWiz": ("vqa", "OOD"),
+    "GQA": ("vqa", "OOD"),
+    "TextVQA": ("vqa", "OOD"),
+    "VisDial": ("retrieval", "IND"),
+    "CIRR": ("retrieval", "IND"),
+    "VisualNews_t2i": ("retrieval", "IND"),
+    "VisualNews_i2t": ("retrieval", "IND"),
+    "MSCOCO_t2i": ("retrieval", "IND"),
+    "MSCOCO_i2t": ("retrieval", "IND"),
+    "NIGHTS": ("retrieval", "IND"),
+    "WebQA": ("retrieval", "IND"),
+    "OVEN": ("retrieval", "OOD"),
+    "FashionIQ": ("retrieval", "OOD"),
+    "EDIS": ("retrieval", "OOD"),
+    "Wiki-SS-NQ": ("retrieval", "OOD"),
+    "MSCOCO": ("grounding", "IND"),
+    "RefCOCO": ("grounding", "OOD"),
+    "RefCOCO-Matching": ("grounding", "OOD"),
     "Visual7W-Pointing": ("grounding", "OOD"),
 }
 _COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
@@ -108,9 +130,17 @@ def _side(text, image_path, where: str, image_root: Path) -> EmbedInput:
     return EmbedInput(text, (str(image_root / image),) if image else (), where)
 
 
-def evaluate_mmeb(embedder: MocaEmbedder, data: str | Path, *, image_root: str | Path | None = None,
-                  datasets: Sequence[str] | None = None, cache_dir: str | Path | None = None, model_id: str = "",
-                  batch_tokens: int | None = None, progress: bool = False) -> dict:
+def evaluate_mmeb(
+    embedder: MocaEmbedder,
+    data: str | Path,
+    *,
+    image_root: str | Path | None = None,
+    datasets: Sequence[str] | None = None,
+    cache_dir: str | Path | None = None,
+    model_id: str = "",
+    batch_tokens: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Score every dataset under `data` (or those named); returns the report `summarize` makes."""
     data = Path(data)
     image_root = Path(image_root) if image_root is not None else data
@@ -122,8 +152,9 @@ def evaluate_mmeb(embedder: MocaEmbedder, data: str | Path, *, image_root: str |
         embed = dict(model_key=key, model_id=model_id, batch_tokens=batch_tokens, progress=progress)
         queries = cached_embeddings(embedder, dataset.queries, cache and cache / "queries.npy", **embed)
         candidates = cached_embeddings(embedder, dataset.candidates, cache and cache / "candidates.npy", **embed)
-        scores[name] = 100 * precision_at_1([candidates[index] @ query
-                                             for query, index in zip(queries, dataset.candidate_index)])
+        scores[name] = 100 * precision_at_1(
+            [candidates[index] @ query for query, index in zip(queries, dataset.candidate_index)]
+        )
         sizes[name] = (len(dataset.queries), len(dataset.candidates))
         log.info("MMEB %s: precision@1 %.1f (%d queries, %d unique candidates)", name, scores[name], *sizes[name])
     return summarize(scores, sizes)
@@ -132,16 +163,22 @@ def evaluate_mmeb(embedder: MocaEmbedder, data: str | Path, *, image_root: str |
 def summarize(scores: dict[str, float], sizes: dict[str, tuple[int, int]] | None = None) -> dict:
     """Per-dataset scores (x100) -> the report: meta-task, IND and OOD means over the benchmark's datasets
     present, and the overall mean over every dataset scored."""
+
     def group_mean(predicate) -> float | None:
         values = [s for name, s in scores.items() if name in MMEB_DATASETS and predicate(*MMEB_DATASETS[name])]
         return mean(values) if values else None
 
     return {
         "metric": "precision@1 x100",
-        "datasets": {name: {"score": score, "meta_task": MMEB_DATASETS.get(name, (None, None))[0],
-                            "split": MMEB_DATASETS.get(name, (None, None))[1],
-                            **(dict(zip(("queries", "candidates"), sizes[name])) if sizes else {})}
-                     for name, score in scores.items()},
+        "datasets": {
+            name: {
+                "score": score,
+                "meta_task": MMEB_DATASETS.get(name, (None, None))[0],
+                "split": MMEB_DATASETS.get(name, (None, None))[1],
+                **(dict(zip(("queries", "candidates"), sizes[name])) if sizes else {}),
+            }
+            for name, score in scores.items()
+        },
         "meta_tasks": {task: group_mean(lambda t, _, task=task: t == task) for task in META_TASKS},
         "IND": group_mean(lambda _, split: split == "IND"),
         "OOD": group_mean(lambda _, split: split == "OOD"),
@@ -151,12 +188,19 @@ def summarize(scores: dict[str, float], sizes: dict[str, tuple[int, int]] | None
 
 
 def format_report(report: dict) -> str:
-    per_dataset = [[name, d["meta_task"] or "-", d["split"] or "-", d.get("queries"), d["score"]]
-                   for name, d in report["datasets"].items()]
+    per_dataset = [
+        [name, d["meta_task"] or "-", d["split"] or "-", d.get("queries"), d["score"]]
+        for name, d in report["datasets"].items()
+    ]
     counts = {task: sum(t == task for t, _ in MMEB_DATASETS.values()) for task in META_TASKS}
-    groups = ([[f"{task} ({counts[task]})", report["meta_tasks"][task]] for task in META_TASKS]
-              + [["IND (20)", report["IND"]], ["OOD (16)", report["OOD"]],
-                 [f"overall ({len(report['datasets'])} scored)", report["overall"]]])
-    return (f"MMEB {report['metric']} ({report['benchmark_datasets']} benchmark datasets)\n"
-            + format_table(["dataset", "meta-task", "split", "queries", "P@1"], per_dataset) + "\n\n"
-            + format_table(["group", "P@1"], groups))
+    groups = [[f"{task} ({counts[task]})", report["meta_tasks"][task]] for task in META_TASKS] + [
+        ["IND (20)", report["IND"]],
+        ["OOD (16)", report["OOD"]],
+        [f"overall ({len(report['datasets'])} scored)", report["overall"]],
+    ]
+    return (
+        f"MMEB {report['metric']} ({report['benchmark_datasets']} benchmark datasets)\n"
+        + format_table(["dataset", "meta-task", "split", "queries", "P@1"], per_dataset)
+        + "\n\n"
+        + format_table(["group", "P@1"], groups)
+    )

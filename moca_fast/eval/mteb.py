@@ -42,8 +42,15 @@ class MtebEncoder:
     mteb_model_meta = None  # mteb's record of the model; checked before it runs a task
     late_interaction = False  # True for a checkpoint with a multi-vector head (set from the embedder)
 
-    def __init__(self, model_name: str | os.PathLike | MocaEmbedder, revision: str | None = None, *,
-                 device: str | None = None, checkpoint: str | None = None, **embedder_options):
+    def __init__(
+        self,
+        model_name: str | os.PathLike | MocaEmbedder,
+        revision: str | None = None,
+        *,
+        device: str | None = None,
+        checkpoint: str | None = None,
+        **embedder_options,
+    ):
         """`model_name`: a checkpoint directory or hub id, or a MocaEmbedder already loaded; `checkpoint` replaces
         it where mteb passes the model's display name (`model_meta` sets it). `revision` is mteb's record only.
         `embedder_options` go to MocaEmbedder.from_pretrained."""
@@ -61,20 +68,29 @@ class MtebEncoder:
     @staticmethod
     def padded(vectors: list[np.ndarray]) -> np.ndarray:
         """Token vectors [n_i, dim] -> one zero-padded float32 array [N, longest, dim]."""
-        out = np.zeros((len(vectors), max((len(v) for v in vectors), default=0),
-                        vectors[0].shape[1] if vectors else 0), dtype=np.float32)
+        out = np.zeros(
+            (len(vectors), max((len(v) for v in vectors), default=0), vectors[0].shape[1] if vectors else 0),
+            dtype=np.float32,
+        )
         for i, v in enumerate(vectors):
-            out[i, :len(v)] = v
+            out[i, : len(v)] = v
         return out
 
-    def encode(self, inputs, *, task_metadata, hf_split: str = "", hf_subset: str = "", prompt_type=None,
-               **kwargs) -> np.ndarray:
+    def encode(
+        self, inputs, *, task_metadata, hf_split: str = "", hf_subset: str = "", prompt_type=None, **kwargs
+    ) -> np.ndarray:
         pages = getattr(task_metadata, "type", None) in DOCUMENT_TASK_TYPES
         role = "document" if str(getattr(prompt_type, "value", prompt_type)) == "document" else "query"
         output = "multi_vector" if self.late_interaction else "pooled"
-        embeddings = [self.embedder.encode(with_instructions(batch_inputs(batch), role=role, document_pages=pages,
-                                                             role_prompt=self.embedder.role_prompt), output=output)
-                      for batch in inputs]
+        embeddings = [
+            self.embedder.encode(
+                with_instructions(
+                    batch_inputs(batch), role=role, document_pages=pages, role_prompt=self.embedder.role_prompt
+                ),
+                output=output,
+            )
+            for batch in inputs
+        ]
         if self.late_interaction:
             return self.padded([v for batch in embeddings for v in batch])
         return np.concatenate(embeddings) if embeddings else np.zeros((0, self.embedder.dim), dtype=np.float32)
@@ -86,8 +102,10 @@ class MtebEncoder:
 
     def similarity_pairwise(self, embeddings1, embeddings2) -> np.ndarray:
         if self.late_interaction:
-            return np.array([maxsim_scores([q], [d])[0, 0] for q, d in zip(unpadded(embeddings1),
-                                                                          unpadded(embeddings2))], dtype=np.float32)
+            return np.array(
+                [maxsim_scores([q], [d])[0, 0] for q, d in zip(unpadded(embeddings1), unpadded(embeddings2))],
+                dtype=np.float32,
+            )
         return (_unit(embeddings1) * _unit(embeddings2)).sum(axis=-1)
 
 
@@ -99,13 +117,15 @@ def batch_inputs(batch: dict) -> list[EmbedInput]:
         text = (texts[i] if texts is not None else None) or ""
         image = images[i] if images is not None else None
         where = f"mteb input {i} of its batch"
-        items.append(EmbedInput(IMAGE_PLACEHOLDER + text, (image,), where) if image is not None
-                     else EmbedInput(text, (), where))
+        items.append(
+            EmbedInput(IMAGE_PLACEHOLDER + text, (image,), where) if image is not None else EmbedInput(text, (), where)
+        )
     return items
 
 
-def model_meta(path_or_hub_id: str | os.PathLike, *, name: str | None = None, revision: str | None = None,
-               **embedder_options):
+def model_meta(
+    path_or_hub_id: str | os.PathLike, *, name: str | None = None, revision: str | None = None, **embedder_options
+):
     """An mteb ModelMeta whose loader is MtebEncoder on this checkpoint, shown as `name` (default: the path);
     `embedder_options` go to MocaEmbedder.from_pretrained, e.g. processor_path for the published checkpoints.
     mteb's `meta.load_model()` also wants its "image" extra (torchvision) for any image model. A checkpoint whose
@@ -119,12 +139,18 @@ def model_meta(path_or_hub_id: str | os.PathLike, *, name: str | None = None, re
         text = json.loads(config.read_text())
         hidden = (text.get("text_config") or {}).get("hidden_size") or text.get("hidden_size")
         multi_vector_dim = declared_heads(text.get(HEADS_KEY))["multi_vector_dim"]
-    return _meta(name or str(path_or_hub_id), revision, hidden, multi_vector_dim,
-                 {"checkpoint": str(path_or_hub_id), **embedder_options})
+    return _meta(
+        name or str(path_or_hub_id),
+        revision,
+        hidden,
+        multi_vector_dim,
+        {"checkpoint": str(path_or_hub_id), **embedder_options},
+    )
 
 
-def _meta(name: str, revision: str | None, hidden: int | None, multi_vector_dim: int | None,
-          loader_kwargs: dict | None):
+def _meta(
+    name: str, revision: str | None, hidden: int | None, multi_vector_dim: int | None, loader_kwargs: dict | None
+):
     """The mteb ModelMeta of a MoCa encoder: image and text, instructions, cosine over the pooled vector or MaxSim over
     the multi-vector head's token vectors; loaded by MtebEncoder with `loader_kwargs` (None: the encoder cannot be
     loaded again, e.g. one built on an embedder in memory)."""
@@ -132,13 +158,27 @@ def _meta(name: str, revision: str | None, hidden: int | None, multi_vector_dim:
 
     late = multi_vector_dim is not None
     return ModelMeta(
-        loader=MtebEncoder if loader_kwargs is not None else None, loader_kwargs=loader_kwargs or {},
-        name=name, revision=revision,
-        release_date=None, languages=None, n_parameters=None, memory_usage_mb=None, max_tokens=None,
-        embed_dim=multi_vector_dim if late else hidden, license=None, open_weights=True, public_training_code=None,
-        public_training_data=None, framework=["PyTorch"], similarity_fn_name="MaxSim" if late else "cosine",
-        model_type=["late-interaction"] if late else ["dense"], use_instructions=True, training_datasets=None,
-        modalities=["image", "text"])
+        loader=MtebEncoder if loader_kwargs is not None else None,
+        loader_kwargs=loader_kwargs or {},
+        name=name,
+        revision=revision,
+        release_date=None,
+        languages=None,
+        n_parameters=None,
+        memory_usage_mb=None,
+        max_tokens=None,
+        embed_dim=multi_vector_dim if late else hidden,
+        license=None,
+        open_weights=True,
+        public_training_code=None,
+        public_training_data=None,
+        framework=["PyTorch"],
+        similarity_fn_name="MaxSim" if late else "cosine",
+        model_type=["late-interaction"] if late else ["dense"],
+        use_instructions=True,
+        training_datasets=None,
+        modalities=["image", "text"],
+    )
 
 
 def _unit(x) -> np.ndarray:

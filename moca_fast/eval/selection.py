@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
-def select_datasets(found: dict[str, Path], names: Sequence[str] | None, data: Path, kind: str,
-                    nothing_found: str) -> dict[str, Path]:
+def select_datasets(
+    found: dict[str, Path], names: Sequence[str] | None, data: Path, kind: str, nothing_found: str
+) -> dict[str, Path]:
     """`found` restricted to `names` (all when None); errors name the folder and what is missing or absent."""
     if names:
         missing = [name for name in names if name not in found]

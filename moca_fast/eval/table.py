@@ -5,6 +5,7 @@ from __future__ import annotations
 
 def format_table(header: list[str], rows: list[list], *, digits: int = 1) -> str:
     """Rows of strings and numbers (floats shown with `digits` decimals, None as "-") under a header."""
+
     def cell(value) -> str:
         if value is None:
             return "-"

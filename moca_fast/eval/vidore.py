@@ -41,13 +41,18 @@ log = logging.getLogger(__name__)
 # The seven ViDoRe-v2 columns of the paper's table: dataset folder names (the hub's current and earlier repository
 # names) -> column.
 VIDORE_V2_COLUMNS: dict[str, str] = {
-    "esg_reports_human_labeled_v2": "ESG human", "restaurant_esg_reports_beir": "ESG human",
-    "esg_reports_eng_v2": "ESG syn en", "synthetic_rse_restaurant_filtered_v1.0": "ESG syn en",
-    "esg_reports_v2": "ESG syn multi", "synthetic_rse_restaurant_filtered_v1.0_multilingual": "ESG syn multi",
-    "biomedical_lectures_eng_v2": "Bio en", "synthetic_mit_biomedical_tissue_interactions_unfiltered": "Bio en",
+    "esg_reports_human_labeled_v2": "ESG human",
+    "restaurant_esg_reports_beir": "ESG human",
+    "esg_reports_eng_v2": "ESG syn en",
+    "synthetic_rse_restaurant_filtered_v1.0": "ESG syn en",
+    "esg_reports_v2": "ESG syn multi",
+    "synthetic_rse_restaurant_filtered_v1.0_multilingual": "ESG syn multi",
+    "biomedical_lectures_eng_v2": "Bio en",
+    "synthetic_mit_biomedical_tissue_interactions_unfiltered": "Bio en",
     "biomedical_lectures_v2": "Bio multi",
     "synthetic_mit_biomedical_tissue_interactions_unfiltered_multilingual": "Bio multi",
-    "economics_reports_eng_v2": "Econ en", "synthetics_economics_macro_economy_2024_filtered_v1.0": "Econ en",
+    "economics_reports_eng_v2": "Econ en",
+    "synthetics_economics_macro_economy_2024_filtered_v1.0": "Econ en",
     "economics_reports_v2": "Econ multi",
     "synthetics_economics_macro_economy_2024_filtered_v1.0_multilingual": "Econ multi",
 }
@@ -67,8 +72,11 @@ class BeirDataset:
 def find_datasets(data: Path, names: Sequence[str] | None = None) -> dict[str, Path]:
     """{name: folder}: `data` itself when it is a BEIR folder, else each BEIR folder directly under it."""
     data = Path(data)
-    found = ({data.name: data} if _is_beir(data)
-             else {child.name: child for child in sorted(data.iterdir()) if child.is_dir() and _is_beir(child)})
+    found = (
+        {data.name: data}
+        if _is_beir(data)
+        else {child.name: child for child in sorted(data.iterdir()) if child.is_dir() and _is_beir(child)}
+    )
     return select_datasets(found, names, data, "BEIR", "no BEIR dataset (queries, corpus and qrels) found")
 
 
@@ -120,10 +128,19 @@ def read_dataset(name: str, folder: Path, split: str = "test") -> BeirDataset:
     if not judged.any():
         raise ValueError(f"ViDoRe {name}: no query has a relevant document in the {split} qrels")
     if not judged.all():
-        log.info("ViDoRe %s: %d of %d queries have no relevant document and are left out",
-                 name, int((~judged).sum()), len(queries))
-    return BeirDataset(name, [q for q, keep in zip(queries, judged) if keep], corpus, relevance[judged],
-                       [language for language, keep in zip(languages, judged) if keep])
+        log.info(
+            "ViDoRe %s: %d of %d queries have no relevant document and are left out",
+            name,
+            int((~judged).sum()),
+            len(queries),
+        )
+    return BeirDataset(
+        name,
+        [q for q, keep in zip(queries, judged) if keep],
+        corpus,
+        relevance[judged],
+        [language for language, keep in zip(languages, judged) if keep],
+    )
 
 
 def _document(record: dict, folder: Path, where: str) -> EmbedInput:
@@ -163,9 +180,17 @@ def _qrels(folder: Path, split: str):
         yield str(row["query-id"]), str(row["corpus-id"]), score
 
 
-def evaluate_vidore(embedder: MocaEmbedder, data: str | Path, *, split: str = "test",
-                    datasets: Sequence[str] | None = None, cache_dir: str | Path | None = None, model_id: str = "",
-                    batch_tokens: int | None = None, progress: bool = False) -> dict:
+def evaluate_vidore(
+    embedder: MocaEmbedder,
+    data: str | Path,
+    *,
+    split: str = "test",
+    datasets: Sequence[str] | None = None,
+    cache_dir: str | Path | None = None,
+    model_id: str = "",
+    batch_tokens: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Score every BEIR dataset under `data` (or those named); returns the report `summarize` makes."""
     results = {}
     key = model_key(embedder) if cache_dir is not None else None  # once: it reads every weight
@@ -178,20 +203,36 @@ def evaluate_vidore(embedder: MocaEmbedder, data: str | Path, *, split: str = "t
         corpus = cached_embeddings(embedder, dataset.corpus, cache and cache / "corpus.npy", **embed)
         scores = queries @ corpus.T if output == "pooled" else maxsim_scores(queries, corpus)
         ndcg5 = ndcg_at_k(scores, dataset.relevance, 5)
-        metrics = {"ndcg@5": 100 * float(ndcg5.mean()), "ndcg@10": 100 * float(ndcg_at_k(scores, dataset.relevance,
-                                                                                            10).mean())}
+        metrics = {
+            "ndcg@5": 100 * float(ndcg5.mean()),
+            "ndcg@10": 100 * float(ndcg_at_k(scores, dataset.relevance, 10).mean()),
+        }
         metrics |= {f"recall@{k}": 100 * float(recall_at_k(scores, dataset.relevance, k).mean()) for k in CUTOFFS}
-        results[name] = metrics | {"queries": len(dataset.queries), "corpus": len(dataset.corpus),
-                                   "scoring": "cosine" if output == "pooled" else "MaxSim"}
+        results[name] = metrics | {
+            "queries": len(dataset.queries),
+            "corpus": len(dataset.corpus),
+            "scoring": "cosine" if output == "pooled" else "MaxSim",
+        }
         if any(language is not None for language in dataset.languages):
             languages = np.array([str(language) for language in dataset.languages])
-            per_language = {str(language): {"ndcg@5": 100 * float(ndcg5[languages == language].mean()),
-                                            "queries": int((languages == language).sum())}
-                            for language in sorted(set(languages))}
-            results[name] |= {"languages": per_language,
-                              "ndcg@5_language_mean": mean(v["ndcg@5"] for v in per_language.values())}
-        log.info("ViDoRe %s: NDCG@5 %.1f (%d queries, %d documents)", name, metrics["ndcg@5"],
-                 len(dataset.queries), len(dataset.corpus))
+            per_language = {
+                str(language): {
+                    "ndcg@5": 100 * float(ndcg5[languages == language].mean()),
+                    "queries": int((languages == language).sum()),
+                }
+                for language in sorted(set(languages))
+            }
+            results[name] |= {
+                "languages": per_language,
+                "ndcg@5_language_mean": mean(v["ndcg@5"] for v in per_language.values()),
+            }
+        log.info(
+            "ViDoRe %s: NDCG@5 %.1f (%d queries, %d documents)",
+            name,
+            metrics["ndcg@5"],
+            len(dataset.queries),
+            len(dataset.corpus),
+        )
     return summarize(results)
 
 
@@ -199,33 +240,53 @@ def summarize(results: dict[str, dict]) -> dict:
     """Per-dataset metrics -> the report: each ViDoRe-v2 column's NDCG@5, their average when all seven are
     there, and the average over every dataset scored; each pooled over languages and, as mteb and the public
     leaderboard score them, as the mean over languages (a dataset without languages counts pooled there)."""
+
     def report(score: str) -> tuple[dict, float | None, float | None]:
-        columns = {VIDORE_V2_COLUMNS[name]: r.get(score, r["ndcg@5"]) for name, r in results.items()
-                   if name in VIDORE_V2_COLUMNS}
-        return ({column: columns.get(column) for column in COLUMNS},
-                mean(columns.values()) if len(columns) == len(COLUMNS) else None,
-                mean(r.get(score, r["ndcg@5"]) for r in results.values()) if results else None)
+        columns = {
+            VIDORE_V2_COLUMNS[name]: r.get(score, r["ndcg@5"])
+            for name, r in results.items()
+            if name in VIDORE_V2_COLUMNS
+        }
+        return (
+            {column: columns.get(column) for column in COLUMNS},
+            mean(columns.values()) if len(columns) == len(COLUMNS) else None,
+            mean(r.get(score, r["ndcg@5"]) for r in results.values()) if results else None,
+        )
 
     pooled, by_language = report("ndcg@5"), report("ndcg@5_language_mean")
     return {
         "metric": "ndcg@5 x100",
         "datasets": {name: r | {"column": VIDORE_V2_COLUMNS.get(name)} for name, r in results.items()},
-        "columns": pooled[0], "vidore_v2_average": pooled[1], "average": pooled[2],
-        "columns_language_mean": by_language[0], "vidore_v2_average_language_mean": by_language[1],
+        "columns": pooled[0],
+        "vidore_v2_average": pooled[1],
+        "average": pooled[2],
+        "columns_language_mean": by_language[0],
+        "vidore_v2_average_language_mean": by_language[1],
         "average_language_mean": by_language[2],
     }
 
 
 def format_report(report: dict) -> str:
-    rows = [[name, d["column"] or "-", d["queries"], d["corpus"], d["ndcg@5"], d["ndcg@10"], d["recall@5"]]
-            for name, d in report["datasets"].items()]
+    rows = [
+        [name, d["column"] or "-", d["queries"], d["corpus"], d["ndcg@5"], d["ndcg@10"], d["recall@5"]]
+        for name, d in report["datasets"].items()
+    ]
     columns = [[column, score, report["columns_language_mean"][column]] for column, score in report["columns"].items()]
-    columns += [["ViDoRe-v2 average (7 columns)", report["vidore_v2_average"],
-                 report["vidore_v2_average_language_mean"]],
-                [f"average ({len(report['datasets'])} scored)", report["average"], report["average_language_mean"]]]
-    languages = [[name, language, v["queries"], v["ndcg@5"]] for name, d in report["datasets"].items()
-                 for language, v in d.get("languages", {}).items()]
-    text = ("ViDoRe " + report["metric"] + "\n"
-            + format_table(["dataset", "column", "queries", "corpus", "NDCG@5", "NDCG@10", "R@5"], rows) + "\n\n"
-            + format_table(["column", "NDCG@5 pooled", "NDCG@5 mean over languages"], columns))
+    columns += [
+        ["ViDoRe-v2 average (7 columns)", report["vidore_v2_average"], report["vidore_v2_average_language_mean"]],
+        [f"average ({len(report['datasets'])} scored)", report["average"], report["average_language_mean"]],
+    ]
+    languages = [
+        [name, language, v["queries"], v["ndcg@5"]]
+        for name, d in report["datasets"].items()
+        for language, v in d.get("languages", {}).items()
+    ]
+    text = (
+        "ViDoRe "
+        + report["metric"]
+        + "\n"
+        + format_table(["dataset", "column", "queries", "corpus", "NDCG@5", "NDCG@10", "R@5"], rows)
+        + "\n\n"
+        + format_table(["column", "NDCG@5 pooled", "NDCG@5 mean over languages"], columns)
+    )
     return text + ("\n\n" + format_table(["dataset", "language", "queries", "NDCG@5"], languages) if languages else "")

@@ -20,6 +20,10 @@ def write_sentence_transformers_config(path: str | os.PathLike) -> None:
     path = Path(path)
     modules = [{"idx": 0, "name": "0", "path": "", "type": SENTENCE_TRANSFORMERS_MODULE}]
     (path / "modules.json").write_text(json.dumps(modules, indent=2))
-    config = {"model_type": "SentenceTransformer", "prompts": {"query": "", "document": "", **PROMPTS},
-              "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    config = {
+        "model_type": "SentenceTransformer",
+        "prompts": {"query": "", "document": "", **PROMPTS},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+    }
     (path / "config_sentence_transformers.json").write_text(json.dumps(config, indent=2))

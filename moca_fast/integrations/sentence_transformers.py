@@ -16,10 +16,10 @@ from typing import Any
 
 from sentence_transformers.base.modules.input_module import InputModule
 
-from . import write_sentence_transformers_config
 from ..embed import MocaEmbedder
 from ..inputs import as_input, with_instructions
 from ..model.loading import save_pretrained
+from . import write_sentence_transformers_config
 
 _INPUTS = "moca_inputs"
 
@@ -58,5 +58,5 @@ class MocaModule(InputModule):
         self.embedder.processor.save_pretrained(output_path)
 
     @classmethod
-    def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> "MocaModule":
+    def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> MocaModule:
         return cls(model_name_or_path)

@@ -91,8 +91,15 @@ class Segments:
     _prepared: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int, total: int, backend: str,
-              q_bounds: Bounds | None = None, causal: bool = False) -> "Segments":
+    def build(
+        cls,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        total: int,
+        backend: str,
+        q_bounds: Bounds | None = None,
+        causal: bool = False,
+    ) -> Segments:
         """Self-attention within segments (`causal`: each token attends to its own segment's tokens up to itself);
         with `q_bounds`, queries have their own bounds per segment (never causal)."""
         if causal and q_bounds is not None:
@@ -112,8 +119,9 @@ class Segments:
         return seg
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, scale: float
-                     ) -> torch.Tensor:
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, scale: float
+) -> torch.Tensor:
     """Attention within each segment, causal if `segments` is. q [Tq, Hq, D], k/v [Tk, Hkv, D] (Hq a multiple of
     Hkv)."""
     if q.shape[0] == 0:  # no queries (a pack without masked image rows for the MAE layer): an empty output, which
@@ -124,15 +132,29 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments
     if segments.backend == "flash":
         from flash_attn import flash_attn_varlen_func
 
-        return flash_attn_varlen_func(q, k, v, qb.cu_seqlens, kb.cu_seqlens, qb.max_seqlen, kb.max_seqlen,
-                                      softmax_scale=scale, causal=segments.causal)
+        return flash_attn_varlen_func(
+            q,
+            k,
+            v,
+            qb.cu_seqlens,
+            kb.cu_seqlens,
+            qb.max_seqlen,
+            kb.max_seqlen,
+            softmax_scale=scale,
+            causal=segments.causal,
+        )
     if segments.backend == "varlen":
         return torch_varlen_attention(q, k, v, qb, kb, scale, segments.causal)
     (q_gather, _, q_unpad), (k_gather, _, _) = segments._prepared["q"], segments._prepared["k"]
     # [S, L, H, D] -> [S, H, L, D]; padded query rows attend to their segment's keys and are dropped after.
-    out = F.scaled_dot_product_attention(q[q_gather].transpose(1, 2), k[k_gather].transpose(1, 2),
-                                         v[k_gather].transpose(1, 2), attn_mask=segments._prepared["mask"],
-                                         scale=scale, enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(
+        q[q_gather].transpose(1, 2),
+        k[k_gather].transpose(1, 2),
+        v[k_gather].transpose(1, 2),
+        attn_mask=segments._prepared["mask"],
+        scale=scale,
+        enable_gqa=gqa,
+    )
     return out.transpose(1, 2).flatten(0, 1)[q_unpad]
 
 
@@ -155,8 +177,9 @@ def _varlen_options(causal: bool) -> tuple[dict, bool]:
     return options, "enable_gqa" in parameters
 
 
-def torch_varlen_attention(q, k, v, q_bounds: Bounds, k_bounds: Bounds, scale: float, causal: bool = False
-                           ) -> torch.Tensor:
+def torch_varlen_attention(
+    q, k, v, q_bounds: Bounds, k_bounds: Bounds, scale: float, causal: bool = False
+) -> torch.Tensor:
     """torch.nn.attention.varlen.varlen_attn over packed q [Tq, Hq, D] and k/v [Tk, Hkv, D] (`causal`: each query
     attends to the keys up to its own position); where the installed torch takes no grouped K/V, each K/V head is
     repeated for its group of query heads."""
@@ -169,8 +192,17 @@ def torch_varlen_attention(q, k, v, q_bounds: Bounds, k_bounds: Bounds, scale: f
         else:
             group = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return varlen_attn(q, k, v, q_bounds.cu_seqlens, k_bounds.cu_seqlens, q_bounds.max_seqlen, k_bounds.max_seqlen,
-                       scale=scale, **options)
+    return varlen_attn(
+        q,
+        k,
+        v,
+        q_bounds.cu_seqlens,
+        k_bounds.cu_seqlens,
+        q_bounds.max_seqlen,
+        k_bounds.max_seqlen,
+        scale=scale,
+        **options,
+    )
 
 
 def _padded_indices(bounds: Bounds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -182,7 +214,8 @@ def _padded_indices(bounds: Bounds) -> tuple[torch.Tensor, torch.Tensor, torch.T
     offsets = torch.arange(width, device=cu.device)
     valid = offsets.unsqueeze(0) < lengths.unsqueeze(1)  # [S, L]
     gather = (cu[:-1].unsqueeze(1) + offsets).clamp(max=max(bounds.total - 1, 0))
-    segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths,
-                                      output_size=bounds.total)
+    segment = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=cu.device), lengths, output_size=bounds.total
+    )
     unpad = segment * width + torch.arange(bounds.total, device=cu.device) - cu[segment]
     return gather, valid, unpad

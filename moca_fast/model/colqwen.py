@@ -97,8 +97,13 @@ def processor_settings(path: Path) -> dict:
     return {"min_pixels": pixels("shortest_edge", "min_pixels"), "max_pixels": pixels("longest_edge", "max_pixels")}
 
 
-def load_colqwen(path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 attention_backend: str = "auto", locate: Callable[[str], Path] = Path) -> MocaModel:
+def load_colqwen(
+    path: Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attention_backend: str = "auto",
+    locate: Callable[[str], Path] = Path,
+) -> MocaModel:
     """A causal MocaModel with a multi-vector head from a ColQwen2.5 checkpoint folder (adapter or merged);
     `locate` turns the adapter's base_model_name_or_path that is not a local folder into one (a hub download)."""
     from transformers import Qwen2_5_VLConfig
@@ -108,8 +113,10 @@ def load_colqwen(path: Path, dtype: torch.dtype = torch.float32, device: str | t
     check_hf_config(base / "config.json")
     state = ours(read_safetensors(base, "cpu"), str(base))
     if HEAD not in state:
-        raise ValueError(f"{base}: no {HEAD} in its weights: not a ColQwen2.5 (colpali-engine's ColQwen2_5 carries "
-                         "its multi-vector head; a peft adapter on another model does not load as one)")
+        raise ValueError(
+            f"{base}: no {HEAD} in its weights: not a ColQwen2.5 (colpali-engine's ColQwen2_5 carries "
+            "its multi-vector head; a peft adapter on another model does not load as one)"
+        )
     if adapter:
         state = merge_adapter(state, path)
     spec = ModelSpec.from_hf_config(Qwen2_5_VLConfig.from_pretrained(base, local_files_only=True))
@@ -122,8 +129,12 @@ def load_colqwen(path: Path, dtype: torch.dtype = torch.float32, device: str | t
     model.to(dtype=dtype)
     nested = {convert_key(name, "nested", to_ours=False): tensor for name, tensor in state.items()}
     load_state_dict_into(model, nested, source=str(path))
-    log.info("%s: ColQwen2.5 (%s), causal decoder, %d-dimensional multi-vectors", path,
-             f"base {base} + LoRA merged" if adapter else "merged", spec.multi_vector_dim)
+    log.info(
+        "%s: ColQwen2.5 (%s), causal decoder, %d-dimensional multi-vectors",
+        path,
+        f"base {base} + LoRA merged" if adapter else "merged",
+        spec.multi_vector_dim,
+    )
     return model.to(device)
 
 
@@ -176,7 +187,7 @@ def merge_adapter(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch
     stray = [key for key in tensors if not key.startswith(PEFT_PREFIX)]
     if stray:
         raise ValueError(f"{file}: key {stray[0]!r} lacks peft's prefix {PEFT_PREFIX!r}")
-    tensors = {key[len(PEFT_PREFIX):]: tensor for key, tensor in tensors.items()}
+    tensors = {key[len(PEFT_PREFIX) :]: tensor for key, tensor in tensors.items()}
     # Adapter names -> our names: a LoRA pair by its weight's name, so the layout is that of the weights' names.
     weight_names = {key: _lora_weight(key) or key for key in tensors}
     try:
@@ -193,8 +204,9 @@ def merge_adapter(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch
             raise ValueError(f"{file}: {key!r} adapts {weight_names[key]!r}, which the base model does not have")
         if ".lora_" not in key:  # a tensor stored whole (modules_to_save, trained biases)
             if tensor.shape != state[name].shape:
-                raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, the base's {name} "
-                                 f"{tuple(state[name].shape)}")
+                raise ValueError(
+                    f"{file}: {key!r} has shape {tuple(tensor.shape)}, the base's {name} {tuple(state[name].shape)}"
+                )
             merged[name] = tensor
         elif key.endswith(".lora_A.weight"):
             b = tensors.get(key.replace(".lora_A.weight", ".lora_B.weight"))
@@ -204,8 +216,14 @@ def merge_adapter(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch
             scale = alpha / (math.sqrt(rank) if rslora else rank)
             merged[name] = merged[name].float() + scale * (b.float() @ tensor.float())
             pairs += 1
-    log.info("%s: %d LoRA pairs merged (alpha %g%s), %d tensors replaced", path, pairs, alpha,
-             ", rsLoRA" if rslora else "", sum(".lora_" not in key for key in tensors))
+    log.info(
+        "%s: %d LoRA pairs merged (alpha %g%s), %d tensors replaced",
+        path,
+        pairs,
+        alpha,
+        ", rsLoRA" if rslora else "",
+        sum(".lora_" not in key for key in tensors),
+    )
     return merged
 
 

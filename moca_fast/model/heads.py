@@ -31,13 +31,18 @@ def reference_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An MaeHead state dict under the reference's names (`mae_decoder.*`, `mae_proj.*`): what its checkpoints
     store."""
     ours_to_reference = {ours: theirs for theirs, ours in REFERENCE_PREFIXES.items()}
-    return {ours_to_reference[prefix] + key[len(prefix):]: tensor for key, tensor in state.items()
-            for prefix in ours_to_reference if key.startswith(prefix)}
+    return {
+        ours_to_reference[prefix] + key[len(prefix) :]: tensor
+        for key, tensor in state.items()
+        for prefix in ours_to_reference
+        if key.startswith(prefix)
+    }
 
 
 def mae_state_from_patch_major(state: dict[str, torch.Tensor], merge_unit: int = 4) -> dict[str, torch.Tensor]:
     """An MaeHead state dict saved by moca_fast before its projection took the reference's layout (rows
     p * 1176 + d) with the projection rows in that layout (d * 4 + p); everything else unchanged."""
+
     def rows(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.reshape(merge_unit, -1, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
 
@@ -56,7 +61,7 @@ class MaeHead(nn.Module):
         self.proj = nn.Linear(spec.text.hidden_size, spec.vision.merge_unit * spec.vision.patch_dim)
 
     @classmethod
-    def from_reference(cls, model: MocaModel, tensors: dict[str, torch.Tensor]) -> "MaeHead":
+    def from_reference(cls, model: MocaModel, tensors: dict[str, torch.Tensor]) -> MaeHead:
         """The head stored in a reference stage-1 checkpoint (`mae_decoder.*`, `mae_proj.*`; same layout)."""
         head = cls(model)
         renamed = {}
@@ -64,7 +69,7 @@ class MaeHead(nn.Module):
             prefix = next((p for p in REFERENCE_PREFIXES if key.startswith(p)), None)
             if prefix is None:
                 raise ValueError(f"{key!r} is not a key of the reference's MAE head ({', '.join(REFERENCE_PREFIXES)})")
-            renamed[REFERENCE_PREFIXES[prefix] + key[len(prefix):]] = tensor
+            renamed[REFERENCE_PREFIXES[prefix] + key[len(prefix) :]] = tensor
         head.load_state_dict(renamed)  # strict: a missing, unexpected or misshapen tensor raises, naming it
         return head.to(next(model.parameters()).dtype)
 
@@ -73,7 +78,7 @@ class MaeHead(nn.Module):
         return reference_names(self.state_dict())
 
     @classmethod
-    def from_middle_layer(cls, model: MocaModel) -> "MaeHead":
+    def from_middle_layer(cls, model: MocaModel) -> MaeHead:
         """The reference's initialisation: the layer copies decoder layer L/2; the projection is fresh."""
         head = cls(model)
         middle = model.language_model.layers[model.spec.text.num_layers // 2]

@@ -29,8 +29,12 @@ KEY_LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
     # transformers 4.x Qwen2_5_VLForConditionalGeneration: the published MoCa checkpoints.
     "flat": (MULTI_VECTOR_HEAD, ("visual.", "visual."), ("model.", "language_model."), ("lm_head.", "lm_head.")),
     # transformers >= 4.52 / 5.x Qwen2_5_VLForConditionalGeneration.
-    "nested": (MULTI_VECTOR_HEAD, ("model.visual.", "visual."), ("model.language_model.", "language_model."),
-               ("lm_head.", "lm_head.")),
+    "nested": (
+        MULTI_VECTOR_HEAD,
+        ("model.visual.", "visual."),
+        ("model.language_model.", "language_model."),
+        ("lm_head.", "lm_head."),
+    ),
     # a bare Qwen2_5_VLModel (no LM head).
     "base": (MULTI_VECTOR_HEAD, ("visual.", "visual."), ("language_model.", "language_model.")),
 }
@@ -58,7 +62,7 @@ def convert_key(key: str, layout: str, to_ours: bool = True) -> str | None:
     for theirs, ours in KEY_LAYOUTS[layout]:
         src, dst = (theirs, ours) if to_ours else (ours, theirs)
         if key.startswith(src):
-            return dst + key[len(src):]
+            return dst + key[len(src) :]
     return None
 
 
@@ -67,8 +71,12 @@ def load_state_dict_into(model: MocaModel, state_dict: dict[str, torch.Tensor], 
     A stage-1 MAE head stored with the weights (the reference's `mae_decoder.*`, `mae_proj.*`) is left out."""
     mae = [key for key in state_dict if key.startswith(MAE_HEAD_PREFIXES)]
     if mae:
-        log.info("%s: its stage-1 MAE head (%d tensors mae_decoder.*, mae_proj.*) is not part of the backbone: left "
-                 "out (stage 1 continues from it)", source, len(mae))
+        log.info(
+            "%s: its stage-1 MAE head (%d tensors mae_decoder.*, mae_proj.*) is not part of the backbone: left "
+            "out (stage 1 continues from it)",
+            source,
+            len(mae),
+        )
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(MAE_HEAD_PREFIXES)}
     layout = detect_layout(state_dict)
     tied = model.spec.tie_word_embeddings
@@ -84,19 +92,26 @@ def load_state_dict_into(model: MocaModel, state_dict: dict[str, torch.Tensor], 
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(set(ours) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source}: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        raise ValueError(
+            f"{source}: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
     for name, tensor in ours.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config needs "
-                             f"{tuple(expected[name].shape)}")
+            raise ValueError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, the config needs {tuple(expected[name].shape)}"
+            )
     dtype = next(iter(expected.values())).dtype
     model.load_state_dict({k: v.to(dtype) for k, v in ours.items()}, strict=False, assign=True)
     model.tie_weights()
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    attention_backend: str = "auto") -> MocaModel:
+def load_pretrained(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attention_backend: str = "auto",
+) -> MocaModel:
     """A MocaModel from a local Hugging Face checkpoint directory (config.json + safetensors), either layout."""
     from transformers import Qwen2_5_VLConfig
 
@@ -123,8 +138,9 @@ def check_hf_config(file: Path) -> None:
         raise ValueError(f"{file}: {kind} has no vision_config: not a Qwen2.5-VL checkpoint (a text-only model?)")
 
 
-def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict | None = None,
-                    dtype: torch.dtype | None = None) -> torch.dtype:
+def save_pretrained(
+    model: MocaModel, path: str | os.PathLike, state_dict: dict | None = None, dtype: torch.dtype | None = None
+) -> torch.dtype:
     """Write config.json and safetensors shards in the transformers 4.x flat layout (readable by 4.x and 5.x), in
     `dtype` (default: the dtype the model's config declares, e.g. Qwen's bfloat16; else the weights' own), which
     config.json then states. The text config says `is_causal: false`, so transformers loads it bidirectional.
@@ -144,8 +160,11 @@ def save_pretrained(model: MocaModel, path: str | os.PathLike, state_dict: dict 
     config.dtype = dtype
     config.text_config.is_causal = False
     if model.spec.multi_vector_dim is not None or model.spec.matryoshka_dims:
-        setattr(config, HEADS_KEY, {"multi_vector_dim": model.spec.multi_vector_dim,
-                                    "matryoshka_dims": list(model.spec.matryoshka_dims)})
+        setattr(
+            config,
+            HEADS_KEY,
+            {"multi_vector_dim": model.spec.multi_vector_dim, "matryoshka_dims": list(model.spec.matryoshka_dims)},
+        )
     elif hasattr(config, HEADS_KEY):
         delattr(config, HEADS_KEY)
     config.save_pretrained(path)

@@ -30,12 +30,13 @@ class MocaModel(nn.Module):
         self.language_model = TextDecoder(spec.text)
         self.lm_head = nn.Linear(spec.text.hidden_size, spec.text.vocab_size, bias=False)
         # The multi-vector head (colpali-engine's name and shape): hidden -> multi_vector_dim, on every token.
-        self.custom_text_proj = (nn.Linear(spec.text.hidden_size, spec.multi_vector_dim)
-                                 if spec.multi_vector_dim is not None else None)
+        self.custom_text_proj = (
+            nn.Linear(spec.text.hidden_size, spec.multi_vector_dim) if spec.multi_vector_dim is not None else None
+        )
         self.tie_weights()
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> "MocaModel":
+    def init_weights(self, std: float = 0.02) -> MocaModel:
         """Random initialisation as Qwen2.5-VL's: normal(0, std) matrices, zero biases, unit norms."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv3d, nn.Embedding)):
@@ -83,7 +84,7 @@ class MocaModel(nn.Module):
         return token_vectors(hidden, self.custom_text_proj)
 
     @torch.no_grad()
-    def set_heads(self, multi_vector_dim: int | None, matryoshka_dims: tuple[int, ...] = ()) -> "MocaModel":
+    def set_heads(self, multi_vector_dim: int | None, matryoshka_dims: tuple[int, ...] = ()) -> MocaModel:
         """Declare the embedding heads this model is trained for (`spec` says them, so checkpoints declare them):
         a fresh multi-vector head (normal(0, 0.02) weights, zero bias) when it has none yet; an existing one must
         have `multi_vector_dim` outputs. None keeps the head a checkpoint brought (it is then not trained)."""
@@ -98,8 +99,13 @@ class MocaModel(nn.Module):
                 nn.init.normal_(self.custom_text_proj.weight, std=0.02)
                 nn.init.zeros_(self.custom_text_proj.bias)
             elif self.custom_text_proj.out_features != multi_vector_dim:
-                raise ValueError(f"multi_vector_dim {multi_vector_dim}: the checkpoint's multi-vector head has "
-                                 f"{self.custom_text_proj.out_features} outputs")
-        self.spec = dataclasses.replace(self.spec, multi_vector_dim=self.spec.multi_vector_dim or multi_vector_dim,
-                                        matryoshka_dims=tuple(matryoshka_dims))
+                raise ValueError(
+                    f"multi_vector_dim {multi_vector_dim}: the checkpoint's multi-vector head has "
+                    f"{self.custom_text_proj.out_features} outputs"
+                )
+        self.spec = dataclasses.replace(
+            self.spec,
+            multi_vector_dim=self.spec.multi_vector_dim or multi_vector_dim,
+            matryoshka_dims=tuple(matryoshka_dims),
+        )
         return self

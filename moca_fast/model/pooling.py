@@ -10,8 +10,9 @@ import torch.nn.functional as F
 def mean_pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Hidden [T, H] of S packed sequences -> per-sequence means [S, H] in fp32 (no host synchronisation)."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=hidden.device), lengths,
-                                  output_size=hidden.shape[0])
+    seq = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=hidden.device), lengths, output_size=hidden.shape[0]
+    )
     sums = torch.zeros(lengths.numel(), hidden.shape[1], device=hidden.device, dtype=torch.float32)
     sums = sums.index_add(0, seq, hidden.float())
     return sums / lengths.unsqueeze(1)

@@ -10,12 +10,16 @@ def inverse_frequencies(dim: int, theta: float, device=None) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
 
 
-def mrope_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section: tuple[int, int, int]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def mrope_angles(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, head_dim] from position ids [3, T]: frequency block j of each half takes axis j % 3."""
     freqs = position_ids.float().unsqueeze(-1) * inv_freq  # [3, T, D/2]
-    axis = torch.repeat_interleave(torch.arange(3, device=freqs.device),
-                                   torch.tensor(mrope_section, device=freqs.device), output_size=freqs.shape[-1])
+    axis = torch.repeat_interleave(
+        torch.arange(3, device=freqs.device),
+        torch.tensor(mrope_section, device=freqs.device),
+        output_size=freqs.shape[-1],
+    )
     freqs = freqs.gather(0, axis.expand(1, freqs.shape[1], -1)).squeeze(0)  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()

@@ -26,8 +26,14 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * spec.head_dim, bias=True)
         self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments,
-                query_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segments: Segments,
+        query_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attention output for every row of x, or only for the rows `query_index` (keys/values: all rows)."""
         xq, qcos, qsin = (x, cos, sin) if query_index is None else (x[query_index], cos[query_index], sin[query_index])
         q = apply_rotary(self.q_proj(xq).view(xq.shape[0], self.num_heads, self.head_dim), qcos, qsin)

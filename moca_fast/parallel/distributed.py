@@ -91,17 +91,17 @@ class _GatherVarlenWithGrad(torch.autograd.Function):
     def forward(ctx, x, sizes: list[int]):
         longest = max(sizes)
         padded = x.new_zeros(longest, *x.shape[1:])
-        padded[:x.shape[0]] = x
+        padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded)
-        ctx.start, ctx.stop = sum(sizes[:rank()]), sum(sizes[:rank() + 1])
+        ctx.start, ctx.stop = sum(sizes[: rank()]), sum(sizes[: rank() + 1])
         return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        return grad[ctx.start:ctx.stop], None
+        return grad[ctx.start : ctx.stop], None
 
 
 def gather_varlen_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:

@@ -30,13 +30,24 @@ KINDS = ("decoder", "vision", "mae")
 HEADROOM = 0.10  # of the device memory, left to the allocator's fragmentation, NCCL buffers and the CUDA context
 SPLITS = (1, 2, 4, 8)
 # Ops whose outputs selective recompute keeps: the GEMMs and attention (forward ops of every backend).
-SAVED_OPS = frozenset({
-    "aten.mm", "aten.addmm", "aten.bmm", "aten._scaled_mm", "aten.linear",
-    "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
-    "aten._scaled_dot_product_cudnn_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
-    "aten._flash_attention_forward", "aten._efficient_attention_forward", "aten._cudnn_attention_forward",
-    "torch_attn._varlen_attn", "flash_attn._flash_attn_varlen_forward",
-})
+SAVED_OPS = frozenset(
+    {
+        "aten.mm",
+        "aten.addmm",
+        "aten.bmm",
+        "aten._scaled_mm",
+        "aten.linear",
+        "aten._scaled_dot_product_flash_attention",
+        "aten._scaled_dot_product_efficient_attention",
+        "aten._scaled_dot_product_cudnn_attention",
+        "aten._scaled_dot_product_flash_attention_for_cpu",
+        "aten._flash_attention_forward",
+        "aten._efficient_attention_forward",
+        "aten._cudnn_attention_forward",
+        "torch_attn._varlen_attn",
+        "flash_attn._flash_attn_varlen_forward",
+    }
+)
 
 
 def selective_policy(ctx, func, *args, **kwargs):
@@ -116,8 +127,10 @@ class MemoryPlan:
         split = f"; micro-batches split in {self.splits}" if self.splits > 1 else ""
         cache = f"; GradCache on ({self.grad_cache_tokens} tokens per chunk)" if self.grad_cache_tokens else ""
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        return (f"memory plan: {modes}{split}{cache}; estimated peak {self.peak / 2**30:.1f} GiB of a "
-                f"{self.budget / 2**30:.1f} GiB budget ({verdict})")
+        return (
+            f"memory plan: {modes}{split}{cache}; estimated peak {self.peak / 2**30:.1f} GiB of a "
+            f"{self.budget / 2**30:.1f} GiB budget ({verdict})"
+        )
 
 
 @dataclass(frozen=True)
@@ -146,8 +159,13 @@ def device_target(device: torch.device, world_size: int, dtype: str, memory_gb: 
     else:
         memory = memory_gb * 1e9
     on_cuda = device.type == "cuda"
-    return Target(memory, world_size, getattr(torch, dtype) if on_cuda else torch.float32,
-                  "varlen" if on_cuda else "sdpa", device.type)
+    return Target(
+        memory,
+        world_size,
+        getattr(torch, dtype) if on_cuda else torch.float32,
+        "varlen" if on_cuda else "sdpa",
+        device.type,
+    )
 
 
 def static_bytes(model: nn.Module, extra: nn.Module | None, blocks: list[nn.Module], target: Target) -> float:
@@ -215,6 +233,7 @@ def block_kinds(model: nn.Module, mae: nn.Module | None) -> dict[str, list[nn.Mo
 def activation_peak(step, batch, spec, modes: dict, target: Target) -> float:
     """The step's peak activation bytes at full depth, extrapolated from thin fake runs: one block of each kind,
     and one more decoder layer / vision block to measure what each adds."""
+
     def peak(layers: int, blocks: int) -> float:
         return fake_step_peak(step, batch, spec, {"decoder": layers, "vision": blocks}, modes, target)
 
@@ -243,12 +262,14 @@ def recompute_order(kinds: tuple[str, ...]) -> list[dict]:
     """Every assignment of modes to `kinds`, cheapest recompute first: fewer fully recomputed blocks, then fewer
     selective ones (FLOP-wise selective recomputes only element-wise work)."""
     combos = [dict(zip(kinds, modes)) for modes in itertools.product(MODES, repeat=len(kinds))]
-    return sorted(combos, key=lambda m: (sum(v == "full" for v in m.values()), sum(v == "selective"
-                                                                                   for v in m.values())))
+    return sorted(
+        combos, key=lambda m: (sum(v == "full" for v in m.values()), sum(v == "selective" for v in m.values()))
+    )
 
 
-def cheapest_fit(step, spec, static: float, target: Target, kinds: tuple[str, ...], shapes: dict,
-                 fixed: dict | None = None) -> MemoryPlan | None:
+def cheapest_fit(
+    step, spec, static: float, target: Target, kinds: tuple[str, ...], shapes: dict, fixed: dict | None = None
+) -> MemoryPlan | None:
     """The plan of least recompute (then fewest splits) whose exact estimate fits, over `shapes` ({splits:
     batch}). Candidates are screened by an additive model (all blocks full, plus what each kind adds in another
     mode, measured once per shape), so only likely fits pay for an exact estimate."""
@@ -274,8 +295,10 @@ def cheapest_fit(step, spec, static: float, target: Target, kinds: tuple[str, ..
         if splits not in tables:
             full = dict.fromkeys(kinds, "full")
             base = exact(full, shapes[splits])
-            tables[splits] = (base, {(k, m): exact({**full, k: m}, shapes[splits]) - base
-                                     for k in kinds for m in MODES if m != "full"})
+            tables[splits] = (
+                base,
+                {(k, m): exact({**full, k: m}, shapes[splits]) - base for k in kinds for m in MODES if m != "full"},
+            )
         base, delta = tables[splits]
         return base + sum(delta.get((k, m), 0.0) for k, m in modes.items())
 
@@ -297,8 +320,9 @@ def plan_stage1(spec, static: float, batch_for_split, target: Target, max_splits
     if plan is None:
         splits, batch = list(shapes.items())[-1]
         full = dict.fromkeys(KINDS, "full")
-        plan = MemoryPlan(full, splits, None, static + activation_peak(stage1_step, batch, spec, full, target),
-                          target.budget)
+        plan = MemoryPlan(
+            full, splits, None, static + activation_peak(stage1_step, batch, spec, full, target), target.budget
+        )
     return plan
 
 
@@ -333,27 +357,45 @@ def planning_pack(processor, tokens: int, *, masked: bool, mlm_rate: float = 0.4
         seq = page
         if masked:
             generator = torch.Generator().manual_seed(i)
-            seq = apply_mlm(seq, mask_token_id=processor.mask_token_id, special_ids=processor.special_ids,
-                            rate=mlm_rate, generator=generator)
-            seq = apply_mae(seq, image_token_id=processor.image_token_id, rate=mae_rate, generator=generator,
-                            merge_unit=processor.spatial_merge_size**2)
+            seq = apply_mlm(
+                seq,
+                mask_token_id=processor.mask_token_id,
+                special_ids=processor.special_ids,
+                rate=mlm_rate,
+                generator=generator,
+            )
+            seq = apply_mae(
+                seq,
+                image_token_id=processor.image_token_id,
+                rate=mae_rate,
+                generator=generator,
+                merge_unit=processor.spatial_merge_size**2,
+            )
         sequences.append(seq)
     return pack_sequences(sequences, processor.image_token_id)
 
 
-def plan_run(config, model: nn.Module, mae: nn.Module | None, processor, device: torch.device,
-             world_size: int) -> MemoryPlan:
+def plan_run(
+    config, model: nn.Module, mae: nn.Module | None, processor, device: torch.device, world_size: int
+) -> MemoryPlan:
     """The memory plan of a run with `activation_checkpointing: auto`, logged once."""
     target = device_target(device, world_size, config.dtype, config.device_memory_gb)
     blocks = [b for bs in block_kinds(model, mae).values() for b in bs]
     static = static_bytes(model, mae, blocks, target)
     if config.stage == "cpt":
-        def batch_for_split(splits: int):
-            return planning_pack(processor, config.tokens_per_micro_batch // splits, masked=True,
-                                 mlm_rate=config.mlm_rate, mae_rate=config.mae_rate)
 
-        plan = plan_stage1(model.spec, static, batch_for_split, target,
-                           max_splits=config.tokens_per_micro_batch // config.max_length)
+        def batch_for_split(splits: int):
+            return planning_pack(
+                processor,
+                config.tokens_per_micro_batch // splits,
+                masked=True,
+                mlm_rate=config.mlm_rate,
+                mae_rate=config.mae_rate,
+            )
+
+        plan = plan_stage1(
+            model.spec, static, batch_for_split, target, max_splits=config.tokens_per_micro_batch // config.max_length
+        )
     else:
         step_tokens = (2 + config.negative_ratio) * config.pairs_per_rank * config.max_length
 

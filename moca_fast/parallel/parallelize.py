@@ -24,7 +24,7 @@ def fp8_supported(device: torch.device) -> tuple[bool, str]:
     if capability < (8, 9):
         return False, f"float8 needs compute capability >= 8.9, the GPU has {capability[0]}.{capability[1]}"
     try:
-        import torchao.float8  # noqa: F401
+        import torchao.float8  # noqa: F401  (only whether it imports: convert_to_float8_training lives there)
     except ImportError as err:
         return False, f"torchao is not importable: {err}"
     return True, "supported"
@@ -61,23 +61,41 @@ def convert_decoder_to_fp8(decoder_layers: nn.ModuleList, device: torch.device) 
     config = fp8_config()
     for layer in decoder_layers:
         convert_to_float8_training(layer, config=config, module_filter_fn=lambda module, fqn: fp8_pays(module))
-    log.info("fp8: on for %d decoder layers (torchao float8, dynamic tensorwise scaling, token dimension padded to "
-             "16)", len(decoder_layers))
+    log.info(
+        "fp8: on for %d decoder layers (torchao float8, dynamic tensorwise scaling, token dimension padded to 16)",
+        len(decoder_layers),
+    )
     return True
 
 
-def parallelize(model: nn.Module, blocks: list[nn.Module], *, extra: nn.Module | None = None, device: torch.device, fp8_layers: nn.ModuleList | None,
-                activation_checkpointing: bool | str | list[str], compile: bool, world_size: int,
-                param_dtype: torch.dtype = torch.bfloat16) -> dict[str, bool]:
+def parallelize(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    *,
+    extra: nn.Module | None = None,
+    device: torch.device,
+    fp8_layers: nn.ModuleList | None,
+    activation_checkpointing: bool | str | list[str],
+    compile: bool,
+    world_size: int,
+    param_dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, bool]:
     """Apply the training transforms to `model` (and `extra`, trained modules outside it such as the MAE
     head), whose repeated `blocks` (decoder layers, vision blocks, the MAE layer) each become an
     activation-checkpointing, compile and FSDP unit. `activation_checkpointing`: one recompute mode for every
     block (True: full, False: none, or 'none' / 'selective' / 'full'), or one per block (a memory plan's).
     Returns what is on."""
-    modes = activation_checkpointing if isinstance(activation_checkpointing, list) else \
-        [recompute_mode(activation_checkpointing)] * len(blocks)
-    state = {"fp8": False, "activation_checkpointing": any(m != "none" for m in modes), "compile": compile,
-             "fsdp": world_size > 1}
+    modes = (
+        activation_checkpointing
+        if isinstance(activation_checkpointing, list)
+        else [recompute_mode(activation_checkpointing)] * len(blocks)
+    )
+    state = {
+        "fp8": False,
+        "activation_checkpointing": any(m != "none" for m in modes),
+        "compile": compile,
+        "fsdp": world_size > 1,
+    }
     if fp8_layers is not None:
         state["fp8"] = convert_decoder_to_fp8(fp8_layers, device)
     for block, mode in zip(blocks, modes, strict=True):
@@ -91,8 +109,11 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], *, extra: nn.Module |
     if world_size > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mixed = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-                 if device.type == "cuda" else MixedPrecisionPolicy())
+        mixed = (
+            MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+            if device.type == "cuda"
+            else MixedPrecisionPolicy()
+        )
         for block in blocks:
             fully_shard(block, mp_policy=mixed)
         for root in (model, extra):

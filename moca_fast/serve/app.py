@@ -83,9 +83,13 @@ class EmbeddingService:
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 prepared = time.monotonic()
-                sequences = await asyncio.gather(*(loop.run_in_executor(self.pool, self.preparer.prepare, item,
-                                                                        parsed.truncate) for item in parsed.inputs),
-                                                 return_exceptions=True)
+                sequences = await asyncio.gather(
+                    *(
+                        loop.run_in_executor(self.pool, self.preparer.prepare, item, parsed.truncate)
+                        for item in parsed.inputs
+                    ),
+                    return_exceptions=True,
+                )
                 submitted = time.monotonic()
                 errors = [s for s in sequences if isinstance(s, BaseException)]
                 if errors:
@@ -96,16 +100,23 @@ class EmbeddingService:
                     raise RequestError(503, "the server is shutting down") from None
                 rows = await asyncio.gather(*(asyncio.wrap_future(t.future) for t in tickets))
         except TimeoutError:
-            raise RequestError(504, f"not answered within {self.settings.request_timeout_s:g} s (the server's "
-                                    "--request-timeout); its inputs were dropped") from None
+            raise RequestError(
+                504,
+                f"not answered within {self.settings.request_timeout_s:g} s (the server's "
+                "--request-timeout); its inputs were dropped",
+            ) from None
         finally:
             self.in_flight -= count
         tokens = sum(len(s) for s in sequences)
         started, finished = min(t.started for t in tickets), max(t.finished for t in tickets)
         characters = sum(len(item.text) for item in parsed.inputs)
-        headers = {"x-tokenization-time": _ms(submitted - prepared), "x-queue-time": _ms(started - submitted),
-                   "x-inference-time": _ms(finished - started), "x-compute-tokens": str(tokens),
-                   "x-compute-characters": str(characters)}
+        headers = {
+            "x-tokenization-time": _ms(submitted - prepared),
+            "x-queue-time": _ms(started - submitted),
+            "x-inference-time": _ms(finished - started),
+            "x-compute-tokens": str(tokens),
+            "x-compute-characters": str(characters),
+        }
         body = await loop.run_in_executor(self.pool, self._response, parsed, rows, tokens)
         return body, headers
 
@@ -116,8 +127,11 @@ class EmbeddingService:
         if self.draining or not self.batcher.running:
             raise RequestError(503, "the server is shutting down")
         if self.in_flight + count > self.settings.max_queue_inputs:
-            raise RequestError(429, f"the server is busy: {self.in_flight} inputs in flight and {count} more would "
-                                    f"pass its limit of {self.settings.max_queue_inputs} (--max-queue); retry later")
+            raise RequestError(
+                429,
+                f"the server is busy: {self.in_flight} inputs in flight and {count} more would "
+                f"pass its limit of {self.settings.max_queue_inputs} (--max-queue); retry later",
+            )
         self.in_flight += count
 
 
@@ -125,8 +139,9 @@ def _ms(seconds: float) -> str:
     return str(max(0, round(seconds * 1000)))
 
 
-def _error(status: int, message: str, param: str | None = None, code: str | None = None,
-           headers: dict | None = None) -> JSONResponse:
+def _error(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
@@ -158,8 +173,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
-            response = _error(413, f"the request body is {int(length)} bytes, over the server's limit of "
-                                   f"{self.limit} (--max-body-mb)")
+            response = _error(
+                413, f"the request body is {int(length)} bytes, over the server's limit of {self.limit} (--max-body-mb)"
+            )
             return await response(scope, receive, send)
         seen = 0
 
@@ -185,11 +201,16 @@ def create_app(service: EmbeddingService) -> FastAPI:
         service.begin_shutdown()
         await asyncio.to_thread(service.batcher.stop)
         service.pool.shutdown()
-        log.info("stopped: answered %d embedding requests, embedded %d inputs, %d left queued", service.answered,
-                 service.embedded, service.batcher.depth)
+        log.info(
+            "stopped: answered %d embedding requests, embedded %d inputs, %d left queued",
+            service.answered,
+            service.embedded,
+            service.batcher.depth,
+        )
 
-    app = FastAPI(title="moca-fast", summary="MoCa multimodal embeddings in OpenAI's /v1/embeddings shape",
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="moca-fast", summary="MoCa multimodal embeddings in OpenAI's /v1/embeddings shape", lifespan=lifespan
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -198,18 +219,24 @@ def create_app(service: EmbeddingService) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        message = {404: f"no route {request.url.path}; see /docs",
-                   405: f"{request.method} is not allowed on {request.url.path}",
-                   413: f"the request body is over the server's limit of {settings.max_body_bytes} bytes "
-                        "(--max-body-mb)"}.get(error.status_code, str(error.detail))
+        message = {
+            404: f"no route {request.url.path}; see /docs",
+            405: f"{request.method} is not allowed on {request.url.path}",
+            413: f"the request body is over the server's limit of {settings.max_body_bytes} bytes (--max-body-mb)",
+        }.get(error.status_code, str(error.detail))
         if error.status_code == 400 and isinstance(error.__cause__, RecursionError):
             message = "the request body is not valid JSON: nested too deep"
         return _error(error.status_code, message, headers=getattr(error, "headers", None))
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, error: RequestError) -> JSONResponse:
-        return _error(error.status, error.message, error.param, error.code,
-                      {"Retry-After": "1"} if error.status in (429, 503) else None)
+        return _error(
+            error.status,
+            error.message,
+            error.param,
+            error.code,
+            {"Retry-After": "1"} if error.status in (429, 503) else None,
+        )
 
     if settings.api_key is not None:
         expected = f"Bearer {settings.api_key}".encode()
@@ -219,14 +246,28 @@ def create_app(service: EmbeddingService) -> FastAPI:
             given = request.headers.get("authorization", "").encode()
             if request.url.path in OPEN_PATHS or hmac.compare_digest(given, expected):
                 return await call_next(request)
-            return _error(401, "invalid or missing API key: send \"Authorization: Bearer <key>\" (the server's "
-                               "--api-key)", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            return _error(
+                401,
+                'invalid or missing API key: send "Authorization: Bearer <key>" (the server\'s --api-key)',
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     if settings.cors_allow_origins:  # added last: outermost, so preflights and 401s get CORS headers
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_allow_origins), allow_methods=["*"],
-                           allow_headers=["*"], expose_headers=["x-total-time", "x-tokenization-time",
-                                                                "x-queue-time", "x-inference-time", "x-compute-time"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_allow_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=[
+                "x-total-time",
+                "x-tokenization-time",
+                "x-queue-time",
+                "x-inference-time",
+                "x-compute-time",
+            ],
+        )
     Instrumentator(registry=service.metrics.registry, excluded_handlers=["/metrics"]).instrument(app)
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
@@ -236,8 +277,13 @@ def create_app(service: EmbeddingService) -> FastAPI:
             content, headers = await service.embed(body)
             response = Response(content, media_type="application/json", headers=headers)
         except RequestError as error:
-            response = _error(error.status, error.message, error.param, error.code,
-                              {"Retry-After": "1"} if error.status in (429, 503) else None)
+            response = _error(
+                error.status,
+                error.message,
+                error.param,
+                error.code,
+                {"Retry-After": "1"} if error.status in (429, 503) else None,
+            )
         except Exception as error:  # a failed forward: logged by the batcher
             log.exception("an embedding request failed")
             response = _error(500, f"internal error: {type(error).__name__}")
@@ -286,9 +332,22 @@ class _DrainingServer(uvicorn.Server):
 def serve(embedder: MocaEmbedder, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve until SIGTERM / SIGINT, then shut down gracefully."""
     service = EmbeddingService(embedder, settings)
-    config = uvicorn.Config(create_app(service), host=host, port=port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
-    log.info("serving %s on http://%s:%d (batch budget %d tokens, max wait %g ms, queue %d inputs, %d tokens per "
-             "input)", settings.model_name, host, port, embedder.batch_tokens, settings.max_wait_ms,
-             settings.max_queue_inputs, service.preparer.max_tokens)
+    config = uvicorn.Config(
+        create_app(service),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
+    log.info(
+        "serving %s on http://%s:%d (batch budget %d tokens, max wait %g ms, queue %d inputs, %d tokens per input)",
+        settings.model_name,
+        host,
+        port,
+        embedder.batch_tokens,
+        settings.max_wait_ms,
+        settings.max_queue_inputs,
+        service.preparer.max_tokens,
+    )
     _DrainingServer(config, service).run()

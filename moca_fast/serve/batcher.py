@@ -41,8 +41,13 @@ class Ticket:
 class Batcher:
     """Packs queued sequences into forwards of at most `budget` tokens (an input over it runs alone)."""
 
-    def __init__(self, embedder: MocaEmbedder, budget: int, max_wait_s: float,
-                 on_batch: Callable[[int, int, float], None] | None = None):
+    def __init__(
+        self,
+        embedder: MocaEmbedder,
+        budget: int,
+        max_wait_s: float,
+        on_batch: Callable[[int, int, float], None] | None = None,
+    ):
         self.embedder, self.budget, self.max_wait_s = embedder, budget, max_wait_s
         self.on_batch = on_batch  # (inputs, tokens, seconds) of each forward
         self._collate = embedder.collator()

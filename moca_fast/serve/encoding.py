@@ -25,11 +25,14 @@ def response_body(request: ParsedRequest, rows: list[torch.Tensor], model: str, 
         data = [_multi_vector(i, row, request) for i, row in enumerate(rows)]
     else:
         values = pooled_values(torch.stack(rows), request)
-        data = [{"object": "embedding", "index": i, "embedding": _encoded(row, request.encoding_format)}
-                for i, row in enumerate(values)]
-    return orjson.dumps({"object": "list", "model": model, "data": data,
-                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
-                        option=orjson.OPT_SERIALIZE_NUMPY)
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encoded(row, request.encoding_format)}
+            for i, row in enumerate(values)
+        ]
+    return orjson.dumps(
+        {"object": "list", "model": model, "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
 
 
 def pooled_values(raw: torch.Tensor, request: ParsedRequest) -> np.ndarray:
@@ -40,14 +43,19 @@ def pooled_values(raw: torch.Tensor, request: ParsedRequest) -> np.ndarray:
     try:
         return quantize(embeddings, request.precision)
     except ImportError as error:  # the serve extra leaves sentence-transformers out
-        raise RequestError(400, f"precision: {request.precision!r} is not available on this server ({error})",
-                           "precision") from None
+        raise RequestError(
+            400, f"precision: {request.precision!r} is not available on this server ({error})", "precision"
+        ) from None
 
 
 def _multi_vector(index: int, block: torch.Tensor, request: ParsedRequest) -> dict:
     values = block.float().numpy().astype(_FLOAT_DTYPES[request.precision])
-    return {"object": "embedding", "index": index, "embedding": _encoded(values, request.encoding_format),
-            "shape": list(values.shape)}
+    return {
+        "object": "embedding",
+        "index": index,
+        "embedding": _encoded(values, request.encoding_format),
+        "shape": list(values.shape),
+    }
 
 
 def _encoded(values: np.ndarray, encoding_format: str):

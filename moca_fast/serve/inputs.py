@@ -28,8 +28,11 @@ from .settings import ServeSettings
 
 FETCH_TIMEOUT_S = 10.0
 MAX_PATH_CHARS = 1024  # longer image paths are refused before the file system sees them
-_OS_REASONS = {errno.ELOOP: "a symbolic link loop", errno.ENAMETOOLONG: "a name too long",
-               errno.EACCES: "no permission"}  # OSError's own text would name the server's path
+_OS_REASONS = {
+    errno.ELOOP: "a symbolic link loop",
+    errno.ENAMETOOLONG: "a name too long",
+    errno.EACCES: "no permission",
+}  # OSError's own text would name the server's path
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class Preparer:
     chars_per_token: int  # the longest token of the vocabulary in characters: tokens >= characters / this
 
     @classmethod
-    def build(cls, processor: Processor, settings: ServeSettings) -> "Preparer":
+    def build(cls, processor: Processor, settings: ServeSettings) -> Preparer:
         limit = settings.max_input_tokens
         if processor.max_length is not None:
             limit = min(limit, processor.max_length)
@@ -65,8 +68,12 @@ class Preparer:
         try:
             tokens = self.measure.count_tokens(item.text, sizes, item.id)
             if tokens > self.max_tokens and not truncate:
-                raise RequestError(413, f"{item.id}: {tokens} tokens, over the limit of {self.max_tokens} tokens per "
-                                        "input; send \"truncate\": true to cut it", "input")
+                raise RequestError(
+                    413,
+                    f"{item.id}: {tokens} tokens, over the limit of {self.max_tokens} tokens per "
+                    'input; send "truncate": true to cut it',
+                    "input",
+                )
             return encode_input(self.encoder, item)
         except ValueError as error:  # unreadable image, empty sequence, ...: the message names the input
             raise RequestError(400, str(error).removeprefix("sample "), "input") from None
@@ -79,9 +86,13 @@ class Preparer:
         if all(len(piece) <= bound for piece in pieces):
             return item.text
         if not truncate:
-            raise RequestError(413, f"{item.id}: {len(item.text)} characters, more than the limit of "
-                                    f"{self.max_tokens} tokens per input can hold; send \"truncate\": true to cut "
-                                    "it", "input")
+            raise RequestError(
+                413,
+                f"{item.id}: {len(item.text)} characters, more than the limit of "
+                f'{self.max_tokens} tokens per input can hold; send "truncate": true to cut '
+                "it",
+                "input",
+            )
         # a piece this long is cut past the limit, and so is everything after it: tokenise only a prefix of each
         return IMAGE_PLACEHOLDER.join(piece[:bound] for piece in pieces)
 
@@ -92,9 +103,12 @@ class Preparer:
         except ValueError as error:
             raise RequestError(400, str(error).removeprefix("sample "), "input") from None
         if width * height > self.settings.max_image_pixels:
-            raise RequestError(413, f"{name}: an image of {width} x {height} = {width * height} pixels, over the "
-                                    f"server's limit of {self.settings.max_image_pixels} (--max-image-pixels)",
-                               "input")
+            raise RequestError(
+                413,
+                f"{name}: an image of {width} x {height} = {width * height} pixels, over the "
+                f"server's limit of {self.settings.max_image_pixels} (--max-image-pixels)",
+                "input",
+            )
         return width, height
 
     def resolve_image(self, source: str, name: str) -> bytes:
@@ -110,12 +124,19 @@ class Preparer:
                 raise RequestError(400, f"{name}: the data URL's data is not valid base64", "input") from None
         if source.startswith(("http://", "https://")):
             if not settings.allow_remote_images:
-                raise RequestError(400, f"{name}: image URLs are not fetched (the server allows them with "
-                                        "--allow-remote-images)", "input")
+                raise RequestError(
+                    400,
+                    f"{name}: image URLs are not fetched (the server allows them with --allow-remote-images)",
+                    "input",
+                )
             return fetch(source, name, settings.max_body_bytes)
         if settings.image_root is None:
-            raise RequestError(400, f"{name}: the image is not a data URL (data:<type>;base64,<data>); paths are "
-                                    "read only under the server's --image-root", "input")
+            raise RequestError(
+                400,
+                f"{name}: the image is not a data URL (data:<type>;base64,<data>); paths are "
+                "read only under the server's --image-root",
+                "input",
+            )
         return read_under(settings.image_root, source, name, settings.max_body_bytes)
 
 
@@ -123,8 +144,12 @@ def read_under(root: Path, source: str, name: str, limit: int) -> bytes:
     """The bytes of `source` as a file under `root` (symbolic links followed first): nothing outside it is read, and
     no error shows where the root is."""
     if len(source) > MAX_PATH_CHARS:
-        raise RequestError(400, f"{name}: not an image path ({len(source)} characters, over {MAX_PATH_CHARS}); image "
-                                "data goes in a data URL (data:<type>;base64,<data>)", "input")
+        raise RequestError(
+            400,
+            f"{name}: not an image path ({len(source)} characters, over {MAX_PATH_CHARS}); image "
+            "data goes in a data URL (data:<type>;base64,<data>)",
+            "input",
+        )
     if "\0" in source:
         raise RequestError(400, f"{name}: not a valid image path (it holds a NUL byte)", "input")
     shown = source if len(source) <= 200 else source[:200] + "..."
@@ -138,11 +163,15 @@ def read_under(root: Path, source: str, name: str, limit: int) -> bytes:
         with open(path, "rb") as file:
             data = file.read(limit + 1)
     except FileNotFoundError:
-        raise RequestError(400, f"{name}: image file not found under the server's --image-root: {shown}",
-                           "input") from None
+        raise RequestError(
+            400, f"{name}: image file not found under the server's --image-root: {shown}", "input"
+        ) from None
     except (OSError, RuntimeError) as error:  # a symlink loop, a name too long, no permission, ...
-        reason = ("a symbolic link loop" if isinstance(error, RuntimeError) else
-                  _OS_REASONS.get(error.errno, error.strerror or type(error).__name__))
+        reason = (
+            "a symbolic link loop"
+            if isinstance(error, RuntimeError)
+            else _OS_REASONS.get(error.errno, error.strerror or type(error).__name__)
+        )
         raise RequestError(400, f"{name}: image path {shown!r} cannot be read ({reason})", "input") from None
     if len(data) > limit:
         raise RequestError(413, f"{name}: the image file {shown!r} is over {limit} bytes", "input")
@@ -154,8 +183,12 @@ def fetch(url: str, name: str, limit: int) -> bytes:
     try:
         with httpx.stream("GET", url, timeout=FETCH_TIMEOUT_S, follow_redirects=False) as response:
             if response.is_redirect:
-                raise RequestError(400, f"{name}: {url} redirects (HTTP {response.status_code}); redirects are not "
-                                        "followed: give the final URL", "input")
+                raise RequestError(
+                    400,
+                    f"{name}: {url} redirects (HTTP {response.status_code}); redirects are not "
+                    "followed: give the final URL",
+                    "input",
+                )
             if response.status_code != 200:
                 raise RequestError(400, f"{name}: cannot fetch {url}: HTTP {response.status_code}", "input")
             data = bytearray()

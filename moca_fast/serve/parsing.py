@@ -28,7 +28,7 @@ class RequestError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = ("authentication_error" if status == 401 else "invalid_request_error" if status < 500 else "server_error")
+    kind = "authentication_error" if status == 401 else "invalid_request_error" if status < 500 else "server_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -45,26 +45,46 @@ class ParsedRequest:
 def parse_request(request: EmbeddingRequest, settings: ServeSettings, embedder: MocaEmbedder) -> ParsedRequest:
     """Check a validated request against the settings and the model."""
     if request.model != settings.model_name:
-        raise RequestError(404, f"model {request.model!r} is not served here; this server serves "
-                                f"{settings.model_name!r}", "model", "model_not_found")
+        raise RequestError(
+            404,
+            f"model {request.model!r} is not served here; this server serves {settings.model_name!r}",
+            "model",
+            "model_not_found",
+        )
     if request.messages is not None:
         inputs = [from_messages(request)]
     else:
         items = [request.input] if isinstance(request.input, str) else request.input
         if len(items) > settings.max_request_inputs:
-            raise RequestError(413, f"input: {len(items)} items, over the limit of {settings.max_request_inputs} "
-                                    "per request (--max-request-inputs)", "input")
-        inputs = [as_input(item if isinstance(item, str) else item.model_dump(exclude_none=True), f"input[{i}]")
-                  for i, item in enumerate(items)]
+            raise RequestError(
+                413,
+                f"input: {len(items)} items, over the limit of {settings.max_request_inputs} "
+                "per request (--max-request-inputs)",
+                "input",
+            )
+        inputs = [
+            as_input(item if isinstance(item, str) else item.model_dump(exclude_none=True), f"input[{i}]")
+            for i, item in enumerate(items)
+        ]
     if len(inputs) > settings.max_queue_inputs:  # never admitted, however long it waits: not a 429
-        raise RequestError(413, f"input: {len(inputs)} items, more than the server ever holds at once "
-                                f"({settings.max_queue_inputs}, --max-queue)", "input")
+        raise RequestError(
+            413,
+            f"input: {len(inputs)} items, more than the server ever holds at once "
+            f"({settings.max_queue_inputs}, --max-queue)",
+            "input",
+        )
     _check_output(request, embedder)
     dimensions = _dimensions(request, settings, embedder)
     prompt, role = _instruction(request)
     inputs = with_instructions(inputs, prompt, role, role_prompt=embedder.role_prompt)
-    return ParsedRequest(inputs, request.encoding_format, request.precision, dimensions, request.output,
-                         request.truncate or settings.auto_truncate)
+    return ParsedRequest(
+        inputs,
+        request.encoding_format,
+        request.precision,
+        dimensions,
+        request.output,
+        request.truncate or settings.auto_truncate,
+    )
 
 
 def from_messages(request: EmbeddingRequest) -> EmbedInput:
@@ -89,11 +109,17 @@ def _check_output(request: EmbeddingRequest, embedder: MocaEmbedder) -> None:
     if request.output != "multi_vector":
         return
     if embedder.multi_vector_dim is None:
-        raise RequestError(400, "output: 'multi_vector' needs a checkpoint with a multi-vector head; this one gives "
-                                "pooled vectors only", "output")
+        raise RequestError(
+            400,
+            "output: 'multi_vector' needs a checkpoint with a multi-vector head; this one gives pooled vectors only",
+            "output",
+        )
     if request.precision not in ("float32", "float16"):
-        raise RequestError(400, f"precision: {request.precision!r} quantises pooled vectors; multi-vectors come as "
-                                "float32 or float16", "precision")
+        raise RequestError(
+            400,
+            f"precision: {request.precision!r} quantises pooled vectors; multi-vectors come as float32 or float16",
+            "precision",
+        )
     if request.dimensions is not None:
         raise RequestError(400, "dimensions: applies to pooled vectors, not to multi-vectors", "dimensions")
 
@@ -109,11 +135,19 @@ def _dimensions(request: EmbeddingRequest, settings: ServeSettings, embedder: Mo
     if wanted in trained or settings.allow_truncated_dimensions:
         return wanted
     if not trained:
-        raise RequestError(400, f"dimensions: this checkpoint was not trained for Matryoshka truncation, so its "
-                                f"first {wanted} dimensions are not a usable embedding; omit dimensions (the server "
-                                "allows it anyway with --allow-truncated-dimensions)", "dimensions")
-    raise RequestError(400, f"dimensions: {wanted}, not one the checkpoint was trained for; its Matryoshka "
-                            f"dimensions are {sorted(trained, reverse=True)}", "dimensions")
+        raise RequestError(
+            400,
+            f"dimensions: this checkpoint was not trained for Matryoshka truncation, so its "
+            f"first {wanted} dimensions are not a usable embedding; omit dimensions (the server "
+            "allows it anyway with --allow-truncated-dimensions)",
+            "dimensions",
+        )
+    raise RequestError(
+        400,
+        f"dimensions: {wanted}, not one the checkpoint was trained for; its Matryoshka "
+        f"dimensions are {sorted(trained, reverse=True)}",
+        "dimensions",
+    )
 
 
 def _instruction(request: EmbeddingRequest) -> tuple[str | None, str | None]:

@@ -32,8 +32,10 @@ class TextPart(_Strict):
 
 
 class ImageURL(_Strict):
-    url: str = Field(description="a data URL (data:image/png;base64,...), a path under --image-root, or an http(s) "
-                                 "URL (with --allow-remote-images)")
+    url: str = Field(
+        description="a data URL (data:image/png;base64,...), a path under --image-root, or an http(s) "
+        "URL (with --allow-remote-images)"
+    )
     detail: str | None = Field(None, description="accepted for OpenAI compatibility; not used")
 
 
@@ -57,30 +59,45 @@ class EmbeddingRequest(_Strict):
 
     model: str = Field(description="the served model name (--served-model-name)")
     input: str | list[InputItem] | None = Field(
-        None, description="a string, or a list of strings and {\"text\", \"image\"} objects; or give `messages`")
+        None, description='a string, or a list of strings and {"text", "image"} objects; or give `messages`'
+    )
     messages: list[ChatMessage] | None = Field(
-        None, description="vLLM's chat-style input: the messages' text and image_url parts, in order, form ONE "
-                          "input (roles are not rendered: MoCa embeds without a chat template)")
+        None,
+        description="vLLM's chat-style input: the messages' text and image_url parts, in order, form ONE "
+        "input (roles are not rendered: MoCa embeds without a chat template)",
+    )
     encoding_format: Literal["float", "base64"] = Field(
-        "float", description="float: JSON numbers; base64: the little-endian bytes of `precision`'s dtype")
+        "float", description="float: JSON numbers; base64: the little-endian bytes of `precision`'s dtype"
+    )
     dimensions: int | None = Field(
-        None, ge=1, description="keep the first dimensions (normalised again); only the checkpoint's Matryoshka "
-                                "dimensions, unless the server runs with --allow-truncated-dimensions")
+        None,
+        ge=1,
+        description="keep the first dimensions (normalised again); only the checkpoint's Matryoshka "
+        "dimensions, unless the server runs with --allow-truncated-dimensions",
+    )
     user: str | None = None
     prompt_name: str | None = Field(
-        None, description="an instruction by name: the reference's text_to_image, image_question, image_target, "
-                          "document_page, or query / document (the instruction of each input's kind in that role)")
-    prompt: str | None = Field(None, description="an instruction template; \"{}\" takes the text, else it goes before")
+        None,
+        description="an instruction by name: the reference's text_to_image, image_question, image_target, "
+        "document_page, or query / document (the instruction of each input's kind in that role)",
+    )
+    prompt: str | None = Field(None, description='an instruction template; "{}" takes the text, else it goes before')
     input_type: Literal["query", "document"] | None = Field(
-        None, description="each input gets the reference's instruction for its kind in that role")
-    truncate: bool = Field(False, description="cut an input over the server's token limit instead of refusing it "
-                                              "(413), as TEI and vLLM do")
+        None, description="each input gets the reference's instruction for its kind in that role"
+    )
+    truncate: bool = Field(
+        False, description="cut an input over the server's token limit instead of refusing it (413), as TEI and vLLM do"
+    )
     output: Literal["pooled", "multi_vector"] = Field(
-        "pooled", description="pooled: one vector per input; multi_vector: one vector per token (late interaction, "
-                              "on checkpoints with that head), `embedding` a list of rows and `shape` [tokens, dim]")
+        "pooled",
+        description="pooled: one vector per input; multi_vector: one vector per token (late interaction, "
+        "on checkpoints with that head), `embedding` a list of rows and `shape` [tokens, dim]",
+    )
     precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
-        "float32", description="float16 rounds to half precision; int8, uint8, binary, ubinary quantise as "
-                               "sentence-transformers' quantize_embeddings does over the request's embeddings")
+        "float32",
+        description="float16 rounds to half precision; int8, uint8, binary, ubinary quantise as "
+        "sentence-transformers' quantize_embeddings does over the request's embeddings",
+    )
 
     @field_validator("input", mode="before")
     @classmethod
@@ -99,8 +116,10 @@ class EmbeddingRequest(_Strict):
     @model_validator(mode="after")
     def _one_source(self):
         if (self.input is None) == (self.messages is None):
-            raise ValueError("input: required, a string or a non-empty list of strings or {\"text\", \"image\"} "
-                             "objects (or `messages`, but not both)")
+            raise ValueError(
+                'input: required, a string or a non-empty list of strings or {"text", "image"} '
+                "objects (or `messages`, but not both)"
+            )
         if self.prompt is not None and self.prompt_name is not None:
             raise ValueError("prompt: give prompt or prompt_name, not both")
         return self
@@ -123,15 +142,17 @@ def _check_item(item, name: str) -> None:
     elif isinstance(item, (int, list)) and not isinstance(item, bool):
         raise ValueError(f"{name}: token-id inputs are not supported; send text")
     else:
-        raise ValueError(f"{name}: expected a string or an object with 'text' and/or 'image', got "
-                         f"{type(item).__name__}")
+        raise ValueError(
+            f"{name}: expected a string or an object with 'text' and/or 'image', got {type(item).__name__}"
+        )
 
 
 class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
     embedding: list[float] | list[int] | list[list[float]] | str = Field(
-        description="numbers (pooled), rows of numbers (multi_vector), or base64 of the little-endian values")
+        description="numbers (pooled), rows of numbers (multi_vector), or base64 of the little-endian values"
+    )
     shape: list[int] | None = Field(None, description="multi_vector: [tokens, dim] of this input's vectors")
 
 

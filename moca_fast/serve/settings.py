@@ -37,36 +37,67 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` command's own flags (the model's come from the CLI's shared group)."""
     parser.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="default: 8000")
-    parser.add_argument("--served-model-name", help="the name requests give as \"model\" (default: --model)")
-    parser.add_argument("--api-key", help="require \"Authorization: Bearer KEY\" on every route but /health "
-                        "(401 otherwise); default: none")
-    parser.add_argument("--cors-allow-origin", action="append", default=[], metavar="ORIGIN",
-                        help="a browser origin allowed by CORS (repeatable; '*' for any); default: none")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0,
-                        help="how long a queued input waits for others to fill its forward (default: 5)")
-    parser.add_argument("--max-queue", type=int, default=1024,
-                        help="inputs in flight at once; beyond it requests get 429 (default: 1024)")
-    parser.add_argument("--max-request-inputs", type=int, default=256,
-                        help="inputs per request (default: 256)")
-    parser.add_argument("--max-input-tokens", type=int,
-                        help="tokens per input (default: the smaller of --batch-tokens and the checkpoint's max "
-                        "length); a longer input gets 413 unless the request says truncate: true")
-    parser.add_argument("--auto-truncate", action="store_true",
-                        help="truncate over-long inputs to --max-input-tokens instead of refusing them")
-    parser.add_argument("--allow-truncated-dimensions", action="store_true",
-                        help="honour `dimensions` on a checkpoint not trained for Matryoshka truncation")
+    parser.add_argument("--served-model-name", help='the name requests give as "model" (default: --model)')
+    parser.add_argument(
+        "--api-key",
+        help='require "Authorization: Bearer KEY" on every route but /health (401 otherwise); default: none',
+    )
+    parser.add_argument(
+        "--cors-allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin allowed by CORS (repeatable; '*' for any); default: none",
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a queued input waits for others to fill its forward (default: 5)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        help="inputs in flight at once; beyond it requests get 429 (default: 1024)",
+    )
+    parser.add_argument("--max-request-inputs", type=int, default=256, help="inputs per request (default: 256)")
+    parser.add_argument(
+        "--max-input-tokens",
+        type=int,
+        help="tokens per input (default: the smaller of --batch-tokens and the checkpoint's max "
+        "length); a longer input gets 413 unless the request says truncate: true",
+    )
+    parser.add_argument(
+        "--auto-truncate",
+        action="store_true",
+        help="truncate over-long inputs to --max-input-tokens instead of refusing them",
+    )
+    parser.add_argument(
+        "--allow-truncated-dimensions",
+        action="store_true",
+        help="honour `dimensions` on a checkpoint not trained for Matryoshka truncation",
+    )
     parser.add_argument("--max-body-mb", type=float, default=32.0, help="request body size (default: 32)")
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                        help="width x height per image, read from its header before decoding; beyond it: 413 "
-                        f"(default: {DEFAULT_MAX_IMAGE_PIXELS})")
-    parser.add_argument("--request-timeout", type=float, default=60.0,
-                        help="seconds per request (default: 60)")
-    parser.add_argument("--image-root", type=Path, help="image paths in requests are read from under this folder "
-                        "(default: none; images come as data URLs)")
-    parser.add_argument("--allow-remote-images", action="store_true",
-                        help="fetch http(s) image URLs (redirects are not followed)")
-    parser.add_argument("--preprocess-workers", type=int, default=4,
-                        help="threads decoding images and encoding responses (default: 4)")
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="width x height per image, read from its header before decoding; beyond it: 413 "
+        f"(default: {DEFAULT_MAX_IMAGE_PIXELS})",
+    )
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request (default: 60)")
+    parser.add_argument(
+        "--image-root",
+        type=Path,
+        help="image paths in requests are read from under this folder (default: none; images come as data URLs)",
+    )
+    parser.add_argument(
+        "--allow-remote-images", action="store_true", help="fetch http(s) image URLs (redirects are not followed)"
+    )
+    parser.add_argument(
+        "--preprocess-workers", type=int, default=4, help="threads decoding images and encoding responses (default: 4)"
+    )
 
 
 def settings_from_args(args: argparse.Namespace, batch_tokens: int, max_length: int | None) -> ServeSettings:
@@ -74,19 +105,31 @@ def settings_from_args(args: argparse.Namespace, batch_tokens: int, max_length: 
     return ServeSettings(
         model_name=args.served_model_name or args.model,
         max_input_tokens=args.max_input_tokens or min(batch_tokens, max_length or batch_tokens),
-        max_wait_ms=args.max_wait_ms, max_queue_inputs=args.max_queue, max_request_inputs=args.max_request_inputs,
-        max_body_bytes=int(args.max_body_mb * 2**20), request_timeout_s=args.request_timeout,
-        image_root=args.image_root, allow_remote_images=args.allow_remote_images,
-        preprocess_workers=args.preprocess_workers, max_image_pixels=args.max_image_pixels,
-        auto_truncate=args.auto_truncate, allow_truncated_dimensions=args.allow_truncated_dimensions,
-        api_key=args.api_key, cors_allow_origins=tuple(args.cors_allow_origin))
+        max_wait_ms=args.max_wait_ms,
+        max_queue_inputs=args.max_queue,
+        max_request_inputs=args.max_request_inputs,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        request_timeout_s=args.request_timeout,
+        image_root=args.image_root,
+        allow_remote_images=args.allow_remote_images,
+        preprocess_workers=args.preprocess_workers,
+        max_image_pixels=args.max_image_pixels,
+        auto_truncate=args.auto_truncate,
+        allow_truncated_dimensions=args.allow_truncated_dimensions,
+        api_key=args.api_key,
+        cors_allow_origins=tuple(args.cors_allow_origin),
+    )
 
 
 def check_serve_arguments(args: argparse.Namespace) -> None:
     """A ValueError (one line, naming the flag) for a value that would start a server refusing everything."""
-    at_least_one = {"--max-queue": args.max_queue, "--max-request-inputs": args.max_request_inputs,
-                    "--max-input-tokens": args.max_input_tokens, "--max-image-pixels": args.max_image_pixels,
-                    "--preprocess-workers": args.preprocess_workers}
+    at_least_one = {
+        "--max-queue": args.max_queue,
+        "--max-request-inputs": args.max_request_inputs,
+        "--max-input-tokens": args.max_input_tokens,
+        "--max-image-pixels": args.max_image_pixels,
+        "--preprocess-workers": args.preprocess_workers,
+    }
     for flag, value in at_least_one.items():
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1 (the server would admit nothing)")

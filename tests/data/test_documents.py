@@ -59,12 +59,15 @@ def _jsonl(tmp_path, records):
     return path
 
 
-@pytest.mark.parametrize("record, problem", [
-    ({"id": "bad", "text": f"{PH}{PH}", "images": ["x.png"]}, "placeholder/image count mismatch"),
-    ({"id": "bad", "text": "plain", "images": ["x.png"]}, "placeholder/image count mismatch"),
-    ({"id": "bad", "images": []}, "missing field 'text'"),
-    ({"id": "bad", "text": "plain"}, "missing field 'images'"),
-])
+@pytest.mark.parametrize(
+    "record, problem",
+    [
+        ({"id": "bad", "text": f"{PH}{PH}", "images": ["x.png"]}, "placeholder/image count mismatch"),
+        ({"id": "bad", "text": "plain", "images": ["x.png"]}, "placeholder/image count mismatch"),
+        ({"id": "bad", "images": []}, "missing field 'text'"),
+        ({"id": "bad", "text": "plain"}, "missing field 'images'"),
+    ],
+)
 def test_invalid_samples_raise_naming_the_sample(tmp_path, record, problem):
     source = _jsonl(tmp_path, [{"id": "good", "text": "fine", "images": []}, record])
     with pytest.raises(ValueError, match=f"sample bad: {problem}"):
@@ -72,17 +75,20 @@ def test_invalid_samples_raise_naming_the_sample(tmp_path, record, problem):
 
 
 def test_skip_invalid_counts_and_logs_every_skip(tmp_path, caplog):
-    records = [{"id": "ok0", "text": f"{PH}", "images": ["a.png"]},
-               {"id": "m1", "text": f"{PH}{PH}", "images": ["a.png"]},
-               {"id": "ok2", "text": "text only", "images": []},
-               {"id": "m3", "text": "no placeholder", "images": ["a.png"]},
-               {"id": "t4", "images": []},
-               {"id": "i5", "text": "text"}]
+    records = [
+        {"id": "ok0", "text": f"{PH}", "images": ["a.png"]},
+        {"id": "m1", "text": f"{PH}{PH}", "images": ["a.png"]},
+        {"id": "ok2", "text": "text only", "images": []},
+        {"id": "m3", "text": "no placeholder", "images": ["a.png"]},
+        {"id": "t4", "images": []},
+        {"id": "i5", "text": "text"},
+    ]
     with caplog.at_level(logging.WARNING, logger="moca_fast.data.documents"):
         dataset = DocumentDataset(_jsonl(tmp_path, records), skip_invalid=True)
     assert [d.id for d in dataset] == ["ok0", "ok2"]
-    assert dataset.skipped == Counter({"placeholder/image count mismatch": 2, "missing field 'text'": 1,
-                                       "missing field 'images'": 1})
+    assert dataset.skipped == Counter(
+        {"placeholder/image count mismatch": 2, "missing field 'text'": 1, "missing field 'images'": 1}
+    )
     assert "skipped 4 of 6 documents" in caplog.text and "sample m1" in caplog.text
 
 

@@ -21,8 +21,16 @@ def test_every_source_form_gives_the_same_rgb_pixels(png, tmp_path):
     image, data = png
     path = tmp_path / "a.png"
     path.write_bytes(data)
-    sources = [data, bytearray(data), {"bytes": data, "path": None}, {"bytes": None, "path": str(path)},
-               str(path), path, image, image.convert("RGBA")]
+    sources = [
+        data,
+        bytearray(data),
+        {"bytes": data, "path": None},
+        {"bytes": None, "path": str(path)},
+        str(path),
+        path,
+        image,
+        image.convert("RGBA"),
+    ]
     for source in sources:
         loaded = load_image(source, "s0")
         assert loaded.mode == "RGB" and loaded.size == (20, 30)

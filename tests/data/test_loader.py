@@ -39,9 +39,13 @@ def test_every_sample_once_within_budget_and_masked(samples, processor):
 
 
 def _same(a, b):
-    return (a.sample_ids == b.sample_ids and torch.equal(a.input_ids, b.input_ids)
-            and torch.equal(a.pixel_values, b.pixel_values) and torch.equal(a.mlm_labels, b.mlm_labels)
-            and torch.equal(a.mae_targets, b.mae_targets))
+    return (
+        a.sample_ids == b.sample_ids
+        and torch.equal(a.input_ids, b.input_ids)
+        and torch.equal(a.pixel_values, b.pixel_values)
+        and torch.equal(a.mlm_labels, b.mlm_labels)
+        and torch.equal(a.mae_targets, b.mae_targets)
+    )
 
 
 def test_batches_do_not_depend_on_worker_count_and_resume_exactly(samples, processor):

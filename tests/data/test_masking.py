@@ -21,8 +21,9 @@ def test_mlm_rate_and_eligibility(processor, make_image):
     n, total = int(eligible.sum()), 0
     for trial in range(20):
         g = torch.Generator().manual_seed(trial)
-        out = apply_mlm(seq, mask_token_id=processor.mask_token_id, special_ids=processor.special_ids, rate=0.4,
-                        generator=g)
+        out = apply_mlm(
+            seq, mask_token_id=processor.mask_token_id, special_ids=processor.special_ids, rate=0.4, generator=g
+        )
         assert eligible[out.mlm_positions].all()  # never a special or image token
         assert torch.equal(out.mlm_labels, seq.input_ids[out.mlm_positions])
         assert (out.input_ids[out.mlm_positions] == processor.mask_token_id).all()
@@ -61,14 +62,16 @@ def test_masks_are_deterministic_by_generator_and_pack_with_offsets(processor, m
         g = torch.Generator().manual_seed(seed)
         out = []
         for s in seqs:
-            s = apply_mlm(s, mask_token_id=processor.mask_token_id, special_ids=processor.special_ids, rate=0.4,
-                          generator=g)
+            s = apply_mlm(
+                s, mask_token_id=processor.mask_token_id, special_ids=processor.special_ids, rate=0.4, generator=g
+            )
             out.append(apply_mae(s, image_token_id=processor.image_token_id, rate=0.5, generator=g))
         return out
 
     a, b = masked(5), masked(5)
-    assert all(torch.equal(x.input_ids, y.input_ids) and torch.equal(x.pixel_values, y.pixel_values)
-               for x, y in zip(a, b))
+    assert all(
+        torch.equal(x.input_ids, y.input_ids) and torch.equal(x.pixel_values, y.pixel_values) for x, y in zip(a, b)
+    )
     batch = pack_sequences(a, processor.image_token_id)
     assert torch.equal(batch.input_ids[batch.mlm_index], torch.full_like(batch.mlm_labels, processor.mask_token_id))
     assert (batch.input_ids[batch.mae_index] == processor.image_token_id).all()
@@ -80,8 +83,11 @@ def test_masks_are_deterministic_by_generator_and_pack_with_offsets(processor, m
 def test_mae_masks_each_image_of_a_document_by_its_own_count(processor, make_image):
     """Images of different sizes: each gets round(rate * n) of its own merged tokens, none chosen twice. An index
     not offset per image would put every choice into the first image and leave the later ones unmasked."""
-    seq = processor.encode(f"{IMAGE_PLACEHOLDER} a {IMAGE_PLACEHOLDER} b {IMAGE_PLACEHOLDER}",
-                           [make_image(56, 56), make_image(112, 84), make_image(84, 140)], "doc")
+    seq = processor.encode(
+        f"{IMAGE_PLACEHOLDER} a {IMAGE_PLACEHOLDER} b {IMAGE_PLACEHOLDER}",
+        [make_image(56, 56), make_image(112, 84), make_image(84, 140)],
+        "doc",
+    )
     out = apply_mae(seq, image_token_id=processor.image_token_id, rate=0.5, generator=torch.Generator().manual_seed(0))
     image_rows = torch.nonzero(seq.input_ids == processor.image_token_id).flatten()
     per_image = (seq.image_grid_thw.prod(-1) // 4).tolist()

@@ -25,8 +25,10 @@ def test_budget_and_exactly_once(world_size):
         real = sampler.rank_batches(0)[1]  # the rest are padding, weighted zero by the trainer
         seen += [i for batch in batches[:real] for _, i in batch]
     assert sorted(seen) == list(range(len(lengths)))
-    counts = {len(list(TokenBudgetSampler(lengths, 1024, seed=1, bucket_size=128, rank=r, world_size=world_size)))
-              for r in range(world_size)}
+    counts = {
+        len(list(TokenBudgetSampler(lengths, 1024, seed=1, bucket_size=128, rank=r, world_size=world_size)))
+        for r in range(world_size)
+    }
     assert len(counts) == 1  # every rank runs the same number of steps
 
 
@@ -69,14 +71,20 @@ def test_ranks_see_the_single_process_batches_step_by_step(n, world_size, accum)
     lengths = _lengths(n)
     single = TokenBudgetSampler(lengths, 1024, seed=5, bucket_size=64).plan(0)
     assert len(single) % world_size or n == 3  # the case that used to split a batch
-    ranks = [TokenBudgetSampler(lengths, 1024, seed=5, bucket_size=64, rank=r, world_size=world_size)
-             for r in range(world_size)]
+    ranks = [
+        TokenBudgetSampler(lengths, 1024, seed=5, bucket_size=64, rank=r, world_size=world_size)
+        for r in range(world_size)
+    ]
     assert all(s.plan(0) == single for s in ranks)  # the plan does not depend on the world size
     per_rank = [s.rank_batches(0) for s in ranks]
     assert len({len(batches) for batches, _ in per_rank}) == 1  # every rank runs the same number of steps
     steps = -(-len(per_rank[0][0]) // accum)
     assert steps == -(-len(single) // (accum * world_size))
     for k in range(steps):
-        step = sorted(batch for batches, real in per_rank
-                      for j, batch in enumerate(batches) if k * accum <= j < (k + 1) * accum and j < real)
-        assert step == sorted(single[k * accum * world_size:(k + 1) * accum * world_size])
+        step = sorted(
+            batch
+            for batches, real in per_rank
+            for j, batch in enumerate(batches)
+            if k * accum <= j < (k + 1) * accum and j < real
+        )
+        assert step == sorted(single[k * accum * world_size : (k + 1) * accum * world_size])

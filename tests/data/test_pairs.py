@@ -14,8 +14,14 @@ PH = IMAGE_PLACEHOLDER
 
 
 def row(**overrides):
-    base = {"qry": "<|image_1|>\nRepresent the given image.", "qry_image_path": "q.png",
-            "pos_text": "a caption", "pos_image_path": "", "neg_text": "", "neg_image_path": ""}
+    base = {
+        "qry": "<|image_1|>\nRepresent the given image.",
+        "qry_image_path": "q.png",
+        "pos_text": "a caption",
+        "pos_image_path": "",
+        "neg_text": "",
+        "neg_image_path": "",
+    }
     return base | overrides
 
 
@@ -26,16 +32,22 @@ def test_string_lists_parse_from_lists_json_and_python_literals():
     assert parse_string_list("", "r") == parse_string_list(None, "r") == parse_string_list("[]", "r") == []
 
 
-@pytest.mark.parametrize("value", ["{'a': 1}", "[1, 2]", "[['a']]", "'a'", "['a' + 'b']", "[f'{1}']", "[a]",
-                                   "['a',", [1], 3])
+@pytest.mark.parametrize(
+    "value", ["{'a': 1}", "[1, 2]", "[['a']]", "'a'", "['a' + 'b']", "[f'{1}']", "[a]", "['a',", [1], 3]
+)
 def test_anything_but_a_list_of_strings_is_rejected(value):
     with pytest.raises(ValueError, match="row t#4 neg_text"):
         parse_string_list(value, "row t#4 neg_text")
 
 
-@pytest.mark.parametrize("template", ["__import__('pathlib').Path({p!r}).touch()",
-                                      "['ok', __import__('pathlib').Path({p!r}).touch()]",
-                                      "[(lambda: __import__('pathlib').Path({p!r}).touch())()]"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "__import__('pathlib').Path({p!r}).touch()",
+        "['ok', __import__('pathlib').Path({p!r}).touch()]",
+        "[(lambda: __import__('pathlib').Path({p!r}).touch())()]",
+    ],
+)
 def test_malicious_negative_list_is_rejected_and_never_run(tmp_path, template):
     marker = tmp_path / "pwned"
     payload = template.format(p=str(marker))
@@ -55,13 +67,16 @@ def test_image_markers_become_placeholders_and_image_paths_resolve(tmp_path):
     assert pair.negatives == []
 
 
-@pytest.mark.parametrize("overrides, problem", [
-    ({"qry": "no marker"}, "the query has an image, but its text has 0 image markers"),
-    ({"qry": "<|image_1|><|image_1|>"}, "the query has an image, but its text has 2 image markers"),
-    ({"pos_text": None}, "missing field 'pos_text'"),
-    ({"pos_image_path": 3}, "the positive: text and image path must be strings"),
-    ({"neg_text": "['a', 'b']", "neg_image_path": "['x.png']"}, "2 negative texts but 1 negative image paths"),
-])
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        ({"qry": "no marker"}, "the query has an image, but its text has 0 image markers"),
+        ({"qry": "<|image_1|><|image_1|>"}, "the query has an image, but its text has 2 image markers"),
+        ({"pos_text": None}, "missing field 'pos_text'"),
+        ({"pos_image_path": 3}, "the positive: text and image path must be strings"),
+        ({"neg_text": "['a', 'b']", "neg_image_path": "['x.png']"}, "2 negative texts but 1 negative image paths"),
+    ],
+)
 def test_bad_rows_raise_naming_the_row(overrides, problem):
     with pytest.raises(ValueError, match=f"row t#9: {problem}"):
         pair_from_row(row(**overrides), row_id="t#9", task="t")
@@ -83,8 +98,16 @@ def test_negative_ratio_keeps_the_first_r_and_repeats_the_last_when_short():
 
 
 def test_image_only_negatives_take_the_positives_text():
-    pair = pair_from_row(row(pos_text="<|image_1|>Represent the given image.\n", pos_image_path="p.png",
-                             neg_text="['', '']", neg_image_path="['a.png', 'b.png']"), row_id="t#0", task="t")
+    pair = pair_from_row(
+        row(
+            pos_text="<|image_1|>Represent the given image.\n",
+            pos_image_path="p.png",
+            neg_text="['', '']",
+            neg_image_path="['a.png', 'b.png']",
+        ),
+        row_id="t#0",
+        task="t",
+    )
     assert [n.text for n in pair.negatives] == [pair.positive.text] * 2
     assert [n.image for n in pair.negatives] == ["a.png", "b.png"]
     assert negatives(neg_text="[]", neg_image_path="['a.png']", pos_text="<|image_1|>x") == [(f"{PH}x", "a.png")] * 2
@@ -112,8 +135,16 @@ def test_target_ids_are_equal_exactly_for_identical_targets(tmp_path):
     a, b, a_copy = (str(tmp_path / name) for name in ("a.png", "b.png", "a-copy.png"))
     for path, colour in ((a, "red"), (b, "blue"), (a_copy, "red")):
         Image.new("RGB", (8, 8), colour).save(path)
-    targets = [Side("t", a), Side("t", b), Side("t", a), Side("u", a), Side("t", None), Side("t", None),
-               Side("t", b), Side("t", a_copy)]
+    targets = [
+        Side("t", a),
+        Side("t", b),
+        Side("t", a),
+        Side("u", a),
+        Side("t", None),
+        Side("t", None),
+        Side("t", b),
+        Side("t", a_copy),
+    ]
     same_content = [(0, "t"), (1, "t"), (0, "t"), (0, "u"), (None, "t"), (None, "t"), (1, "t"), (0, "t")]
     ids = target_ids(targets).tolist()
     for i in range(len(targets)):
@@ -130,24 +161,34 @@ def test_target_ids_agree_across_processes(tmp_path):
 
     image = tmp_path / "a.png"
     Image.new("RGB", (8, 8), "red").save(image)
-    code = ("from moca_fast.data.pairs import Side, target_ids; "
-            f"print(target_ids([Side('t', {str(image)!r}), Side('u', None)]).tolist())")
+    code = (
+        "from moca_fast.data.pairs import Side, target_ids; "
+        f"print(target_ids([Side('t', {str(image)!r}), Side('u', None)]).tolist())"
+    )
     here = str(target_ids([Side("t", str(image)), Side("u", None)]).tolist())
     for seed in ("1", "2"):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={**__import__("os").environ, "PYTHONHASHSEED": seed})
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**__import__("os").environ, "PYTHONHASHSEED": seed},
+        )
         assert out.stdout.strip() == here
 
 
 def test_pair_dataset_spans_tasks_in_order(tmp_path):
     (tmp_path / "q.png").write_bytes(b"")  # checked to exist when the dataset opens, decoded only when used
     for task, n in (("one", 2), ("two", 3)):
-        (tmp_path / f"{task}.jsonl").write_text("".join(
-            json.dumps(row(pos_text=f"{task}-{k}")) + "\n" for k in range(n)))
+        (tmp_path / f"{task}.jsonl").write_text(
+            "".join(json.dumps(row(pos_text=f"{task}-{k}")) + "\n" for k in range(n))
+        )
     pairs = PairDataset({"one": tmp_path / "one.jsonl", "two": tmp_path / "two.jsonl"}, negative_ratio=0)
     assert len(pairs) == 5 and pairs.tasks == ["one", "one", "two", "two", "two"]
-    assert [(p.id, p.task, p.positive.text) for p in (pairs[1], pairs[2])] == [("one#1", "one", "one-1"),
-                                                                             ("two#0", "two", "two-0")]
+    assert [(p.id, p.task, p.positive.text) for p in (pairs[1], pairs[2])] == [
+        ("one#1", "one", "one-1"),
+        ("two#0", "two", "two-0"),
+    ]
     assert pairs[0].query.image == str(tmp_path / "q.png")
     with pytest.raises(IndexError):
         pairs[5]
@@ -212,8 +253,8 @@ def test_the_fingerprint_covers_the_image_bytes_not_only_the_paths(tmp_path):
 
     from PIL import ImageOps
 
-    from moca_fast.trainers.cl import pair_subsets
     from moca_fast.data.synthetic import make_pairs, write_pairs
+    from moca_fast.trainers.cl import pair_subsets
 
     write_pairs(make_pairs(8, seed=0), tmp_path, seed=0)
     before = PairDataset(pair_subsets(str(tmp_path))).fingerprint

@@ -15,12 +15,15 @@ def hf_model(tokenizer):
     return Qwen2_5_VLModel(tiny_hf_config(tokenizer, num_layers=1, vision_depth=1))
 
 
-@pytest.mark.parametrize("text, sizes", [
-    ("only words here", []),
-    (f"{IMAGE_PLACEHOLDER}caption", [(84, 140)]),
-    (f"a {IMAGE_PLACEHOLDER} b {IMAGE_PLACEHOLDER}", [(300, 90), (56, 56)]),
-    (f"{IMAGE_PLACEHOLDER}{IMAGE_PLACEHOLDER}end", [(140, 300), (200, 200)]),
-])
+@pytest.mark.parametrize(
+    "text, sizes",
+    [
+        ("only words here", []),
+        (f"{IMAGE_PLACEHOLDER}caption", [(84, 140)]),
+        (f"a {IMAGE_PLACEHOLDER} b {IMAGE_PLACEHOLDER}", [(300, 90), (56, 56)]),
+        (f"{IMAGE_PLACEHOLDER}{IMAGE_PLACEHOLDER}end", [(140, 300), (200, 200)]),
+    ],
+)
 def test_mrope_positions_equal_get_rope_index(hf_model, processor, make_image, text, sizes):
     seq = processor.encode(text, [make_image(h, w) for h, w in sizes], "s")
     token_types = (seq.input_ids == processor.image_token_id).long()[None]

@@ -17,8 +17,9 @@ def test_patches_equal_transformers_image_processor(make_image, size):
     image = make_image(*size)
     # The reference raises a side under 28 px to 28 before the processor (4.50's smart_resize rejected it).
     raised = image.resize((max(size[1], 28), max(size[0], 28)), resample=3) if min(size) < 28 else image
-    hf = Qwen2VLImageProcessorPil()(images=[raised], return_tensors="pt",
-                                    size={"shortest_edge": 256 * 28 * 28, "longest_edge": 1024 * 28 * 28})
+    hf = Qwen2VLImageProcessorPil()(
+        images=[raised], return_tensors="pt", size={"shortest_edge": 256 * 28 * 28, "longest_edge": 1024 * 28 * 28}
+    )
     rows, grid = image_to_patches(image)
     assert torch.equal(torch.tensor([grid]), hf["image_grid_thw"])
     torch.testing.assert_close(rows, hf["pixel_values"], atol=1e-5, rtol=0)
@@ -114,8 +115,9 @@ def test_transparency_is_composited_onto_white_as_transformers_does(make_image, 
     image = rgba.convert(mode) if mode != "P" else rgba.convert("P", palette=Image.Palette.ADAPTIVE)
     if mode == "P":
         image.info["transparency"] = 0
-    hf = Qwen2VLImageProcessorPil()(images=[image], return_tensors="pt",
-                                    size={"shortest_edge": 256 * 28 * 28, "longest_edge": 1024 * 28 * 28})
+    hf = Qwen2VLImageProcessorPil()(
+        images=[image], return_tensors="pt", size={"shortest_edge": 256 * 28 * 28, "longest_edge": 1024 * 28 * 28}
+    )
     rows, grid = image_to_patches(image)
     assert torch.equal(torch.tensor([grid]), hf["image_grid_thw"])
     torch.testing.assert_close(rows, hf["pixel_values"], atol=1e-5, rtol=0)

@@ -11,8 +11,16 @@ import pytest
 from moca_fast.data.images import image_size
 from moca_fast.data.pairs import PairDataset
 from moca_fast.data.processor import Processor
-from moca_fast.data.realistic import (IMAGE_KINDS, MAX_LENGTH, STAGE1_SOURCES, STAGE2_SUBSETS, image_tokens,
-                                      realistic_documents, realistic_pair_rows, stored_size)
+from moca_fast.data.realistic import (
+    IMAGE_KINDS,
+    MAX_LENGTH,
+    STAGE1_SOURCES,
+    STAGE2_SUBSETS,
+    image_tokens,
+    realistic_documents,
+    realistic_pair_rows,
+    stored_size,
+)
 
 CAP = 1024
 PAGE_KINDS = ("page", "slide", "infographic")
@@ -49,8 +57,9 @@ def test_documents_have_the_sources_shapes(reference_processor):
     sources = Counter(d.id.rsplit("-", 1)[0] for d in documents)
     assert set(sources) == {s.name for s in STAGE1_SOURCES}
     assert max(sources.values()) < 3 * min(sources.values())  # equal shares, up to sampling
-    sizes = {d.id: reference_processor.measure(d.text, [image_size(im, d.id) for im in d.images], d.id)
-             for d in documents}
+    sizes = {
+        d.id: reference_processor.measure(d.text, [image_size(im, d.id) for im in d.images], d.id) for d in documents
+    }
     assert all(s.tokens <= MAX_LENGTH for s in sizes.values())
     uncut = [d for d in documents if sizes[d.id].images == len(d.images)]
     assert len(uncut) == len(documents)  # every image fits whole: none is dropped by max_len

@@ -11,8 +11,22 @@ import pytest
 from moca_fast.data.documents import DocumentDataset, open_rows
 from moca_fast.data.images import load_image
 from moca_fast.data.pairs import MMEB_IMAGE_TOKEN, PairDataset
-from moca_fast.data.synthetic import (ATTRIBUTES, COLOUR_RGB, IMAGE_SIZE, N_CANDIDATES, N_PAGES, TASKS, Page, Scene,
-                                      make_documents, make_pairs, pair_rows, pair_sides, render, write_world)
+from moca_fast.data.synthetic import (
+    ATTRIBUTES,
+    COLOUR_RGB,
+    IMAGE_SIZE,
+    N_CANDIDATES,
+    N_PAGES,
+    TASKS,
+    Page,
+    Scene,
+    make_documents,
+    make_pairs,
+    pair_rows,
+    pair_sides,
+    render,
+    write_world,
+)
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 
 # The reference's exact prompts, once the MMEB image marker becomes the placeholder triple.
@@ -24,8 +38,7 @@ PAGE_TARGET = IMAGE_PLACEHOLDER + "\nRepresent the given document image."
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return write_world(tmp_path_factory.mktemp("world"), seed=11, n_documents=16, n_pairs_per_task=6,
-                       n_eval_queries=10)
+    return write_world(tmp_path_factory.mktemp("world"), seed=11, n_documents=16, n_pairs_per_task=6, n_eval_queries=10)
 
 
 def differing(a, b) -> list[str]:
@@ -69,7 +82,7 @@ def test_every_hard_negative_differs_from_its_target_in_exactly_one_attribute():
 def test_scene_pixels_carry_colour_quadrant_and_count():
     scene = Scene("square", "blue", "bottom right", 3, None)
     pixels = np.asarray(render(scene, 0)).astype(int)
-    blue = (abs(pixels - np.array([40, 80, 220])).sum(-1) < 30)
+    blue = abs(pixels - np.array([40, 80, 220])).sum(-1) < 30
     half = IMAGE_SIZE // 2
     quadrant = blue[half:, half:]
     assert quadrant.sum() > 3 * 150 and blue.sum() == quadrant.sum()
@@ -111,8 +124,11 @@ def test_stage2_rows_in_memory_are_the_rows_written(world, tmp_path):
     for k in range(len(in_memory)):
         pair = in_memory[k]
         theirs = written[pair.id]
-        for mine, other in zip((pair.query, pair.positive, *pair.negatives),
-                               (theirs.query, theirs.positive, *theirs.negatives), strict=True):
+        for mine, other in zip(
+            (pair.query, pair.positive, *pair.negatives),
+            (theirs.query, theirs.positive, *theirs.negatives),
+            strict=True,
+        ):
             assert mine.text == other.text and (mine.image is None) == (other.image is None)
             if mine.image is not None:  # the same image, rendered to the same relative path
                 assert Path(mine.image).name == Path(other.image).name

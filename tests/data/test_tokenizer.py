@@ -12,9 +12,21 @@ from moca_fast.data.tokens import MASK_TOKEN
 
 # Qwen2.5-VL's tokenizer: <|endoftext|> is the pad token, <|im_end|> the end of sequence, and these its
 # additional special tokens (tokenizer_config.json of Qwen/Qwen2.5-VL-3B-Instruct).
-QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-                "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_SPECIAL = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 
 def qwen_structured_tokenizer(path):
@@ -22,12 +34,14 @@ def qwen_structured_tokenizer(path):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 4, trainer=trainer)
     bpe.add_special_tokens(["<|endoftext|>", *QWEN_SPECIAL])
-    PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                            additional_special_tokens=QWEN_SPECIAL).save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>", additional_special_tokens=QWEN_SPECIAL
+    ).save_pretrained(path)
     return path
 
 
@@ -47,8 +61,13 @@ def test_qwen_special_tokens_are_never_mlm_masked(tmp_path):
     image_tokens = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")  # only as the image placeholder
     text = "the fox" + "".join(t for t in QWEN_SPECIAL if t not in image_tokens) + "lazy dog"
     seq = processor.encode(text + "<|endoftext|><|mask|>", [], "s")
-    masked = apply_mlm(seq, mask_token_id=processor.mask_token_id, special_ids=processor.special_ids, rate=1.0,
-                       generator=torch.Generator().manual_seed(0))
+    masked = apply_mlm(
+        seq,
+        mask_token_id=processor.mask_token_id,
+        special_ids=processor.special_ids,
+        rate=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     special = [tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL + ["<|endoftext|>", MASK_TOKEN]]
     kept = torch.isin(seq.input_ids, torch.tensor(special))
     assert kept.sum() == len(QWEN_SPECIAL) - 3 + 2  # every special token of the text was encoded as one id

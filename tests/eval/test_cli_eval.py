@@ -13,11 +13,21 @@ from moca_fast.eval import vidore
 from .tiny import PIXELS, SMALL_PIXELS, write_tiny_checkpoint
 
 
-
 def test_eval_mmeb(checkpoint, mmeb_data, tmp_path, capsys):
     out = tmp_path / "results"
-    args = ["eval", "mmeb", "--data", str(mmeb_data), "--images", str(mmeb_data), "--model", str(checkpoint),
-            "--output", str(out), *PIXELS]
+    args = [
+        "eval",
+        "mmeb",
+        "--data",
+        str(mmeb_data),
+        "--images",
+        str(mmeb_data),
+        "--model",
+        str(checkpoint),
+        "--output",
+        str(out),
+        *PIXELS,
+    ]
     assert main(args) == 0
     table = capsys.readouterr().out
     assert "MMEB precision@1" in table and "SynT2I" in table and "overall (3 scored)" in table
@@ -46,8 +56,22 @@ def test_retrained_weights_at_the_same_path_are_never_scored_from_the_old_cache(
 
 def test_eval_vidore(checkpoint, beir_data, tmp_path, capsys):
     out = tmp_path / "results"
-    assert main(["eval", "vidore", "--data", str(beir_data.parent), "--model", str(checkpoint), "--output", str(out),
-                 *PIXELS]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "vidore",
+                "--data",
+                str(beir_data.parent),
+                "--model",
+                str(checkpoint),
+                "--output",
+                str(out),
+                *PIXELS,
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "ViDoRe ndcg@5" in table and "SynPages" in table and "ESG human" in table
     assert json.loads((out / "vidore.json").read_text())["datasets"]["SynPages"]["queries"] == 6
@@ -56,7 +80,20 @@ def test_eval_vidore(checkpoint, beir_data, tmp_path, capsys):
 def test_eval_errors_name_the_row(checkpoint, mmeb_data, tmp_path, capsys):
     (mmeb_data / "images" / "SynVQA" / "000002-q.png").unlink()
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "mmeb", "--data", str(mmeb_data), "--model", str(checkpoint), "--output", str(tmp_path / "r"),
-              "--datasets", "SynVQA", *PIXELS])
+        main(
+            [
+                "eval",
+                "mmeb",
+                "--data",
+                str(mmeb_data),
+                "--model",
+                str(checkpoint),
+                "--output",
+                str(tmp_path / "r"),
+                "--datasets",
+                "SynVQA",
+                *PIXELS,
+            ]
+        )
     assert exit_info.value.code == 2
     assert "MMEB SynVQA row 2 query: image file not found" in capsys.readouterr().err

@@ -18,8 +18,9 @@ from .tiny import SMALL_PIXELS
 
 
 def _by_hand(queries, documents):
-    return np.array([[sum(max(float(q_tok @ d_tok) for d_tok in d) for q_tok in q) for d in documents]
-                     for q in queries])
+    return np.array(
+        [[sum(max(float(q_tok @ d_tok) for d_tok in d) for q_tok in q) for d in documents] for q in queries]
+    )
 
 
 def test_blocked_maxsim_equals_per_pair_loops_and_reads_padded_arrays():
@@ -45,8 +46,10 @@ def test_vidore_scores_a_multi_vector_checkpoint_by_maxsim(multi_vector_embedder
     corpus = [json.loads(line) for line in (beir_data / "corpus.jsonl").read_text().splitlines()]
     gold = dict(line.split("\t")[:2] for line in (beir_data / "qrels" / "test.tsv").read_text().splitlines()[1:])
     q = multi_vector_embedder.encode([row["text"] for row in queries], output="multi_vector")
-    pages = multi_vector_embedder.encode([{"text": DOCUMENT_PAGE_INSTRUCTION, "image": str(beir_data / row["image"])}
-                                          for row in corpus], output="multi_vector")
+    pages = multi_vector_embedder.encode(
+        [{"text": DOCUMENT_PAGE_INSTRUCTION, "image": str(beir_data / row["image"])} for row in corpus],
+        output="multi_vector",
+    )
     scores = _by_hand(q, pages)
     expected = []
     for row, query_scores in zip(queries, scores):
@@ -57,14 +60,18 @@ def test_vidore_scores_a_multi_vector_checkpoint_by_maxsim(multi_vector_embedder
     assert result["scoring"] == "MaxSim"
     assert result["ndcg@5"] == pytest.approx(100 * np.mean(expected), abs=1e-6)
     assert sorted(p.name for p in (tmp_path / "cache" / "SynPages").iterdir()) == [
-        "corpus.json", "corpus.npz", "queries.json", "queries.npz"]
+        "corpus.json",
+        "corpus.npz",
+        "queries.json",
+        "queries.npz",
+    ]
     again = vidore.evaluate_vidore(multi_vector_embedder, beir_data.parent, cache_dir=tmp_path / "cache")
     assert again["datasets"]["SynPages"]["ndcg@5"] == result["ndcg@5"]  # from the cache
 
 
-def test_mteb_declares_and_runs_a_multi_vector_checkpoint_as_late_interaction(multi_vector_checkpoint,
-                                                                              multi_vector_embedder, checkpoint,
-                                                                              beir_data):
+def test_mteb_declares_and_runs_a_multi_vector_checkpoint_as_late_interaction(
+    multi_vector_checkpoint, multi_vector_embedder, checkpoint, beir_data
+):
     mteb = pytest.importorskip("mteb")
     meta = model_meta(multi_vector_checkpoint, name="local/tiny-moca-heads", **SMALL_PIXELS)
     assert meta.model_type == ["late-interaction"] and meta.similarity_fn_name == "MaxSim" and meta.embed_dim == 16

@@ -29,8 +29,12 @@ def test_ndcg_edge_cases():
 
 
 def test_precision_at_1_by_hand():
-    scores = [np.array([0.9, 0.1, 0.3]), np.array([0.2, 0.8]), np.array([0.5, 0.5, 0.1]),
-              np.array([0.7, 0.6, 0.69, 0.1])]
+    scores = [
+        np.array([0.9, 0.1, 0.3]),
+        np.array([0.2, 0.8]),
+        np.array([0.5, 0.5, 0.1]),
+        np.array([0.7, 0.6, 0.69, 0.1]),
+    ]
     # gold best; a distractor best; a tie with the gold (numpy argmax: first wins); gold best.
     assert precision_at_1(scores) == pytest.approx(3 / 4)
     with pytest.raises(ValueError):

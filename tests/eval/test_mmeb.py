@@ -16,16 +16,20 @@ def test_the_36_datasets_and_their_groups():
     groups = list(mmeb.MMEB_DATASETS.values())
     assert len(groups) == 36
     assert {task: sum(t == task for t, _ in groups) for task in mmeb.META_TASKS} == {
-        "classification": 10, "vqa": 10, "retrieval": 12, "grounding": 4}
+        "classification": 10,
+        "vqa": 10,
+        "retrieval": 12,
+        "grounding": 4,
+    }
     assert sum(split == "IND" for _, split in groups) == 20 and sum(split == "OOD" for _, split in groups) == 16
 
 
 def test_summarize_means_are_unweighted_and_grouped():
     scores = {name: float(k) for k, name in enumerate(mmeb.MMEB_DATASETS)} | {"SynT2I": 100.0}
     report = mmeb.summarize(scores)
-    by = lambda pred: np.mean([scores[n] for n, g in mmeb.MMEB_DATASETS.items() if pred(*g)])  # noqa: E731
+    by = lambda pred: np.mean([scores[n] for n, g in mmeb.MMEB_DATASETS.items() if pred(*g)])
     for task in mmeb.META_TASKS:
-        assert report["meta_tasks"][task] == pytest.approx(by(lambda t, _: t == task))
+        assert report["meta_tasks"][task] == pytest.approx(by(lambda t, _, task=task: t == task))
     assert report["IND"] == pytest.approx(by(lambda _, s: s == "IND"))
     assert report["OOD"] == pytest.approx(by(lambda _, s: s == "OOD"))
     assert report["overall"] == pytest.approx(np.mean(list(scores.values())))
@@ -34,8 +38,9 @@ def test_summarize_means_are_unweighted_and_grouped():
 
 def test_read_dataset_dedups_candidates_and_marks_images(mmeb_data):
     vqa = mmeb.read_dataset("SynVQA", mmeb_data / "SynVQA", mmeb_data)
-    assert len(vqa.queries) == 3 and all(q.text.startswith(IMAGE_PLACEHOLDER) and len(q.images) == 1
-                                         for q in vqa.queries)
+    assert len(vqa.queries) == 3 and all(
+        q.text.startswith(IMAGE_PLACEHOLDER) and len(q.images) == 1 for q in vqa.queries
+    )
     n_listed = sum(len(index) for index in vqa.candidate_index)
     assert len(vqa.candidates) == len({(c.text, c.images) for c in vqa.candidates}) <= n_listed
     t2i = mmeb.read_dataset("SynT2I", mmeb_data / "SynT2I", mmeb_data)
@@ -51,8 +56,12 @@ def test_end_to_end_with_cache_and_resume(embedder, mmeb_data, tmp_path, capsys,
     # the score, recomputed without the harness's dedup and cache: every candidate of every row embedded
     dataset = mmeb.read_dataset("SynVQA", mmeb_data / "SynVQA", mmeb_data)
     queries = embedder.encode(dataset.queries)
-    expected = precision_at_1([embedder.encode([dataset.candidates[j] for j in index]) @ q
-                               for q, index in zip(queries, dataset.candidate_index)])
+    expected = precision_at_1(
+        [
+            embedder.encode([dataset.candidates[j] for j in index]) @ q
+            for q, index in zip(queries, dataset.candidate_index)
+        ]
+    )
     assert report["datasets"]["SynVQA"]["score"] == pytest.approx(100 * expected)
     print(mmeb.format_report(report))
     table = capsys.readouterr().out

@@ -19,15 +19,23 @@ def test_batches_get_the_reference_prompts_by_role_and_task(embedder):
     encoder = MtebEncoder(embedder)
     pages = SimpleNamespace(name="Vidore2X", type="DocumentUnderstanding")
     other = SimpleNamespace(name="Any", type="Any2AnyRetrieval")
-    queries = encoder.encode([{"text": ["a question", "plain"], "image": [a, None]}, {"image": [b]}],
-                             task_metadata=pages, prompt_type="query")
-    np.testing.assert_allclose(queries, embedder.encode([prompts.image_question_query(a, "a question"), "plain",
-                                                         prompts.image_target(b)]), atol=1e-6)
+    queries = encoder.encode(
+        [{"text": ["a question", "plain"], "image": [a, None]}, {"image": [b]}],
+        task_metadata=pages,
+        prompt_type="query",
+    )
+    np.testing.assert_allclose(
+        queries,
+        embedder.encode([prompts.image_question_query(a, "a question"), "plain", prompts.image_target(b)]),
+        atol=1e-6,
+    )
     documents = encoder.encode([{"image": [a, b]}], task_metadata=pages, prompt_type="document")
-    np.testing.assert_allclose(documents, embedder.encode([prompts.document_page(a), prompts.document_page(b)]),
-                               atol=1e-6)
-    targets = encoder.encode([{"image": [b], "text": [""]}, {"text": ["a caption"]}], task_metadata=other,
-                             prompt_type="document")
+    np.testing.assert_allclose(
+        documents, embedder.encode([prompts.document_page(a), prompts.document_page(b)]), atol=1e-6
+    )
+    targets = encoder.encode(
+        [{"image": [b], "text": [""]}, {"text": ["a caption"]}], task_metadata=other, prompt_type="document"
+    )
     np.testing.assert_allclose(targets, embedder.encode([prompts.image_target(b), "a caption"]), atol=1e-6)
 
 
@@ -62,11 +70,25 @@ def _local_task(name: str, task_type: str, category: str, split_data):
     from mteb.abstasks.task_metadata import TaskMetadata
 
     metadata = TaskMetadata(
-        name=name, type=task_type, category=category, main_score="ndcg_at_5", modalities=["image", "text"],
-        description="moca_fast's synthetic world", reference="https://github.com/embeddings-benchmark/mteb",
-        dataset={"path": "NA", "revision": "NA"}, eval_splits=["test"], eval_langs=["eng-Latn"],
-        date=("2026-01-01", "2026-01-01"), dialect=[], domains=[], task_subtypes=[], license="cc-by-4.0",
-        annotations_creators="derived", sample_creation="created", bibtex_citation="")
+        name=name,
+        type=task_type,
+        category=category,
+        main_score="ndcg_at_5",
+        modalities=["image", "text"],
+        description="moca_fast's synthetic world",
+        reference="https://github.com/embeddings-benchmark/mteb",
+        dataset={"path": "NA", "revision": "NA"},
+        eval_splits=["test"],
+        eval_langs=["eng-Latn"],
+        date=("2026-01-01", "2026-01-01"),
+        dialect=[],
+        domains=[],
+        task_subtypes=[],
+        license="cc-by-4.0",
+        annotations_creators="derived",
+        sample_creation="created",
+        bibtex_citation="",
+    )
 
     class LocalTask(AbsTaskRetrieval):
         def load_data(self, num_proc=None, **kwargs):
@@ -84,11 +106,22 @@ def _pages_task(beir):
     corpus = [json.loads(line) for line in (beir / "corpus.jsonl").read_text().splitlines()]
     queries = [json.loads(line) for line in (beir / "queries.jsonl").read_text().splitlines()]
     qrels = [line.split("\t") for line in (beir / "qrels" / "test.tsv").read_text().splitlines()[1:]]
-    return _local_task("SynPagesMteb", "DocumentUnderstanding", "t2i", dict(
-        corpus=Dataset.from_dict({"id": [c["_id"] for c in corpus],
-                                  "image": [Image.open(beir / c["image"]).convert("RGB") for c in corpus]}),
-        queries=Dataset.from_dict({"id": [q["_id"] for q in queries], "text": [q["text"] for q in queries]}),
-        relevant_docs={q: {d: int(s)} for q, d, s in qrels}, top_ranked=None))
+    return _local_task(
+        "SynPagesMteb",
+        "DocumentUnderstanding",
+        "t2i",
+        dict(
+            corpus=Dataset.from_dict(
+                {
+                    "id": [c["_id"] for c in corpus],
+                    "image": [Image.open(beir / c["image"]).convert("RGB") for c in corpus],
+                }
+            ),
+            queries=Dataset.from_dict({"id": [q["_id"] for q in queries], "text": [q["text"] for q in queries]}),
+            relevant_docs={q: {d: int(s)} for q, d, s in qrels},
+            top_ranked=None,
+        ),
+    )
 
 
 def _scene_question_task(n: int = 5):
@@ -110,9 +143,14 @@ def _scene_question_task(n: int = 5):
     split = dict(
         queries=Dataset.from_dict({"id": [f"q{k}" for k in range(n)], "image": images, "text": [question] * n}),
         corpus=Dataset.from_dict({"id": [f"d{k}" for k in range(n)], "text": [s.caption for s in scenes]}),
-        relevant_docs={f"q{k}": {f"d{k}": 1} for k in range(n)}, top_ranked=None)
-    ours = dict(queries=[prompts.image_question_query(image, question) for image in images],
-                corpus=[s.caption for s in scenes], relevance=np.eye(n, dtype=np.float32))
+        relevant_docs={f"q{k}": {f"d{k}": 1} for k in range(n)},
+        top_ranked=None,
+    )
+    ours = dict(
+        queries=[prompts.image_question_query(image, question) for image in images],
+        corpus=[s.caption for s in scenes],
+        relevance=np.eye(n, dtype=np.float32),
+    )
     return _local_task("SynSceneQuestionsMteb", "Any2AnyRetrieval", "it2t", split), ours
 
 
@@ -150,4 +188,5 @@ def test_a_directly_built_wrapper_runs_image_tasks(embedder, beir_data):
     assert scores["SynPagesMteb"]["ndcg_at_5"] * 100 == pytest.approx(vidore["ndcg@5"], abs=1e-3)
     similarity = embedder.encode(ours["queries"]) @ embedder.encode(ours["corpus"]).T
     assert scores["SynSceneQuestionsMteb"]["ndcg_at_5"] == pytest.approx(
-        ndcg_at_k(similarity, ours["relevance"], 5).mean(), abs=1e-5)
+        ndcg_at_k(similarity, ours["relevance"], 5).mean(), abs=1e-5
+    )

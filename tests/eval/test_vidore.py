@@ -33,8 +33,9 @@ def test_end_to_end_ndcg_at_5(embedder, beir_data, tmp_path, capsys):
     corpus = [json.loads(line) for line in (beir_data / "corpus.jsonl").read_text().splitlines()]
     gold = _gold_pages(beir_data)
     q = embedder.encode([row["text"] for row in queries])
-    pages = embedder.encode([{"text": DOCUMENT_PAGE_INSTRUCTION, "image": str(beir_data / row["image"])}
-                             for row in corpus])
+    pages = embedder.encode(
+        [{"text": DOCUMENT_PAGE_INSTRUCTION, "image": str(beir_data / row["image"])} for row in corpus]
+    )
     expected = []
     for query, row in zip(q, queries):
         order = [corpus[j]["_id"] for j in np.argsort(-(pages @ query), kind="stable")]
@@ -57,16 +58,26 @@ def test_hub_parquet_layout_scores_like_beir_files(embedder, beir_data, tmp_path
     query_number = {row["_id"]: k for k, row in enumerate(queries)}
     parts = {
         "corpus": datasets.Dataset.from_dict(
-            {"corpus-id": list(range(len(corpus))),
-             "image": [{"bytes": (beir_data / row["image"]).read_bytes(), "path": None} for row in corpus]},
-            features=datasets.Features({"corpus-id": datasets.Value("int64"), "image": datasets.Image()})),
-        "queries": datasets.Dataset.from_dict({"query-id": list(range(len(queries))),
-                                               "query": [row["text"] for row in queries],
-                                               "language": ["english"] * len(queries)}),
+            {
+                "corpus-id": list(range(len(corpus))),
+                "image": [{"bytes": (beir_data / row["image"]).read_bytes(), "path": None} for row in corpus],
+            },
+            features=datasets.Features({"corpus-id": datasets.Value("int64"), "image": datasets.Image()}),
+        ),
+        "queries": datasets.Dataset.from_dict(
+            {
+                "query-id": list(range(len(queries))),
+                "query": [row["text"] for row in queries],
+                "language": ["english"] * len(queries),
+            }
+        ),
         "qrels": datasets.Dataset.from_dict(
-            {"query-id": [query_number[q] for q in _gold_pages(beir_data)],
-             "corpus-id": [doc_number[d] for d in _gold_pages(beir_data).values()],
-             "score": [1] * len(queries)}),
+            {
+                "query-id": [query_number[q] for q in _gold_pages(beir_data)],
+                "corpus-id": [doc_number[d] for d in _gold_pages(beir_data).values()],
+                "score": [1] * len(queries),
+            }
+        ),
     }
     for name, rows in parts.items():
         (hub / name).mkdir(parents=True)
@@ -78,8 +89,15 @@ def test_hub_parquet_layout_scores_like_beir_files(embedder, beir_data, tmp_path
 
 
 def test_seven_columns_and_their_average():
-    names = ["esg_reports_human_labeled_v2", "esg_reports_eng_v2", "esg_reports_v2", "biomedical_lectures_eng_v2",
-             "biomedical_lectures_v2", "economics_reports_eng_v2", "economics_reports_v2"]
+    names = [
+        "esg_reports_human_labeled_v2",
+        "esg_reports_eng_v2",
+        "esg_reports_v2",
+        "biomedical_lectures_eng_v2",
+        "biomedical_lectures_v2",
+        "economics_reports_eng_v2",
+        "economics_reports_v2",
+    ]
     results = {name: {"ndcg@5": 10.0 * k, "queries": 1, "corpus": 1} for k, name in enumerate(names)}
     report = vidore.summarize(results)
     assert list(report["columns"].values()) == [10.0 * k for k in range(7)]
@@ -98,12 +116,15 @@ def test_errors_name_the_row(embedder, beir_data):
         vidore.read_dataset("SynPages", beir_data)
 
 
-@pytest.mark.parametrize("header, row, message", [
-    ("query-id\tcorpus-id\n", "q-0000\tpage-000\n", r"test.tsv line 2: no 'score'"),
-    ("query-id\tcorpus-id\tscore\n", "q-0000\tpage-000\t\n", r"test.tsv line 2: no 'score'"),
-    ("query-id\tcorpus-id\tscore\n", "q-0000\tpage-000\thigh\n", r"test.tsv line 2: score 'high' is not a number"),
-    ("query-id\tscore\n", "q-0000\t1\n", r"test.tsv line 2: no 'corpus-id'"),
-])
+@pytest.mark.parametrize(
+    "header, row, message",
+    [
+        ("query-id\tcorpus-id\n", "q-0000\tpage-000\n", r"test.tsv line 2: no 'score'"),
+        ("query-id\tcorpus-id\tscore\n", "q-0000\tpage-000\t\n", r"test.tsv line 2: no 'score'"),
+        ("query-id\tcorpus-id\tscore\n", "q-0000\tpage-000\thigh\n", r"test.tsv line 2: score 'high' is not a number"),
+        ("query-id\tscore\n", "q-0000\t1\n", r"test.tsv line 2: no 'corpus-id'"),
+    ],
+)
 def test_malformed_qrels_name_the_file_and_line(beir_data, header, row, message):
     (beir_data / "qrels" / "test.tsv").write_text(header + row)
     with pytest.raises(ValueError, match=message):
@@ -124,20 +145,24 @@ def test_languages_scored_separately_and_averaged_as_mteb_does(embedder, beir_da
 
     queries = [json.loads(line) for line in (beir_data / "queries.jsonl").read_text().splitlines()]
     languages = ["english", "french", "french", "english", "german", "french"]
-    (beir_data / "queries.jsonl").write_text("".join(json.dumps({**q, "language": lang}) + "\n"
-                                                     for q, lang in zip(queries, languages)))
+    (beir_data / "queries.jsonl").write_text(
+        "".join(json.dumps({**q, "language": lang}) + "\n" for q, lang in zip(queries, languages))
+    )
     report = vidore.evaluate_vidore(embedder, beir_data)
     result = report["datasets"]["SynPages"]
     alone = {}
     for language in ("english", "french", "german"):
         folder = tmp_path / language
         shutil.copytree(beir_data, folder)
-        (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q, lang in zip(queries, languages)
-                                                      if lang == language))
+        (folder / "queries.jsonl").write_text(
+            "".join(json.dumps(q) + "\n" for q, lang in zip(queries, languages) if lang == language)
+        )
         qrels = [row for row in csv.DictReader(open(beir_data / "qrels" / "test.tsv"), delimiter="\t")]
         kept = {q["_id"] for q, lang in zip(queries, languages) if lang == language}
-        (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
-            f"{r['query-id']}\t{r['corpus-id']}\t{r['score']}\n" for r in qrels if r["query-id"] in kept))
+        (folder / "qrels" / "test.tsv").write_text(
+            "query-id\tcorpus-id\tscore\n"
+            + "".join(f"{r['query-id']}\t{r['corpus-id']}\t{r['score']}\n" for r in qrels if r["query-id"] in kept)
+        )
         alone[language] = vidore.evaluate_vidore(embedder, folder)["datasets"][language]["ndcg@5"]
     assert {k: v["queries"] for k, v in result["languages"].items()} == {"english": 2, "french": 3, "german": 1}
     for language, score in alone.items():

@@ -63,11 +63,19 @@ def ptxas_usage(ptx: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "kernel.ptx"
         source.write_text(ptx)
-        done = subprocess.run([_ptxas(), f"-arch={arch}", "-v", str(source), "-o", str(Path(tmp) / "kernel.cubin")],
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [_ptxas(), f"-arch={arch}", "-v", str(source), "-o", str(Path(tmp) / "kernel.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     log = done.stdout + done.stderr
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
-    return {"arch": arch, "registers": int(re.search(r"Used (\d+) registers", log).group(1)), "spill_bytes": sum(spills)}
+    return {
+        "arch": arch,
+        "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
+        "spill_bytes": sum(spills),
+    }
 
 
 def _compile_launches(record: list, current: dict):
@@ -91,8 +99,11 @@ def run_maxsim_launch_code(dtypes: dict[str, list[str]], current: dict) -> None:
     current["loss"] = "maxsim_info_nce"
     q_t, d_t = dtypes["maxsim_info_nce"][:2]
     Q, N = PAIRS_PER_RANK, PAIRS_PER_RANK * RANKS + PAIRS_PER_RANK * NEGATIVES
-    layout = late_interaction.Layout(list(range(0, (Q + 1) * QUERY_TOKENS, QUERY_TOKENS)),
-                                     list(range(0, (N + 1) * DOC_TOKENS, DOC_TOKENS)), NEGATIVES)
+    layout = late_interaction.Layout(
+        list(range(0, (Q + 1) * QUERY_TOKENS, QUERY_TOKENS)),
+        list(range(0, (N + 1) * DOC_TOKENS, DOC_TOKENS)),
+        NEGATIVES,
+    )
     q = torch.empty((Q * QUERY_TOKENS, MULTI_VECTOR_DIM), dtype=getattr(torch, q_t), device="meta")
     d = torch.empty((N * DOC_TOKENS, MULTI_VECTOR_DIM), dtype=getattr(torch, d_t), device="meta")
     offsets = late_interaction._device_offsets(layout, q.device)
@@ -120,9 +131,13 @@ def run_launch_code(dtypes: dict[str, list[str]], size: str, current: dict) -> N
 
     current["loss"] = "patch_reconstruction"
     hidden_t, weight_t, bias_t = dtypes["patch_reconstruction"][:3]
-    patch_reconstruction._triton_forward(tensor((MAE_ROWS, H), hidden_t), tensor((PATCH_VALUES, H), weight_t),
-                                         tensor((PATCH_VALUES,), bias_t), tensor((MAE_ROWS, PATCH_VALUES), "float32"),
-                                         grad_factor=1.0)
+    patch_reconstruction._triton_forward(
+        tensor((MAE_ROWS, H), hidden_t),
+        tensor((PATCH_VALUES, H), weight_t),
+        tensor((PATCH_VALUES,), bias_t),
+        tensor((MAE_ROWS, PATCH_VALUES), "float32"),
+        grad_factor=1.0,
+    )
 
     current["loss"] = "info_nce"
     q_t, p_t, n_t = dtypes["info_nce"][:3]
@@ -153,8 +168,17 @@ def main(dtypes: dict[str, list[str]], sizes: list[str]) -> list[dict]:
                 continue
             seen.add((size, loss, compiled.hash))
             ptx = compiled.asm["ptx"]
-            rows.append({"size": size, "loss": loss, "kernel": name, "shared_bytes": compiled.metadata.shared,
-                         "num_warps": compiled.metadata.num_warps, "wgmma": "wgmma" in ptx, **ptxas_usage(ptx)})
+            rows.append(
+                {
+                    "size": size,
+                    "loss": loss,
+                    "kernel": name,
+                    "shared_bytes": compiled.metadata.shared,
+                    "num_warps": compiled.metadata.num_warps,
+                    "wgmma": "wgmma" in ptx,
+                    **ptxas_usage(ptx),
+                }
+            )
     return rows
 
 

@@ -11,8 +11,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from moca_fast.data.batch import pack_sequences
 from moca_fast.data.masking import apply_mae, apply_mlm
 from moca_fast.data.tokens import IMAGE_PLACEHOLDER
-from moca_fast.kernels import (info_nce_loss, info_nce_reference, masked_lm_ce_reference, masked_lm_cross_entropy,
-                               patch_reconstruction_loss, patch_reconstruction_reference)
+from moca_fast.kernels import (
+    info_nce_loss,
+    info_nce_reference,
+    masked_lm_ce_reference,
+    masked_lm_cross_entropy,
+    patch_reconstruction_loss,
+    patch_reconstruction_reference,
+)
 from moca_fast.model.heads import MaeHead, mlm_loss
 
 from .conftest import assert_matches, device_for
@@ -51,8 +57,9 @@ def training_losses_under_autocast(processor, make_image) -> dict[str, list[tupl
     sequences = []
     for i in range(3):
         seq = processor.encode(f"words {IMAGE_PLACEHOLDER} more words", [make_image(56, 84)], f"s{i}")
-        seq = apply_mlm(seq, mask_token_id=processor.mask_token_id, special_ids=processor.special_ids, rate=0.4,
-                        generator=g)
+        seq = apply_mlm(
+            seq, mask_token_id=processor.mask_token_id, special_ids=processor.special_ids, rate=0.4, generator=g
+        )
         sequences.append(apply_mae(seq, image_token_id=processor.image_token_id, rate=0.5, generator=g))
     batch = pack_sequences(sequences, processor.image_token_id)
     recorder = FusedLossInputs()
@@ -61,8 +68,13 @@ def training_losses_under_autocast(processor, make_image) -> dict[str, list[tupl
             hidden = model(batch)
             stage1 = mlm_loss(model, hidden, batch) + mae(hidden, batch, "sdpa")
             embeddings = model.embed(batch)  # fp32 pooled embeddings, as trainers/cl.py gives them
-            stage2 = info_nce_loss(embeddings[:1], embeddings[1:2], embeddings[2:].reshape(1, 1, -1),
-                                   torch.zeros(1, dtype=torch.long), normalize=False)
+            stage2 = info_nce_loss(
+                embeddings[:1],
+                embeddings[1:2],
+                embeddings[2:].reshape(1, 1, -1),
+                torch.zeros(1, dtype=torch.long),
+                normalize=False,
+            )
         (stage1 + stage2).backward()
     return recorder.calls
 

@@ -47,8 +47,10 @@ def _busy(row_tiles, col_tiles, slots, splits):
     return row_tiles * col_tiles / (slots * waves * -(-col_tiles // splits))
 
 
-@pytest.mark.parametrize("row_tiles,col_tiles,slots", [(40, 1187, 132), (28, 1188, 132), (40, 1187, 264),
-                                                        (2, 2, 132), (1, 8, 2), (300, 1187, 132)])
+@pytest.mark.parametrize(
+    "row_tiles,col_tiles,slots",
+    [(40, 1187, 132), (28, 1188, 132), (40, 1187, 264), (2, 2, 132), (1, 8, 2), (300, 1187, 132)],
+)
 def test_balanced_splits_leave_the_last_wave_busy(row_tiles, col_tiles, slots):
     splits = _common.balanced_splits(row_tiles, col_tiles, slots)
     best = max(_busy(row_tiles, col_tiles, slots, s) for s in range(1, col_tiles + 1))

@@ -6,9 +6,16 @@ import functools
 import pytest
 import torch
 
-from moca_fast.kernels import (info_nce_loss, info_nce_reference, masked_lm_ce_reference, masked_lm_cross_entropy,
-                               maxsim_info_nce, maxsim_info_nce_reference, patch_reconstruction_loss,
-                               patch_reconstruction_reference)
+from moca_fast.kernels import (
+    info_nce_loss,
+    info_nce_reference,
+    masked_lm_ce_reference,
+    masked_lm_cross_entropy,
+    maxsim_info_nce,
+    maxsim_info_nce_reference,
+    patch_reconstruction_loss,
+    patch_reconstruction_reference,
+)
 
 from .conftest import assert_matches, device_for
 
@@ -56,8 +63,12 @@ def test_compiles_to_one_op_with_the_references_loss_and_gradients(name, backend
         return 3.0 * loss_fn(*args, backend=backend)  # a non-unit gradient into the op
 
     def run(fn, dtype=None):
-        leaves = [x.detach().to(dtype or x.dtype, copy=True).requires_grad_()
-                  if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs]
+        leaves = [
+            x.detach().to(dtype or x.dtype, copy=True).requires_grad_()
+            if torch.is_tensor(x) and x.is_floating_point()
+            else x
+            for x in inputs
+        ]
         loss = fn(*leaves)
         loss.backward()
         return loss, [x.grad for x in leaves if torch.is_tensor(x) and x.requires_grad]

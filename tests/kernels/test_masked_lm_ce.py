@@ -67,7 +67,7 @@ def test_tied_embedding_gradients_add(backend):
         loss.backward()
         return loss, embedding.weight.grad
 
-    ours = lambda h, w, y: masked_lm_cross_entropy(h, w, y, backend=backend)  # noqa: E731
+    ours = lambda h, w, y: masked_lm_cross_entropy(h, w, y, backend=backend)
     loss, grad = loss_and_grad(ours, torch.float32, device_for(backend))
     expected_loss, expected_grad = loss_and_grad(masked_lm_ce_reference, torch.float64, "cpu")
     assert_matches(loss, expected_loss.double(), 2e-5, "loss")

@@ -31,7 +31,7 @@ def _case(r: int, seed: int = 0):
     negative_tokens = torch.randint(1, 20, (len(QUERY_TOKENS) * r,), generator=g).tolist()
     q, q_cu = _packed(QUERY_TOKENS, g)
     d, d_cu = _packed(POSITIVE_TOKENS + negative_tokens, g)
-    targets = torch.randperm(len(POSITIVE_TOKENS), generator=g)[:len(QUERY_TOKENS)]
+    targets = torch.randperm(len(POSITIVE_TOKENS), generator=g)[: len(QUERY_TOKENS)]
     return q, q_cu, d, d_cu, targets
 
 
@@ -52,9 +52,18 @@ def _run(backend, dtype, r, duplicates: bool, seed: int = 0):
     q, q_cu, d, d_cu, targets = _case(r, seed)
     (q_low, q64), (d_low, d64) = rounded_pair(q, dtype, device), rounded_pair(d, dtype, device)
     mask = _duplicates(targets, d_cu.numel() - 1) if duplicates else None
-    on = lambda x: None if x is None else x.to(device)  # noqa: E731
-    loss = maxsim_info_nce(q_low, on(q_cu), d_low, on(d_cu), on(targets), temperature=TEMPERATURE,
-                           negatives=r or None, duplicate_mask=on(mask), backend=backend)
+    on = lambda x: None if x is None else x.to(device)
+    loss = maxsim_info_nce(
+        q_low,
+        on(q_cu),
+        d_low,
+        on(d_cu),
+        on(targets),
+        temperature=TEMPERATURE,
+        negatives=r or None,
+        duplicate_mask=on(mask),
+        backend=backend,
+    )
     loss.backward()
     expected = maxsim_info_nce_reference(q64, q_cu, d64, d_cu, targets, TEMPERATURE, r or None, mask)
     expected.backward()
@@ -102,16 +111,17 @@ def test_a_query_sees_only_its_own_hard_negatives(backend):
 
     def query_grad(d):
         leaf = q.float().requires_grad_()
-        maxsim_info_nce(leaf, q_cu, d.float(), d_cu, targets, temperature=TEMPERATURE, negatives=2,
-                        backend=backend).backward()
+        maxsim_info_nce(
+            leaf, q_cu, d.float(), d_cu, targets, temperature=TEMPERATURE, negatives=2, backend=backend
+        ).backward()
         return leaf.grad
 
     changed = d.clone()
-    changed[d_cu[len(POSITIVE_TOKENS)]:d_cu[len(POSITIVE_TOKENS) + 2]] *= -1.0  # query 0's two negatives
+    changed[d_cu[len(POSITIVE_TOKENS)] : d_cu[len(POSITIVE_TOKENS) + 2]] *= -1.0  # query 0's two negatives
     before, after = query_grad(d), query_grad(changed)
     first_query = slice(0, QUERY_TOKENS[0])
     assert not torch.equal(before[first_query], after[first_query])
-    assert torch.equal(before[QUERY_TOKENS[0]:], after[QUERY_TOKENS[0]:])
+    assert torch.equal(before[QUERY_TOKENS[0] :], after[QUERY_TOKENS[0] :])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -167,8 +177,15 @@ def test_per_rank_losses_sum_to_the_global_gradient(backend):
     for first, end in ((0, half), (half, q_cu.numel() - 1)):
         rank_docs = d.clone().requires_grad_()
         rows = slice(int(q_cu[first]), int(q_cu[end]))
-        loss = maxsim_info_nce(q[rows], q_cu[first:end + 1] - q_cu[first], rank_docs, d_cu, targets[first:end],
-                               temperature=TEMPERATURE, backend=backend)
+        loss = maxsim_info_nce(
+            q[rows],
+            q_cu[first : end + 1] - q_cu[first],
+            rank_docs,
+            d_cu,
+            targets[first:end],
+            temperature=TEMPERATURE,
+            backend=backend,
+        )
         (loss * (end - first) / (q_cu.numel() - 1)).backward()  # each rank's mean, weighted back to the global one
         summed += rank_docs.grad
     torch.testing.assert_close(summed, whole.grad, rtol=1e-5, atol=1e-7)
@@ -180,16 +197,34 @@ def test_no_queries_gives_zero_loss_and_zero_gradients(backend):
     _, _, d, d_cu, _ = _case(r=0)
     d = d.float().to(device).requires_grad_()
     q = torch.zeros(0, D, device=device, requires_grad=True)
-    loss = maxsim_info_nce(q, torch.zeros(1, dtype=torch.int32, device=device), d, d_cu.to(device),
-                           torch.zeros(0, dtype=torch.long, device=device), temperature=TEMPERATURE, backend=backend)
+    loss = maxsim_info_nce(
+        q,
+        torch.zeros(1, dtype=torch.int32, device=device),
+        d,
+        d_cu.to(device),
+        torch.zeros(0, dtype=torch.long, device=device),
+        temperature=TEMPERATURE,
+        backend=backend,
+    )
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(d.grad, torch.zeros_like(d))
 
 
 def test_bad_inputs_are_one_line_errors_naming_the_sample():
     q, q_cu, d, d_cu, targets = (x.float() if x.is_floating_point() else x for x in _case(r=0))
-    call = lambda **kw: maxsim_info_nce(**({"q_tokens": q, "q_cu_seqlens": q_cu, "d_tokens": d,  # noqa: E731
-                                            "d_cu_seqlens": d_cu, "targets": targets, "temperature": 0.05} | kw))
+    call = lambda **kw: maxsim_info_nce(
+        **(
+            {
+                "q_tokens": q,
+                "q_cu_seqlens": q_cu,
+                "d_tokens": d,
+                "d_cu_seqlens": d_cu,
+                "targets": targets,
+                "temperature": 0.05,
+            }
+            | kw
+        )
+    )
     empty = q_cu.clone()
     empty[2] = empty[1]
     with pytest.raises(ValueError, match="^query 1 has no tokens"):

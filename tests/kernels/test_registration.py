@@ -26,6 +26,7 @@ print("ok")
 
 
 def test_a_top_level_kernels_import_leaves_the_ops_alone():
-    done = subprocess.run([sys.executable, "-c", PROBE.format(root=str(ROOT))], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(root=str(ROOT))], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -5,8 +5,14 @@ Matryoshka weight, GradCache's cached gradient) must pass its weight on. The oth
 import pytest
 import torch
 
-from moca_fast.kernels import (info_nce_loss, info_nce_reference, masked_lm_ce_reference, masked_lm_cross_entropy,
-                               patch_reconstruction_loss, patch_reconstruction_reference)
+from moca_fast.kernels import (
+    info_nce_loss,
+    info_nce_reference,
+    masked_lm_ce_reference,
+    masked_lm_cross_entropy,
+    patch_reconstruction_loss,
+    patch_reconstruction_reference,
+)
 
 from .conftest import assert_matches, device_for, rounded_pair
 
@@ -16,23 +22,35 @@ WEIGHT = -2.75  # negative and not a power of two: a dropped, squared or absolut
 def _masked_lm(device, backend):
     hidden, weight = torch.randn(13, 24) / 24**0.5, torch.randn(150, 24)
     labels = torch.randint(0, 150, (13,))
-    return [hidden, weight], lambda h, w: masked_lm_cross_entropy(h, w, labels.to(device), backend=backend), \
-        lambda h, w: masked_lm_ce_reference(h, w, labels)
+    return (
+        [hidden, weight],
+        lambda h, w: masked_lm_cross_entropy(h, w, labels.to(device), backend=backend),
+        lambda h, w: masked_lm_ce_reference(h, w, labels),
+    )
 
 
 def _patches(device, backend):
-    hidden, weight, bias, targets = torch.randn(6, 20), torch.randn(40, 20) / 20**0.5, torch.randn(40), torch.randn(6, 40)
-    return [hidden, weight, bias], \
-        lambda h, w, b: patch_reconstruction_loss(h, w, b, targets.to(device), backend=backend), \
-        lambda h, w, b: patch_reconstruction_reference(h, w, b, targets.double())
+    hidden, weight, bias, targets = (
+        torch.randn(6, 20),
+        torch.randn(40, 20) / 20**0.5,
+        torch.randn(40),
+        torch.randn(6, 40),
+    )
+    return (
+        [hidden, weight, bias],
+        lambda h, w, b: patch_reconstruction_loss(h, w, b, targets.to(device), backend=backend),
+        lambda h, w, b: patch_reconstruction_reference(h, w, b, targets.double()),
+    )
 
 
 def _info_nce(device, backend):
     queries, positives, negatives = torch.randn(5, 16), torch.randn(5, 16), torch.randn(5, 2, 16)
     targets = torch.arange(5)
-    return [queries, positives, negatives], \
-        lambda q, p, n: info_nce_loss(q, p, n, targets.to(device), temperature=0.05, backend=backend), \
-        lambda q, p, n: info_nce_reference(q, p, n, targets, temperature=0.05)
+    return (
+        [queries, positives, negatives],
+        lambda q, p, n: info_nce_loss(q, p, n, targets.to(device), temperature=0.05, backend=backend),
+        lambda q, p, n: info_nce_reference(q, p, n, targets, temperature=0.05),
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

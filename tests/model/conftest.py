@@ -25,8 +25,7 @@ def hf_model(tokenizer):
 
 def hf_hidden(hf_model, seq, image_token_id):
     """transformers' last hidden state [L, H] for one unpadded sequence (batch of one)."""
-    kwargs = dict(input_ids=seq.input_ids[None],
-                  mm_token_type_ids=(seq.input_ids == image_token_id).long()[None])
+    kwargs = dict(input_ids=seq.input_ids[None], mm_token_type_ids=(seq.input_ids == image_token_id).long()[None])
     if seq.pixel_values.shape[0]:
         kwargs.update(pixel_values=seq.pixel_values, image_grid_thw=seq.image_grid_thw)
     with torch.no_grad():
@@ -41,8 +40,9 @@ def mixed_sequences(processor, make_image):
         processor.encode("two blue squares at the top right of a white page", [], "text"),
         processor.encode(f"{P}Represent the given image.\n", [make_image(100, 150)], "one-image"),
         processor.encode(f"{P}{P}compare", [make_image(56, 56), make_image(300, 170)], "two-sizes"),
-        processor.encode(f"first {P} then some words {P} and the end", [make_image(80, 60), make_image(140, 230)],
-                         "interleaved"),
+        processor.encode(
+            f"first {P} then some words {P} and the end", [make_image(80, 60), make_image(140, 230)], "interleaved"
+        ),
     ]
 
 

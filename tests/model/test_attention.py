@@ -21,8 +21,8 @@ def _per_segment(q, k, v, q_bounds: Bounds, k_bounds: Bounds, scale: float, caus
     out = []
     cq, ck = q_bounds.cu_seqlens.tolist(), k_bounds.cu_seqlens.tolist()
     for s in range(len(cq) - 1):
-        qs = q[cq[s]:cq[s + 1]].double()
-        ks, vs = (x[ck[s]:ck[s + 1]].double().repeat_interleave(group, 1) for x in (k, v))
+        qs = q[cq[s] : cq[s + 1]].double()
+        ks, vs = (x[ck[s] : ck[s + 1]].double().repeat_interleave(group, 1) for x in (k, v))
         scores = torch.einsum("qhd,khd->hqk", qs, ks) * scale
         if causal:  # query i sees keys 0..i of its segment
             scores = scores.masked_fill(torch.ones(scores.shape[1:], dtype=torch.bool).triu(1), float("-inf"))
@@ -42,12 +42,17 @@ LAYOUTS = {  # name -> (query segment lengths or None for self-attention, key se
 CAUSAL_LAYOUTS = ("documents", "vision-windows")  # causal attention is self-attention
 
 
-@pytest.mark.parametrize("layout,causal",
-                         [(name, False) for name in LAYOUTS] + [(name, True) for name in CAUSAL_LAYOUTS],
-                         ids=list(LAYOUTS) + [f"{name}-causal" for name in CAUSAL_LAYOUTS])
+@pytest.mark.parametrize(
+    "layout,causal",
+    [(name, False) for name in LAYOUTS] + [(name, True) for name in CAUSAL_LAYOUTS],
+    ids=list(LAYOUTS) + [f"{name}-causal" for name in CAUSAL_LAYOUTS],
+)
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
-@pytest.mark.parametrize("backend,takes_gqa", [("sdpa", True), ("varlen", True), ("varlen", False)],
-                         ids=["sdpa", "varlen", "varlen-expanding-kv"])
+@pytest.mark.parametrize(
+    "backend,takes_gqa",
+    [("sdpa", True), ("varlen", True), ("varlen", False)],
+    ids=["sdpa", "varlen", "varlen-expanding-kv"],
+)
 def test_backends_equal_a_per_segment_loop(monkeypatch, layout, causal, kv_heads, backend, takes_gqa):
     if not takes_gqa:  # a torch whose varlen_attn has no enable_gqa: K/V heads are repeated for their groups
         options, _ = attention._varlen_options(causal)
@@ -58,8 +63,9 @@ def test_backends_equal_a_per_segment_loop(monkeypatch, layout, causal, kv_heads
     tq = q_bounds.total if q_bounds else k_bounds.total
     q = torch.randn(tq, 4, 8, requires_grad=True)
     k, v = (torch.randn(k_bounds.total, kv_heads, 8, requires_grad=True) for _ in range(2))
-    segments = Segments.build(k_bounds.cu_seqlens, k_bounds.max_seqlen, k_bounds.total, backend, q_bounds=q_bounds,
-                              causal=causal)
+    segments = Segments.build(
+        k_bounds.cu_seqlens, k_bounds.max_seqlen, k_bounds.total, backend, q_bounds=q_bounds, causal=causal
+    )
     with cpu_varlen_attention():
         out = varlen_attention(q, k, v, segments, scale=0.3)
         grad = torch.randn_like(out)

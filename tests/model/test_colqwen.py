@@ -7,8 +7,8 @@ colpali-engine is a test dependency: without it these tests fail (they do not sk
 import numpy as np
 import pytest
 import torch
-from bench.colpali_path import colpali, unpadded_vectors, write_tiny_colqwen
 
+from bench.colpali_path import colpali, unpadded_vectors, write_tiny_colqwen
 from moca_fast.embed import MocaEmbedder
 from moca_fast.eval.late_interaction import maxsim_scores
 from moca_fast.model import colqwen
@@ -38,8 +38,10 @@ def theirs(colqwen_checkpoint, images):
     model, processor, _ = colqwen_checkpoint
     out = {}
     with torch.no_grad():
-        for name, batch in (("queries", processor.process_queries(QUERIES)),
-                            ("images", processor.process_images(images))):
+        for name, batch in (
+            ("queries", processor.process_queries(QUERIES)),
+            ("images", processor.process_images(images)),
+        ):
             out[name] = unpadded_vectors(model(**batch), batch["attention_mask"])
     return out
 
@@ -48,8 +50,10 @@ def test_multi_vectors_equal_colpali_engines(colqwen_checkpoint, theirs, images,
     _, processor, adapter = colqwen_checkpoint
     embedder = MocaEmbedder.from_pretrained(adapter, attention_backend=attention_backend)
     assert embedder.model.causal and embedder.multi_vector_dim == 128
-    assert (embedder.processor.min_pixels, embedder.processor.max_pixels) == (PIXELS["min_pixels"],
-                                                                              PIXELS["max_pixels"])
+    assert (embedder.processor.min_pixels, embedder.processor.max_pixels) == (
+        PIXELS["min_pixels"],
+        PIXELS["max_pixels"],
+    )
     queries = embedder.encode_query(QUERIES, output="multi_vector", convert_to_tensor=True)
     pages = embedder.encode_document(images, output="multi_vector", convert_to_tensor=True)
     for kind, mine in (("queries", queries), ("images", pages)):
@@ -95,10 +99,13 @@ def test_the_server_serves_colpali_engines_multi_vectors(colqwen_checkpoint, the
     embedder = MocaEmbedder.from_pretrained(colqwen_checkpoint[2])
     service = EmbeddingService(embedder, ServeSettings(model_name="colqwen", max_input_tokens=4096))
     with TestClient(create_app(service)) as client:
-        for kind, role, wire in (("queries", "query", QUERIES), ("images", "document",
-                                                                 [{"image": data_url(im)} for im in images])):
-            response = client.post("/v1/embeddings", json={"model": "colqwen", "input": wire, "input_type": role,
-                                                           "output": "multi_vector"})
+        for kind, role, wire in (
+            ("queries", "query", QUERIES),
+            ("images", "document", [{"image": data_url(im)} for im in images]),
+        ):
+            response = client.post(
+                "/v1/embeddings", json={"model": "colqwen", "input": wire, "input_type": role, "output": "multi_vector"}
+            )
             assert response.status_code == 200, response.text
             for got, wanted in zip(response.json()["data"], theirs[kind]):
                 assert got["shape"] == list(wanted.shape), f"{kind}: {got['shape']} vs {list(wanted.shape)}"
@@ -110,8 +117,9 @@ def test_prompts_are_the_processors(colqwen_checkpoint, images):
     embedder = MocaEmbedder.from_pretrained(adapter)
     from moca_fast.embed import as_input, with_instructions
 
-    query, page = with_instructions([as_input(QUERIES[0], "q"), as_input(images[0], "p")], role="query",
-                                    role_prompt=embedder.role_prompt)
+    query, page = with_instructions(
+        [as_input(QUERIES[0], "q"), as_input(images[0], "p")], role="query", role_prompt=embedder.role_prompt
+    )
     assert query.text == processor.query_prefix + QUERIES[0] + processor.query_augmentation_token * 10
     assert page.text == processor.visual_prompt_prefix
 
@@ -122,8 +130,9 @@ def test_an_untied_colqwen_without_lm_head_loads(tmp_path, tokenizer):
     batch = processor.process_queries(QUERIES[:2])
     with torch.no_grad():
         wanted = unpadded_vectors(model(**batch), batch["attention_mask"])
-    mine = MocaEmbedder.from_pretrained(adapter).encode_query(QUERIES[:2], output="multi_vector",
-                                                              convert_to_tensor=True)
+    mine = MocaEmbedder.from_pretrained(adapter).encode_query(
+        QUERIES[:2], output="multi_vector", convert_to_tensor=True
+    )
     for ours, theirs in zip(mine, wanted):
         assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= 1e-5
 
@@ -144,13 +153,18 @@ def test_unsupported_adapters_are_refused(colqwen_checkpoint, tmp_path, checkpoi
         MocaEmbedder.from_pretrained(copy)
 
 
-@pytest.mark.parametrize("saved", [
-    {"size": {"shortest_edge": 3136, "longest_edge": 802816}},  # transformers >= 4.50
-    {"size": {"min_pixels": 3136, "max_pixels": 802816}, "min_pixels": 3136, "max_pixels": 802816},  # older
-], ids=["edges", "pixels"])
+@pytest.mark.parametrize(
+    "saved",
+    [
+        {"size": {"shortest_edge": 3136, "longest_edge": 802816}},  # transformers >= 4.50
+        {"size": {"min_pixels": 3136, "max_pixels": 802816}, "min_pixels": 3136, "max_pixels": 802816},  # older
+    ],
+    ids=["edges", "pixels"],
+)
 def test_the_pixel_budget_of_an_older_preprocessor_config(tmp_path, saved):
     import json
 
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "Qwen2VLImageProcessor",
-                                                                   **saved}))
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "Qwen2VLImageProcessor", **saved})
+    )
     assert colqwen.processor_settings(tmp_path) == {"min_pixels": 3136, "max_pixels": 802816}

@@ -23,14 +23,25 @@ def _packs(processor, make_image):
     """Five stage-1 micro-batches of different lengths, image sizes and document counts."""
     g = torch.Generator().manual_seed(0)
     for n in range(5):
-        docs = [processor.encode(f"{IMAGE_PLACEHOLDER} words " + "x " * (3 * n + 1), [make_image(56 + 28 * n, 84)],
-                                 f"a{n}"),
-                processor.encode("some text " * (2 * n + 2), [], f"b{n}")]
+        docs = [
+            processor.encode(
+                f"{IMAGE_PLACEHOLDER} words " + "x " * (3 * n + 1), [make_image(56 + 28 * n, 84)], f"a{n}"
+            ),
+            processor.encode("some text " * (2 * n + 2), [], f"b{n}"),
+        ]
         if n % 2:
             docs.append(processor.encode("third " * (5 + n), [], f"c{n}"))
-        masked = [apply_mae(apply_mlm(d, mask_token_id=processor.mask_token_id, special_ids=processor.special_ids,
-                                      rate=0.4, generator=g), image_token_id=processor.image_token_id, rate=0.5,
-                            generator=g) for d in docs]
+        masked = [
+            apply_mae(
+                apply_mlm(
+                    d, mask_token_id=processor.mask_token_id, special_ids=processor.special_ids, rate=0.4, generator=g
+                ),
+                image_token_id=processor.image_token_id,
+                rate=0.5,
+                generator=g,
+            )
+            for d in docs
+        ]
         yield pack_sequences(masked, processor.image_token_id)
 
 
@@ -49,9 +60,16 @@ def _run_over_five_packs(tokenizer, processor, make_image, backend):
     torch.manual_seed(0)
     model = MocaModel(ModelSpec.from_hf_config(tiny_hf_config(tokenizer)), backend).init_weights()
     mae = MaeHead.from_middle_layer(model)
-    parallelize(model, [*model.language_model.layers, *model.visual.blocks, mae.layer], extra=mae,
-                device=torch.device("cpu"), fp8_layers=None, activation_checkpointing=True, compile=True,
-                world_size=1)
+    parallelize(
+        model,
+        [*model.language_model.layers, *model.visual.blocks, mae.layer],
+        extra=mae,
+        device=torch.device("cpu"),
+        fp8_layers=None,
+        activation_checkpointing=True,
+        compile=True,
+        world_size=1,
+    )
     graphs, lengths = [], []
     with cpu_varlen_attention():
         for batch in _packs(processor, make_image):

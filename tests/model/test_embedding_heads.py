@@ -22,8 +22,9 @@ def headed(hf_model):
     return from_transformers(hf_model).set_heads(16, (32, 8)).eval()
 
 
-def test_multi_vector_head_equals_an_independent_computation_forward_and_backward(headed, hf_model, processor,
-                                                                               mixed_sequences):
+def test_multi_vector_head_equals_an_independent_computation_forward_and_backward(
+    headed, hf_model, processor, mixed_sequences
+):
     """Every token of every packed sequence, projected and L2-normalised, equals transformers' hidden states of the
     sequence alone through the same Linear in fp64; the head's gradients match too."""
     proj = headed.custom_text_proj
@@ -59,13 +60,15 @@ def test_set_heads_refuses_a_mismatched_head_and_out_of_range_dims(headed):
         headed.set_heads(None, (128,))
 
 
-def test_a_saved_checkpoint_declares_its_heads_and_restores_them_in_both_key_layouts(tmp_path, headed, processor,
-                                                                                   mixed_sequences):
+def test_a_saved_checkpoint_declares_its_heads_and_restores_them_in_both_key_layouts(
+    tmp_path, headed, processor, mixed_sequences
+):
     save_pretrained(headed, tmp_path / "saved")
     declared = json.loads((tmp_path / "saved" / "config.json").read_text())["moca_fast_heads"]
     assert declared == {"multi_vector_dim": 16, "matryoshka_dims": [32, 8]}
-    assert {"custom_text_proj.weight", "custom_text_proj.bias"} <= load_file(tmp_path / "saved" /
-                                                                             "model.safetensors").keys()
+    assert {"custom_text_proj.weight", "custom_text_proj.bias"} <= load_file(
+        tmp_path / "saved" / "model.safetensors"
+    ).keys()
     batch = pack(mixed_sequences[:2], processor)
     with torch.no_grad():
         expected = headed.multi_vectors(headed(batch))

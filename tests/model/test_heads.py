@@ -22,8 +22,9 @@ def masked_batch(processor, make_image):
     for i, sizes in enumerate([[(112, 84)], [], [(56, 56), (140, 112)]]):
         text = "words " + " and ".join([IMAGE_PLACEHOLDER] * len(sizes)) + " more words"
         seq = processor.encode(text, [make_image(*s) for s in sizes], f"s{i}")
-        seq = apply_mlm(seq, mask_token_id=processor.mask_token_id, special_ids=processor.special_ids, rate=0.4,
-                        generator=g)
+        seq = apply_mlm(
+            seq, mask_token_id=processor.mask_token_id, special_ids=processor.special_ids, rate=0.4, generator=g
+        )
         seqs.append(apply_mae(seq, image_token_id=processor.image_token_id, rate=0.5, generator=g))
     return pack(seqs, processor)
 
@@ -76,11 +77,19 @@ def test_mae_head_on_a_pack_without_images(hf_model, processor, attention_backen
     """A stage-1 micro-batch of text only: the MAE layer has no queries; its loss is 0, every head parameter
     still takes part in the backward (zero gradients), as FSDP needs."""
     g = torch.Generator().manual_seed(0)
-    seqs = [apply_mlm(processor.encode(text, [], f"t{i}"), mask_token_id=processor.mask_token_id,
-                      special_ids=processor.special_ids, rate=0.4, generator=g)
-            for i, text in enumerate(["only words here", "and some more words"])]
-    batch = pack([apply_mae(s, image_token_id=processor.image_token_id, rate=0.5, generator=g) for s in seqs],
-                 processor)
+    seqs = [
+        apply_mlm(
+            processor.encode(text, [], f"t{i}"),
+            mask_token_id=processor.mask_token_id,
+            special_ids=processor.special_ids,
+            rate=0.4,
+            generator=g,
+        )
+        for i, text in enumerate(["only words here", "and some more words"])
+    ]
+    batch = pack(
+        [apply_mae(s, image_token_id=processor.image_token_id, rate=0.5, generator=g) for s in seqs], processor
+    )
     assert batch.mae_index.numel() == 0
     model = from_transformers(hf_model, attention_backend=attention_backend)
     head = MaeHead.from_middle_layer(model)

@@ -19,8 +19,9 @@ def _hf_lm(tokenizer, tied: bool):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(11 if tied else 12)
-    return bidirectional_hf_model(tiny_hf_config(tokenizer, tie_word_embeddings=tied),
-                                  Qwen2_5_VLForConditionalGeneration)
+    return bidirectional_hf_model(
+        tiny_hf_config(tokenizer, tie_word_embeddings=tied), Qwen2_5_VLForConditionalGeneration
+    )
 
 
 def _rewrite(src, dst, layout):
@@ -42,7 +43,7 @@ def _assert_same_hidden(ours, hf_model, sequences, processor):
     for i, seq in enumerate(sequences):
         start = sum(len(s) for s in sequences[:i])
         ref = hf_hidden(inner, seq, processor.image_token_id)
-        assert (hidden[start:start + len(seq)] - ref).abs().max().item() <= 1e-4, seq.sample_id
+        assert (hidden[start : start + len(seq)] - ref).abs().max().item() <= 1e-4, seq.sample_id
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -105,7 +106,7 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path, tokenizer):
 
 def test_key_table_round_trips_every_layout():
     for layout, pairs in KEY_LAYOUTS.items():
-        for theirs, ours in pairs:
+        for theirs, _ours in pairs:
             key = theirs + "x.weight"
             assert convert_key(convert_key(key, layout), layout, to_ours=False) == key
 
@@ -115,8 +116,9 @@ def _saved(hf_model, path):
     return path
 
 
-def test_transformers_loads_a_saved_checkpoint_bidirectional_with_our_hidden_states(tmp_path, tokenizer, processor,
-                                                                                    mixed_sequences):
+def test_transformers_loads_a_saved_checkpoint_bidirectional_with_our_hidden_states(
+    tmp_path, tokenizer, processor, mixed_sequences
+):
     """No make_bidirectional here: `is_causal: false` in the saved text config alone makes transformers' model
     bidirectional, with and without padding (fp32, 1e-5)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -131,18 +133,18 @@ def test_transformers_loads_a_saved_checkpoint_bidirectional_with_our_hidden_sta
     starts = [sum(len(s) for s in mixed_sequences[:i]) for i in range(len(mixed_sequences))]
     for seq, start in zip(mixed_sequences, starts):
         ref = hf_hidden(hf_model.model, seq, processor.image_token_id)
-        assert (hidden[start:start + len(seq)] - ref).abs().max().item() <= 1e-5, seq.sample_id
+        assert (hidden[start : start + len(seq)] - ref).abs().max().item() <= 1e-5, seq.sample_id
     text = [s for s in mixed_sequences if not s.pixel_values.shape[0]] + [processor.encode("a short one", [], "short")]
     length = max(len(s) for s in text)
     ids = torch.full((len(text), length), tokenizer.pad_token_id)
     mask = torch.zeros(len(text), length, dtype=torch.long)
     for row, seq in enumerate(text):
-        ids[row, :len(seq)], mask[row, :len(seq)] = seq.input_ids, 1
+        ids[row, : len(seq)], mask[row, : len(seq)] = seq.input_ids, 1
     with torch.no_grad():
         padded = hf_model.model(input_ids=ids, attention_mask=mask, mm_token_type_ids=torch.zeros_like(ids))
         packed = ours(pack(text, processor))
-    assert (padded.last_hidden_state[0, :len(text[0])] - packed[:len(text[0])]).abs().max().item() <= 1e-5
-    assert (padded.last_hidden_state[1, :len(text[1])] - packed[len(text[0]):]).abs().max().item() <= 1e-5
+    assert (padded.last_hidden_state[0, : len(text[0])] - packed[: len(text[0])]).abs().max().item() <= 1e-5
+    assert (padded.last_hidden_state[1, : len(text[1])] - packed[len(text[0]) :]).abs().max().item() <= 1e-5
 
 
 def test_weights_are_saved_in_the_dtype_the_config_declares(tmp_path, tokenizer):
@@ -195,7 +197,9 @@ def test_auto_processor_loads_a_saved_checkpoint(tmp_path, tokenizer):
 
 def test_loading_and_saving_need_no_integration():
     """model/ sits below integrations/: loading and saving a checkpoint import nothing of moca_fast.integrations."""
-    code = ("import sys, moca_fast.model.loading; "
-            "print(sorted(m for m in sys.modules if m.startswith('moca_fast.integrations')))")
+    code = (
+        "import sys, moca_fast.model.loading; "
+        "print(sorted(m for m in sys.modules if m.startswith('moca_fast.integrations')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.attention.varlen  # noqa: F401  (defines the torch_attn ops)
+import torch.nn.attention.varlen
 
 
 def _check_bounds(cu: torch.Tensor, maximum: int, total: int, what: str) -> list[int]:
@@ -51,8 +51,22 @@ def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.double().repeat_interleave(heads // x.shape[1], dim=1)
 
 
-def _forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, scale=None, window_size=None,
-             enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+def _forward(
+    query,
+    key,
+    value,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    is_causal=False,
+    scale=None,
+    window_size=None,
+    enable_gqa=False,
+    seqused_k=None,
+    block_table=None,
+    num_splits=None,
+):
     assert seqused_k is None and block_table is None
     heads = query.shape[1]
     assert enable_gqa or key.shape[1] == heads, "grouped K/V passed without enable_gqa"
@@ -68,8 +82,22 @@ def _forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=Fals
     return out.to(query.dtype), lse, torch.zeros(2, dtype=torch.uint64)
 
 
-def _backward(grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, rng_state,
-              scale=None, window_size=None):
+def _backward(
+    grad_out,
+    query,
+    key,
+    value,
+    out,
+    lse,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    is_causal,
+    rng_state,
+    scale=None,
+    window_size=None,
+):
     heads, group = query.shape[1], query.shape[1] // key.shape[1]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     causal = _causal(is_causal, window_size)

@@ -20,15 +20,19 @@ PACK_LENGTHS = range(1, 61)  # 60 packed token counts, 56 of them not a multiple
 def cuda_scaled_mm(calls: list, check: bool = True):
     """torch._scaled_mm as CUDA's checks see it (row-major mat1, column-major mat2, mat1's columns and both of
     mat2's dimensions multiples of 16), computed in fp32 when they pass (`check=False`: any shape)."""
+
     def scaled_mm(mat1, mat2, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None, use_fast_accum=False):
         if not check:
             pass
         elif mat1.shape[1] % 16 or mat2.shape[0] % 16 or mat2.shape[1] % 16:
-            raise RuntimeError(f"_scaled_mm on CUDA: mat1 {tuple(mat1.shape)} and mat2 {tuple(mat2.shape)} must be "
-                               "divisible by 16")
+            raise RuntimeError(
+                f"_scaled_mm on CUDA: mat1 {tuple(mat1.shape)} and mat2 {tuple(mat2.shape)} must be divisible by 16"
+            )
         elif mat1.stride(1) != 1 or mat2.stride(0) != 1:
-            raise RuntimeError(f"_scaled_mm on CUDA: mat1 must be row-major and mat2 column-major, got strides "
-                               f"{mat1.stride()} and {mat2.stride()}")
+            raise RuntimeError(
+                f"_scaled_mm on CUDA: mat1 must be row-major and mat2 column-major, got strides "
+                f"{mat1.stride()} and {mat2.stride()}"
+            )
         calls.append((tuple(mat1.shape), tuple(mat2.shape)))
         out = (mat1.float() * scale_a.float()) @ (mat2.float() * scale_b.float())
         if bias is not None:
@@ -107,4 +111,3 @@ def test_padding_is_exact(spec, monkeypatch):
         grads.append({name: p.grad.clone() for name, p in layer.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-6, atol=1e-7, msg=name)
-

@@ -34,8 +34,11 @@ def test_fp8_converts_only_decoder_linears(tokenizer, monkeypatch):
     monkeypatch.setattr(parallelize_module, "fp8_supported", lambda device: (True, "forced for the test"))
     assert convert_decoder_to_fp8(model.language_model.layers, torch.device("cpu")) is True
     converted = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear}
-    decoder = {name for name, m in model.language_model.layers.named_modules(prefix="language_model.layers")
-               if isinstance(m, nn.Linear) and m.out_features == 1040}
+    decoder = {
+        name
+        for name, m in model.language_model.layers.named_modules(prefix="language_model.layers")
+        if isinstance(m, nn.Linear) and m.out_features == 1040
+    }
     assert converted == decoder and converted
     untouched = [model.lm_head, *[m for m in model.visual.modules() if isinstance(m, nn.Linear)]]
     assert all(type(m) is nn.Linear for m in untouched)
@@ -47,12 +50,24 @@ def test_compiled_blocks_match_eager_and_keep_keys(model, processor, make_image)
     from moca_fast.data.batch import pack_sequences
     from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 
-    batch = pack_sequences([processor.encode(f"{IMAGE_PLACEHOLDER}a red circle", [make_image(56, 56)], "a"),
-                            processor.encode("two blue squares", [], "b")], processor.image_token_id)
+    batch = pack_sequences(
+        [
+            processor.encode(f"{IMAGE_PLACEHOLDER}a red circle", [make_image(56, 56)], "a"),
+            processor.encode("two blue squares", [], "b"),
+        ],
+        processor.image_token_id,
+    )
     eager = model(batch)
     keys = list(model.state_dict())
-    state = parallelize(model, [*model.language_model.layers, *model.visual.blocks], device=torch.device("cpu"),
-                        fp8_layers=None, activation_checkpointing=True, compile=True, world_size=1)
+    state = parallelize(
+        model,
+        [*model.language_model.layers, *model.visual.blocks],
+        device=torch.device("cpu"),
+        fp8_layers=None,
+        activation_checkpointing=True,
+        compile=True,
+        world_size=1,
+    )
     assert state == {"fp8": False, "activation_checkpointing": True, "compile": True, "fsdp": False}
     compiled = model(batch)
     compiled.float().pow(2).mean().backward()

@@ -45,8 +45,13 @@ def data_url(png: bytes) -> str:
 def post(server, body, headers: dict | None = None, **kwargs) -> httpx.Response:
     """POST /v1/embeddings: `body` a dict (sent as JSON) or raw bytes."""
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(server.url + "/v1/embeddings", content=content, timeout=120,
-                      headers={"content-type": "application/json", **server.headers, **(headers or {})}, **kwargs)
+    return httpx.post(
+        server.url + "/v1/embeddings",
+        content=content,
+        timeout=120,
+        headers={"content-type": "application/json", **server.headers, **(headers or {})},
+        **kwargs,
+    )
 
 
 def free_port() -> int:
@@ -62,16 +67,32 @@ class ServerProcess:
     """`python -m moca_fast.cli serve` (or another `entry` module taking its flags) in a child process, its output in
     a log file."""
 
-    def __init__(self, checkpoint: Path, log_path: Path, *args: str, entry: tuple[str, ...] = ("moca_fast.cli",
-                                                                                                  "serve")):
+    def __init__(
+        self, checkpoint: Path, log_path: Path, *args: str, entry: tuple[str, ...] = ("moca_fast.cli", "serve")
+    ):
         for _ in range(3):  # another process may take the free port between our probe and the server's bind
             self.port = free_port()
             self.url = f"http://127.0.0.1:{self.port}"
             self.log_path = log_path
             with open(log_path, "wb") as log:
                 self.process = subprocess.Popen(
-                    [sys.executable, "-m", *entry, "--model", str(checkpoint), "--served-model-name", MODEL, "--port",
-                     str(self.port), *PIXELS, *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPOSITORY)
+                    [
+                        sys.executable,
+                        "-m",
+                        *entry,
+                        "--model",
+                        str(checkpoint),
+                        "--served-model-name",
+                        MODEL,
+                        "--port",
+                        str(self.port),
+                        *PIXELS,
+                        *args,
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPOSITORY,
+                )
             self.headers = {}  # sent by get() and post(): an API key
             if self._wait_ready():
                 return
@@ -131,9 +152,20 @@ def server(checkpoint, tmp_path_factory):
     (folder / "images").mkdir()
     (folder / "secret.png").write_bytes(b"not for clients")
     (folder / "images" / "link.png").symlink_to(folder / "secret.png")
-    process = ServerProcess(checkpoint, folder / "server.log", "--image-root", str(folder / "images"),
-                            "--max-request-inputs", str(MAX_INPUTS), "--max-input-tokens", str(MAX_TOKENS),
-                            "--max-body-mb", str(MAX_BODY_MB), "--max-wait-ms", "50")
+    process = ServerProcess(
+        checkpoint,
+        folder / "server.log",
+        "--image-root",
+        str(folder / "images"),
+        "--max-request-inputs",
+        str(MAX_INPUTS),
+        "--max-input-tokens",
+        str(MAX_TOKENS),
+        "--max-body-mb",
+        str(MAX_BODY_MB),
+        "--max-wait-ms",
+        "50",
+    )
     process.images = folder / "images"
     yield process
     assert process.stop() in GRACEFUL_EXIT, process.output()[-3000:]

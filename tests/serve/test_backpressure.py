@@ -49,15 +49,22 @@ def test_a_full_queue_answers_429_then_admits_again(start_server, embedder, pngs
     server.wait_for_metric("moca_in_flight_inputs", 3)  # admitted, and waiting for company
     refused = embed(server, ["four", "five"])
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
-    assert "busy: 3 inputs in flight and 2 more would pass its limit of 4 (--max-queue)" in refused.json()[
-        "error"]["message"]
+    assert (
+        "busy: 3 inputs in flight and 2 more would pass its limit of 4 (--max-queue)"
+        in refused.json()["error"]["message"]
+    )
     remote = embed(server, [{"text": "fetched", "image": f"{image_site}/a.png"}])  # 3 + 1 fit: admitted
     first.join()
     assert first_out[0].status_code == 200 and remote.status_code == 200, (first_out[0].text, remote.text)
-    np.testing.assert_allclose([d["embedding"] for d in first_out[0].json()["data"]],
-                               embedder.encode(["one", pngs[0], "three"]), atol=1e-6, rtol=0)
-    np.testing.assert_allclose(remote.json()["data"][0]["embedding"],
-                               embedder.encode({"text": "fetched", "image": pngs[1]}), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        [d["embedding"] for d in first_out[0].json()["data"]],
+        embedder.encode(["one", pngs[0], "three"]),
+        atol=1e-6,
+        rtol=0,
+    )
+    np.testing.assert_allclose(
+        remote.json()["data"][0]["embedding"], embedder.encode({"text": "fetched", "image": pngs[1]}), atol=1e-6, rtol=0
+    )
     missing = embed(server, [{"image": f"{image_site}/missing.png"}])
     assert missing.status_code == 400 and "input[0]: cannot fetch" in missing.json()["error"]["message"]
     redirected = embed(server, [{"image": f"{image_site}/folder"}])  # a redirect could lead anywhere: refused
@@ -88,7 +95,8 @@ def test_graceful_shutdown_answers_every_admitted_request_once(start_server, emb
         assert len(out) == 1 and out[0].status_code == 200, out
         got += [d["embedding"] for d in out[0].json()["data"]]
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
-    stopped = re.search(r"stopped: answered (\d+) embedding requests, embedded (\d+) inputs, (\d+) left queued",
-                        server.output())
+    stopped = re.search(
+        r"stopped: answered (\d+) embedding requests, embedded (\d+) inputs, (\d+) left queued", server.output()
+    )
     assert stopped, server.output()[-3000:]
     assert stopped.groups() == (str(12 + (late is not None)), str(len(want)), "0")  # nothing lost or done twice

@@ -135,7 +135,6 @@ def service(embedder):
 
 def test_the_service_refuses_while_shutting_down_and_times_out(service):
     from moca_fast.serve.parsing import RequestError
-
     from moca_fast.serve.schemas import EmbeddingRequest
 
     body = EmbeddingRequest(model="m", input=["a", "b"])

@@ -24,8 +24,18 @@ def test_openapi_documents_the_embeddings_body_and_answer(server):
     route = spec["paths"]["/v1/embeddings"]["post"]
     body = route["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
     fields = spec["components"]["schemas"][body]["properties"]
-    assert {"model", "input", "messages", "encoding_format", "dimensions", "truncate", "output", "precision",
-            "prompt_name", "input_type"} <= set(fields)
+    assert {
+        "model",
+        "input",
+        "messages",
+        "encoding_format",
+        "dimensions",
+        "truncate",
+        "output",
+        "precision",
+        "prompt_name",
+        "input_type",
+    } <= set(fields)
     assert spec["components"]["schemas"][body]["required"] == ["model"]
     answer = route["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
     assert set(spec["components"]["schemas"][answer]["properties"]) == {"object", "model", "data", "usage"}
@@ -34,16 +44,20 @@ def test_openapi_documents_the_embeddings_body_and_answer(server):
     assert httpx.get(server.url + "/docs").status_code == 200
 
 
-@pytest.mark.parametrize("method, path, content, status, message", [
-    ("GET", "/v1/nothing", None, 404, "no route /v1/nothing"),
-    ("GET", "/v1/embeddings", None, 405, "GET is not allowed on /v1/embeddings"),
-    ("POST", "/v1/embeddings", b'{"model": 5, "input": "x"}', 400, "model: Input should be a valid string"),
-    ("POST", "/v1/embeddings", b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),
-    ("POST", "/v1/embeddings", b'{"model": "tiny-moca", "input": "x", "truncate": "maybe"}', 400, "truncate: "),
-])
+@pytest.mark.parametrize(
+    "method, path, content, status, message",
+    [
+        ("GET", "/v1/nothing", None, 404, "no route /v1/nothing"),
+        ("GET", "/v1/embeddings", None, 405, "GET is not allowed on /v1/embeddings"),
+        ("POST", "/v1/embeddings", b'{"model": 5, "input": "x"}', 400, "model: Input should be a valid string"),
+        ("POST", "/v1/embeddings", b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),
+        ("POST", "/v1/embeddings", b'{"model": "tiny-moca", "input": "x", "truncate": "maybe"}', 400, "truncate: "),
+    ],
+)
 def test_every_error_is_in_openais_shape(server, method, path, content, status, message):
-    response = httpx.request(method, server.url + path, content=content, timeout=60,
-                             headers={"content-type": "application/json"})
+    response = httpx.request(
+        method, server.url + path, content=content, timeout=60, headers={"content-type": "application/json"}
+    )
     assert response.status_code == status, response.text
     assert set(response.json()) == {"error"}, response.text
     error = response.json()["error"]
@@ -54,11 +68,12 @@ def test_every_error_is_in_openais_shape(server, method, path, content, status, 
 def test_an_over_long_input_is_refused_unless_the_request_asks_for_truncation(server, checkpoint):
     cut = MocaEmbedder.from_pretrained(checkpoint, max_length=MAX_TOKENS, **SMALL_PIXELS)  # encode cuts here
     refused = post(server, {"model": MODEL, "input": [LONG_TEXT]})
-    assert refused.status_code == 413 and "send \"truncate\": true" in refused.json()["error"]["message"]
+    assert refused.status_code == 413 and 'send "truncate": true' in refused.json()["error"]["message"]
     response = post(server, {"model": MODEL, "input": [LONG_TEXT, "short"], "truncate": True})
     assert response.status_code == 200, response.text
-    np.testing.assert_allclose([d["embedding"] for d in response.json()["data"]], cut.encode([LONG_TEXT, "short"]),
-                               atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        [d["embedding"] for d in response.json()["data"]], cut.encode([LONG_TEXT, "short"]), atol=1e-6, rtol=0
+    )
     assert response.json()["usage"]["prompt_tokens"] == MAX_TOKENS + cut.cost(as_input("short", "?"))
 
 
@@ -76,13 +91,24 @@ def test_a_huge_text_is_bounded_before_it_is_tokenised(server, checkpoint):
 
 
 def test_vllm_chat_style_messages_are_one_interleaved_input(server, embedder, pngs):
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(pngs[0])}},
-                                             {"type": "text", "text": "What is shown?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(pngs[0])}},
+                {"type": "text", "text": "What is shown?"},
+            ],
+        }
+    ]
     response = post(server, {"model": MODEL, "messages": messages, "encoding_format": "float"})
     assert response.status_code == 200, response.text
     assert len(response.json()["data"]) == 1
-    np.testing.assert_allclose(response.json()["data"][0]["embedding"],
-                               embedder.encode({"text": "What is shown?", "image": pngs[0]}), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        response.json()["data"][0]["embedding"],
+        embedder.encode({"text": "What is shown?", "image": pngs[0]}),
+        atol=1e-6,
+        rtol=0,
+    )
     plain = post(server, {"model": MODEL, "messages": [{"role": "user", "content": "a red bus"}]})
     np.testing.assert_allclose(plain.json()["data"][0]["embedding"], embedder.encode("a red bus"), atol=1e-6, rtol=0)
     both = post(server, {"model": MODEL, "messages": messages, "input": "x"})
@@ -91,8 +117,10 @@ def test_vllm_chat_style_messages_are_one_interleaved_input(server, embedder, pn
 
 def test_prompt_names_query_and_document_are_the_roles(server, embedder, pngs):
     items = ["a red bus", {"image": pngs[0]}, {"text": "How many?", "image": pngs[1]}]
-    wire = [{"image": data_url(x["image"]), **({"text": x["text"]} if "text" in x else {})} if isinstance(x, dict)
-            else x for x in items]
+    wire = [
+        {"image": data_url(x["image"]), **({"text": x["text"]} if "text" in x else {})} if isinstance(x, dict) else x
+        for x in items
+    ]
     for name, want in (("query", embedder.encode_query(items)), ("document", embedder.encode_document(items))):
         response = client(server).embeddings.create(model=MODEL, input=wire, extra_body={"prompt_name": name})
         np.testing.assert_allclose([d.embedding for d in response.data], want, atol=1e-6, rtol=0)
@@ -102,16 +130,20 @@ def test_prompt_names_query_and_document_are_the_roles(server, embedder, pngs):
 def test_tei_timing_headers(server):
     response = post(server, {"model": MODEL, "input": ["time me", "and me"]})
     assert response.status_code == 200
-    times = {name: int(response.headers[name]) for name in ("x-total-time", "x-compute-time", "x-tokenization-time",
-                                                              "x-queue-time", "x-inference-time")}
+    times = {
+        name: int(response.headers[name])
+        for name in ("x-total-time", "x-compute-time", "x-tokenization-time", "x-queue-time", "x-inference-time")
+    }
     assert all(value >= 0 for value in times.values()) and times["x-total-time"] == times["x-compute-time"]
     assert times["x-total-time"] >= times["x-inference-time"]
     assert int(response.headers["x-compute-tokens"]) == response.json()["usage"]["total_tokens"]
     assert int(response.headers["x-compute-characters"]) == len("time me") + len("and me")
 
 
-@pytest.mark.parametrize("precision, dtype", [("float32", "<f4"), ("float16", "<f2"), ("int8", "i1"),
-                                              ("uint8", "u1"), ("binary", "i1"), ("ubinary", "u1")])
+@pytest.mark.parametrize(
+    "precision, dtype",
+    [("float32", "<f4"), ("float16", "<f2"), ("int8", "i1"), ("uint8", "u1"), ("binary", "i1"), ("ubinary", "u1")],
+)
 def test_output_precisions_as_float_and_base64(server, embedder, precision, dtype):
     inputs = ["a red bus", "a blue square", "three green circles", "a page of text"]
     if precision == "float16":  # rounded to half precision (sentence-transformers has no such precision)
@@ -121,11 +153,11 @@ def test_output_precisions_as_float_and_base64(server, embedder, precision, dtyp
     as_float = post(server, {"model": MODEL, "input": inputs, "precision": precision})
     assert as_float.status_code == 200, as_float.text
     got = np.array([d["embedding"] for d in as_float.json()["data"]])
-    np.testing.assert_array_equal(got.astype(want.dtype), want) if precision != "float32" else \
-        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(
+        got.astype(want.dtype), want
+    ) if precision != "float32" else np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
     as_base64 = post(server, {"model": MODEL, "input": inputs, "precision": precision, "encoding_format": "base64"})
-    decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype=dtype)
-                        for d in as_base64.json()["data"]])
+    decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype=dtype) for d in as_base64.json()["data"]])
     np.testing.assert_array_equal(decoded, want.astype(dtype))
 
 
@@ -133,9 +165,20 @@ def test_output_precisions_as_float_and_base64(server, embedder, precision, dtyp
 def guarded(checkpoint, tmp_path_factory):
     """A server with an API key, one CORS origin, a queue of 4 inputs, Matryoshka truncation allowed anyway, and
     auto-truncation at 50 tokens."""
-    process = ServerProcess(checkpoint, tmp_path_factory.mktemp("guarded") / "server.log", "--api-key", "s3cret",
-                            "--cors-allow-origin", "https://app.example", "--max-queue", "4",
-                            "--allow-truncated-dimensions", "--auto-truncate", "--max-input-tokens", "50")
+    process = ServerProcess(
+        checkpoint,
+        tmp_path_factory.mktemp("guarded") / "server.log",
+        "--api-key",
+        "s3cret",
+        "--cors-allow-origin",
+        "https://app.example",
+        "--max-queue",
+        "4",
+        "--allow-truncated-dimensions",
+        "--auto-truncate",
+        "--max-input-tokens",
+        "50",
+    )
     process.headers = {"authorization": "Bearer s3cret"}
     yield process
     process.stop()
@@ -156,14 +199,21 @@ def test_the_api_key_is_required_everywhere_but_health(guarded, embedder):
 
 
 def test_cors_preflight_and_origin(guarded):
-    preflight = httpx.options(guarded.url + "/v1/embeddings", headers={
-        "origin": "https://app.example", "access-control-request-method": "POST",
-        "access-control-request-headers": "authorization, content-type"})
+    preflight = httpx.options(
+        guarded.url + "/v1/embeddings",
+        headers={
+            "origin": "https://app.example",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type",
+        },
+    )
     assert preflight.status_code == 200, preflight.text
     assert preflight.headers["access-control-allow-origin"] == "https://app.example"
     assert "POST" in preflight.headers["access-control-allow-methods"]
-    other = httpx.options(guarded.url + "/v1/embeddings", headers={
-        "origin": "https://evil.example", "access-control-request-method": "POST"})
+    other = httpx.options(
+        guarded.url + "/v1/embeddings",
+        headers={"origin": "https://evil.example", "access-control-request-method": "POST"},
+    )
     assert "access-control-allow-origin" not in other.headers
     answer = post(guarded, {"model": MODEL, "input": "x"}, headers={"origin": "https://app.example"})
     assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://app.example"
@@ -177,8 +227,9 @@ def test_a_request_larger_than_the_queue_is_413_not_429(guarded):
 
 def test_flags_allow_truncated_dimensions_and_auto_truncate(guarded, checkpoint, embedder):
     response = client(guarded, api_key="s3cret").embeddings.create(model=MODEL, input=["a red bus"], dimensions=16)
-    np.testing.assert_allclose(response.data[0].embedding, embedder.encode(["a red bus"], truncate_dim=16)[0],
-                               atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        response.data[0].embedding, embedder.encode(["a red bus"], truncate_dim=16)[0], atol=1e-6, rtol=0
+    )
     cut = MocaEmbedder.from_pretrained(checkpoint, max_length=50, **SMALL_PIXELS)
     response = post(guarded, {"model": MODEL, "input": LONG_TEXT})
     assert response.status_code == 200 and response.json()["usage"]["total_tokens"] == 50
@@ -194,7 +245,8 @@ def test_http_request_metrics_beside_the_batch_metrics(guarded):
 
 def test_a_streamed_body_over_the_limit_is_413_in_openais_shape(server):
     chunks = (b'{"model": "tiny-moca", "input": "' if i == 0 else b"x" * 65536 for i in range(8))  # no length given
-    response = httpx.post(server.url + "/v1/embeddings", content=chunks, timeout=60,
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        server.url + "/v1/embeddings", content=chunks, timeout=60, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413, response.text
     assert "over the server's limit of 262144 bytes (--max-body-mb)" in response.json()["error"]["message"]

@@ -22,8 +22,9 @@ def test_openai_client_gets_the_embeddings_of_encode(server, embedder, pngs):
         response = client(server).embeddings.create(model=MODEL, input=ours, encoding_format=encoding)
         assert [d.index for d in response.data] == [0, 1, 2] and response.model == MODEL
         np.testing.assert_allclose(np.array([d.embedding for d in response.data]), want, atol=1e-6, rtol=0)
-    tokens = sum(embedder.cost(as_input(x, "?")) for x in ["a plain sentence", a, {"text": "What is shown?",
-                                                                                     "image": b}])
+    tokens = sum(
+        embedder.cost(as_input(x, "?")) for x in ["a plain sentence", a, {"text": "What is shown?", "image": b}]
+    )
     assert response.usage.prompt_tokens == response.usage.total_tokens == tokens
     one = client(server).embeddings.create(model=MODEL, input="a plain sentence")
     np.testing.assert_allclose(one.data[0].embedding, want[0], atol=1e-6, rtol=0)
@@ -38,8 +39,9 @@ def test_images_as_paths_under_the_image_root_never_as_bare_base64(server, embed
     """A path is a path, even when its name is valid base64 (no extension): it is read, not decoded."""
     (server.images / "page.png").write_bytes(pngs[2])
     (server.images / "aGVsbG8gd29ybGQh").write_bytes(pngs[3])  # base64 of "hello world!"
-    response = post(server, {"model": MODEL, "input": [{"image": "aGVsbG8gd29ybGQh"},
-                                                       {"text": "a caption", "image": "page.png"}]})
+    response = post(
+        server, {"model": MODEL, "input": [{"image": "aGVsbG8gd29ybGQh"}, {"text": "a caption", "image": "page.png"}]}
+    )
     assert response.status_code == 200, response.text
     got = np.array([d["embedding"] for d in response.json()["data"]])
     want = embedder.encode([pngs[3], {"text": "a caption", "image": server.images / "page.png"}])
@@ -50,10 +52,12 @@ def test_the_reference_prompts_by_name_and_by_role(server, embedder, pngs):
     a = pngs[0]
     items = ["a red bus", {"text": "How many?", "image": data_url(a)}, {"image": data_url(a)}]
     plain = ["a red bus", {"text": "How many?", "image": a}, a]
-    cases = [({"input_type": "query"}, embedder.encode_query(plain)),
-             ({"input_type": "document"}, embedder.encode_document(plain)),
-             ({"prompt_name": "image_question"}, embedder.encode(plain, prompt_name="image_question")),
-             ({"prompt": "query: "}, embedder.encode(plain, prompt="query: "))]
+    cases = [
+        ({"input_type": "query"}, embedder.encode_query(plain)),
+        ({"input_type": "document"}, embedder.encode_document(plain)),
+        ({"prompt_name": "image_question"}, embedder.encode(plain, prompt_name="image_question")),
+        ({"prompt": "query: "}, embedder.encode(plain, prompt="query: ")),
+    ]
     for extra, want in cases:
         response = post(server, {"model": MODEL, "input": items, **extra})
         assert response.status_code == 200, response.text
@@ -69,9 +73,13 @@ def test_sixteen_concurrent_clients_get_the_embeddings_of_encode(server, embedde
         for r in range(3):
             png = pngs[(c + r) % len(pngs)]
             kind = (c + r) % 3
-            requests.append([f"client {c} request {r}: " + "words " * (c % 5)] if kind == 0 else
-                            [{"image": png}, f"text {c} {r}"] if kind == 1 else
-                            [{"text": f"question {c} {r}?", "image": png}])
+            requests.append(
+                [f"client {c} request {r}: " + "words " * (c % 5)]
+                if kind == 0
+                else [{"image": png}, f"text {c} {r}"]
+                if kind == 1
+                else [{"text": f"question {c} {r}?", "image": png}]
+            )
     want = embedder.encode([x for request in requests for x in request])
     got, errors = [None] * len(requests), []
     start = threading.Barrier(16)
@@ -85,7 +93,7 @@ def test_sixteen_concurrent_clients_get_the_embeddings_of_encode(server, embedde
             ours = [{**x, "image": data_url(x["image"])} if isinstance(x, dict) else x for x in requests[i]]
             try:
                 got[i] = [d.embedding for d in api.embeddings.create(model=MODEL, input=ours).data]
-            except Exception as error:  # noqa: BLE001 - reported below
+            except Exception as error:
                 errors.append(error)
 
     threads = [threading.Thread(target=run, args=(c,)) for c in range(16)]
@@ -113,23 +121,44 @@ BAD_REQUESTS = [  # (body, status, message)
     ({"model": MODEL, "input": ["ok", {"text": "x", "caption": "y"}]}, 400, "input[1]: unknown keys ['caption']"),
     ({"model": MODEL, "input": ["ok", {"image": 3}]}, 400, "input[1]: 'image' must be a string"),
     ({"model": MODEL, "input": ["ok", {}]}, 400, "input[1]: neither 'text' nor 'image'"),
-    ({"model": MODEL, "input": ["ok", {"image": "data:image/png;base64,@@"}]}, 400,
-     "input[1]: the data URL's data is not valid base64"),
+    (
+        {"model": MODEL, "input": ["ok", {"image": "data:image/png;base64,@@"}]},
+        400,
+        "input[1]: the data URL's data is not valid base64",
+    ),
     ({"model": MODEL, "input": ["ok", {"image": "data:image/png,raw"}]}, 400, "input[1]: a data URL must read"),
-    ({"model": MODEL, "input": ["ok", "ok", {"image": "data:image/png;base64,aGVsbG8gd29ybGQh"}]}, 400,
-     "input[2]: cannot decode image bytes: not an image format Pillow reads"),
-    ({"model": MODEL, "input": ["ok", {"image": "../secret.png"}]}, 400,
-     "input[1]: image path '../secret.png' is outside the server's --image-root"),
+    (
+        {"model": MODEL, "input": ["ok", "ok", {"image": "data:image/png;base64,aGVsbG8gd29ybGQh"}]},
+        400,
+        "input[2]: cannot decode image bytes: not an image format Pillow reads",
+    ),
+    (
+        {"model": MODEL, "input": ["ok", {"image": "../secret.png"}]},
+        400,
+        "input[1]: image path '../secret.png' is outside the server's --image-root",
+    ),
     ({"model": MODEL, "input": ["ok", {"image": "link.png"}]}, 400, "input[1]: image path 'link.png' is outside"),
     ({"model": MODEL, "input": [{"image": "/etc/hostname"}]}, 400, "input[0]: image path '/etc/hostname' is outside"),
-    ({"model": MODEL, "input": ["ok", {"image": "missing.png"}]}, 400,
-     "input[1]: image file not found under the server's --image-root: missing.png"),
-    ({"model": MODEL, "input": ["ok", {"image": "http://127.0.0.1:9/a.png"}]}, 400,
-     "input[1]: image URLs are not fetched"),
-    ({"model": MODEL, "input": ["x"] * (MAX_INPUTS + 1)}, 413,
-     f"input: {MAX_INPUTS + 1} items, over the limit of {MAX_INPUTS} per request"),
-    ({"model": MODEL, "input": ["ok", "word " * 300]}, 413,
-     f"tokens, over the limit of {MAX_TOKENS} tokens per input; send \"truncate\": true"),
+    (
+        {"model": MODEL, "input": ["ok", {"image": "missing.png"}]},
+        400,
+        "input[1]: image file not found under the server's --image-root: missing.png",
+    ),
+    (
+        {"model": MODEL, "input": ["ok", {"image": "http://127.0.0.1:9/a.png"}]},
+        400,
+        "input[1]: image URLs are not fetched",
+    ),
+    (
+        {"model": MODEL, "input": ["x"] * (MAX_INPUTS + 1)},
+        413,
+        f"input: {MAX_INPUTS + 1} items, over the limit of {MAX_INPUTS} per request",
+    ),
+    (
+        {"model": MODEL, "input": ["ok", "word " * 300]},
+        413,
+        f'tokens, over the limit of {MAX_TOKENS} tokens per input; send "truncate": true',
+    ),
     ({"model": MODEL, "input": "x" * int(MAX_BODY_MB * 2**20)}, 413, "over the server's limit of"),
     ({"model": MODEL, "input": "x", "dimensions": 0}, 400, "dimensions: Input should be greater than or equal to 1"),
     ({"model": MODEL, "input": "x", "dimensions": 65}, 400, "dimensions: 65, more than the model's 64"),
@@ -163,8 +192,16 @@ def test_health_readiness_and_metrics(server):
     assert httpx.get(server.url + "/ready").json() == {"status": "ready", "model": MODEL}
     assert post(server, {"model": MODEL, "input": ["count me", "and me"]}).status_code == 200
     text = httpx.get(server.url + "/metrics").text
-    for name in ("moca_requests_total{status=\"200\"}", "moca_inputs_total", "moca_tokens_total",
-                 "moca_batch_inputs_bucket", "moca_batch_tokens_bucket", "moca_batch_seconds_bucket",
-                 "moca_queue_inputs", "moca_in_flight_inputs", "moca_request_seconds_bucket"):
+    for name in (
+        'moca_requests_total{status="200"}',
+        "moca_inputs_total",
+        "moca_tokens_total",
+        "moca_batch_inputs_bucket",
+        "moca_batch_tokens_bucket",
+        "moca_batch_seconds_bucket",
+        "moca_queue_inputs",
+        "moca_in_flight_inputs",
+        "moca_request_seconds_bucket",
+    ):
         assert name in text, name
     assert server.metric("moca_inputs_total") >= 2 and server.metric("moca_in_flight_inputs") == 0

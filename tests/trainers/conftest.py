@@ -8,8 +8,17 @@ import pytest
 from moca_fast.config import TrainConfig
 from moca_fast.data.synthetic import make_documents, make_pairs, write_pairs
 
-COMMON = dict(model="tiny", tokenizer="tiny", max_length=256, min_pixels=3136, max_pixels=3136, dtype="float32",
-              activation_checkpointing=False, num_workers=0, checkpoint_every=100)
+COMMON = dict(
+    model="tiny",
+    tokenizer="tiny",
+    max_length=256,
+    min_pixels=3136,
+    max_pixels=3136,
+    dtype="float32",
+    activation_checkpointing=False,
+    num_workers=0,
+    checkpoint_every=100,
+)
 
 
 @pytest.fixture(scope="session")
@@ -30,14 +39,31 @@ def logged_metrics(output) -> list[dict]:
 
 
 def cpt_config(output_dir, **overrides) -> TrainConfig:
-    values = dict(stage="cpt", data="unused", output_dir=str(output_dir), lr=2e-3, grad_accum=2,
-                  tokens_per_micro_batch=512, max_steps=8, **COMMON)
+    values = dict(
+        stage="cpt",
+        data="unused",
+        output_dir=str(output_dir),
+        lr=2e-3,
+        grad_accum=2,
+        tokens_per_micro_batch=512,
+        max_steps=8,
+        **COMMON,
+    )
     return TrainConfig(**{**values, **overrides})
 
 
 def cl_config(output_dir, data, **overrides) -> TrainConfig:
-    values = dict(stage="cl", data=str(data), output_dir=str(output_dir), lr=1e-3, pairs_per_rank=8,
-                  tokens_per_micro_batch=4096, temperature=0.05, max_steps=8, **COMMON)
+    values = dict(
+        stage="cl",
+        data=str(data),
+        output_dir=str(output_dir),
+        lr=1e-3,
+        pairs_per_rank=8,
+        tokens_per_micro_batch=4096,
+        temperature=0.05,
+        max_steps=8,
+        **COMMON,
+    )
     return TrainConfig(**{**values, **overrides})
 
 

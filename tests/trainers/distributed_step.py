@@ -25,18 +25,34 @@ def full_gradients(modules) -> dict[str, torch.Tensor]:
             grad = param.grad
             if grad is not None and hasattr(grad, "full_tensor"):
                 grad = grad.full_tensor()
-            grads[f"{prefix}.{name}"] = torch.zeros_like(param.data if not hasattr(param, "full_tensor")
-                                                         else param.full_tensor()) if grad is None else grad.clone()
+            grads[f"{prefix}.{name}"] = (
+                torch.zeros_like(param.data if not hasattr(param, "full_tensor") else param.full_tensor())
+                if grad is None
+                else grad.clone()
+            )
     return grads
 
 
 def main(stage_name: str, out: str, workdir: str) -> None:
     stage_of_config = "cpt" if stage_name == "cpt" else "cl"
     heads = dict(multi_vector_dim=16, matryoshka_dims=(64, 16)) if stage_name == "cl_heads" else {}
-    config = TrainConfig(stage=stage_of_config, model="tiny", data=workdir, output_dir=workdir, grad_accum=2,
-                         tokens_per_micro_batch=512, max_length=256, min_pixels=3136, max_pixels=3136,
-                         dtype="float32", activation_checkpointing=False, num_workers=0, pairs_per_rank=4,
-                         grad_cache_tokens=None, **heads)
+    config = TrainConfig(
+        stage=stage_of_config,
+        model="tiny",
+        data=workdir,
+        output_dir=workdir,
+        grad_accum=2,
+        tokens_per_micro_batch=512,
+        max_length=256,
+        min_pixels=3136,
+        max_pixels=3136,
+        dtype="float32",
+        activation_checkpointing=False,
+        num_workers=0,
+        pairs_per_rank=4,
+        grad_cache_tokens=None,
+        **heads,
+    )
     device, rank, world = start(config)
     tokenizer = build_tokenizer(config)
     processor = build_processor(config, tokenizer)
@@ -54,19 +70,21 @@ def main(stage_name: str, out: str, workdir: str) -> None:
     elif stage_name == "reference":
         sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: bench/ is a package there
         from bench.reference_path import ReferencePath, pad_sequences
-
         from moca_fast.data.pairs import PairDataset
         from moca_fast.integrations.transformers import to_transformers
         from moca_fast.trainers.cl import pair_subsets
 
         encoded = EncodedPairs(PairDataset(pair_subsets(workdir), negative_ratio=2), processor)
         picked = [encoded[(0, i)] for i in range(8)]
-        picked = picked if world == 1 else picked[4 * rank:4 * rank + 4]
+        picked = picked if world == 1 else picked[4 * rank : 4 * rank + 4]
         reference = ReferencePath(to_transformers(model).train())
         pad = tokenizer.pad_token_id
-        loss = reference.cl_loss(pad_sequences([p.query for p in picked], pad),
-                                 pad_sequences([p.positive for p in picked], pad),
-                                 pad_sequences([n for p in picked for n in p.negatives], pad), config.temperature)
+        loss = reference.cl_loss(
+            pad_sequences([p.query for p in picked], pad),
+            pad_sequences([p.positive for p in picked], pad),
+            pad_sequences([n for p in picked for n in p.negatives], pad),
+            config.temperature,
+        )
         loss.backward()
         grads = full_gradients({"model": reference.hf})
         for grad in grads.values():
@@ -84,7 +102,7 @@ def main(stage_name: str, out: str, workdir: str) -> None:
         stage = ContrastiveFinetuning(config, model, processor, device, rank, world, pairs=pairs)
         encoded = EncodedPairs(pairs, processor)
         picked = [encoded[(0, i)] for i in range(8)]  # 8 pairs: one rank of 8, or two of 4
-        picked = picked if world == 1 else picked[4 * rank:4 * rank + 4]
+        picked = picked if world == 1 else picked[4 * rank : 4 * rank + 4]
         step_input = ContrastiveCollator(processor)(picked)
         modules = {"model": stage.model}
     values = stage.train_step(step_input)
@@ -96,18 +114,36 @@ def main(stage_name: str, out: str, workdir: str) -> None:
 
 def loop_config(output_dir, grad_accum: int) -> TrainConfig:
     """Stage 1 over 32 documents: 3 micro-batches an epoch, which do not divide over 2 ranks."""
-    return TrainConfig(stage="cpt", model="tiny", tokenizer="tiny", data="unused", output_dir=str(output_dir), lr=2e-3,
-                       grad_accum=grad_accum, tokens_per_micro_batch=512, max_length=256, min_pixels=3136,
-                       max_pixels=3136, dtype="float32", activation_checkpointing=False, num_workers=0, max_steps=5,
-                       checkpoint_every=2)
+    return TrainConfig(
+        stage="cpt",
+        model="tiny",
+        tokenizer="tiny",
+        data="unused",
+        output_dir=str(output_dir),
+        lr=2e-3,
+        grad_accum=grad_accum,
+        tokens_per_micro_batch=512,
+        max_length=256,
+        min_pixels=3136,
+        max_pixels=3136,
+        dtype="float32",
+        activation_checkpointing=False,
+        num_workers=0,
+        max_steps=5,
+        checkpoint_every=2,
+    )
 
 
 def loop(out: str, output_dir: str, mode: str) -> None:
     """The whole training loop on this process group (grad_accum 1 per rank): stopped after step 3, or resumed."""
     from moca_fast.trainers.run import run
 
-    records = run(loop_config(output_dir, 1), documents=make_documents(32, seed=0), resume=mode == "resume",
-                  stop_after=3 if mode == "cut" else None)
+    records = run(
+        loop_config(output_dir, 1),
+        documents=make_documents(32, seed=0),
+        resume=mode == "resume",
+        stop_after=3 if mode == "cut" else None,
+    )
     if int(__import__("os").environ.get("RANK", 0)) == 0:
         torch.save([(r["step"], r["loss"]) for r in records], out)
 

@@ -25,10 +25,25 @@ DOCUMENTS = dict(n=48, seed=0)
 
 
 def fault_config(output_dir) -> TrainConfig:
-    return TrainConfig(stage="cpt", model="tiny", tokenizer="tiny", data="unused", output_dir=str(output_dir),
-                       lr=2e-3, grad_accum=1, tokens_per_micro_batch=512, max_length=256, min_pixels=3136,
-                       max_pixels=3136, dtype="float32", activation_checkpointing=False, num_workers=0,
-                       max_steps=STEPS, checkpoint_every=2, keep_checkpoints=2)
+    return TrainConfig(
+        stage="cpt",
+        model="tiny",
+        tokenizer="tiny",
+        data="unused",
+        output_dir=str(output_dir),
+        lr=2e-3,
+        grad_accum=1,
+        tokens_per_micro_batch=512,
+        max_length=256,
+        min_pixels=3136,
+        max_pixels=3136,
+        dtype="float32",
+        activation_checkpointing=False,
+        num_workers=0,
+        max_steps=STEPS,
+        checkpoint_every=2,
+        keep_checkpoints=2,
+    )
 
 
 def documents():

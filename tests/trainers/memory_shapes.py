@@ -14,8 +14,11 @@ from moca_fast.model.tiny import tiny_hf_config
 
 
 def tiny_spec() -> ModelSpec:
-    return ModelSpec.from_hf_config(tiny_hf_config(tiny_tokenizer(), hidden_size=256, intermediate_size=512,
-                                                   num_layers=4, vision_hidden=64, vision_depth=3))
+    return ModelSpec.from_hf_config(
+        tiny_hf_config(
+            tiny_tokenizer(), hidden_size=256, intermediate_size=512, num_layers=4, vision_hidden=64, vision_depth=3
+        )
+    )
 
 
 def tiny_model():

@@ -11,7 +11,7 @@ import torch
 from moca_fast.parallel.memory_plan import apply_recompute, block_kinds, stage1_step
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory_shapes import tiny_model, tiny_pack  # noqa: E402
+from memory_shapes import tiny_model, tiny_pack
 
 
 def status(field: str) -> int:

@@ -41,8 +41,9 @@ def test_tasks_with_different_negative_counts_in_mixed_batches_are_refused_befor
     folder = tmp_path / "pairs"
     shutil.copytree(pair_folder, folder)
     rows = [json.loads(line) for line in (folder / "vqa.jsonl").read_text().splitlines()]
-    (folder / "vqa.jsonl").write_text("".join(json.dumps(r | {"neg_text": "", "neg_image_path": ""}) + "\n"
-                                              for r in rows))
+    (folder / "vqa.jsonl").write_text(
+        "".join(json.dumps(r | {"neg_text": "", "neg_image_path": ""}) + "\n" for r in rows)
+    )
     with pytest.raises(ValueError, match=r"different numbers of hard negatives .*'vqa': 0.*set task_homogeneous"):
         run(cl_config(tmp_path / "out", folder))
     assert not (tmp_path / "out" / "metrics.jsonl").exists()

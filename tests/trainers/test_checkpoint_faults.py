@@ -30,8 +30,9 @@ def two_steps(tmp_path_factory, documents):
     return output / "checkpoints" / "step-0000002"
 
 
-def test_a_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing_written(tmp_path, documents, monkeypatch,
-                                                                               capsys):
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing_written(
+    tmp_path, documents, monkeypatch, capsys
+):
     real_save = torch.save
 
     def save(obj, path, *args, **kwargs):
@@ -40,24 +41,30 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing_written(t
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.torch, "save", save)
-    with pytest.raises(checkpoint.DiskFull, match=r"checkpoint step 4 could not be written to .*checkpoints: the "
-                                                  r"disk is full \(ENOSPC"):
+    with pytest.raises(
+        checkpoint.DiskFull,
+        match=r"checkpoint step 4 could not be written to .*checkpoints: the "
+        r"disk is full \(ENOSPC",
+    ):
         run(config(tmp_path), documents=documents)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000002"]  # no step-4 .tmp
     monkeypatch.undo()
     assert [r["step"] for r in run(config(tmp_path), documents=documents, resume=True)] == [3, 4]
 
 
-def test_export_of_a_damaged_checkpoint_or_onto_a_full_disk_is_one_line_and_leaves_no_tmp(tmp_path, two_steps,
-                                                                                         monkeypatch, capsys):
+def test_export_of_a_damaged_checkpoint_or_onto_a_full_disk_is_one_line_and_leaves_no_tmp(
+    tmp_path, two_steps, monkeypatch, capsys
+):
     import shutil
 
     damaged = tmp_path / "damaged"
     shutil.copytree(two_steps, damaged)
     weights = damaged / "model" / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
-    for source, expected in [(damaged, f"{weights}: {weights.stat().st_size} bytes, the marker records"),
-                             (two_steps, "could not be written to")]:
+    for source, expected in [
+        (damaged, f"{weights}: {weights.stat().st_size} bytes, the marker records"),
+        (two_steps, "could not be written to"),
+    ]:
         if source is two_steps:
             monkeypatch.setattr(stage1_export, "save_file", disk_full)
         with pytest.raises(SystemExit) as exit_info:

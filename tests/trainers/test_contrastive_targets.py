@@ -23,7 +23,13 @@ def test_rank_ones_queries_target_rank_ones_positives(monkeypatch):
 
     loss = cl.contrastive_loss(local, batch, temperature=0.05, mask_duplicates=True)
 
-    queries, positives, negatives = local[:b], local[b:2 * b], local[2 * b:].reshape(b, r, d)
-    expected = info_nce_reference(queries, torch.cat([rank0_positives, positives]), negatives, torch.arange(b, 2 * b),
-                                  temperature=0.05, normalize=False)
+    queries, positives, negatives = local[:b], local[b : 2 * b], local[2 * b :].reshape(b, r, d)
+    expected = info_nce_reference(
+        queries,
+        torch.cat([rank0_positives, positives]),
+        negatives,
+        torch.arange(b, 2 * b),
+        temperature=0.05,
+        normalize=False,
+    )
     torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-6, atol=0)

@@ -28,8 +28,20 @@ def _run(args):
 def test_two_processes_equal_one(workdir, stage):
     single, dist = workdir / f"{stage}-single.pt", workdir / f"{stage}-dist.pt"
     _run([sys.executable, WORKER, stage, str(single), str(workdir)])
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
-          stage, str(dist), str(workdir)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            WORKER,
+            stage,
+            str(dist),
+            str(workdir),
+        ]
+    )
     a, b = torch.load(single), torch.load(dist)
     assert abs(a["loss"] - b["loss"]) <= 1e-5
     if stage != "reference":  # the logged work is the job's: rank 0 reports both ranks' tokens and FLOPs

@@ -36,15 +36,26 @@ def uninterrupted(tmp_path_factory):
 
 
 # phase -> the step of the last complete checkpoint after the kill
-PHASES = {"weights": KILL_STEP - 2, "optimizer": KILL_STEP - 2, "marker": KILL_STEP - 2, "publish": KILL_STEP - 2,
-          "prune": KILL_STEP, "final": STEPS}
+PHASES = {
+    "weights": KILL_STEP - 2,
+    "optimizer": KILL_STEP - 2,
+    "marker": KILL_STEP - 2,
+    "publish": KILL_STEP - 2,
+    "prune": KILL_STEP,
+    "final": STEPS,
+}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_kill_at_each_checkpoint_phase_then_resume(tmp_path, uninterrupted, phase, caplog):
-    result = subprocess.run([sys.executable, WORKER, phase, str(tmp_path), str(torch.get_num_threads())],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, WORKER, phase, str(tmp_path), str(torch.get_num_threads())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     checkpoints = tmp_path / "checkpoints"
     assert step_of(complete_checkpoints(checkpoints)[-1]) == PHASES[phase]
@@ -56,7 +67,8 @@ def test_kill_at_each_checkpoint_phase_then_resume(tmp_path, uninterrupted, phas
     assert [r["step"] for r in records] == list(range(PHASES[phase] + 1, STEPS + 1))
     reference = logged_metrics(uninterrupted)
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in logged_metrics(tmp_path)] == [
-        (r["step"], r["loss"], r["grad_norm"]) for r in reference]  # every step once, bit for bit
+        (r["step"], r["loss"], r["grad_norm"]) for r in reference
+    ]  # every step once, bit for bit
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000006", "step-0000008"]  # no leftovers
     assert sorted(os.listdir(tmp_path / "final")) == sorted(os.listdir(uninterrupted / "final"))
     ours, theirs = _tensors(tmp_path / "final"), _tensors(uninterrupted / "final")
@@ -71,10 +83,28 @@ def test_sigterm_from_outside_checkpoints_the_step_and_exits_non_zero(tmp_path, 
     data = write_documents(documents(), tmp_path / "docs", "dataset")
     output = tmp_path / "out"
     recipe = ROOT / "configs" / "tiny-cpt.yaml"
-    child = subprocess.Popen([sys.executable, "-m", "moca_fast.cli", "cpt", "--config", str(recipe), "--data",
-                              str(data), "--output-dir", str(output), "--max-steps", "10000",
-                              "--set", f"num_workers={2 if to_group else 0}"],
-                             stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "moca_fast.cli",
+            "cpt",
+            "--config",
+            str(recipe),
+            "--data",
+            str(data),
+            "--output-dir",
+            str(output),
+            "--max-steps",
+            "10000",
+            "--set",
+            f"num_workers={2 if to_group else 0}",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         metrics = output / "metrics.jsonl"

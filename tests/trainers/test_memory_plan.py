@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from moca_fast.parallel import memory_plan as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory_shapes import tiny_model, tiny_pack, tiny_spec  # noqa: E402
+from memory_shapes import tiny_model, tiny_pack, tiny_spec
 
 CPU = dict(world_size=1, dtype=torch.float32, backend="sdpa", device_type="cpu")
 
@@ -23,16 +23,23 @@ CPU = dict(world_size=1, dtype=torch.float32, backend="sdpa", device_type="cpu")
 def measured_peak(documents: int, mode: str) -> int:
     """Resident bytes the real step adds at its peak (tests/trainers/memory_worker.py)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("memory_worker.py")), str(documents), mode],
-                         env=env, capture_output=True, text=True, timeout=600, check=True)
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("memory_worker.py")), str(documents), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("documents, mode", [(8, "none"), (16, "selective"), (12, "full")])
 def test_estimate_within_15_percent_of_the_measured_peak(documents, mode):
-    estimate = mp.activation_peak(mp.stage1_step, tiny_pack(documents), tiny_spec(), dict.fromkeys(mp.KINDS, mode),
-                                  mp.Target(1e12, **CPU))
+    estimate = mp.activation_peak(
+        mp.stage1_step, tiny_pack(documents), tiny_spec(), dict.fromkeys(mp.KINDS, mode), mp.Target(1e12, **CPU)
+    )
     measured = measured_peak(documents, mode)
     assert abs(estimate / measured - 1) <= 0.15, f"estimated {estimate} bytes, measured {measured}"
 
@@ -46,8 +53,9 @@ def test_the_plan_fits_its_budget_and_changes_with_it():
 
     def plan(memory: float) -> mp.MemoryPlan:
         target = mp.Target(memory, **CPU)
-        return mp.plan_stage1(spec, mp.static_bytes(model, mae, blocks, target), packs.__getitem__, target,
-                              max_splits=2)
+        return mp.plan_stage1(
+            spec, mp.static_bytes(model, mae, blocks, target), packs.__getitem__, target, max_splits=2
+        )
 
     roomy = plan(10e9)
     assert roomy.fits and roomy.splits == 1 and set(roomy.modes.values()) == {"none"}
@@ -113,8 +121,9 @@ def test_auto_applies_the_plan_and_logs_it_once(tmp_path, documents, monkeypatch
     tokenizer = build_tokenizer(config)
     model = build_model(config, tokenizer, torch.device("cpu"))
     with caplog.at_level("INFO"):
-        stage = ContinualPretraining(config, model, build_processor(config, tokenizer), torch.device("cpu"), 0, 1,
-                                     documents=documents)
+        stage = ContinualPretraining(
+            config, model, build_processor(config, tokenizer), torch.device("cpu"), 0, 1, documents=documents
+        )
     assert caplog.text.count("memory plan: decoder selective, vision full, mae none; micro-batches split in 2") == 1
     assert stage.grad_accum == 2 * config.grad_accum
     assert stage.sampler.budget == config.tokens_per_micro_batch // 2

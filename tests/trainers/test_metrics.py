@@ -19,8 +19,11 @@ from moca_fast.trainers.metrics import decoder_layer_flops, forward_flops
 def test_forward_flops_match_flop_counter(tokenizer, processor, make_image, with_image):
     model = MocaModel(ModelSpec.from_hf_config(tiny_hf_config(tokenizer))).init_weights().eval()
     # One sequence, and an image that is a single attention window: nothing padded, so the counts compare.
-    seq = (processor.encode(f"{IMAGE_PLACEHOLDER}caption words", [make_image(112, 112)], "i") if with_image
-           else processor.encode("some words to count " * 5, [], "t"))
+    seq = (
+        processor.encode(f"{IMAGE_PLACEHOLDER}caption words", [make_image(112, 112)], "i")
+        if with_image
+        else processor.encode("some words to count " * 5, [], "t")
+    )
     batch = pack_sequences([seq], processor.image_token_id)
     counter = FlopCounterMode(display=False)
     # The math backend spells attention as matmuls, which the counter sees (fused CPU kernels it does not).

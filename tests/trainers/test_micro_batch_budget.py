@@ -17,8 +17,16 @@ GRAD_ACCUM = 4
 
 
 def _config(budget: str) -> TrainConfig:
-    return TrainConfig(stage="cpt", model="tiny", data="unused", output_dir="unused", grad_accum=GRAD_ACCUM,
-                       tokens_per_micro_batch=BUCKET_COST, max_length=MAX_COST, micro_batch_budget=budget)
+    return TrainConfig(
+        stage="cpt",
+        model="tiny",
+        data="unused",
+        output_dir="unused",
+        grad_accum=GRAD_ACCUM,
+        tokens_per_micro_batch=BUCKET_COST,
+        max_length=MAX_COST,
+        micro_batch_budget=budget,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +40,7 @@ def documents(tokenizer):
 
 
 def _per_step(batches: list[list[int]]) -> list[int]:
-    return [sum(len(b) for b in batches[k:k + GRAD_ACCUM]) for k in range(0, len(batches), GRAD_ACCUM)]
+    return [sum(len(b) for b in batches[k : k + GRAD_ACCUM]) for k in range(0, len(batches), GRAD_ACCUM)]
 
 
 def test_cost_units_give_the_references_micro_batches(documents):
@@ -40,6 +48,7 @@ def test_cost_units_give_the_references_micro_batches(documents):
     assert samples.reference_costs() == costs  # measured from headers = counted on the encoded sequences
     ours = micro_batch_sampler(_config("reference_cost"), samples.lengths(), samples.reference_costs()).plan(0)
     reference = cost_buckets(costs, BUCKET_COST)
+
     # The same micro-batches up to samples of equal cost (the order among ties is the shuffle's).
     def cost_groups(batches):
         return sorted(tuple(sorted(costs[i] for i in b)) for b in batches)

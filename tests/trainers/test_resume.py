@@ -85,12 +85,22 @@ def cut_after_four(tmp_path_factory, documents):
     return output
 
 
-@pytest.mark.parametrize("name, damage", [("model/model.safetensors", "truncate"), ("optimizer.pt", "truncate"),
-                                          ("model/model.safetensors", "garble"), ("trainer_state.pt", "garble"),
-                                          ("extra.pt", "garble"), ("model/model.safetensors", "flip"),
-                                          ("optimizer.pt", "flip"), ("extra.pt", "flip")])
-def test_a_corrupt_file_falls_back_to_the_previous_checkpoint_naming_it(tmp_path, documents, six_steps,
-                                                                         cut_after_four, caplog, name, damage):
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("model/model.safetensors", "truncate"),
+        ("optimizer.pt", "truncate"),
+        ("model/model.safetensors", "garble"),
+        ("trainer_state.pt", "garble"),
+        ("extra.pt", "garble"),
+        ("model/model.safetensors", "flip"),
+        ("optimizer.pt", "flip"),
+        ("extra.pt", "flip"),
+    ],
+)
+def test_a_corrupt_file_falls_back_to_the_previous_checkpoint_naming_it(
+    tmp_path, documents, six_steps, cut_after_four, caplog, name, damage
+):
     out = tmp_path / "cut"
     shutil.copytree(cut_after_four, out)
     path = out / "checkpoints" / "step-0000004" / name
@@ -101,7 +111,7 @@ def test_a_corrupt_file_falls_back_to_the_previous_checkpoint_naming_it(tmp_path
         path.write_bytes(b"\0" * size)
     else:  # 64 bytes flipped in the middle: every file still loads, only the marker's checksums tell
         data = bytearray(path.read_bytes())
-        data[size // 2:size // 2 + 64] = bytes(b ^ 0xFF for b in data[size // 2:size // 2 + 64])
+        data[size // 2 : size // 2 + 64] = bytes(b ^ 0xFF for b in data[size // 2 : size // 2 + 64])
         path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="moca_fast.trainers.checkpoint"):
         records = run(config(out, max_steps=6), documents=documents, resume=True)
@@ -163,8 +173,11 @@ def test_other_data_is_refused_on_resume(tmp_path, documents):
 
 def test_nonfinite_loss_stops_before_the_update_and_saves_nothing(tmp_path, documents, monkeypatch):
     nonfinite_gradients_at(monkeypatch, {2})
-    with pytest.raises(TrainingStopped, match=r"step 2: non-finite loss .* on the samples \[doc-\d+, .*nothing from "
-                                              r"this step was saved") as stopped:
+    with pytest.raises(
+        TrainingStopped,
+        match=r"step 2: non-finite loss .* on the samples \[doc-\d+, .*nothing from "
+        r"this step was saved",
+    ) as stopped:
         run(config(tmp_path, checkpoint_every=1), documents=documents)
     assert stopped.value.exit_code == 1
     assert steps(logged_metrics(tmp_path)) == [1]
@@ -182,8 +195,11 @@ def test_skip_nonfinite_skips_and_counts_the_updates(tmp_path, documents, monkey
 
 def test_skipping_more_updates_than_max_skipped_fraction_stops_the_run(tmp_path, documents, monkeypatch):
     nonfinite_gradients_at(monkeypatch, {2, 3, 4})
-    with pytest.raises(TrainingStopped, match=r"step 3: .*2 of the run's 4 updates skipped, more than "
-                                              r"max_skipped_fraction 0.25") as stopped:
+    with pytest.raises(
+        TrainingStopped,
+        match=r"step 3: .*2 of the run's 4 updates skipped, more than "
+        r"max_skipped_fraction 0.25",
+    ) as stopped:
         run(config(tmp_path, skip_nonfinite=True, max_skipped_fraction=0.25), documents=documents)
     assert stopped.value.exit_code == 1
 

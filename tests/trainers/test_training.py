@@ -41,8 +41,9 @@ def test_stage2_learns(tmp_path, pair_folder):
 @pytest.mark.parametrize("stage", ["cpt", "cl"])
 def test_resume_continues_exactly(tmp_path, documents, pair_folder, stage):
     def config(out):
-        return (cpt_config(out, checkpoint_every=3) if stage == "cpt"
-                else cl_config(out, pair_folder, checkpoint_every=3))
+        return (
+            cpt_config(out, checkpoint_every=3) if stage == "cpt" else cl_config(out, pair_folder, checkpoint_every=3)
+        )
 
     data = {"documents": documents} if stage == "cpt" else {}
     full = _losses(run(config(tmp_path / "full"), **data))
@@ -119,14 +120,14 @@ def test_reference_stage1_checkpoint_continues_in_both_stages(tmp_path, document
     config = cpt_config(tmp_path / "cpt", model=str(tmp_path / "ref"), tokenizer=None, max_steps=2)
     tokenizer = build_tokenizer(config)
     model = build_model(config, tokenizer, torch.device("cpu"))
-    stage = ContinualPretraining(config, model, build_processor(config, tokenizer), torch.device("cpu"), 0, 1,
-                                 documents=documents)
+    stage = ContinualPretraining(
+        config, model, build_processor(config, tokenizer), torch.device("cpu"), 0, 1, documents=documents
+    )
     continued = stage.mae.reference_state_dict()  # stage 1 continues the reference's head as it was saved
     assert continued.keys() == head.keys() and all(torch.equal(continued[k], head[k]) for k in head)
     assert len(run(config, documents=documents)) == 2
     with caplog.at_level("INFO"):  # stage 2 leaves the head out and says so
-        records = run(cl_config(tmp_path / "cl", pair_folder, model=str(tmp_path / "ref"), tokenizer=None,
-                                max_steps=2))
+        records = run(cl_config(tmp_path / "cl", pair_folder, model=str(tmp_path / "ref"), tokenizer=None, max_steps=2))
     assert len(records) == 2 and "its stage-1 MAE head (" in caplog.text and "left out" in caplog.text
 
 
@@ -148,8 +149,10 @@ def test_a_stage1_step_exports_with_its_head_also_from_before_checkpoint_markers
     shutil.copytree(step, old)
     (old / checkpoint.MARKER).unlink()
     (old / "trainer_state.json").write_text(json.dumps({"step": 2, "epoch": 0, "position": 2}))
-    patch_major = {k: v.reshape(-1, 4, *v.shape[1:]).transpose(0, 1).reshape(v.shape) if k.startswith("proj.") else v
-                   for k, v in trained.items()}  # rows d * 4 + p back to p * 1176 + d
+    patch_major = {
+        k: v.reshape(-1, 4, *v.shape[1:]).transpose(0, 1).reshape(v.shape) if k.startswith("proj.") else v
+        for k, v in trained.items()
+    }  # rows d * 4 + p back to p * 1176 + d
     assert not torch.equal(patch_major["proj.weight"], trained["proj.weight"])
     torch.save(patch_major, old / "extra.pt")
     config = cpt_config(tmp_path / "unused")
@@ -159,10 +162,19 @@ def test_a_stage1_step_exports_with_its_head_also_from_before_checkpoint_markers
         assert MaeHead.from_reference(model, read_mae_head(out)).state_dict().keys() == trained.keys()
         continued = initial_mae_head(model, str(out)).state_dict()
         assert all(torch.equal(continued[k], trained[k]) for k in trained), out
-    assert len(run(cpt_config(tmp_path / "again", model=str(tmp_path / "then"), tokenizer=None, max_steps=1),
-                   documents=documents)) == 1
-    for args, message in [([str(old), str(tmp_path / "then")], "exists; name a new folder"),
-                          ([str(tmp_path / "run" / "final"), str(tmp_path / "x")], "not a moca_fast step checkpoint")]:
+    assert (
+        len(
+            run(
+                cpt_config(tmp_path / "again", model=str(tmp_path / "then"), tokenizer=None, max_steps=1),
+                documents=documents,
+            )
+        )
+        == 1
+    )
+    for args, message in [
+        ([str(old), str(tmp_path / "then")], "exists; name a new folder"),
+        ([str(tmp_path / "run" / "final"), str(tmp_path / "x")], "not a moca_fast step checkpoint"),
+    ]:
         with pytest.raises(SystemExit):
             main(["export-stage1", *args])
         assert message in capsys.readouterr().err
