@@ -5,8 +5,9 @@ A dataset folder holds queries, corpus and qrels in either layout:
                        folder)}; qrels/<split>.tsv (query-id, corpus-id, score; header row)
   the hub's parquet    queries/, corpus/, qrels/ folders of parquet files (the vidore/*_v2 repositories):
                        query-id + query; corpus-id + image (encoded); query-id, corpus-id, score
-`data` is one such folder or a folder of them. A corpus entry with an image is a page (the reference's document
-prompt); one without is a plain text target (title and text, no instruction); queries carry no instruction.
+`data` is one such folder or a folder of them. A corpus entry with an image is a page; one without is a plain text
+target (title and text). Each input gets the checkpoint's instruction as a query or a document: for MoCa, the
+reference's document-page prompt on pages and none on text targets and queries; a ColQwen2.5 its own prompts.
 Queries without a relevant document in the qrels are left out (counted, logged), as BEIR does. Scores are
 cosines over the whole corpus. Queries that carry a `language` (the hub's multilingual sets) are also scored per
 language: mteb, hence the public leaderboard, scores each language as its own subset and averages them, so the
@@ -27,9 +28,9 @@ from statistics import mean
 import numpy as np
 
 from ..data.documents import open_rows
+from ..data.tokens import IMAGE_PLACEHOLDER
 from ..embed import MocaEmbedder
-from ..inputs import EmbedInput
-from ..prompts import document_page
+from ..inputs import EmbedInput, with_instructions
 from .cache import cached_embeddings, model_key
 from .late_interaction import maxsim_scores
 from .metrics import ndcg_at_k, recall_at_k
@@ -99,7 +100,8 @@ def _field(record: dict, names: tuple[str, ...], where: str):
 
 
 def read_dataset(name: str, folder: Path, split: str = "test") -> BeirDataset:
-    """Queries, corpus and qrels -> inputs and a relevance matrix; bad rows raise naming the row."""
+    """Queries, corpus and qrels -> inputs (as the data holds them: a page is its image alone, each input gets its
+    instruction where it is embedded) and a relevance matrix; bad rows raise naming the row."""
     import datasets  # only reading from files needs it
 
     rows = open_rows(_part(folder, "corpus"))
@@ -148,8 +150,7 @@ def _document(record: dict, folder: Path, where: str) -> EmbedInput:
     if isinstance(image, str) and image:
         image = str(folder / image)  # a missing file fails naming `where` when the corpus is embedded
     if image:
-        page = document_page(image)
-        return EmbedInput(page["text"], (page["image"],), where)
+        return EmbedInput(IMAGE_PLACEHOLDER, (image,), where)
     text = " ".join(part for part in (record.get("title"), record.get("text")) if part)
     if not text:
         raise ValueError(f"{where}: neither an image nor text")
@@ -199,8 +200,14 @@ def evaluate_vidore(
         dataset = read_dataset(name, folder, split)
         cache = Path(cache_dir) / name if cache_dir is not None else None
         embed = dict(model_key=key, model_id=model_id, batch_tokens=batch_tokens, progress=progress, output=output)
-        queries = cached_embeddings(embedder, dataset.queries, cache and cache / "queries.npy", **embed)
-        corpus = cached_embeddings(embedder, dataset.corpus, cache and cache / "corpus.npy", **embed)
+        # The checkpoint's instructions: MoCa's (text queries bare, pages the document-page instruction) or its
+        # own (a ColQwen2.5's query prefix and augmentation, its visual prompt).
+        queries = with_instructions(dataset.queries, role="query", role_prompt=embedder.role_prompt)
+        corpus = with_instructions(
+            dataset.corpus, role="document", document_pages=True, role_prompt=embedder.role_prompt
+        )
+        queries = cached_embeddings(embedder, queries, cache and cache / "queries.npy", **embed)
+        corpus = cached_embeddings(embedder, corpus, cache and cache / "corpus.npy", **embed)
         scores = queries @ corpus.T if output == "pooled" else maxsim_scores(queries, corpus)
         ndcg5 = ndcg_at_k(scores, dataset.relevance, 5)
         metrics = {

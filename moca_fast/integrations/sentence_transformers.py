@@ -38,10 +38,12 @@ class MocaModule(InputModule):
         return ["text", "image", ("image", "text"), "message"]  # "message": a batch mixing kinds
 
     def preprocess(self, inputs, prompt: str | None = None, task: str | None = None, **kwargs) -> dict[str, Any]:
-        """The batch's inputs, normalised, with `prompt` applied, or with the reference's instruction for a query
-        or a document (`task`, which encode_query / encode_document set) when no prompt is given."""
+        """The batch's inputs, normalised, with `prompt` applied, or with the checkpoint's instruction (the
+        reference's, or a ColQwen2.5's own) for a query or a document (`task`, which encode_query / encode_document
+        set) when no prompt is given."""
         items = [as_input(x, f"input {i}") for i, x in enumerate(inputs)]
-        return {_INPUTS: with_instructions(items, prompt, task if task in ("query", "document") else None)}
+        role = task if task in ("query", "document") else None
+        return {_INPUTS: with_instructions(items, prompt, role, role_prompt=self.embedder.role_prompt)}
 
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
         embeddings = self.embedder.encode(features[_INPUTS], convert_to_tensor=True)  # L2-normalised

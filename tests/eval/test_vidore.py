@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moca_fast.data import synthetic
+from moca_fast.data.tokens import IMAGE_PLACEHOLDER
 from moca_fast.eval import vidore
 from moca_fast.prompts import DOCUMENT_PAGE_INSTRUCTION
 
@@ -22,7 +23,7 @@ def test_read_beir_files(beir_data):
     dataset = vidore.read_dataset("SynPages", beir_data)
     assert len(dataset.queries) == 6 and len(dataset.corpus) == synthetic.N_PAGES
     assert all(not q.images and not q.text.startswith("Represent") for q in dataset.queries)
-    assert all(d.text.endswith(DOCUMENT_PAGE_INSTRUCTION) and len(d.images) == 1 for d in dataset.corpus)
+    assert all(d.text == IMAGE_PLACEHOLDER and len(d.images) == 1 for d in dataset.corpus)  # instructed when embedded
     assert (dataset.relevance.sum(axis=1) == 1).all()
 
 
@@ -36,17 +37,38 @@ def test_end_to_end_ndcg_at_5(embedder, beir_data, tmp_path, capsys):
     pages = embedder.encode(
         [{"text": DOCUMENT_PAGE_INSTRUCTION, "image": str(beir_data / row["image"])} for row in corpus]
     )
+    result = report["datasets"]["SynPages"]
+    assert result["ndcg@5"] == pytest.approx(_ndcg_at_5(q, pages, queries, corpus, gold), abs=1e-6)
+    assert result["queries"] == 6 and result["corpus"] == synthetic.N_PAGES and result["column"] is None
+    print(vidore.format_report(report))
+    table = capsys.readouterr().out
+    assert "SynPages" in table and "ViDoRe-v2 average (7 columns)" in table
+
+
+def _ndcg_at_5(q, pages, queries, corpus, gold) -> float:
+    """x100, each query's one relevant page ranked by cosine: 1 / log2(rank + 1) within 5."""
     expected = []
     for query, row in zip(q, queries):
         order = [corpus[j]["_id"] for j in np.argsort(-(pages @ query), kind="stable")]
         rank = order.index(gold[row["_id"]]) + 1
         expected.append(1 / math.log2(rank + 1) if rank <= 5 else 0.0)
-    result = report["datasets"]["SynPages"]
-    assert result["ndcg@5"] == pytest.approx(100 * np.mean(expected), abs=1e-6)
-    assert result["queries"] == 6 and result["corpus"] == synthetic.N_PAGES and result["column"] is None
-    print(vidore.format_report(report))
-    table = capsys.readouterr().out
-    assert "SynPages" in table and "ViDoRe-v2 average (7 columns)" in table
+    return 100 * float(np.mean(expected))
+
+
+def test_each_input_gets_the_checkpoints_own_instructions(embedder, beir_data):
+    """An embedder with ColQwen2.5's prompts (a ColQwen2.5 checkpoint's) is scored on what its queries and pages
+    become under those prompts, not under MoCa's."""
+    from moca_fast.embed import MocaEmbedder
+    from moca_fast.model import colqwen
+
+    colqwen_prompted = MocaEmbedder(embedder.model, embedder.processor, role_prompt=colqwen.role_prompt)
+    report = vidore.evaluate_vidore(colqwen_prompted, beir_data.parent)
+    queries = [json.loads(line) for line in (beir_data / "queries.jsonl").read_text().splitlines()]
+    corpus = [json.loads(line) for line in (beir_data / "corpus.jsonl").read_text().splitlines()]
+    q = embedder.encode([colqwen.QUERY_PREFIX + row["text"] + colqwen.QUERY_AUGMENTATION for row in queries])
+    pages = embedder.encode([{"text": colqwen.VISUAL_PROMPT, "image": str(beir_data / r["image"])} for r in corpus])
+    expected = _ndcg_at_5(q, pages, queries, corpus, _gold_pages(beir_data))
+    assert report["datasets"]["SynPages"]["ndcg@5"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_hub_parquet_layout_scores_like_beir_files(embedder, beir_data, tmp_path):
