@@ -125,7 +125,7 @@ def head_scores(model, config: TrainConfig, world: Path) -> dict:
         data = vidore.read_dataset(name, folder)
         scores[f"{name} (NDCG@5)"] = {
             kind: 100 * float(ndcg_at_k(matrix, data.relevance, 5).mean())
-            for kind, matrix in similarities(data.queries, data.corpus).items()
+            for kind, matrix in similarities(*vidore.instructed(data, embedder.role_prompt)).items()
         }
     return scores
 

@@ -68,6 +68,9 @@ def test_shortened_demo_with_the_multi_vector_head(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["heads"]) == set(summary["retrieval"])
     assert all(set(s) == {"pooled", "matryoshka", "multi_vector"} for s in summary["heads"].values())
+    # The same pages, instructed the same way: the ViDoRe harness scores this checkpoint by MaxSim, as its head does.
+    pages = "SynPages (NDCG@5)"
+    assert summary["heads"][pages]["multi_vector"] == pytest.approx(summary["retrieval"][pages]["trained"], abs=1e-9)
     model = load_pretrained(tmp_path / "cl" / "final")
     assert (model.spec.multi_vector_dim, model.spec.matryoshka_dims) == (32, (64, 16))
     records = [json.loads(line) for line in (tmp_path / "cl" / "metrics.jsonl").read_text().splitlines()]

@@ -145,6 +145,15 @@ def read_dataset(name: str, folder: Path, split: str = "test") -> BeirDataset:
     )
 
 
+def instructed(dataset: BeirDataset, role_prompt) -> tuple[list[EmbedInput], list[EmbedInput]]:
+    """The dataset's queries and corpus with a checkpoint's instructions (`role_prompt`, as MocaEmbedder.role_prompt):
+    MoCa's (text queries bare, pages the document-page instruction) or its own (a ColQwen2.5's query prefix and
+    augmentation, its visual prompt)."""
+    queries = with_instructions(dataset.queries, role="query", role_prompt=role_prompt)
+    corpus = with_instructions(dataset.corpus, role="document", document_pages=True, role_prompt=role_prompt)
+    return queries, corpus
+
+
 def _document(record: dict, folder: Path, where: str) -> EmbedInput:
     image = record.get("image")
     if isinstance(image, str) and image:
@@ -200,12 +209,7 @@ def evaluate_vidore(
         dataset = read_dataset(name, folder, split)
         cache = Path(cache_dir) / name if cache_dir is not None else None
         embed = dict(model_key=key, model_id=model_id, batch_tokens=batch_tokens, progress=progress, output=output)
-        # The checkpoint's instructions: MoCa's (text queries bare, pages the document-page instruction) or its
-        # own (a ColQwen2.5's query prefix and augmentation, its visual prompt).
-        queries = with_instructions(dataset.queries, role="query", role_prompt=embedder.role_prompt)
-        corpus = with_instructions(
-            dataset.corpus, role="document", document_pages=True, role_prompt=embedder.role_prompt
-        )
+        queries, corpus = instructed(dataset, embedder.role_prompt)
         queries = cached_embeddings(embedder, queries, cache and cache / "queries.npy", **embed)
         corpus = cached_embeddings(embedder, corpus, cache and cache / "corpus.npy", **embed)
         scores = queries @ corpus.T if output == "pooled" else maxsim_scores(queries, corpus)
