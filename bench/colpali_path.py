@@ -1,9 +1,6 @@
 """colpali-engine's ColQwen2.5 as it runs itself: the oracle of the ColQwen2.5 drop-in test and its CPU benchmark.
 
-`colpali()` imports colpali-engine on a machine without torchvision: colpali-engine 0.3 imports `smart_resize` from
-transformers' torchvision image processor module, which needs torchvision (that cannot load beside a CPU torch
-2.13); transformers' PIL image processor module defines the same function, so it stands in for that module when the
-import fails. `write_tiny_colqwen` saves a tiny random ColQwen2.5 as colpali-engine trains one: the base model saved
+`write_tiny_colqwen` saves a tiny random ColQwen2.5 as colpali-engine trains one: the base model saved
 by transformers, a peft LoRA adapter (colpali-engine's published target modules, random non-zero A and B) and the
 processor, and returns colpali-engine's model (LoRA unmerged) and processor for the same checkpoint.
 """
@@ -12,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import sys
 from pathlib import Path
 
 import torch
@@ -21,17 +17,10 @@ import torch
 TARGET_MODULES = (
     "(.*(model)(?!.*visual).*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj).*$|.*(custom_text_proj).*$)"
 )
-_TORCHVISION_MODULE = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
 
 
 def colpali():
-    """The colpali_engine.models module (ColQwen2_5, ColQwen2_5_Processor), importable without torchvision."""
-    try:
-        importlib.import_module(_TORCHVISION_MODULE)
-    except ImportError:
-        sys.modules[_TORCHVISION_MODULE] = importlib.import_module(
-            "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
-        )
+    """The colpali_engine.models module (ColQwen2_5, ColQwen2_5_Processor)."""
     return importlib.import_module("colpali_engine.models")
 
 

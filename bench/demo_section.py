@@ -1,11 +1,13 @@
-"""Write the README's demo section from a measured demo summary: the figures are generated, never typed.
+"""Write the README's demo sections from measured demo summaries: the figures are generated, never typed.
 
-    moca-fast demo && python -m bench.demo_section runs/demo/summary.json   # keep that run, rewrite the section
+    moca-fast demo && python -m bench.demo_section runs/demo/summary.json   # keep that run, rewrite its section
     python -m bench.demo_section --check                                     # exit 1 if README.md differs (CI)
 
-The summary is kept as bench/results/demo-cpu.json (what `moca-fast demo` wrote: scores, chance from each task's
-candidate counts, the wall time, machine, torch version, date and the settings that ran); the section names the
-command that ran and shows the summary as the demo prints it.
+Two sections: the default demo's (kept as bench/results/demo-cpu.json) and the `--multi-vector` demo's (kept as
+bench/results/demo-multi-vector-cpu.json, in the README's multi-vector section); a summary goes to the section of
+the settings it ran with. A summary is what `moca-fast demo` wrote: scores, chance from each task's candidate counts,
+the wall time, machine, torch version, date and the settings that ran; the section names the command that ran and
+shows the summary as the demo prints it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ from moca_fast.demo import DemoSettings, format_summary
 
 SUMMARY = RESULTS / "demo-cpu.json"
 BEGIN, END = "<!-- demo:begin (bench/demo_section.py writes this) -->", "<!-- demo:end -->"
+MULTI_VECTOR_SUMMARY = RESULTS / "demo-multi-vector-cpu.json"
+MULTI_VECTOR_BEGIN = "<!-- demo-multi-vector:begin (bench/demo_section.py writes this) -->"
+MULTI_VECTOR_END = "<!-- demo-multi-vector:end -->"
+
+
+def section_of(summary: dict) -> tuple[Path, str, str]:
+    """(kept summary, begin marker, end marker) of the section a summary belongs to, by the settings it ran with."""
+    if summary["run"]["settings"].get("multi_vector"):
+        return MULTI_VECTOR_SUMMARY, MULTI_VECTOR_BEGIN, MULTI_VECTOR_END
+    return SUMMARY, BEGIN, END
 
 
 def demo_command(settings: dict) -> str:
@@ -49,6 +61,7 @@ def demo_command(settings: dict) -> str:
 def render(summary_path: Path = SUMMARY) -> str:
     summary = json.loads(summary_path.read_text())
     run, settings = summary["run"], summary["run"]["settings"]
+    kept, begin, end = section_of(summary)
     minutes, seconds = divmod(round(run["seconds"]), 60)
     heads = ", stage 2 with the multi-vector head and Matryoshka dimensions" if settings.get("multi_vector") else ""
     text = textwrap.fill(
@@ -56,18 +69,18 @@ def render(summary_path: Path = SUMMARY) -> str:
         f"{run['load_average']} at the end: `{demo_command(settings)}` took {minutes} min {seconds} s "
         f"({settings['cpt_steps']} stage-1 and {settings['cl_steps']} stage-2 steps, seed {settings['seed']}{heads}). "
         "Chance is the expected score of a random ranking, from each task's own candidate counts. Kept in "
-        f"`bench/{SUMMARY.relative_to(RESULTS.parent)}`.",
+        f"`bench/{kept.relative_to(RESULTS.parent)}`.",
         width=116,
     )
     return "\n".join(
         [
-            BEGIN,
+            begin,
             text,
             "",
             "```",
             format_summary(summary).strip("\n"),
             "```",
-            END,
+            end,
         ]
     )
 
@@ -78,8 +91,12 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail if README.md differs from the kept summary")
     args = parser.parse_args()
     if args.summary is not None:
-        shutil.copyfile(args.summary, SUMMARY)
-    return write_section(BEGIN, END, render(), check=args.check, fix="python -m bench.demo_section")
+        shutil.copyfile(args.summary, section_of(json.loads(args.summary.read_text()))[0])
+    failed = 0
+    for kept in (SUMMARY, MULTI_VECTOR_SUMMARY):
+        _, begin, end = section_of(json.loads(kept.read_text()))
+        failed |= write_section(begin, end, render(kept), check=args.check, fix="python -m bench.demo_section")
+    return failed
 
 
 if __name__ == "__main__":

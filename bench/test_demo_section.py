@@ -1,16 +1,19 @@
-"""The README's demo section is exactly what bench/demo_section.py makes of the kept demo summary."""
+"""The README's demo sections are exactly what bench/demo_section.py makes of the kept demo summaries."""
 
 import json
+
+import pytest
 
 from bench import demo_section
 from bench.report import README, with_section
 
 
-def test_readme_demo_section_is_generated_from_the_kept_summary():
+@pytest.mark.parametrize("kept", [demo_section.SUMMARY, demo_section.MULTI_VECTOR_SUMMARY], ids=lambda p: p.name)
+def test_readme_demo_section_is_generated_from_the_kept_summary(kept):
     readme = README.read_text()
-    assert with_section(readme, demo_section.BEGIN, demo_section.END, demo_section.render()) == readme, (
-        "run: python -m bench.demo_section"
-    )
+    kept_path, begin, end = demo_section.section_of(json.loads(kept.read_text()))
+    assert kept_path == kept and begin in readme and end in readme
+    assert with_section(readme, begin, end, demo_section.render(kept)) == readme, "run: python -m bench.demo_section"
 
 
 def test_the_section_names_what_ran(tmp_path):
