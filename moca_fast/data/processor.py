@@ -221,18 +221,14 @@ class Processor:
         return ids, image_tokens
 
     def _token_ids(self, pieces: list[str]) -> list[torch.Tensor]:
-        """Token ids of text pieces, no special tokens added: the ids the tokenizer's own call gives, in one call of
-        its Rust backend for all new pieces (a fast tokenizer's; the call's per-text overhead is most of the cost of
-        a short query). A batch is measured (for packing) before it is encoded, so short pieces seen lately are
-        kept: the second tokenisation of a query is a lookup."""
+        """Token ids of text pieces, no special tokens added: one call of the tokenizer for all new pieces (its
+        per-call overhead is most of the cost of a short query; the call, not its backend directly, so that no
+        padding or truncation state a caller left in the backend applies). A batch is measured (for packing) before
+        it is encoded, so short pieces seen lately are kept: the second tokenisation of a query is a lookup."""
         with self._recent_lock:
             known = {p: self._recent_ids[p] for p in pieces if p in self._recent_ids}
         new = list(dict.fromkeys(p for p in pieces if p not in known))
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            encoded = [e.ids for e in backend.encode_batch(new, add_special_tokens=False)] if new else []
-        else:
-            encoded = [self.tokenizer(p, add_special_tokens=False).input_ids for p in new]
+        encoded = self.tokenizer(new, add_special_tokens=False).input_ids if new else []
         fresh = {p: torch.tensor(e, dtype=torch.long) for p, e in zip(new, encoded)}
         with self._recent_lock:
             for piece, tensor in fresh.items():

@@ -133,8 +133,9 @@ def test_a_bare_image_pad_in_the_text_names_the_sample(processor, make_image):
 
 
 def test_token_ids_equal_the_tokenizers_own_call_fresh_memoised_and_in_a_copy(processor, tokenizer):
-    """The backend's batch call and the memo of recent pieces give the ids of `tokenizer(piece)`, special tokens,
-    repeats and a piece too long to memoise included; a pickled copy (a DataLoader worker's) computes the same."""
+    """The batch call and the memo of recent pieces give the ids of `tokenizer(piece)`, special tokens, repeats and
+    a piece too long to memoise included, also after a padded call of the same tokenizer; a pickled copy (a
+    DataLoader worker's) computes the same."""
     import pickle
     import random
 
@@ -143,6 +144,7 @@ def test_token_ids_equal_the_tokenizers_own_call_fresh_memoised_and_in_a_copy(pr
     pieces = ["".join(rng.choice(words) for _ in range(rng.randint(0, 12))) for _ in range(40)]
     pieces += [pieces[3], "x" * 3000, "x" * 3000]
     expected = [tokenizer(p, add_special_tokens=False).input_ids for p in pieces]
+    tokenizer(["a", "a b c"], padding=True)  # a padded call leaves padding set in the fast tokenizer's backend
     for source in (processor, processor, pickle.loads(pickle.dumps(processor))):
         assert [ids.tolist() for ids in source._token_ids(pieces)] == expected
     assert "x" * 3000 not in processor._recent_ids and pieces[3] in processor._recent_ids
