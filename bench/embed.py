@@ -20,7 +20,7 @@ against colpali-engine's own processor and forward (its adapter merged too, so L
 batches of `--colpali-batch`, on text queries and 448 x 448 images at up to 256 image tokens, in one process with the
 same threads; the vectors of the two paths must agree to 1e-4.
 
-    python -m bench.embed --colqwen --out bench/results/embed-colqwen-tiny-cpu.json
+    python -m bench.embed --colqwen --out bench/results/colqwen-tiny-cpu.json
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def colqwen_main(args) -> None:
             flush=True,
         )
     write_report(
-        args.out or RESULTS / "embed-colqwen-tiny-cpu.json",
+        args.out or RESULTS / "colqwen-tiny-cpu.json",
         report(
             "multi-vector embedding, tiny random ColQwen2.5 (LoRA merged), fp32, CPU: ours vs colpali-engine",
             "cpu",

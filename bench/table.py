@@ -253,6 +253,19 @@ def work_rows(data: dict) -> list[str]:
     ]
 
 
+def colqwen_rows(data: dict) -> list[str]:
+    lines = [
+        "| workload | ours (inputs/s) | colpali-engine (inputs/s) | ours / colpali-engine | max abs difference |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in data["results"].items():
+        lines.append(
+            f"| {name} | {_num(r['ours_per_s'], 1)} | {_num(r['colpali_per_s'], 1)} "
+            f"| {r['ratio_ours_to_colpali']:.2f}x | {r['max_abs_difference']:.1e} |"
+        )
+    return lines
+
+
 def loader_rows(data: dict) -> list[str]:
     lines = ["| workers | samples/s | tokens/s |", "|---:|---:|---:|"]
     lines += [
@@ -269,6 +282,7 @@ RENDERERS = {
     "kernels": ("Fused kernels", kernels_rows),
     "work": ("Work counted on the same samples (FLOPs and rows, not times)", work_rows),
     "loader": ("Stage-1 data loading (CPU)", loader_rows),
+    "colqwen": ("ColQwen2.5 multi-vectors, ours against colpali-engine (bench/embed.py --colqwen)", colqwen_rows),
 }
 
 
